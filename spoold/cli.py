@@ -1,0 +1,210 @@
+"""`spoold`: one entry point, one verb per job a person does.
+
+    spoold run                      the daemon, in the foreground
+    spoold submit FILE... [--model] validate and copy files into the inbox
+    spoold validate FILE...         per-line report; exit 1 if any line is bad
+    spoold status [--json]          queued, processing and finished jobs
+    spoold demo                     the whole pipeline on a tiny local model
+
+Every verb takes `--config PATH` (default /etc/spoold/spoold.toml or
+$SPOOLD_CONFIG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import replace
+
+from . import __version__
+from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, config_path, load_config
+
+log = logging.getLogger("spoold")
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run the verb; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"spoold: config error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, with help text for every verb."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH",
+                        help=f"config file (default: $SPOOLD_CONFIG or {DEFAULT_CONFIG_PATH})")
+    parser = argparse.ArgumentParser(
+        prog="spoold",
+        description="Batch LLM inference from a spool directory: drop OpenAI-Batch JSONL "
+                    "files into the inbox, get every line answered by vLLM in the outbox.",
+        epilog="Run `spoold VERB --help` for the options of one verb.")
+    parser.add_argument("--version", action="version", version=f"spoold {__version__}")
+    verbs = parser.add_subparsers(title="verbs", metavar="VERB")
+
+    p = verbs.add_parser("run", parents=[common], help="run the daemon in the foreground",
+                         description="Load the model, finish this host's unfinished jobs, then "
+                                     "claim and run drops from the inbox until SIGTERM.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.set_defaults(func=cmd_run)
+
+    p = verbs.add_parser("submit", parents=[common], help="copy batch files into the inbox",
+                         description="Validate each FILE, then copy it into the inbox atomically "
+                                     "(hidden temp name, fsync, rename).")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--model", metavar="NAME",
+                   help="set every line's body.model to NAME (e.g. an alias from [models])")
+    p.add_argument("--strict", action="store_true", help="refuse a file that has any bad line")
+    p.set_defaults(func=cmd_submit)
+
+    p = verbs.add_parser("validate", parents=[common], help="check batch files line by line",
+                         description="Print one line per bad input line (FILE:LINE: code: what is "
+                                     "wrong) and a summary; exit 1 if any line is bad.")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(func=cmd_validate)
+
+    p = verbs.add_parser("status", parents=[common], help="show queued, running and finished jobs",
+                         description="Read the spool (works while the daemon is down).")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = verbs.add_parser("demo", parents=[common], help="run a sample batch on a tiny local model",
+                         description="Build a tiny random-weight model, start the daemon on a "
+                                     "temporary spool, submit a sample batch and show the results. "
+                                     "Needs no GPU and no network.")
+    p.add_argument("--lines", type=int, default=200, help="requests in the sample batch (default 200)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    path = config_path(args.config)
+    return load_config(path, must_exist=bool(args.config))
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Journal when started by systemd, stderr otherwise; never prompt text either way."""
+    level = logging.DEBUG if verbose else logging.INFO
+    handler: logging.Handler | None = None
+    if os.environ.get("JOURNAL_STREAM") and os.environ.get("INVOCATION_ID"):
+        try:
+            from systemd.journal import JournalHandler
+
+            handler = JournalHandler(SYSLOG_IDENTIFIER="spoold")
+        except ImportError:
+            handler = None
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import Daemon
+    from .engine import EngineLoadError, load_engine
+    from .validation import ModelResolver
+
+    setup_logging(args.verbose)
+    config = _config(args)
+    if not config.engine.model:
+        raise ConfigError("[engine] model is not set: name a Hugging Face id, a local path "
+                          "or an alias from [models]")
+    served = ModelResolver(config.models.aliases, config.engine.model).served
+    try:
+        engine = load_engine(replace(config.engine, model=served))
+    except (EngineLoadError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    return Daemon(config, engine).run()
+
+
+def _resolver(config: Config):
+    from .validation import ModelResolver
+
+    return ModelResolver(config.models.aliases, config.engine.model)
+
+
+def _print_report(report, out=sys.stdout) -> None:
+    for err in report.errors:
+        print(f"{report.path}:{err.line}: {err.code}: {err.message}", file=out)
+    print(f"{report.path}: {report.lines} lines, {report.valid} valid, {len(report.errors)} bad", file=out)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .submit import validate_file
+
+    config = _config(args)
+    bad = False
+    for path in args.files:
+        try:
+            report = validate_file(path, _resolver(config), config.limits.max_line_bytes)
+        except OSError as e:
+            print(f"{path}: cannot read: {e.strerror or e}", file=sys.stderr)
+            bad = True
+            continue
+        _print_report(report)
+        bad = bad or bool(report.errors)
+    return EXIT_BAD_INPUT if bad else EXIT_OK
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from .spool import Spool
+    from .submit import submit_file, validate_file
+
+    config = _config(args)
+    resolver = _resolver(config)
+    if args.model:
+        model, why = resolver.resolve(args.model)
+        if model is None:
+            print(f"spoold: --model: {why}", file=sys.stderr)
+            return EXIT_USAGE
+    inbox = Spool(config.spool).inbox
+    if not inbox.is_dir():
+        print(f"spoold: inbox {inbox} does not exist; is [spool] root right?", file=sys.stderr)
+        return EXIT_USAGE
+    status = EXIT_OK
+    for path in args.files:
+        try:
+            report = validate_file(path, resolver, config.limits.max_line_bytes, args.model)
+            if report.errors:
+                _print_report(report, sys.stderr)
+                if args.strict:
+                    status = EXIT_BAD_INPUT
+                    continue
+            dest = submit_file(path, inbox, args.model, config.limits.max_line_bytes)
+        except OSError as e:
+            print(f"{path}: cannot submit: {e.strerror or e}", file=sys.stderr)
+            status = EXIT_BAD_INPUT
+            continue
+        print(f"{path} -> {dest}")
+    return status
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .spool import Spool
+    from .status import render_status, spool_status, status_json
+
+    config = _config(args)
+    status = spool_status(Spool(config.spool))
+    print(status_json(status) if args.json else render_status(status))
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(lines=args.lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

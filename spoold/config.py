@@ -1,0 +1,239 @@
+"""spoold's settings: a TOML file parsed into frozen dataclasses.
+
+Every key has its default here and only here, so a config that names only
+`[engine] model` works. Unknown keys and bad values stop the daemon at start
+with an error naming the key, because a typo that silently falls back to a
+default is how overnight runs go wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - the project needs 3.11, tomli is the fallback
+    import tomli as tomllib
+
+#: Where the daemon and every CLI verb look when `--config` is not given.
+DEFAULT_CONFIG_PATH = "/etc/spoold/spoold.toml"
+
+#: The engine adapter used unless `[engine] adapter` names another.
+DEFAULT_ADAPTER = "spoold.vllm_adapter:VllmEngine"
+
+
+class ConfigError(Exception):
+    """A setting is missing, unknown or has a bad value; the message says which."""
+
+
+@dataclass(frozen=True)
+class SpoolSettings:
+    """`[spool]`: where the queue lives and how drops are picked up."""
+
+    root: Path = Path("/var/spool/spoold")
+    host_id: str = field(default_factory=socket.gethostname)
+    settle_seconds: float = 5.0
+    poll_seconds: float = 2.0
+    claim_timeout: float = 600.0
+    file_mode: int = 0o640
+    group: str = ""
+    state_dir: str = ""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """`[engine]`: which adapter runs requests and how vLLM is built."""
+
+    adapter: str = DEFAULT_ADAPTER
+    model: str = ""
+    dtype: str = "auto"
+    max_model_len: int = 0
+    max_num_seqs: int = 256
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+    max_inflight: int = 0
+    args: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def inflight_limit(self) -> int:
+        """Requests handed to the engine at once: enough to keep it full."""
+        return self.max_inflight or 2 * self.max_num_seqs
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """`[models]`: alias → Hugging Face id or local path."""
+
+    aliases: dict[str, str] = field(default_factory=dict)
+    max_wait_seconds: float = 600.0
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    """`[limits]`: what a dropped file may not exceed."""
+
+    max_line_bytes: int = 4 * 1024 * 1024
+    max_file_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class HeartbeatSettings:
+    """`[heartbeat]`: how often heartbeat.json is replaced."""
+
+    seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class WatchdogSettings:
+    """`[watchdog]`: how long in-flight work may make no progress."""
+
+    stall_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class EventsSettings:
+    """`[events]`: the ZeroMQ progress feed."""
+
+    endpoint: str = ""
+    progress_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """`[metrics]`: the Prometheus endpoint and textfile."""
+
+    listen: str = "127.0.0.1:9464"
+    textfile: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    """All of spoold's settings, one frozen section per TOML table."""
+
+    spool: SpoolSettings = field(default_factory=SpoolSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    models: ModelSettings = field(default_factory=ModelSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    heartbeat: HeartbeatSettings = field(default_factory=HeartbeatSettings)
+    watchdog: WatchdogSettings = field(default_factory=WatchdogSettings)
+    events: EventsSettings = field(default_factory=EventsSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+
+
+def config_path(cli_value: str | None) -> str:
+    """The config file to read: `--config`, else `$SPOOLD_CONFIG`, else the default."""
+    return cli_value or os.environ.get("SPOOLD_CONFIG") or DEFAULT_CONFIG_PATH
+
+
+def load_config(path: str | os.PathLike, *, must_exist: bool = False) -> Config:
+    """Read and check a config file; a missing file means all defaults.
+
+    Raises ConfigError naming the file and key for anything wrong.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        if must_exist:
+            raise ConfigError(f"{path}: no such config file") from None
+        return Config()
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        return parse_config(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def parse_config(raw: dict[str, Any]) -> Config:
+    """Build a Config from an already-parsed TOML table."""
+    sections = {}
+    hints = get_type_hints(Config)
+    for name, value in raw.items():
+        if name not in hints:
+            raise ConfigError(_unknown(f"[{name}]", name, hints))
+        if not isinstance(value, dict):
+            raise ConfigError(f"[{name}] must be a table")
+        if name == "models":
+            sections[name] = _parse_models(value)
+        else:
+            sections[name] = _parse_section(hints[name], name, value)
+    return Config(**sections)
+
+
+def _parse_models(table: dict[str, Any]) -> ModelSettings:
+    aliases: dict[str, str] = {}
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        if key == "max_wait_seconds":
+            kwargs[key] = _coerce(float, value, f"[models] {key}")
+        elif isinstance(value, str) and value:
+            aliases[key] = value
+        elif isinstance(value, dict) and isinstance(value.get("model"), str):
+            aliases[key] = value["model"]
+        else:
+            raise ConfigError(
+                f"[models] {key!r}: expected a Hugging Face id or local path "
+                f'(e.g. "{key}" = "Qwen/Qwen3-4B-Instruct-2507") or a table '
+                "with a `model` key"
+            )
+    return ModelSettings(aliases=aliases, **kwargs)
+
+
+def _parse_section(cls: type, name: str, table: dict[str, Any]) -> Any:
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for key, value in table.items():
+        if key not in hints:
+            raise ConfigError(_unknown(f"[{name}] {key}", key, hints))
+        kwargs[key] = _coerce(hints[key], value, f"[{name}] {key}")
+    return cls(**kwargs)
+
+
+def _coerce(kind: Any, value: Any, where: str) -> Any:
+    """Check one value against its declared type; ints are fine for floats."""
+    origin = getattr(kind, "__origin__", kind)
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+        value = float(value) if ok else value
+    elif kind is Path:
+        ok = isinstance(value, str) and bool(value)
+        value = Path(value) if ok else value
+    elif kind is str:
+        ok = isinstance(value, str)
+    elif origin is dict:
+        ok = isinstance(value, dict)
+    else:  # pragma: no cover - every declared type is handled above
+        ok = False
+    if not ok:
+        expected = {bool: "true or false", int: "a whole number ≥ 0",
+                    float: "a number ≥ 0", Path: "a non-empty path",
+                    str: "a string"}.get(kind, "a table")
+        raise ConfigError(f"{where}: expected {expected}, got {value!r}")
+    return value
+
+
+def _unknown(label: str, key: str, known: dict[str, Any]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown setting {label}{hint}; known: {', '.join(sorted(known))}"
+
+
+def as_dict(config: Config) -> dict[str, Any]:
+    """The settings as plain data, for `spoold status --json` and logs."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,99 @@
+"""Durable file operations: write, fsync the file, rename, fsync the directory.
+
+These are PostgreSQL's durable_rename and Maildir's delivery rules in a few
+functions. A rename or a new directory entry survives a power cut only once
+its parent directory has been fsynced, so every helper here does both halves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make the entries of a directory (creations, renames) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_rename(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rename and fsync both parent directories (once if they are the same)."""
+    os.rename(src, dst)
+    dst_parent = Path(dst).parent
+    fsync_dir(dst_parent)
+    if Path(src).parent != dst_parent:
+        fsync_dir(Path(src).parent)
+
+
+def durable_mkdir(path: Path, mode: int = 0o750) -> None:
+    """Create a directory (and missing parents) and make its entry durable."""
+    missing = []
+    p = Path(path)
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, mode)
+        except FileExistsError:
+            continue
+        fsync_dir(d.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o640, gid: int = -1) -> None:
+    """Replace `path` with `data` so readers see the old or the new file, never half.
+
+    The temp name is hidden (dot prefix, random suffix) so scanners skip it.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        if gid >= 0:
+            os.fchown(fd, -1, gid)
+        write_all(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.rename(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any, mode: int = 0o640, gid: int = -1) -> None:
+    """atomic_write_bytes for a JSON document (pretty, so people can read it)."""
+    data = (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
+    atomic_write_bytes(path, data, mode, gid)
+
+
+def open_append(path: Path, mode: int = 0o640, gid: int = -1) -> int:
+    """Open (creating if needed) a results file for appending; returns the fd.
+
+    A newly created file's directory entry is made durable at once, so an
+    fsync of its data is never lost with its name.
+    """
+    try:
+        return os.open(path, os.O_WRONLY | os.O_APPEND)
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)
+    if gid >= 0:
+        os.fchown(fd, -1, gid)
+    fsync_dir(Path(path).parent)
+    return fd
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (short writes happen on full disks)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

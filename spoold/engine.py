@@ -1,0 +1,73 @@
+"""What the daemon needs from an inference engine, and how one is chosen.
+
+The engine is picked by an import path (`[engine] adapter`), the way gunicorn
+picks a worker class: the product ships the vLLM adapter, and tests pass a
+fast double from `tests/` the same way. Nothing here imports vLLM.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .config import EngineSettings
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    """One validated input line, ready for the engine."""
+
+    line: int
+    custom_id: str
+    url: str
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineResult:
+    """What the engine answered for one request.
+
+    `body_json` is the response body already serialised by the serving
+    layer, so it is written as-is without a second round of JSON encoding.
+    A 4xx/5xx answer is a result too (status_code says so), not an exception.
+    """
+
+    status_code: int
+    body_json: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Engine(Protocol):
+    """An engine the daemon can start, send requests to and close."""
+
+    #: The model id this engine serves (what `body.model` must resolve to).
+    model: str
+
+    async def start(self) -> None:
+        """Load the model; return when requests can be served."""
+
+    async def handle(self, request: EngineRequest) -> EngineResult:
+        """Answer one request. Raising means the request could not be run at all."""
+
+    async def close(self) -> None:
+        """Release the engine and whatever memory it holds."""
+
+
+class EngineLoadError(Exception):
+    """The adapter named in the config cannot be imported or built."""
+
+
+def load_engine(settings: EngineSettings) -> Engine:
+    """Build the engine named by `[engine] adapter` ("module:Class")."""
+    module_name, _, attr = settings.adapter.partition(":")
+    if not module_name or not attr:
+        raise EngineLoadError(
+            f"[engine] adapter {settings.adapter!r}: expected 'module:Class'"
+        )
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise EngineLoadError(f"[engine] adapter {settings.adapter!r}: {e}") from e
+    return cls(settings)

@@ -1,0 +1,70 @@
+"""heartbeat.json: how the daemon and its current job are doing, on disk.
+
+Replaced atomically every `[heartbeat] seconds` in the job directory and in
+the state directory, so `spoold status` (and other hosts sharing the spool)
+can tell a working daemon from a dead or stuck one without talking to it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .durable import atomic_write_json
+
+
+def heartbeat_document(host: str, state: str, progress: Any | None, gpus: list[dict]) -> dict[str, Any]:
+    """The heartbeat content: pid, host, state, and the job's counts, rate and ETA."""
+    doc: dict[str, Any] = {"pid": os.getpid(), "host": host, "state": state,
+                           "ts": round(time.time(), 3), "job": None, "gpus": gpus}
+    if progress is not None:
+        eta = progress.eta_seconds()
+        doc["job"] = {
+            "id": progress.job_id,
+            "input_file": progress.input_file,
+            "state": progress.state,
+            "total": progress.total,
+            "done": progress.done,
+            "failed": progress.failed,
+            "inflight": progress.inflight,
+            "requests_per_second": round(progress.rate(), 3),
+            "eta_seconds": round(eta, 1) if eta is not None else None,
+            "last_progress_at": round(progress.last_progress_at, 3),
+        }
+    return doc
+
+
+def write_heartbeat(paths: list[Path], doc: dict[str, Any], mode: int = 0o640, gid: int = -1) -> None:
+    """Replace each heartbeat file atomically; a vanished directory is skipped."""
+    for path in paths:
+        try:
+            atomic_write_json(path, doc, mode, gid)
+        except FileNotFoundError:
+            pass
+
+
+def status_line(progress: Any | None, queued: int, gpus: list[dict]) -> str:
+    """The one line for `systemctl status`, e.g. `batch_5k: 1762/5000 (35%) 3.9 req/s ETA 14m`."""
+    gpu = ""
+    if gpus:
+        gpu = " GPU " + "/".join(f"{g['utilization_pct']}%" for g in gpus)
+    if progress is None or progress.state not in ("validating", "in_progress", "finalizing"):
+        return f"idle, {queued} queued{gpu}"
+    name = progress.input_file.removesuffix(".jsonl") or progress.job_id
+    if progress.state == "validating":
+        return f"{name}: validating{gpu}"
+    total = progress.total or 1
+    eta = progress.eta_seconds()
+    eta_text = f" ETA {_human(eta)}" if eta is not None else ""
+    return (f"{name}: {progress.done}/{progress.total} ({100 * progress.done // total}%) "
+            f"{progress.rate():.1f} req/s{eta_text}{gpu}")
+
+
+def _human(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"

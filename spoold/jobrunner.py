@@ -1,0 +1,249 @@
+"""Running one claimed job from wherever it stands to the outbox.
+
+A job may be fresh or half done by a daemon that crashed: the runner first
+reads back what the result files already hold (cutting torn tails), then
+validates the input once (writing an error line for each bad line), then
+streams the remaining valid lines through the engine with a bounded number
+in flight, and finally publishes the job with one rename. Every valid line
+ends with exactly one result, however many times this is interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from .config import LimitsSettings
+from .engine import Engine, EngineRequest
+from .spool import JobDir, Spool, mark_failed, new_batch
+from .validation import LineError, LineValidator, ModelResolver, validate_stream
+from .writer import GroupCommitWriter, Recovered, recover_results
+
+log = logging.getLogger(__name__)
+
+#: Lines validated between yields to the event loop, so heartbeats and
+#: signals are served while a big file is checked.
+VALIDATION_CHUNK = 2000
+
+
+class EngineFailed(Exception):
+    """The engine could not run a request at all (it died or broke).
+
+    Nothing is written for that request: it runs again once the engine has
+    been restarted, rather than turning every remaining line into an error.
+    """
+
+
+class IncompleteJob(Exception):
+    """Finalize found lines without a result; the job is left in processing/."""
+
+
+@dataclass
+class JobProgress:
+    """What a job has durably done so far; read by heartbeats and status."""
+
+    job_id: str
+    input_file: str
+    state: str = "validating"
+    total: int = 0
+    started: float = field(default_factory=time.monotonic)
+    done_at_start: int = 0
+    last_progress_at: float = field(default_factory=time.time)
+    done: int = 0
+    failed: int = 0
+    inflight: int = 0
+
+    def rate(self) -> float:
+        """Durable lines per second since this daemon took the job up."""
+        elapsed = time.monotonic() - self.started
+        return (self.done - self.done_at_start) / elapsed if elapsed > 0 else 0.0
+
+    def eta_seconds(self) -> float | None:
+        """Seconds to the end at the current rate, or None when unknown."""
+        rate = self.rate()
+        if not self.total or rate <= 0:
+            return None
+        return max(0.0, (self.total - self.done) / rate)
+
+
+class JobRunner:
+    """Runs one job to completion, or until asked to stop."""
+
+    def __init__(self, spool: Spool, job: JobDir, engine: Engine, resolver: ModelResolver,
+                 limits: LimitsSettings, inflight: int, stop: asyncio.Event) -> None:
+        self.spool, self.job, self.engine = spool, job, engine
+        self.resolver, self.limits, self.inflight_limit = resolver, limits, inflight
+        self.stop = stop
+        self.batch: dict[str, Any] = job.read_batch() or new_batch(job.id, job.input.name, spool.settings.host_id)
+        self.progress = JobProgress(job.id, self.batch.get("input_file", ""), self.batch.get("status", "validating"))
+        self._writer: GroupCommitWriter | None = None
+
+    async def run(self) -> str:
+        """Process the job; return its status: completed, failed or interrupted."""
+        if self.batch.get("status") == "completed":
+            self.spool.move_to_outbox(self.job)
+            return "completed"
+        try:
+            f = self._open_input()
+        except OSError as e:
+            return self._fail(f"cannot read input.jsonl: {e.strerror or e}")
+        recovered = recover_results(self.job.output, self.job.errors)
+        writer = GroupCommitWriter(self.job.output, self.job.errors, recovered.tally,
+                                   self.spool.file_mode, self.spool.gid)
+        self._writer = writer
+        self.progress.done = self.progress.done_at_start = recovered.tally.done
+        commit_task = asyncio.create_task(writer.run(), name=f"commit:{self.job.id}")
+        try:
+            with f:
+                return await self._run_phases(f, writer, recovered)
+        finally:
+            await self._settle_writer(writer, commit_task)
+
+    def _open_input(self) -> IO[bytes]:
+        """Open input.jsonl without following links; only a regular file is read."""
+        fd = os.open(self.job.input, os.O_RDONLY | os.O_NOFOLLOW)
+        f = os.fdopen(fd, "rb", buffering=1 << 20)
+        size = os.fstat(fd).st_size
+        if self.limits.max_file_bytes and size > self.limits.max_file_bytes:
+            f.close()
+            raise OSError(f"file is {size} bytes, over [limits] max_file_bytes ({self.limits.max_file_bytes})")
+        return f
+
+    async def _run_phases(self, f: IO[bytes], writer: GroupCommitWriter, recovered: Recovered) -> str:
+        if self.batch["status"] == "validating":
+            if not await self._validate(f, writer, recovered):
+                return "interrupted"
+            f.seek(0)
+        self.progress.state = "in_progress"
+        self.progress.total = self.batch["request_counts"]["total"]
+        if not await self._dispatch(f, writer, recovered):
+            return "interrupted"
+        await self._finalize(writer)
+        return "completed"
+
+    async def _validate(self, f: IO[bytes], writer: GroupCommitWriter, recovered: Recovered) -> bool:
+        """Stream the file once: count lines, write an error for each bad one."""
+        validator = LineValidator(self.resolver)
+        total, first_valid = 0, None
+        for item in validate_stream(f, validator, self.limits.max_line_bytes):
+            total += 1
+            if isinstance(item, LineError):
+                if item.line not in recovered.error_lines:
+                    writer.add_error(item)
+            elif first_valid is None:
+                first_valid = item
+            if total % VALIDATION_CHUNK == 0:
+                await asyncio.sleep(0)
+                if self.stop.is_set():
+                    return False
+        await writer.flush()
+        now = int(time.time())
+        self.batch.update(status="in_progress", in_progress_at=now,
+                          endpoint=first_valid.url if first_valid else None,
+                          model=first_valid.body["model"] if first_valid else self.resolver.served)
+        self.batch["request_counts"]["total"] = total
+        self.spool.write_batch(self.job, self.batch)
+        log.info("job %s validated: %d lines, %d bad", self.job.id, total, writer.tally.failed)
+        return True
+
+    async def _dispatch(self, f: IO[bytes], writer: GroupCommitWriter, recovered: Recovered) -> bool:
+        """Send every valid line without a result to the engine, `inflight` at a time."""
+        slots = asyncio.Semaphore(self.inflight_limit)
+        tasks: set[asyncio.Task] = set()
+        failure: list[BaseException] = []
+        sent = 0
+        for item in validate_stream(f, LineValidator(self.resolver), self.limits.max_line_bytes):
+            if isinstance(item, LineError) or item.custom_id in recovered.done_ids or item.line in recovered.error_lines:
+                continue
+            await slots.acquire()
+            if self.stop.is_set() or failure or writer.failure:
+                slots.release()
+                break
+            task = asyncio.create_task(self._run_one(item, writer, slots, failure))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            sent += 1
+            if sent % 256 == 0:
+                await asyncio.sleep(0)
+        if tasks and (self.stop.is_set() or failure):
+            for task in tasks:
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await writer.flush()
+        if failure:
+            raise EngineFailed(f"job {self.job.id}: the engine failed: {failure[0]!r}") from failure[0]
+        return not self.stop.is_set()
+
+    async def _run_one(self, item: EngineRequest, writer: GroupCommitWriter,
+                       slots: asyncio.Semaphore, failure: list[BaseException]) -> None:
+        self.progress.inflight += 1
+        try:
+            result = await self.engine.handle(item)
+            writer.add_result(item.custom_id, result)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            failure.append(e)
+        finally:
+            self.progress.inflight -= 1
+            slots.release()
+
+    async def _finalize(self, writer: GroupCommitWriter) -> None:
+        """Check every line has its result, write batch.json, publish to the outbox."""
+        tally, total = writer.tally, self.batch["request_counts"]["total"]
+        if tally.done != total:
+            raise IncompleteJob(f"job {self.job.id}: {total} lines but {tally.done} results; left in processing/")
+        self.progress.state = "finalizing"
+        elapsed = max(time.monotonic() - self.progress.started, 1e-9)
+        now = int(time.time())
+        self.batch.update(status="completed", finalizing_at=now, completed_at=now,
+                          usage=tally.usage())
+        self.batch["request_counts"].update(completed=tally.completed, failed=tally.failed)
+        self.batch["timings"] = {
+            "seconds": round(elapsed, 3),
+            "requests_per_second": round((tally.done - self.progress.done_at_start) / elapsed, 3),
+            "output_tokens_per_second": round(tally.output_tokens / elapsed, 3),
+            "resumed": self.progress.done_at_start > 0,
+        }
+        self.spool.write_batch(self.job, self.batch)
+        self.spool.move_to_outbox(self.job)
+        self.progress.state = "completed"
+        log.info("job %s completed: %d ok, %d failed, %.1f req/s", self.job.id,
+                 tally.completed, tally.failed, self.batch["timings"]["requests_per_second"])
+
+    async def _settle_writer(self, writer: GroupCommitWriter, commit_task: asyncio.Task) -> None:
+        """Let committed lines land, then stop the commit task and close the files."""
+        try:
+            if writer.failure is None:
+                await writer.flush()
+        finally:
+            commit_task.cancel()
+            await asyncio.gather(commit_task, return_exceptions=True)
+            writer.close()
+            self._sync_progress()
+
+    def _sync_progress(self) -> None:
+        if self._writer is not None:
+            self.progress.done = self._writer.tally.done
+            self.progress.failed = self._writer.tally.failed
+
+    def refresh(self) -> JobProgress:
+        """Progress with the durable counts of this moment."""
+        if self._writer is not None:
+            before = self.progress.done
+            self._sync_progress()
+            if self.progress.done != before:
+                self.progress.last_progress_at = time.time()
+        return self.progress
+
+    def _fail(self, reason: str) -> str:
+        log.error("job %s failed: %s", self.job.id, reason)
+        mark_failed(self.batch, reason)
+        self.spool.write_batch(self.job, self.batch)
+        self.spool.move_to_failed(self.job)
+        self.progress.state = "failed"
+        return "failed"

@@ -1,0 +1,53 @@
+"""systemd notifications (sd_notify), a no-op when not run under systemd.
+
+systemd-python's `systemd.daemon.notify` does the work; without
+`$NOTIFY_SOCKET` (a terminal, a test, a container) every call does nothing,
+the way gunicorn's systemd module behaves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+class Notifier:
+    """Sends READY/STATUS/STOPPING to systemd when systemd is listening."""
+
+    def __init__(self) -> None:
+        self._notify = None
+        if not os.environ.get("NOTIFY_SOCKET"):
+            return
+        try:
+            from systemd.daemon import notify
+        except ImportError:
+            log.warning("NOTIFY_SOCKET is set but systemd-python is not installed")
+            return
+        self._notify = notify
+        self._last_status = ""
+
+    @property
+    def active(self) -> bool:
+        """True when notifications reach systemd."""
+        return self._notify is not None
+
+    def send(self, *fields: str) -> None:
+        """Send raw `KEY=value` fields in one datagram."""
+        if self._notify is not None:
+            self._notify("\n".join(fields))
+
+    def ready(self, status: str) -> None:
+        """The daemon has recovered its jobs and loaded its model."""
+        self.send("READY=1", f"STATUS={status}")
+
+    def status(self, line: str) -> None:
+        """The one line `systemctl status spoold` shows (sent only when it changes)."""
+        if self._notify is not None and line != self._last_status:
+            self._last_status = line
+            self.send(f"STATUS={line}")
+
+    def stopping(self) -> None:
+        """The daemon has begun a warm stop."""
+        self.send("STOPPING=1", "STATUS=stopping: finishing writes")

@@ -1,0 +1,243 @@
+"""The spool directory: the queue's single source of truth.
+
+States are places: a drop in `inbox/` is queued, a job directory under
+`processing/<host>/` is owned by that host, `outbox/` holds finished jobs and
+`failed/` the drops that could not be read at all. Every move between them is
+one rename, so a crash leaves each job in exactly one place.
+"""
+
+from __future__ import annotations
+
+import grp
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import SpoolSettings
+from .durable import atomic_write_json, durable_mkdir, durable_rename, fsync_dir
+
+log = logging.getLogger(__name__)
+
+#: Suffixes of files still being written by some tool; never claimed.
+IGNORED_SUFFIXES = (".tmp", ".part", "~")
+READY_SUFFIX = ".ready"
+
+
+def is_drop_name(name: str) -> bool:
+    """True for a name that may be a drop: `*.jsonl`, not hidden, not a temp file."""
+    return (
+        name.endswith(".jsonl")
+        and not name.startswith(".")
+        and not name.endswith(IGNORED_SUFFIXES)
+    )
+
+
+def new_job_id(drop_name: str, now: float | None = None) -> str:
+    """`<stem>-<UTC timestamp>-<random>`: readable, sortable, unique across hosts."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", drop_name.removesuffix(".jsonl"))[:80] or "batch"
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
+    return f"{stem}-{stamp}-{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class JobDir:
+    """One job's directory and the files in it."""
+
+    path: Path
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    @property
+    def input(self) -> Path:
+        return self.path / "input.jsonl"
+
+    @property
+    def output(self) -> Path:
+        return self.path / "output.jsonl"
+
+    @property
+    def errors(self) -> Path:
+        return self.path / "errors.jsonl"
+
+    @property
+    def batch(self) -> Path:
+        return self.path / "batch.json"
+
+    @property
+    def heartbeat(self) -> Path:
+        return self.path / "heartbeat.json"
+
+    def read_batch(self) -> dict[str, Any]:
+        """The job's batch.json, or {} when it is missing or unreadable."""
+        try:
+            return json.loads(self.batch.read_text())
+        except (OSError, ValueError):
+            return {}
+
+
+class Spool:
+    """The directories of one spool root, seen from one host."""
+
+    def __init__(self, settings: SpoolSettings) -> None:
+        self.settings = settings
+        self.root = Path(settings.root)
+        self.inbox = self.root / "inbox"
+        self.processing = self.root / "processing"
+        self.host_dir = self.processing / settings.host_id
+        self.outbox = self.root / "outbox"
+        self.failed = self.root / "failed"
+        self.file_mode = settings.file_mode
+        self.gid = grp.getgrnam(settings.group).gr_gid if settings.group else -1
+
+    def ensure_dirs(self) -> None:
+        """Create the spool's directories if they are missing."""
+        for d in (self.inbox, self.host_dir, self.outbox, self.failed):
+            durable_mkdir(d)
+
+    def write_batch(self, job: JobDir, batch: dict[str, Any]) -> None:
+        """Replace a job's batch.json atomically and durably."""
+        atomic_write_json(job.batch, batch, self.file_mode, self.gid)
+
+    # -- the inbox ---------------------------------------------------------
+
+    def inbox_entries(self) -> list[os.DirEntry]:
+        """Every drop-like entry in the inbox, oldest first by mtime."""
+        try:
+            entries = [e for e in os.scandir(self.inbox) if is_drop_name(e.name)]
+        except FileNotFoundError:
+            log.warning("inbox %s is missing; waiting for it to come back", self.inbox)
+            return []
+        return sorted(entries, key=_mtime_or_zero)
+
+    def claim_drop(self, name: str) -> JobDir | None:
+        """Move `inbox/NAME` into a new job directory of this host.
+
+        Returns None when another daemon (or the user) took the file first:
+        only the daemon whose rename succeeded owns the job. A symlink or
+        anything that is not a regular file is never followed; it goes to
+        failed/ with the reason.
+        """
+        src = self.inbox / name
+        try:
+            st = os.lstat(src)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            self.fail_drop(name, "not a regular file (symlinks and devices are never read)")
+            return None
+        job = JobDir(self.host_dir / new_job_id(name))
+        durable_mkdir(job.path)
+        self.write_batch(job, new_batch(job.id, name, self.settings.host_id))
+        try:
+            os.rename(src, job.input)
+        except FileNotFoundError:
+            shutil.rmtree(job.path, ignore_errors=True)
+            return None
+        fsync_dir(job.path)
+        fsync_dir(self.inbox)
+        _unlink_quietly(self.inbox / (name + READY_SUFFIX))
+        return job
+
+    def fail_drop(self, name: str, reason: str) -> JobDir | None:
+        """Move an unreadable drop to failed/<job-id>/ with a batch.json saying why."""
+        job = JobDir(self.failed / new_job_id(name))
+        durable_mkdir(job.path)
+        batch = new_batch(job.id, name, self.settings.host_id)
+        mark_failed(batch, reason)
+        self.write_batch(job, batch)
+        try:
+            durable_rename(self.inbox / name, job.input)
+        except FileNotFoundError:
+            pass
+        _unlink_quietly(self.inbox / (name + READY_SUFFIX))
+        log.error("drop %s failed: %s", name, reason)
+        return job
+
+    # -- jobs of this host -------------------------------------------------
+
+    def host_jobs(self) -> list[JobDir]:
+        """This host's claimed jobs, oldest first; half-made claims are cleaned up.
+
+        A job directory without input.jsonl is a claim that crashed before
+        its rename: the drop is still in the inbox, so the directory goes.
+        """
+        jobs = []
+        try:
+            entries = sorted(os.scandir(self.host_dir), key=lambda e: e.name)
+        except FileNotFoundError:
+            return []
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+                continue
+            job = JobDir(Path(entry.path))
+            if not job.input.exists():
+                log.warning("removing half-claimed job directory %s", job.path)
+                shutil.rmtree(job.path, ignore_errors=True)
+                continue
+            jobs.append(job)
+        return sorted(jobs, key=lambda j: j.read_batch().get("created_at", 0))
+
+    def move_to_outbox(self, job: JobDir) -> JobDir:
+        """Publish a finished job: one directory rename into outbox/, made durable."""
+        dest = self.outbox / job.id
+        durable_rename(job.path, dest)
+        return JobDir(dest)
+
+    def move_to_failed(self, job: JobDir) -> JobDir:
+        """Give up on a claimed job: its directory goes to failed/ as it is."""
+        dest = self.failed / job.id
+        durable_rename(job.path, dest)
+        return JobDir(dest)
+
+
+def new_batch(job_id: str, input_file: str, host: str) -> dict[str, Any]:
+    """A fresh batch.json document, mirroring the OpenAI Batch object."""
+    return {
+        "id": job_id,
+        "object": "batch",
+        "input_file": input_file,
+        "endpoint": None,
+        "model": None,
+        "status": "validating",
+        "created_at": int(time.time()),
+        "in_progress_at": None,
+        "finalizing_at": None,
+        "completed_at": None,
+        "failed_at": None,
+        "cancelled_at": None,
+        "request_counts": {"total": 0, "completed": 0, "failed": 0},
+        "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0},
+        "host": host,
+        "errors": [],
+    }
+
+
+def mark_failed(batch: dict[str, Any], reason: str) -> None:
+    """Set a batch document to `failed`, recording the file-level reason."""
+    batch["status"] = "failed"
+    batch["failed_at"] = int(time.time())
+    batch["errors"].append({"code": "file_unreadable", "message": reason})
+
+
+def _mtime_or_zero(entry: os.DirEntry) -> float:
+    try:
+        return entry.stat(follow_symlinks=False).st_mtime
+    except OSError:
+        return 0.0
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

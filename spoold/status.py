@@ -1,0 +1,128 @@
+"""What the spool holds right now, read from the spool itself.
+
+Works with the daemon down: queued drops are files in inbox/, running jobs
+are directories under processing/<host>/ with batch.json and heartbeat.json,
+finished ones are in outbox/ and failed/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .spool import JobDir, Spool, is_drop_name
+
+#: How many finished and failed jobs `spoold status` lists.
+RECENT = 10
+
+
+def spool_status(spool: Spool) -> dict[str, Any]:
+    """Queued, processing (every host) and recent finished/failed jobs."""
+    return {
+        "queued": _queued(spool.inbox),
+        "processing": _processing(spool.processing),
+        "finished": _recent(spool.outbox),
+        "failed": _recent(spool.failed),
+    }
+
+
+def _queued(inbox: Path) -> list[dict[str, Any]]:
+    try:
+        entries = [e for e in os.scandir(inbox) if is_drop_name(e.name)]
+    except FileNotFoundError:
+        return []
+    out = []
+    for e in sorted(entries, key=lambda e: e.name):
+        try:
+            st = e.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        out.append({"name": e.name, "bytes": st.st_size, "mtime": int(st.st_mtime)})
+    return out
+
+
+def _processing(root: Path) -> list[dict[str, Any]]:
+    out = []
+    for host_dir in _dirs(root):
+        for job_dir in _dirs(host_dir):
+            job = JobDir(job_dir)
+            batch = job.read_batch()
+            heartbeat = _read_json(job.heartbeat)
+            beat, stamp = heartbeat.get("job") or {}, heartbeat.get("ts")
+            out.append({
+                "id": job.id,
+                "host": host_dir.name,
+                "input_file": batch.get("input_file"),
+                "status": beat.get("state") or batch.get("status"),
+                "total": beat.get("total") or batch.get("request_counts", {}).get("total", 0),
+                "done": beat.get("done", 0),
+                "requests_per_second": beat.get("requests_per_second"),
+                "eta_seconds": beat.get("eta_seconds"),
+                "heartbeat_age_seconds": round(time.time() - stamp, 1) if stamp else None,
+            })
+    return out
+
+
+def _recent(root: Path) -> list[dict[str, Any]]:
+    jobs = []
+    for job_dir in _dirs(root):
+        batch = JobDir(job_dir).read_batch()
+        jobs.append({
+            "id": job_dir.name,
+            "input_file": batch.get("input_file"),
+            "status": batch.get("status"),
+            "request_counts": batch.get("request_counts"),
+            "finished_at": batch.get("completed_at") or batch.get("failed_at"),
+            "errors": batch.get("errors", []),
+        })
+    jobs.sort(key=lambda j: j["finished_at"] or 0, reverse=True)
+    return jobs[:RECENT]
+
+
+def _dirs(root: Path) -> list[Path]:
+    try:
+        return sorted(Path(e.path) for e in os.scandir(root)
+                      if e.is_dir(follow_symlinks=False) and not e.name.startswith("."))
+    except FileNotFoundError:
+        return []
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def render_status(status: dict[str, Any]) -> str:
+    """The status as a few plain tables for a terminal."""
+    lines = [f"queued ({len(status['queued'])}):"]
+    lines += [f"  {q['name']}  {q['bytes']} bytes" for q in status["queued"]] or ["  -"]
+    lines.append(f"processing ({len(status['processing'])}):")
+    for p in status["processing"]:
+        pct = f" ({100 * p['done'] // p['total']}%)" if p["total"] else ""
+        rate = f"  {p['requests_per_second']:.1f} req/s" if p["requests_per_second"] else ""
+        eta = f"  ETA {p['eta_seconds']:.0f}s" if p["eta_seconds"] is not None else ""
+        age = (f"  heartbeat {p['heartbeat_age_seconds']:.0f}s ago"
+               if p["heartbeat_age_seconds"] is not None else "  no heartbeat")
+        lines.append(f"  {p['id']} [{p['host']}] {p['status']}: {p['done']}/{p['total']}{pct}{rate}{eta}{age}")
+    if not status["processing"]:
+        lines.append("  -")
+    for key in ("finished", "failed"):
+        lines.append(f"{key} (latest {RECENT}):")
+        for j in status[key]:
+            counts = j["request_counts"] or {}
+            why = f"  {j['errors'][0]['message']}" if key == "failed" and j["errors"] else ""
+            lines.append(f"  {j['id']} {j['status']}: {counts.get('completed', 0)} ok, "
+                         f"{counts.get('failed', 0)} failed of {counts.get('total', 0)}{why}")
+        if not status[key]:
+            lines.append("  -")
+    return "\n".join(lines)
+
+
+def status_json(status: dict[str, Any]) -> str:
+    """The status as JSON, for scripts."""
+    return json.dumps(status, indent=2)

@@ -1,0 +1,135 @@
+"""Streaming validation of OpenAI-Batch JSONL, one line at a time.
+
+A bad line never fails a job: it becomes one LineError naming its line
+number and what is wrong, and the rest of the file goes on. Memory does not
+grow with line count except for an 8-byte digest per custom_id, which the
+duplicate check needs. Messages never quote prompt text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+from .engine import EngineRequest
+
+SUPPORTED_URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+
+
+@dataclass(frozen=True, slots=True)
+class LineError:
+    """Why one input line cannot be run; becomes one line of errors.jsonl."""
+
+    line: int
+    custom_id: str | None
+    code: str
+    message: str
+
+
+class ModelResolver:
+    """Turns the `model` a line names into the model this daemon serves.
+
+    `[models]` aliases map Ollama-style names (`qwen3:4b`) to Hugging Face
+    ids or local paths. Only configured models are accepted, so a dropped
+    file can never make the daemon fetch an arbitrary repository.
+    """
+
+    def __init__(self, aliases: dict[str, str], default_model: str) -> None:
+        self.aliases = dict(aliases)
+        self.known = set(aliases.values())
+        self.served = self.aliases.get(default_model, default_model)
+        if self.served:
+            self.known.add(self.served)
+
+    def resolve(self, name: Any) -> tuple[str | None, str]:
+        """(resolved model, "") or (None, reason it cannot be served)."""
+        if name is None:
+            if not self.served:
+                return None, "no `model` in the body and [engine] model is not set"
+            return self.served, ""
+        if not isinstance(name, str):
+            return None, "`model` must be a string"
+        resolved = self.aliases.get(name, name)
+        if resolved not in self.known:
+            names = ", ".join(sorted(self.aliases) + sorted(self.known - set(self.aliases)))
+            return None, f"unknown model {name!r}; configured: {names or 'none'} (see [models])"
+        if self.served and resolved != self.served:
+            return None, f"model {name!r} ({resolved}) is not the model this daemon serves ({self.served})"
+        return resolved, ""
+
+
+class LineValidator:
+    """Checks lines one by one; remembers custom_ids to catch duplicates."""
+
+    def __init__(self, resolver: ModelResolver, force_model: str | None = None) -> None:
+        self.resolver = resolver
+        self.force_model = force_model  # what `spoold submit --model` will write
+        self._seen: set[bytes] = set()
+
+    def check(self, line: int, raw: bytes) -> EngineRequest | LineError:
+        """Validate one line; the request has its `model` resolved."""
+        try:
+            obj = json.loads(raw)
+        except UnicodeDecodeError:
+            return LineError(line, None, "invalid_json", "line is not valid UTF-8")
+        except ValueError as e:
+            return LineError(line, None, "invalid_json", f"not valid JSON: {e.msg} at column {e.colno}")
+        if not isinstance(obj, dict):
+            return LineError(line, None, "not_an_object", f"line is a JSON {type(obj).__name__}, not an object")
+        custom_id = obj.get("custom_id")
+        if not isinstance(custom_id, str) or not custom_id:
+            return LineError(line, None, "missing_custom_id", "`custom_id` is missing or not a non-empty string")
+        digest = hashlib.blake2b(custom_id.encode(), digest_size=8).digest()
+        if digest in self._seen:
+            return LineError(line, custom_id, "duplicate_custom_id", f"custom_id {custom_id!r} appears earlier in the file")
+        self._seen.add(digest)
+        return self._check_request(line, custom_id, obj)
+
+    def _check_request(self, line: int, custom_id: str, obj: dict[str, Any]) -> EngineRequest | LineError:
+        if obj.get("method") != "POST":
+            return LineError(line, custom_id, "invalid_method", f"`method` must be \"POST\", got {obj.get('method')!r}")
+        url = obj.get("url")
+        if url not in SUPPORTED_URLS:
+            return LineError(line, custom_id, "unsupported_url", f"`url` {url!r} is not one of {', '.join(SUPPORTED_URLS)}")
+        body = obj.get("body")
+        if not isinstance(body, dict):
+            return LineError(line, custom_id, "invalid_body", "`body` must be a JSON object")
+        if body.get("stream"):
+            return LineError(line, custom_id, "stream_not_supported", "`stream` must be false in a batch")
+        model, why = self.resolver.resolve(self.force_model or body.get("model"))
+        if model is None:
+            return LineError(line, custom_id, "unknown_model", why)
+        body["model"] = model
+        return EngineRequest(line, custom_id, url, body)
+
+
+def iter_lines(f: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, raw line) for every non-blank line; raw is None when too long.
+
+    A line over the limit is skipped in chunks, never held in memory whole.
+    """
+    limit = max_line_bytes + 1 if max_line_bytes else -1
+    number = 0
+    while True:
+        raw = f.readline(limit)
+        if not raw:
+            return
+        number += 1
+        if limit > 0 and len(raw) == limit and not raw.endswith(b"\n"):
+            while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                pass
+            yield number, None
+        elif raw.strip():
+            yield number, raw
+
+
+def validate_stream(f: IO[bytes], validator: LineValidator, max_line_bytes: int) -> Iterator[EngineRequest | LineError]:
+    """Every non-blank line of `f` as a request or a LineError, in order."""
+    for number, raw in iter_lines(f, max_line_bytes):
+        if raw is None:
+            yield LineError(number, None, "line_too_long", f"line is longer than [limits] max_line_bytes ({max_line_bytes})")
+        else:
+            yield validator.check(number, raw)

@@ -1,0 +1,181 @@
+"""The vLLM engine adapter: every line goes through vLLM's own OpenAI serving layer.
+
+This is built the way `vllm run-batch` builds its engine (AsyncLLM plus the
+serving objects from `init_app_state`), so response bodies and request
+parameters (temperature, stop, seed, logprobs, response_format, ...) behave
+exactly as under `vllm serve`. We take run-batch's request handling, not its
+loop: run-batch reads the whole file and writes only at the end, while the
+daemon streams lines in and results out.
+
+All vLLM-version-specific glue (written against vllm 0.32) lives in this
+module and nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+from argparse import Namespace
+from typing import Any
+
+from .config import EngineSettings
+from .engine import EngineRequest, EngineResult
+
+log = logging.getLogger(__name__)
+
+CHAT_URL = "/v1/chat/completions"
+COMPLETIONS_URL = "/v1/completions"
+EMBEDDINGS_URL = "/v1/embeddings"
+
+
+def build_vllm_args(settings: EngineSettings) -> Namespace:
+    """vLLM's own argument namespace (as `vllm run-batch` would parse it) from `[engine]`.
+
+    Starting from vLLM's parser keeps every front-end default vLLM expects;
+    our settings and the free-form `[engine.args]` table are then set on it.
+    """
+    from vllm.entrypoints.launchers.run_batch import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="spoold"))
+    args = parser.parse_args(["--model", settings.model, "-i", "-", "-o", "-"])
+    ours: dict[str, Any] = {
+        "served_model_name": [settings.model],
+        "dtype": settings.dtype,
+        "max_num_seqs": settings.max_num_seqs,
+        "gpu_memory_utilization": settings.gpu_memory_utilization,
+        "enable_prefix_caching": settings.enable_prefix_caching,
+        "enforce_eager": settings.enforce_eager,
+        "tensor_parallel_size": settings.tensor_parallel_size,
+        # A dropped file must never make the daemon run code from a repository.
+        "trust_remote_code": False,
+    }
+    if settings.max_model_len:
+        ours["max_model_len"] = settings.max_model_len
+    for key, value in settings.args.items():
+        name = key.replace("-", "_")
+        if not hasattr(args, name):
+            raise ValueError(f"[engine.args] {key}: not a vLLM engine argument")
+        ours[name] = value
+    for name, value in ours.items():
+        setattr(args, name, value)
+    return args
+
+
+class VllmEngine:
+    """vLLM in-process: AsyncLLM plus the OpenAI chat, completion and embedding handlers."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        if not settings.model:
+            raise ValueError("[engine] model is not set: name a Hugging Face id or local path")
+        self.model = settings.model
+        self._settings = settings
+        self._stack = contextlib.AsyncExitStack()
+        self._handlers: dict[str, Any] = {}
+
+    async def start(self) -> None:
+        """Load the model and build vLLM's serving objects, as run-batch does."""
+        from starlette.datastructures import State
+        from vllm.entrypoints.launchers.api_server.entry import (
+            build_async_engine_client,
+            init_app_state,
+        )
+        from vllm.usage.usage_lib import UsageContext
+
+        args = build_vllm_args(self._settings)
+        client = await self._stack.enter_async_context(
+            build_async_engine_client(args, usage_context=UsageContext.OPENAI_BATCH_RUNNER)
+        )
+        state = State()
+        tasks = await client.get_supported_tasks()
+        await init_app_state(client, state, args, tasks)
+        self._handlers = _handlers_from_state(state)
+        log.info("engine ready: model %s, endpoints %s", self.model, sorted(self._handlers))
+
+    async def handle(self, request: EngineRequest) -> EngineResult:
+        """Run one request through the serving layer; errors become 4xx/5xx results."""
+        from vllm.entrypoints.serve import create_error_response
+
+        entry = self._handlers.get(request.url)
+        if request.body.get("stream"):
+            response: Any = create_error_response("stream=true is not supported in a batch")
+        elif entry is None:
+            response = create_error_response(
+                f"Model {self.model} does not support endpoint {request.url}"
+            )
+        else:
+            request_type, handler = entry
+            try:
+                response = await handler(request_type.model_validate(request.body))
+            except Exception as e:  # vLLM's own mapping of exceptions to HTTP errors
+                response = create_error_response(e)
+        return _to_result(response)
+
+    async def close(self) -> None:
+        """Shut down the engine process and free its memory."""
+        self._handlers = {}
+        await self._stack.aclose()
+        # The serving objects hold the AsyncLLM; collect it now, while vLLM's
+        # modules are alive, not in __del__ during interpreter teardown.
+        gc.collect()
+
+
+def _handlers_from_state(state: Any) -> dict[str, tuple[Any, Any]]:
+    """url → (pydantic request type, coroutine handler), for the endpoints this model has.
+
+    run-batch wires chat and embeddings only; `openai_serving_completion` is
+    in the same state and gives us /v1/completions as `vllm serve` has it.
+    """
+    from pydantic import TypeAdapter
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
+
+    handlers: dict[str, tuple[Any, Any]] = {}
+    chat = getattr(state, "openai_serving_chat", None)
+    if chat is not None:
+        handlers[CHAT_URL] = (ChatCompletionRequest, chat.create_chat_completion)
+    completion = getattr(state, "openai_serving_completion", None)
+    if completion is not None:
+        handlers[COMPLETIONS_URL] = (CompletionRequest, completion.create_completion)
+    embedding = getattr(state, "serving_embedding", None)
+    if embedding is not None:
+        handlers[EMBEDDINGS_URL] = (_AdapterType(TypeAdapter(EmbeddingRequest)), embedding)
+    return handlers
+
+
+class _AdapterType:
+    """Gives a TypeAdapter the `model_validate` name the pydantic models have."""
+
+    def __init__(self, adapter: Any) -> None:
+        self._adapter = adapter
+
+    def model_validate(self, value: Any) -> Any:
+        return self._adapter.validate_python(value)
+
+
+def _to_result(response: Any) -> EngineResult:
+    """Turn whatever a serving handler returned into an EngineResult."""
+    from starlette.responses import JSONResponse
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+    if isinstance(response, ErrorResponse):
+        return EngineResult(response.error.code, response.model_dump_json())
+    if isinstance(response, JSONResponse):
+        body = bytes(response.body).decode()
+        return EngineResult(response.status_code, body, *_usage(json.loads(body).get("usage")))
+    if hasattr(response, "model_dump_json"):
+        usage = getattr(response, "usage", None)
+        usage = usage.model_dump() if usage is not None else None
+        return EngineResult(200, response.model_dump_json(), *_usage(usage))
+    error = {"error": {"message": f"unexpected response type {type(response).__name__}",
+                       "type": "InternalServerError", "param": None, "code": 500}}
+    return EngineResult(500, json.dumps(error))
+
+
+def _usage(usage: dict[str, Any] | None) -> tuple[int, int]:
+    if not usage:
+        return 0, 0
+    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)

@@ -1,0 +1,178 @@
+"""Durable result files: group commit while running, recovery after a crash.
+
+Results are appended as they finish. Everything that finished while the
+previous fsync ran is written and fsynced together (one fsync per file per
+group), and a line is counted only after its fsync returned: a count, an
+event or a heartbeat never claims a line that a power cut could lose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .durable import open_append, write_all
+from .engine import EngineResult
+from .formats import Tally, error_line, output_line
+from .validation import LineError
+
+log = logging.getLogger(__name__)
+
+
+class WriterFailed(Exception):
+    """A write or fsync of a results file failed; nothing after it was counted."""
+
+
+class GroupCommitWriter:
+    """Appends result lines to output.jsonl / errors.jsonl with group commit.
+
+    Call `add_result` / `add_error` from the event loop, keep `run()` going
+    as a task, and `await flush()` to wait until all added lines are durable.
+    """
+
+    def __init__(self, output: Path, errors: Path, tally: Tally, mode: int = 0o640, gid: int = -1) -> None:
+        self.tally = tally
+        self._paths = (output, errors)
+        self._mode, self._gid = mode, gid
+        self._fds: list[int | None] = [None, None]
+        self._out: list[bytes] = []
+        self._err: list[bytes] = []
+        self._results: list[EngineResult] = []
+        self._errors = 0
+        self._added = self._committed = 0
+        self._wake = asyncio.Event()
+        self._progress = asyncio.Condition()
+        self.failure: BaseException | None = None
+        self.fsyncs = 0
+
+    def add_result(self, custom_id: str, result: EngineResult) -> None:
+        """Queue one engine answer for output.jsonl."""
+        self._out.append(output_line(custom_id, result))
+        self._results.append(result)
+        self._added += 1
+        self._wake.set()
+
+    def add_error(self, error: LineError) -> None:
+        """Queue one line's error for errors.jsonl."""
+        self._err.append(error_line(error))
+        self._errors += 1
+        self._added += 1
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Commit groups until cancelled; a failure is kept and wakes flushers."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            out, err, results, errors = self._out, self._err, self._results, self._errors
+            self._out, self._err, self._results, self._errors = [], [], [], 0
+            try:
+                await asyncio.to_thread(self._commit, out, err)
+            except OSError as e:
+                self.failure = WriterFailed(f"cannot write results: {e}")
+                log.error("%s", self.failure)
+                async with self._progress:
+                    self._progress.notify_all()
+                return
+            for result in results:
+                self.tally.add_result(result)
+            self.tally.failed += errors
+            self._committed += len(out) + len(err)
+            async with self._progress:
+                self._progress.notify_all()
+
+    async def flush(self) -> None:
+        """Return once every line added so far is fsynced; raise if that failed."""
+        target = self._added
+        async with self._progress:
+            await self._progress.wait_for(lambda: self._committed >= target or self.failure)
+        if self.failure:
+            raise self.failure
+
+    @property
+    def pending(self) -> int:
+        """Lines added but not yet durable."""
+        return self._added - self._committed
+
+    def _commit(self, out: list[bytes], err: list[bytes]) -> None:
+        for index, lines in ((0, out), (1, err)):
+            if not lines:
+                continue
+            fd = self._fd(index)
+            write_all(fd, b"".join(lines))
+            os.fsync(fd)
+            self.fsyncs += 1
+
+    def _fd(self, index: int) -> int:
+        fd = self._fds[index]
+        if fd is None:
+            fd = self._fds[index] = open_append(self._paths[index], self._mode, self._gid)
+        return fd
+
+    def close(self) -> None:
+        """Close the files (what was committed is already durable)."""
+        for fd in self._fds:
+            if fd is not None:
+                os.close(fd)
+        self._fds = [None, None]
+
+
+@dataclass
+class Recovered:
+    """What a job's result files already hold after a restart."""
+
+    tally: Tally = field(default_factory=Tally)
+    done_ids: set[str] = field(default_factory=set)
+    error_lines: set[int] = field(default_factory=set)
+
+
+def recover_results(output: Path, errors: Path) -> Recovered:
+    """Cut torn tails off both files and read back what is already finished.
+
+    A line is finished when it is complete and parses; the first line that
+    does not (a write cut short by a crash) is cut off with everything after
+    it, and those requests simply run again.
+    """
+    rec = Recovered()
+    for record in _read_complete(output):
+        rec.done_ids.add(record["custom_id"])
+        response = record.get("response") or {}
+        body = response.get("body") or {}
+        usage = body.get("usage") if isinstance(body, dict) else None
+        rec.tally.add_result(EngineResult(
+            int(response.get("status_code") or 0), "",
+            int((usage or {}).get("prompt_tokens") or 0),
+            int((usage or {}).get("completion_tokens") or 0),
+        ))
+    for record in _read_complete(errors):
+        rec.error_lines.add(int(record["error"]["line"]))
+        rec.tally.failed += 1
+    return rec
+
+
+def _read_complete(path: Path):
+    """Yield the parsed lines of a results file, truncating it at the first torn one."""
+    try:
+        f = open(path, "r+b")
+    except FileNotFoundError:
+        return
+    with f:
+        good = 0
+        for raw in f:
+            try:
+                if not raw.endswith(b"\n"):
+                    raise ValueError("no newline")
+                record = json.loads(raw)
+            except ValueError:
+                break
+            good += len(raw)
+            yield record
+        size = os.fstat(f.fileno()).st_size
+        if size > good:
+            log.warning("%s: cutting %d bytes of torn tail", path, size - good)
+            f.truncate(good)
+            os.fsync(f.fileno())

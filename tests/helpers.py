@@ -1,0 +1,159 @@
+"""Shared test helpers: batch lines, result files, and `spoold run` as a process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def chat_line(i: int, model: str | None = "fake-model", **body) -> dict:
+    """One valid chat request line."""
+    b = {"messages": [{"role": "user", "content": f"Score candidate {i}"}], "max_tokens": 8, **body}
+    if model is not None:
+        b["model"] = model
+    return {"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions", "body": b}
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    """Write rows (dicts, or raw strings for bad lines) one per line."""
+    with open(path, "w") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    # Only "\n" ends a JSONL line: str.splitlines() would also split on
+    # U+2028 or U+0085, which JSON allows unescaped inside strings.
+    return [json.loads(line) for line in path.read_text().split("\n") if line]
+
+
+def complete_lines(path: Path) -> int:
+    """Complete lines in a file the daemon may be appending to right now."""
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def write_config(path: Path, root: Path, *, adapter: str = "tests.fake_engine:EchoEngine",
+                 model: str = "fake-model", engine: str = "", extra: str = "") -> Path:
+    """A config for a test spool; `engine` adds lines to [engine]."""
+    path.write_text(f"""
+[spool]
+root = "{root}"
+host_id = "testhost"
+settle_seconds = 1
+poll_seconds = 0.2
+
+[engine]
+adapter = "{adapter}"
+model = "{model}"
+{engine}
+
+[heartbeat]
+seconds = 0.2
+{extra}
+""")
+    return path
+
+
+def check_exactly_once(job_dir: Path, valid_ids: set[str], bad_lines: set[int]) -> None:
+    """Every valid line has exactly one output line, every bad line exactly one error."""
+    outputs = read_jsonl(job_dir / "output.jsonl")
+    errors = read_jsonl(job_dir / "errors.jsonl")
+    out_ids = Counter(o["custom_id"] for o in outputs)
+    dup = [k for k, n in out_ids.items() if n > 1]
+    assert not dup, f"duplicated results: {dup[:5]}"
+    assert set(out_ids) == valid_ids, (
+        f"missing {sorted(valid_ids - set(out_ids))[:5]}, extra {sorted(set(out_ids) - valid_ids)[:5]}")
+    err_lines = Counter(e["error"]["line"] for e in errors)
+    assert all(n == 1 for n in err_lines.values()), f"duplicated errors: {err_lines}"
+    assert set(err_lines) == bad_lines
+    assert not (set(out_ids) & {e["custom_id"] for e in errors if e["custom_id"]} - valid_ids)
+    batch = json.loads((job_dir / "batch.json").read_text())
+    counts = batch["request_counts"]
+    assert counts["total"] == len(valid_ids) + len(bad_lines)
+    assert counts["completed"] + counts["failed"] == counts["total"]
+
+
+class DaemonProcess:
+    """`spoold run` as a real subprocess in its own process group."""
+
+    def __init__(self, config: Path, log: Path, env: dict | None = None) -> None:
+        self.config, self.log = config, log
+        self.env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", **(env or {}))
+        self.env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "DaemonProcess":
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "spoold", "run", "--config", str(self.config)],
+                                         stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                         start_new_session=True, cwd=REPO)
+        return self
+
+    def wait_ready(self, root: Path, timeout: float = 300) -> None:
+        """Wait until the host heartbeat says the engine is loaded."""
+        beat = root / "processing" / "testhost" / "heartbeat.json"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"daemon exited early:\n{self.log_tail()}"
+            try:
+                if json.loads(beat.read_text())["state"] in ("idle", "working"):
+                    return
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"daemon not ready in {timeout}s:\n{self.log_tail()}")
+
+    def kill9(self) -> None:
+        """SIGKILL the whole process group, engine processes included."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def terminate(self, timeout: float = 120) -> int:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self._reap_group()
+
+    def _reap_group(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    """Poll until predicate() is truthy; return its value or fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def outbox_jobs(root: Path) -> list[Path]:
+    return sorted(p for p in (root / "outbox").glob("*") if p.is_dir())

@@ -1,0 +1,87 @@
+import json
+import subprocess
+import sys
+
+from .helpers import REPO, chat_line, read_jsonl, write_config, write_jsonl
+
+
+def spoold(*args, config=None):
+    cmd = [sys.executable, "-m", "spoold", *args] + (["--config", str(config)] if config else [])
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60)
+
+
+def test_help_explains_every_verb():
+    out = spoold("--help").stdout
+    for verb in ("run", "submit", "validate", "status", "demo"):
+        assert verb in out
+    assert "--model" in spoold("submit", "--help").stdout
+
+
+def test_validate_reports_file_line_and_reason_and_exits_1(tmp_path):
+    config = write_config(tmp_path / "c.toml", tmp_path / "spool")
+    bad = write_jsonl(tmp_path / "in.jsonl", [chat_line(1), "{oops", {**chat_line(3), "method": "GET"}])
+    result = spoold("validate", str(bad), config=config)
+    assert result.returncode == 1
+    assert f"{bad}:2: invalid_json:" in result.stdout
+    assert f"{bad}:3: invalid_method:" in result.stdout
+    assert "3 lines, 1 valid, 2 bad" in result.stdout
+
+
+def test_validate_clean_file_exits_0(tmp_path):
+    config = write_config(tmp_path / "c.toml", tmp_path / "spool")
+    good = write_jsonl(tmp_path / "in.jsonl", [chat_line(1), chat_line(2)])
+    result = spoold("validate", str(good), config=config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 lines, 2 valid, 0 bad" in result.stdout
+
+
+def test_config_error_names_the_key_and_exits_2(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("[spool]\nsettle_secs = 3\n")
+    result = spoold("status", config=config)
+    assert result.returncode == 2
+    assert "settle_secs" in result.stderr and "settle_seconds" in result.stderr
+
+
+def test_run_without_a_model_says_what_to_set(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(f'[spool]\nroot = "{tmp_path}"\n')
+    result = spoold("run", config=config)
+    assert result.returncode == 2 and "[engine] model is not set" in result.stderr
+
+
+def test_submit_model_rewrites_every_line_atomically(tmp_path):
+    root = tmp_path / "spool"
+    (root / "inbox").mkdir(parents=True)
+    config = write_config(tmp_path / "c.toml", root, model="qwen3:4b",
+                          extra='[models]\n"qwen3:4b" = "Qwen/Qwen3-4B-Instruct-2507"\n')
+    src = write_jsonl(tmp_path / "scores.jsonl", [chat_line(i, model="gpt-4o-mini") for i in range(3)])
+    result = spoold("submit", str(src), "--model", "qwen3:4b", config=config)
+    assert result.returncode == 0, result.stderr
+    (dropped,) = list((root / "inbox").iterdir())
+    assert dropped.name == "scores.jsonl"
+    assert [r["body"]["model"] for r in read_jsonl(dropped)] == ["qwen3:4b"] * 3
+    assert [r["custom_id"] for r in read_jsonl(dropped)] == ["req-0", "req-1", "req-2"]
+    # A second submit of the same name never overwrites the first.
+    spoold("submit", str(src), "--model", "qwen3:4b", config=config)
+    assert sorted(p.name for p in (root / "inbox").iterdir()) == ["scores-2.jsonl", "scores.jsonl"]
+
+
+def test_submit_rejects_an_unknown_model(tmp_path):
+    root = tmp_path / "spool"
+    (root / "inbox").mkdir(parents=True)
+    config = write_config(tmp_path / "c.toml", root)
+    src = write_jsonl(tmp_path / "s.jsonl", [chat_line(1)])
+    result = spoold("submit", str(src), "--model", "no-such-model", config=config)
+    assert result.returncode == 2 and "unknown model 'no-such-model'" in result.stderr
+    assert list((root / "inbox").iterdir()) == []
+
+
+def test_status_lists_queued_drops_as_json(tmp_path):
+    root = tmp_path / "spool"
+    (root / "inbox").mkdir(parents=True)
+    write_jsonl(root / "inbox" / "waiting.jsonl", [chat_line(1)])
+    config = write_config(tmp_path / "c.toml", root)
+    result = spoold("status", "--json", config=config)
+    assert [q["name"] for q in json.loads(result.stdout)["queued"]] == ["waiting.jsonl"]
+    assert "waiting.jsonl" in spoold("status", config=config).stdout

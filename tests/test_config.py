@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import pytest
+
+from spoold.config import Config, ConfigError, load_config, parse_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_missing_file_means_defaults():
+    config = load_config("/nonexistent/spoold.toml")
+    assert config == Config()
+    assert config.engine.inflight_limit == 2 * config.engine.max_num_seqs
+
+
+def test_explicit_missing_file_is_an_error():
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config("/nonexistent/spoold.toml", must_exist=True)
+
+
+def test_only_engine_model_is_enough(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[engine]\nmodel = "Qwen/Qwen3-4B-Instruct-2507"\n')
+    config = load_config(path)
+    assert config.engine.model == "Qwen/Qwen3-4B-Instruct-2507"
+    assert config.spool.root == Path("/var/spool/spoold")
+
+
+def test_example_config_parses_and_maps_ollama_names():
+    config = load_config(REPO / "etc/spoold/spoold.toml", must_exist=True)
+    for name in ("qwen3:4b", "gemma3:4b", "llama3.2:3b", "llama3.2:1b"):
+        assert "/" in config.models.aliases[name]
+
+
+def test_unknown_key_is_named_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"\[spool\] setle_seconds.*did you mean 'settle_seconds'"):
+        parse_config({"spool": {"setle_seconds": 3}})
+
+
+def test_unknown_section_is_named():
+    with pytest.raises(ConfigError, match=r"unknown setting \[engin\].*did you mean 'engine'"):
+        parse_config({"engin": {}})
+
+
+@pytest.mark.parametrize("section,key,value,expected", [
+    ("spool", "settle_seconds", "soon", "a number"),
+    ("engine", "max_num_seqs", -1, "a whole number"),
+    ("engine", "enforce_eager", "yes", "true or false"),
+    ("limits", "max_line_bytes", 1.5, "a whole number"),
+])
+def test_bad_values_name_the_key(section, key, value, expected):
+    with pytest.raises(ConfigError, match=rf"\[{section}\] {key}: expected {expected}"):
+        parse_config({section: {key: value}})
+
+
+def test_models_accept_strings_and_tables():
+    config = parse_config({"models": {"a": "org/a", "b": {"model": "/models/b", "max_model_len": 4096},
+                                      "max_wait_seconds": 60}})
+    assert config.models.aliases == {"a": "org/a", "b": "/models/b"}
+    assert config.models.max_wait_seconds == 60.0
+    with pytest.raises(ConfigError, match=r"\[models\] 'c'"):
+        parse_config({"models": {"c": 3}})
+
+
+def test_toml_syntax_error_names_the_file(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[spool\n")
+    with pytest.raises(ConfigError, match="bad.toml: not valid TOML"):
+        load_config(path)

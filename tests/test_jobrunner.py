@@ -1,0 +1,131 @@
+import asyncio
+import json
+
+import pytest
+
+from spoold.config import EngineSettings, LimitsSettings, SpoolSettings
+from spoold.jobrunner import EngineFailed, JobRunner
+from spoold.spool import JobDir, Spool
+from spoold.validation import ModelResolver
+
+from .fake_engine import EchoEngine
+from .helpers import chat_line, check_exactly_once, read_jsonl, write_jsonl
+
+
+def setup(tmp_path, rows, **engine_args):
+    spool = Spool(SpoolSettings(root=tmp_path / "spool", host_id="h"))
+    spool.ensure_dirs()
+    write_jsonl(spool.inbox / "batch.jsonl", rows)
+    job = spool.claim_drop("batch.jsonl")
+    engine = EchoEngine(EngineSettings(model="fake-model", args=engine_args))
+    return spool, job, engine
+
+
+def run_job(spool, job, engine, stop=None, inflight=8):
+    async def go():
+        runner = JobRunner(spool, job, engine, ModelResolver({}, "fake-model"), LimitsSettings(),
+                           inflight, stop or asyncio.Event())
+        return await runner.run(), runner
+    return asyncio.run(go())
+
+
+ROWS = [chat_line(i) for i in range(50)] + ["not json", chat_line(3)]
+VALID = {f"req-{i}" for i in range(50)}
+
+
+def test_a_job_ends_in_the_outbox_with_one_result_per_line(tmp_path):
+    spool, job, engine = setup(tmp_path, ROWS)
+    status, runner = run_job(spool, job, engine)
+    assert status == "completed"
+    done = spool.outbox / job.id
+    check_exactly_once(done, VALID, {51, 52})
+    batch = json.loads((done / "batch.json").read_text())
+    assert batch["status"] == "completed"
+    assert batch["request_counts"] == {"total": 52, "completed": 50, "failed": 2}
+    assert batch["usage"] == {"input_tokens": 150, "output_tokens": 100, "total_tokens": 250}
+    assert batch["model"] == "fake-model" and batch["endpoint"] == "/v1/chat/completions"
+    assert not job.path.exists()
+
+
+def test_engine_4xx_is_an_output_line_counted_as_failed(tmp_path):
+    spool, job, engine = setup(tmp_path, [chat_line(0), chat_line(1, max_tokens=-1)])
+    run_job(spool, job, engine)
+    out = {o["custom_id"]: o for o in read_jsonl(spool.outbox / job.id / "output.jsonl")}
+    assert out["req-1"]["response"]["status_code"] == 400
+    assert json.loads((spool.outbox / job.id / "batch.json").read_text())["request_counts"]["failed"] == 1
+
+
+def test_resume_after_a_crash_skips_finished_lines_and_cuts_the_torn_tail(tmp_path):
+    spool, job, engine = setup(tmp_path, ROWS)
+    # A previous run validated the file and finished ten lines, then died mid-write.
+    with open(job.output, "w") as f:
+        for i in range(10):
+            f.write(json.dumps({"id": "x", "custom_id": f"req-{i}",
+                                "response": {"status_code": 200, "request_id": "r", "body": {}},
+                                "error": None}) + "\n")
+        f.write('{"id": "x", "custom_id": "req-10", "resp')
+    status, _ = run_job(spool, job, engine)
+    assert status == "completed"
+    assert engine.handled == 40
+    check_exactly_once(spool.outbox / job.id, VALID, {51, 52})
+
+
+def test_stop_interrupts_and_a_rerun_finishes_exactly_once(tmp_path):
+    spool, job, engine = setup(tmp_path, ROWS, delay=0.01)
+
+    async def go():
+        stop = asyncio.Event()
+        runner = JobRunner(spool, job, engine, ModelResolver({}, "fake-model"), LimitsSettings(), 4, stop)
+        task = asyncio.create_task(runner.run())
+        while runner.refresh().done < 10:
+            await asyncio.sleep(0.01)
+        stop.set()
+        return await task
+    assert asyncio.run(go()) == "interrupted"
+    assert job.read_batch()["status"] == "in_progress"
+    partial = len(read_jsonl(job.output))
+    assert 10 <= partial < 50
+    status, _ = run_job(spool, JobDir(job.path), EchoEngine(EngineSettings(model="fake-model")))
+    assert status == "completed"
+    check_exactly_once(spool.outbox / job.id, VALID, {51, 52})
+
+
+def test_engine_failure_writes_nothing_for_the_failed_request(tmp_path):
+    spool, job, engine = setup(tmp_path, ROWS, fail_on="req-20")
+    with pytest.raises(EngineFailed):
+        run_job(spool, job, engine)
+    assert "req-20" not in {o["custom_id"] for o in read_jsonl(job.output)}
+    assert job.path.exists()  # stays in processing/ to resume on a fresh engine
+    status, _ = run_job(spool, JobDir(job.path), EchoEngine(EngineSettings(model="fake-model")))
+    assert status == "completed"
+    check_exactly_once(spool.outbox / job.id, VALID, {51, 52})
+
+
+def test_in_flight_is_bounded(tmp_path):
+    spool, job, engine = setup(tmp_path, [chat_line(i) for i in range(40)], delay=0.005)
+    peak = 0
+    handle = engine.handle
+
+    async def counting(request, active=[0]):
+        nonlocal peak
+        active[0] += 1
+        peak = max(peak, active[0])
+        try:
+            return await handle(request)
+        finally:
+            active[0] -= 1
+    engine.handle = counting
+    run_job(spool, job, engine, inflight=5)
+    assert peak == 5
+
+
+def test_a_symlinked_input_fails_the_job_without_reading_it(tmp_path):
+    spool, job, engine = setup(tmp_path, [chat_line(0)])
+    target = tmp_path / "secret"
+    target.write_text("x")
+    job.input.unlink()
+    job.input.symlink_to(target)
+    status, _ = run_job(spool, job, engine)
+    assert status == "failed"
+    batch = json.loads((spool.failed / job.id / "batch.json").read_text())
+    assert batch["status"] == "failed" and "cannot read input.jsonl" in batch["errors"][0]["message"]

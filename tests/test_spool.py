@@ -1,0 +1,73 @@
+import json
+import os
+
+from spoold.config import SpoolSettings
+from spoold.spool import JobDir, Spool, is_drop_name
+
+
+def make_spool(tmp_path, host="h1"):
+    spool = Spool(SpoolSettings(root=tmp_path / "spool", host_id=host))
+    spool.ensure_dirs()
+    return spool
+
+
+def test_drop_names():
+    assert is_drop_name("batch.jsonl")
+    for name in (".batch.jsonl", "batch.jsonl.tmp", "batch.jsonl.part", "batch.jsonl~", "batch.json", "x.jsonl.ready"):
+        assert not is_drop_name(name)
+
+
+def test_claim_moves_the_drop_into_a_job_dir_with_batch_json(tmp_path):
+    spool = make_spool(tmp_path)
+    (spool.inbox / "b.jsonl").write_text("{}\n")
+    (spool.inbox / "b.jsonl.ready").touch()
+    job = spool.claim_drop("b.jsonl")
+    assert job.path.parent == spool.host_dir
+    assert job.id.startswith("b-")
+    assert job.input.read_text() == "{}\n"
+    assert not (spool.inbox / "b.jsonl").exists()
+    assert not (spool.inbox / "b.jsonl.ready").exists()
+    batch = job.read_batch()
+    assert batch["status"] == "validating" and batch["input_file"] == "b.jsonl" and batch["host"] == "h1"
+    assert oct(job.batch.stat().st_mode & 0o777) == "0o640"
+
+
+def test_only_one_of_two_hosts_claims_a_drop(tmp_path):
+    a, b = make_spool(tmp_path, "a"), make_spool(tmp_path, "b")
+    (a.inbox / "x.jsonl").write_text("{}\n")
+    claims = [a.claim_drop("x.jsonl"), b.claim_drop("x.jsonl")]
+    assert sum(c is not None for c in claims) == 1
+    assert os.listdir(b.host_dir) == []  # the loser leaves nothing behind
+
+
+def test_symlink_is_never_followed_and_goes_to_failed(tmp_path):
+    spool = make_spool(tmp_path)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not read")
+    os.symlink(secret, spool.inbox / "evil.jsonl")
+    assert spool.claim_drop("evil.jsonl") is None
+    (failed,) = list(spool.failed.iterdir())
+    batch = JobDir(failed).read_batch()
+    assert batch["status"] == "failed" and "not a regular file" in batch["errors"][0]["message"]
+    assert os.path.islink(failed / "input.jsonl")
+    assert secret.read_text() == "do not read"
+
+
+def test_half_made_claim_is_cleaned_up(tmp_path):
+    spool = make_spool(tmp_path)
+    (spool.host_dir / "x-20260101T000000-abcdef").mkdir()
+    real = spool.host_dir / "y-20260101T000000-abcdef"
+    real.mkdir()
+    (real / "input.jsonl").write_text("{}\n")
+    (real / "batch.json").write_text(json.dumps({"created_at": 1}))
+    assert [j.id for j in spool.host_jobs()] == [real.name]
+    assert not (spool.host_dir / "x-20260101T000000-abcdef").exists()
+
+
+def test_move_to_outbox_is_one_rename(tmp_path):
+    spool = make_spool(tmp_path)
+    (spool.inbox / "b.jsonl").write_text("{}\n")
+    job = spool.claim_drop("b.jsonl")
+    moved = spool.move_to_outbox(job)
+    assert moved.path == spool.outbox / job.id and moved.input.exists()
+    assert not job.path.exists()

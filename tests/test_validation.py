@@ -1,0 +1,78 @@
+import io
+import json
+
+from spoold.engine import EngineRequest
+from spoold.validation import LineError, LineValidator, ModelResolver, validate_stream
+
+from .helpers import chat_line
+
+ALIASES = {"qwen3:4b": "Qwen/Qwen3-4B-Instruct-2507", "llama3.2:1b": "meta-llama/Llama-3.2-1B-Instruct"}
+
+
+def run(lines, served="qwen3:4b", max_line_bytes=1000):
+    data = "".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines).encode()
+    validator = LineValidator(ModelResolver(ALIASES, served))
+    return list(validate_stream(io.BytesIO(data), validator, max_line_bytes))
+
+
+def test_every_bad_line_gets_its_line_number_and_reason():
+    good = chat_line(1, model="qwen3:4b")
+    items = run([
+        good,                                                   # 1
+        "{not json",                                            # 2
+        "[1, 2]",                                               # 3
+        {**chat_line(4), "custom_id": None},                    # 4
+        {**chat_line(1, model="qwen3:4b")},                     # 5 duplicate of line 1
+        {**chat_line(6, model="qwen3:4b"), "method": "GET"},    # 6
+        {**chat_line(7, model="qwen3:4b"), "url": "/v1/images"},  # 7
+        {**chat_line(8), "body": "text"},                       # 8
+        chat_line(9, model="ollama-unknown"),                   # 9
+        chat_line(10, model="qwen3:4b", stream=True),           # 10
+        chat_line(11, model="llama3.2:1b"),                     # 11 configured, not served
+    ])
+    assert isinstance(items[0], EngineRequest)
+    codes = {i.line: i.code for i in items if isinstance(i, LineError)}
+    assert codes == {2: "invalid_json", 3: "not_an_object", 4: "missing_custom_id",
+                     5: "duplicate_custom_id", 6: "invalid_method", 7: "unsupported_url",
+                     8: "invalid_body", 9: "unknown_model", 10: "stream_not_supported",
+                     11: "unknown_model"}
+
+
+def test_error_messages_never_quote_prompt_text():
+    secret = "Jane Doe, 12 Acacia Avenue"
+    bad = {**chat_line(1), "method": "PUT"}
+    bad["body"]["messages"][0]["content"] = secret
+    items = run(['{"custom_id": "x", "body": "' + secret, bad])
+    assert all(secret not in i.message for i in items)
+
+
+def test_aliases_resolve_and_missing_model_gets_the_default():
+    items = run([chat_line(1, model="qwen3:4b"), chat_line(2, model=None),
+                 chat_line(3, model="Qwen/Qwen3-4B-Instruct-2507")])
+    assert [i.body["model"] for i in items] == ["Qwen/Qwen3-4B-Instruct-2507"] * 3
+
+
+def test_blank_lines_are_skipped_but_line_numbers_stay_true():
+    items = run([chat_line(1, model="qwen3:4b"), "", "   ", "{bad"])
+    assert len(items) == 2
+    assert items[1].line == 4
+
+
+def test_long_line_is_an_error_and_the_next_line_still_counts():
+    long_line = chat_line(1, model="qwen3:4b")
+    long_line["body"]["messages"][0]["content"] = "x" * 5000
+    items = run([long_line, chat_line(2, model="qwen3:4b")], max_line_bytes=1000)
+    assert items[0].code == "line_too_long" and items[0].line == 1
+    assert isinstance(items[1], EngineRequest) and items[1].line == 2
+
+
+def test_invalid_utf8_is_a_clear_error():
+    validator = LineValidator(ModelResolver({}, "m"))
+    item = validator.check(7, b'{"custom_id": "\xff\xfe"}\n')
+    assert item.code == "invalid_json" and item.line == 7
+
+
+def test_forced_model_replaces_whatever_the_line_names():
+    validator = LineValidator(ModelResolver(ALIASES, ""), force_model="qwen3:4b")
+    item = validator.check(1, json.dumps(chat_line(1, model="nonsense")).encode())
+    assert item.body["model"] == "Qwen/Qwen3-4B-Instruct-2507"

@@ -1,0 +1,58 @@
+import asyncio
+import os
+import time
+
+from spoold.config import SpoolSettings
+from spoold.spool import Spool
+from spoold.watcher import InboxWatcher
+
+
+def make(tmp_path, settle=0.6):
+    spool = Spool(SpoolSettings(root=tmp_path, host_id="h"))
+    spool.ensure_dirs()
+    return spool, InboxWatcher(spool, settle_seconds=settle, poll_seconds=0.05)
+
+
+def test_in_place_write_waits_for_settle(tmp_path):
+    spool, watcher = make(tmp_path)
+    (spool.inbox / "a.jsonl").write_text("{}\n")
+    assert watcher.complete_drops() == []
+    time.sleep(0.3)
+    with open(spool.inbox / "a.jsonl", "a") as f:
+        f.write("{}\n")  # still growing: the settle clock restarts
+    assert watcher.complete_drops() == []
+    time.sleep(0.4)
+    assert watcher.complete_drops() == []
+    time.sleep(0.3)
+    assert watcher.complete_drops() == ["a.jsonl"]
+
+
+def test_ready_marker_and_ignored_names(tmp_path):
+    spool, watcher = make(tmp_path, settle=60)
+    for name in ("b.jsonl", ".c.jsonl", "d.jsonl.part", "e.jsonl.tmp"):
+        (spool.inbox / name).write_text("{}\n")
+    (spool.inbox / "b.jsonl.ready").touch()
+    assert watcher.complete_drops() == ["b.jsonl"]
+
+
+def test_inotify_rename_and_move_in_are_complete_at_once(tmp_path):
+    async def go():
+        spool, watcher = make(tmp_path / "s", settle=60)
+        watcher.start()
+        try:
+            tmp = spool.inbox / ".x.jsonl.tmp"
+            tmp.write_text("{}\n")
+            os.rename(tmp, spool.inbox / "x.jsonl")             # rsync / spoold submit
+            outside = tmp_path / "y.jsonl"
+            outside.write_text("{}\n")
+            os.rename(outside, spool.inbox / "y.jsonl")         # mv from elsewhere
+            (spool.inbox / "z.jsonl").write_text("{}\n")        # scp-style in-place write
+            start = time.monotonic()
+            found = []
+            while time.monotonic() - start < 2 and len(found) < 2:
+                await watcher.wait()
+                found = watcher.complete_drops()
+            return found
+        finally:
+            watcher.stop()
+    assert sorted(asyncio.run(go())) == ["x.jsonl", "y.jsonl"]

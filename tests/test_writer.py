@@ -1,0 +1,60 @@
+import asyncio
+import json
+import os
+
+import pytest
+
+from spoold.engine import EngineResult
+from spoold.formats import Tally
+from spoold.validation import LineError
+from spoold.writer import GroupCommitWriter, WriterFailed, recover_results
+
+OK = EngineResult(200, '{"usage": {"prompt_tokens": 3, "completion_tokens": 2}}', 3, 2)
+
+
+async def _write(tmp_path, n, errors=0):
+    writer = GroupCommitWriter(tmp_path / "output.jsonl", tmp_path / "errors.jsonl", Tally())
+    task = asyncio.create_task(writer.run())
+    for i in range(n):
+        writer.add_result(f"id-{i}", OK)
+    for j in range(errors):
+        writer.add_error(LineError(100 + j, None, "invalid_json", "bad"))
+    counted_before_flush = writer.tally.done
+    await writer.flush()
+    task.cancel()
+    writer.close()
+    return writer, counted_before_flush
+
+
+def test_lines_are_counted_only_after_their_fsync(tmp_path):
+    writer, before = asyncio.run(_write(tmp_path, 500, errors=2))
+    assert before == 0
+    assert writer.tally.done == 502 and writer.tally.completed == 500 and writer.tally.failed == 2
+    lines = (tmp_path / "output.jsonl").read_text().split("\n")[:-1]
+    assert [json.loads(l)["custom_id"] for l in lines] == [f"id-{i}" for i in range(500)]
+    assert writer.fsyncs <= 4  # one group: one fsync per file, not one per line
+    assert oct(os.stat(tmp_path / "output.jsonl").st_mode & 0o777) == "0o640"
+
+
+def test_recovery_cuts_a_torn_tail_and_reads_back_what_is_done(tmp_path):
+    asyncio.run(_write(tmp_path, 10, errors=1))
+    with open(tmp_path / "output.jsonl", "ab") as f:
+        f.write(b'{"id":"x","custom_id":"id-10","respo')
+    rec = recover_results(tmp_path / "output.jsonl", tmp_path / "errors.jsonl")
+    assert rec.done_ids == {f"id-{i}" for i in range(10)}
+    assert rec.error_lines == {100}
+    assert rec.tally.completed == 10 and rec.tally.failed == 1 and rec.tally.input_tokens == 30
+    assert (tmp_path / "output.jsonl").read_bytes().endswith(b"}\n")
+
+
+def test_a_failed_write_is_raised_and_nothing_is_counted(tmp_path):
+    async def go():
+        writer = GroupCommitWriter(tmp_path / "missing-dir" / "o.jsonl", tmp_path / "e.jsonl", Tally())
+        task = asyncio.create_task(writer.run())
+        writer.add_result("a", OK)
+        with pytest.raises(WriterFailed):
+            await writer.flush()
+        await asyncio.gather(task, return_exceptions=True)
+        return writer
+    writer = asyncio.run(go())
+    assert writer.tally.done == 0
