@@ -125,7 +125,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         engine = load_engine(replace(config.engine, model=served))
     except (EngineLoadError, ValueError) as e:
         raise ConfigError(str(e)) from None
-    return Daemon(config, engine).run()
+    from .events import EventPublisher
+    from .metrics import Metrics
+
+    metrics = Metrics()
+    metrics.serve(config.metrics.listen)
+    try:
+        events = EventPublisher(config.events.endpoint, config.spool.host_id)
+    except Exception as e:  # zmq.ZMQError: a bad or busy endpoint
+        raise ConfigError(f"[events] endpoint {config.events.endpoint!r}: {e}") from None
+    return Daemon(config, engine, metrics=metrics, events=events).run()
 
 
 def _resolver(config: Config):

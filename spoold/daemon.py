@@ -17,9 +17,11 @@ from pathlib import Path
 
 from .config import Config
 from .engine import Engine
+from .events import EventPublisher
 from .gpu import GpuReader
 from .heartbeat import heartbeat_document, status_line, write_heartbeat
-from .jobrunner import EngineFailed, IncompleteJob, JobRunner
+from .jobrunner import EngineFailed, IncompleteJob, JobProgress, JobRunner
+from .metrics import Metrics
 from .notify import Notifier
 from .spool import JobDir, Spool
 from .validation import ModelResolver
@@ -40,9 +42,12 @@ class Daemon:
     """`spoold run`: serve the spool until told to stop."""
 
     def __init__(self, config: Config, engine: Engine, notifier: Notifier | None = None,
-                 gpus: GpuReader | None = None) -> None:
+                 gpus: GpuReader | None = None, metrics: Metrics | None = None,
+                 events: EventPublisher | None = None) -> None:
         self.config = config
         self.engine = engine
+        self.metrics = metrics
+        self.events = events
         self.spool = Spool(config.spool)
         self.resolver = ModelResolver(config.models.aliases, config.engine.model)
         self.watcher = InboxWatcher(self.spool, config.spool.settle_seconds, config.spool.poll_seconds)
@@ -57,6 +62,10 @@ class Daemon:
         self._stuck: set[str] = set()
         self._queued = 0
         self._last_log = 0.0
+        self._gpus: list[dict] = []
+        self._counted = (0, 0)
+        self._last_announced = -1
+        self._stalled = False
 
     def run(self) -> int:
         """Run until stopped; returns the process exit code."""
@@ -73,7 +82,10 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         self.spool.ensure_dirs()
+        if self.events is not None:
+            self.events.start(self._snapshot)
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        progress = asyncio.create_task(self._progress_loop(), name="progress")
         try:
             await self._start_engine()
             if not self._stop.is_set():
@@ -84,9 +96,12 @@ class Daemon:
             self.notifier.stopping()
             self.watcher.stop()
             heartbeat.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
+            progress.cancel()
+            await asyncio.gather(heartbeat, progress, return_exceptions=True)
             self._write_heartbeat()
             await self.engine.close()
+            if self.events is not None:
+                await self.events.close()
             log.info("stopped")
         return self.exit_code
 
@@ -104,9 +119,12 @@ class Daemon:
         self.state = "loading"
         self.notifier.status(f"loading model {self.engine.model}")
         log.info("loading model %s", self.engine.model)
+        self._publish("spoold.engine.loading", {"model": self.engine.model})
         started = time.monotonic()
         await self.engine.start()
-        log.info("model loaded in %.1fs", time.monotonic() - started)
+        seconds = time.monotonic() - started
+        log.info("model loaded in %.1fs", seconds)
+        self._publish("spoold.engine.ready", {"model": self.engine.model, "load_seconds": round(seconds, 2)})
         self.state = "idle"
         self.notifier.ready(status_line(None, len(self.spool.inbox_entries()), self.gpus.read()))
 
@@ -135,14 +153,17 @@ class Daemon:
             self.watcher.forget(name)
             if job is not None:
                 log.info("claimed %s as job %s", name, job.id)
+                self._publish("spoold.job.claimed", {"job": job.id, "input_file": name})
                 return job
         return None
 
     async def _run_job(self, job: JobDir) -> None:
         runner = JobRunner(self.spool, job, self.engine, self.resolver, self.config.limits,
-                           self.config.engine.inflight_limit, self._stop)
+                           self.config.engine.inflight_limit, self._stop, on_validated=self._validated)
         self._current = runner
+        self._counted, self._last_announced, self._stalled = (0, 0), -1, False
         self.state = "working"
+        outcome = "interrupted"
         try:
             outcome = await runner.run()
             if outcome == "interrupted":
@@ -159,7 +180,13 @@ class Daemon:
             log.error("%s; exiting so the service restarts with a fresh engine", e)
             self.exit_code = 1
             self._stop.set()
+        except Exception as e:  # a bug or an I/O fault must not take the daemon down
+            log.error("job %s stopped by an unexpected %s: %s; it stays in %s and is retried "
+                      "on the next start", job.id, type(e).__name__, e, job.path.parent, exc_info=True)
+            self._stuck.add(job.id)
         finally:
+            self._announce_progress(force=True)
+            self._announce_end(runner, outcome)
             self._current = None
             self.state = "idle"
 
@@ -169,6 +196,84 @@ class Daemon:
         except asyncio.TimeoutError:
             pass
 
+    # -- progress: events, metrics, stall detection ------------------------
+
+    def _publish(self, topic: str, payload: dict) -> None:
+        if self.events is not None:
+            self.events.publish(topic, payload)
+
+    def _validated(self, progress: JobProgress) -> None:
+        self._publish("spoold.job.validated", {"job": progress.job_id, "input_file": progress.input_file,
+                                               "total": progress.total, "bad": progress.failed})
+
+    def _announce_end(self, runner: JobRunner, outcome: str) -> None:
+        if outcome == "completed":
+            batch = runner.batch
+            self._publish("spoold.job.completed", {
+                "job": runner.job.id, "input_file": runner.progress.input_file,
+                "request_counts": batch["request_counts"], "usage": batch["usage"],
+                "timings": batch.get("timings", {})})
+        elif outcome == "failed":
+            self._publish("spoold.job.failed", {"job": runner.job.id, "input_file": runner.progress.input_file,
+                                                "errors": runner.batch.get("errors", [])})
+        if self.metrics is not None and outcome in ("completed", "failed"):
+            self.metrics.jobs_finished.labels(outcome).inc()
+
+    async def _progress_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.events.progress_seconds)
+            self._announce_progress()
+
+    def _announce_progress(self, force: bool = False) -> None:
+        """Progress event (only when counts moved), metrics, and the stall check."""
+        if self._current is None:
+            return
+        progress = self._current.refresh()
+        self._check_stall(progress)
+        self._update_metrics(progress)
+        if force or progress.done != self._last_announced:
+            self._last_announced = progress.done
+            self._publish("spoold.job.progress", {**progress.summary(), "gpus": self._gpus})
+
+    def _check_stall(self, progress: JobProgress) -> None:
+        idle_for = time.time() - progress.last_progress_at
+        stalled = progress.inflight > 0 and idle_for >= self.config.watchdog.stall_seconds
+        if stalled and not self._stalled:
+            log.error("job %s: %d requests in flight and no result for %.0fs: the engine looks stuck",
+                      progress.job_id, progress.inflight, idle_for)
+            self._publish("spoold.engine.stalled", {"job": progress.job_id, "inflight": progress.inflight,
+                                                    "seconds_without_progress": round(idle_for, 1)})
+        self._stalled = stalled
+        if self.metrics is not None:
+            self.metrics.stalled.set(1 if stalled else 0)
+
+    def _update_metrics(self, progress: JobProgress) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        new = (progress.completed - progress.completed_at_start, progress.failed - progress.failed_at_start)
+        m.requests.labels("completed").inc(max(0, new[0] - self._counted[0]))
+        m.requests.labels("failed").inc(max(0, new[1] - self._counted[1]))
+        self._counted = new
+        m.inflight.set(progress.inflight)
+        m.rate.set(progress.rate())
+        m.tokens_rate.set(progress.tokens_rate())
+        m.job_total.set(progress.total)
+        m.job_done.set(progress.done)
+        m.last_progress.set(progress.last_progress_at)
+
+    def _snapshot(self) -> list[tuple[str, dict]]:
+        """The current state, sent to a subscriber that has just connected."""
+        events = [("spoold.daemon.heartbeat", self._heartbeat_payload())]
+        if self._current is not None:
+            events.append(("spoold.job.progress", {**self._current.refresh().summary(), "gpus": self._gpus}))
+        return events
+
+    def _heartbeat_payload(self) -> dict:
+        job = self._current.progress.summary() if self._current else None
+        return {"state": "stalled" if self._stalled else self.state, "model": self.engine.model,
+                "queued": self._queued, "job": job, "gpus": self._gpus}
+
     async def _heartbeat_loop(self) -> None:
         while True:
             self._write_heartbeat()
@@ -177,8 +282,9 @@ class Daemon:
     def _write_heartbeat(self) -> None:
         """Heartbeat files, the systemd status line, and a periodic log line."""
         progress = self._current.refresh() if self._current else None
-        gpus = self.gpus.read()
-        doc = heartbeat_document(self.config.spool.host_id, self.state, progress, gpus)
+        gpus = self._gpus = self.gpus.read()
+        state = "stalled" if self._stalled else self.state
+        doc = heartbeat_document(self.config.spool.host_id, state, progress, gpus)
         paths = [self.spool.host_dir / "heartbeat.json"]
         state_dir = self.config.spool.state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0]
         if state_dir:
@@ -187,7 +293,15 @@ class Daemon:
             paths.append(self._current.job.heartbeat)
         write_heartbeat(paths, doc, self.spool.file_mode, self.spool.gid)
         line = status_line(progress, self._queued, gpus)
+        if self._stalled:
+            line = f"STALLED: {line}"
         self.notifier.status(line)
+        self._publish("spoold.daemon.heartbeat", self._heartbeat_payload())
+        if self.metrics is not None:
+            self.metrics.jobs.labels("queued").set(self._queued)
+            self.metrics.jobs.labels("processing").set(self.spool.count_host_jobs())
+            self.metrics.set_gpus(gpus)
+            self.metrics.write_textfile(self.config.metrics.textfile)
         now = time.monotonic()
         if progress is not None and now - self._last_log >= LOG_PROGRESS_SECONDS:
             self._last_log = now

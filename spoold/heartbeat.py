@@ -20,19 +20,7 @@ def heartbeat_document(host: str, state: str, progress: Any | None, gpus: list[d
     doc: dict[str, Any] = {"pid": os.getpid(), "host": host, "state": state,
                            "ts": round(time.time(), 3), "job": None, "gpus": gpus}
     if progress is not None:
-        eta = progress.eta_seconds()
-        doc["job"] = {
-            "id": progress.job_id,
-            "input_file": progress.input_file,
-            "state": progress.state,
-            "total": progress.total,
-            "done": progress.done,
-            "failed": progress.failed,
-            "inflight": progress.inflight,
-            "requests_per_second": round(progress.rate(), 3),
-            "eta_seconds": round(eta, 1) if eta is not None else None,
-            "last_progress_at": round(progress.last_progress_at, 3),
-        }
+        doc["job"] = progress.summary()
     return doc
 
 
@@ -50,7 +38,7 @@ def status_line(progress: Any | None, queued: int, gpus: list[dict]) -> str:
     gpu = ""
     if gpus:
         gpu = " GPU " + "/".join(f"{g['utilization_pct']}%" for g in gpus)
-    if progress is None or progress.state not in ("validating", "in_progress", "finalizing"):
+    if progress is None or progress.state not in ("validating", "in_progress", "finalizing", "stalled"):
         return f"idle, {queued} queued{gpu}"
     name = progress.input_file.removesuffix(".jsonl") or progress.job_id
     if progress.state == "validating":

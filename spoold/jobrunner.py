@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import IO, Any
 
 from .config import LimitsSettings
@@ -54,13 +55,33 @@ class JobProgress:
     done_at_start: int = 0
     last_progress_at: float = field(default_factory=time.time)
     done: int = 0
+    completed: int = 0
     failed: int = 0
+    output_tokens: int = 0
     inflight: int = 0
+    completed_at_start: int = 0
+    failed_at_start: int = 0
 
     def rate(self) -> float:
         """Durable lines per second since this daemon took the job up."""
         elapsed = time.monotonic() - self.started
         return (self.done - self.done_at_start) / elapsed if elapsed > 0 else 0.0
+
+    def tokens_rate(self) -> float:
+        """Output tokens per second since this daemon took the job up."""
+        elapsed = time.monotonic() - self.started
+        return self.output_tokens / elapsed if elapsed > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """The progress as plain data, for heartbeats and events."""
+        eta = self.eta_seconds()
+        return {
+            "job": self.job_id, "input_file": self.input_file, "state": self.state,
+            "total": self.total, "done": self.done, "completed": self.completed, "failed": self.failed,
+            "inflight": self.inflight, "requests_per_second": round(self.rate(), 3),
+            "eta_seconds": round(eta, 1) if eta is not None else None,
+            "last_progress_at": round(self.last_progress_at, 3),
+        }
 
     def eta_seconds(self) -> float | None:
         """Seconds to the end at the current rate, or None when unknown."""
@@ -74,10 +95,12 @@ class JobRunner:
     """Runs one job to completion, or until asked to stop."""
 
     def __init__(self, spool: Spool, job: JobDir, engine: Engine, resolver: ModelResolver,
-                 limits: LimitsSettings, inflight: int, stop: asyncio.Event) -> None:
+                 limits: LimitsSettings, inflight: int, stop: asyncio.Event,
+                 on_validated: Callable[[JobProgress], None] | None = None) -> None:
         self.spool, self.job, self.engine = spool, job, engine
         self.resolver, self.limits, self.inflight_limit = resolver, limits, inflight
         self.stop = stop
+        self.on_validated = on_validated
         self.batch: dict[str, Any] = job.read_batch() or new_batch(job.id, job.input.name, spool.settings.host_id)
         self.progress = JobProgress(job.id, self.batch.get("input_file", ""), self.batch.get("status", "validating"))
         self._writer: GroupCommitWriter | None = None
@@ -95,7 +118,10 @@ class JobRunner:
         writer = GroupCommitWriter(self.job.output, self.job.errors, recovered.tally,
                                    self.spool.file_mode, self.spool.gid)
         self._writer = writer
-        self.progress.done = self.progress.done_at_start = recovered.tally.done
+        tally = recovered.tally
+        self.progress.done = self.progress.done_at_start = tally.done
+        self.progress.completed = self.progress.completed_at_start = tally.completed
+        self.progress.failed = self.progress.failed_at_start = tally.failed
         commit_task = asyncio.create_task(writer.run(), name=f"commit:{self.job.id}")
         try:
             with f:
@@ -148,6 +174,10 @@ class JobRunner:
         self.batch["request_counts"]["total"] = total
         self.spool.write_batch(self.job, self.batch)
         log.info("job %s validated: %d lines, %d bad", self.job.id, total, writer.tally.failed)
+        self.progress.total = total
+        self._sync_progress()
+        if self.on_validated is not None:
+            self.on_validated(self.progress)
         return True
 
     async def _dispatch(self, f: IO[bytes], writer: GroupCommitWriter, recovered: Recovered) -> bool:
@@ -228,8 +258,9 @@ class JobRunner:
 
     def _sync_progress(self) -> None:
         if self._writer is not None:
-            self.progress.done = self._writer.tally.done
-            self.progress.failed = self._writer.tally.failed
+            tally = self._writer.tally
+            self.progress.done, self.progress.completed = tally.done, tally.completed
+            self.progress.failed, self.progress.output_tokens = tally.failed, tally.output_tokens
 
     def refresh(self) -> JobProgress:
         """Progress with the durable counts of this moment."""

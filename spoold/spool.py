@@ -187,6 +187,14 @@ class Spool:
             jobs.append(job)
         return sorted(jobs, key=lambda j: j.read_batch().get("created_at", 0))
 
+    def count_host_jobs(self) -> int:
+        """How many job directories this host holds (a cheap look, no clean-up)."""
+        try:
+            return sum(1 for e in os.scandir(self.host_dir)
+                       if e.is_dir(follow_symlinks=False) and not e.name.startswith("."))
+        except FileNotFoundError:
+            return 0
+
     def move_to_outbox(self, job: JobDir) -> JobDir:
         """Publish a finished job: one directory rename into outbox/, made durable."""
         dest = self.outbox / job.id

@@ -75,8 +75,12 @@ class LineValidator:
             obj = json.loads(raw)
         except UnicodeDecodeError:
             return LineError(line, None, "invalid_json", "line is not valid UTF-8")
-        except ValueError as e:
+        except json.JSONDecodeError as e:
             return LineError(line, None, "invalid_json", f"not valid JSON: {e.msg} at column {e.colno}")
+        except ValueError:  # e.g. an integer of more than 4300 digits
+            return LineError(line, None, "invalid_json", "JSON value out of range")
+        except RecursionError:
+            return LineError(line, None, "invalid_json", "JSON nested too deeply")
         if not isinstance(obj, dict):
             return LineError(line, None, "not_an_object", f"line is a JSON {type(obj).__name__}, not an object")
         custom_id = obj.get("custom_id")

@@ -47,8 +47,12 @@ def complete_lines(path: Path) -> int:
 
 
 def write_config(path: Path, root: Path, *, adapter: str = "tests.fake_engine:EchoEngine",
-                 model: str = "fake-model", engine: str = "", extra: str = "") -> Path:
-    """A config for a test spool; `engine` adds lines to [engine]."""
+                 model: str = "fake-model", engine: str = "", extra: str = "",
+                 metrics_listen: str = "", progress_seconds: float = 0.2) -> Path:
+    """A config for a test spool; `engine` adds lines to [engine].
+
+    Events go to an ipc socket beside the config, so test daemons never meet.
+    """
     path.write_text(f"""
 [spool]
 root = "{root}"
@@ -63,6 +67,13 @@ model = "{model}"
 
 [heartbeat]
 seconds = 0.2
+
+[events]
+endpoint = "ipc://{path.parent}/events.sock"
+progress_seconds = {progress_seconds}
+
+[metrics]
+listen = "{metrics_listen}"
 {extra}
 """)
     return path

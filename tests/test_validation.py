@@ -76,3 +76,12 @@ def test_forced_model_replaces_whatever_the_line_names():
     validator = LineValidator(ModelResolver(ALIASES, ""), force_model="qwen3:4b")
     item = validator.check(1, json.dumps(chat_line(1, model="nonsense")).encode())
     assert item.body["model"] == "Qwen/Qwen3-4B-Instruct-2507"
+
+
+def test_hostile_lines_are_errors_not_crashes():
+    validator = LineValidator(ModelResolver({}, "m"))
+    assert validator.check(1, b"[" * 100000 + b"]" * 100000).code == "invalid_json"
+    assert validator.check(2, b"\x00\x00\n").code == "invalid_json"
+    assert validator.check(4, b'{"custom_id": ' + b"9" * 5000 + b"}").code == "invalid_json"
+    bom_crlf = b'\xef\xbb\xbf{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}\r\n'
+    assert isinstance(validator.check(3, bom_crlf), EngineRequest)

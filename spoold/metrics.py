@@ -1,0 +1,83 @@
+"""Prometheus metrics: spoold's own, beside vLLM's, in one process registry.
+
+vLLM's in-process engine registers its `vllm:*` metrics in prometheus_client's
+default registry; spoold's `spoold_*` metrics go in the same one, so one
+scrape of `[metrics] listen` (or one node_exporter textfile) has both.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+
+log = logging.getLogger(__name__)
+
+GPU_GAUGES = {
+    "utilization_pct": ("spoold_gpu_utilization_ratio", "GPU busy share (0..1)", 0.01),
+    "memory_used_bytes": ("spoold_gpu_memory_used_bytes", "GPU memory in use", 1),
+    "memory_total_bytes": ("spoold_gpu_memory_total_bytes", "GPU memory in all", 1),
+    "temperature_c": ("spoold_gpu_temperature_celsius", "GPU temperature", 1),
+    "power_w": ("spoold_gpu_power_watts", "GPU power draw", 1),
+}
+
+
+class Metrics:
+    """spoold's metric families and the ways they are exported."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.registry = registry
+        self.jobs = Gauge("spoold_jobs", "Jobs by state (queued, processing)", ["state"], registry=registry)
+        self.jobs_finished = Counter("spoold_jobs_finished", "Jobs finished by this daemon, by outcome",
+                                     ["status"], registry=registry)
+        self.requests = Counter("spoold_requests", "Lines durably finished, by result",
+                                ["result"], registry=registry)
+        self.inflight = Gauge("spoold_requests_inflight", "Requests handed to the engine, not yet answered",
+                              registry=registry)
+        self.rate = Gauge("spoold_requests_per_second", "Durable lines per second in the current job",
+                          registry=registry)
+        self.tokens_rate = Gauge("spoold_output_tokens_per_second", "Output tokens per second in the current job",
+                                 registry=registry)
+        self.job_total = Gauge("spoold_job_lines", "Lines of the current job", registry=registry)
+        self.job_done = Gauge("spoold_job_lines_done", "Lines of the current job with a durable result",
+                              registry=registry)
+        self.last_progress = Gauge("spoold_last_progress_timestamp_seconds",
+                                   "When the last result became durable", registry=registry)
+        self.stalled = Gauge("spoold_stalled", "1 while in-flight work makes no progress for "
+                             "[watchdog] stall_seconds", registry=registry)
+        self.gpu = {key: Gauge(name, doc, ["gpu"], registry=registry) for key, (name, doc, _) in GPU_GAUGES.items()}
+        for state in ("queued", "processing"):
+            self.jobs.labels(state)
+        for result in ("completed", "failed"):
+            self.requests.labels(result)
+
+    def serve(self, listen: str) -> None:
+        """Serve /metrics on HOST:PORT; "" turns it off. A busy port is logged, not fatal."""
+        if not listen:
+            return
+        from prometheus_client import start_http_server
+
+        host, _, port = listen.rpartition(":")
+        try:
+            start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
+            log.info("metrics on http://%s:%s/metrics", host or "127.0.0.1", port)
+        except OSError as e:
+            log.error("cannot serve metrics on %s: %s (the daemon goes on without them)", listen, e)
+
+    def write_textfile(self, path: str) -> None:
+        """Write the node_exporter textfile (atomically, as node_exporter wants)."""
+        if not path:
+            return
+        from prometheus_client import write_to_textfile
+
+        try:
+            write_to_textfile(path, self.registry)
+        except OSError as e:
+            log.warning("cannot write metrics textfile %s: %s", path, e)
+
+    def set_gpus(self, gpus: list[dict[str, Any]]) -> None:
+        """Record the latest NVML readings (nothing where there is no NVML)."""
+        for gpu in gpus:
+            for key, (_, _, scale) in GPU_GAUGES.items():
+                self.gpu[key].labels(str(gpu["index"])).set(gpu[key] * scale)
