@@ -11,9 +11,15 @@ STAMP  := $(VENV)/.installed-$(EXTRA)
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@if [ "$$(id -u)" = 0 ] && ! pkg-config --exists libsystemd 2>/dev/null; then \
-		echo "installing libsystemd-dev and pkg-config (needed to build systemd-python)"; \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libsystemd-dev pkg-config; \
+	@# libsystemd-dev + pkg-config build systemd-python; tmux drives the terminal tests.
+	@missing=""; \
+	pkg-config --exists libsystemd 2>/dev/null || missing="libsystemd-dev pkg-config"; \
+	command -v tmux >/dev/null || missing="$$missing tmux"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	elif [ -n "$$missing" ]; then \
+		echo "please install:$$missing (not root, so not installing them)"; \
 	fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -4,6 +4,7 @@
     spoold submit FILE... [--model] validate and copy files into the inbox
     spoold validate FILE...         per-line report; exit 1 if any line is bad
     spoold status [--json]          queued, processing and finished jobs
+    spoold watch [--json]           live progress bars from the event feed
     spoold demo                     the whole pipeline on a tiny local model
 
 Every verb takes `--config PATH` (default /etc/spoold/spoold.toml or
@@ -78,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Read the spool (works while the daemon is down).")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
+
+    p = verbs.add_parser("watch", parents=[common], help="follow live progress from the event feed",
+                         description="Subscribe to the daemon's ZeroMQ feed ([events] endpoint) and show "
+                                     "one progress bar per job: done/total, req/s, ETA, GPU. Ctrl-C quits.")
+    p.add_argument("--json", action="store_true", help="print raw events, one JSON object per line")
+    p.add_argument("--endpoint", help="connect here instead of [events] endpoint (e.g. tcp://gpu-box:5557)")
+    p.set_defaults(func=cmd_watch)
 
     p = verbs.add_parser("demo", parents=[common], help="run a sample batch on a tiny local model",
                          description="Build a tiny random-weight model, start the daemon on a "
@@ -204,9 +212,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .status import render_status, spool_status, status_json
 
     config = _config(args)
-    status = spool_status(Spool(config.spool))
+    status = spool_status(Spool(config.spool), config.watchdog.stall_seconds)
     print(status_json(status) if args.json else render_status(status))
     return EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from .watch import watch_bars, watch_json
+
+    endpoint = args.endpoint or _config(args).events.endpoint
+    return watch_json(endpoint) if args.json else watch_bars(endpoint)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

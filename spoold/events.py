@@ -42,9 +42,19 @@ def runtime_dir() -> Path:
     return Path(f"/tmp/spoold-{os.geteuid()}")
 
 
-def resolve_endpoint(endpoint: str) -> str:
-    """The endpoint to bind or connect: the default ipc socket, tcp on loopback unless a host is named."""
+#: Where a system service (systemd RuntimeDirectory=spoold) has its socket.
+SYSTEM_SOCKET = Path("/run/spoold/events.sock")
+
+
+def resolve_endpoint(endpoint: str, connect: bool = False) -> str:
+    """The endpoint to bind or connect: the default ipc socket, tcp on loopback unless a host is named.
+
+    A client (`connect`) of the default prefers the system service's socket
+    when it exists, so `spoold watch` as any user finds the daemon.
+    """
     if not endpoint:
+        if connect and SYSTEM_SOCKET.exists():
+            return f"ipc://{SYSTEM_SOCKET}"
         return f"ipc://{runtime_dir() / 'events.sock'}"
     match = re.fullmatch(r"tcp://:?(\d+)", endpoint)
     if match:

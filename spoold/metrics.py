@@ -51,6 +51,7 @@ class Metrics:
             self.jobs.labels(state)
         for result in ("completed", "failed"):
             self.requests.labels(result)
+            self.jobs_finished.labels(result)
 
     def serve(self, listen: str) -> None:
         """Serve /metrics on HOST:PORT; "" turns it off. A busy port is logged, not fatal."""

@@ -19,11 +19,15 @@ from .spool import JobDir, Spool, is_drop_name
 RECENT = 10
 
 
-def spool_status(spool: Spool) -> dict[str, Any]:
-    """Queued, processing (every host) and recent finished/failed jobs."""
+def spool_status(spool: Spool, stall_seconds: float = 300.0) -> dict[str, Any]:
+    """Queued, processing (every host) and recent finished/failed jobs.
+
+    A job whose heartbeat shows requests in flight but no progress for
+    `stall_seconds` is marked `stalled`.
+    """
     return {
         "queued": _queued(spool.inbox),
-        "processing": _processing(spool.processing),
+        "processing": _processing(spool.processing, stall_seconds),
         "finished": _recent(spool.outbox),
         "failed": _recent(spool.failed),
     }
@@ -44,7 +48,7 @@ def _queued(inbox: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _processing(root: Path) -> list[dict[str, Any]]:
+def _processing(root: Path, stall_seconds: float) -> list[dict[str, Any]]:
     out = []
     for host_dir in _dirs(root):
         for job_dir in _dirs(host_dir):
@@ -52,11 +56,13 @@ def _processing(root: Path) -> list[dict[str, Any]]:
             batch = job.read_batch()
             heartbeat = _read_json(job.heartbeat)
             beat, stamp = heartbeat.get("job") or {}, heartbeat.get("ts")
+            last = beat.get("last_progress_at")
+            stalled = bool(beat.get("inflight")) and last is not None and time.time() - last >= stall_seconds
             out.append({
                 "id": job.id,
                 "host": host_dir.name,
                 "input_file": batch.get("input_file"),
-                "status": beat.get("state") or batch.get("status"),
+                "status": "stalled" if stalled else (beat.get("state") or batch.get("status")),
                 "total": beat.get("total") or batch.get("request_counts", {}).get("total", 0),
                 "done": beat.get("done", 0),
                 "requests_per_second": beat.get("requests_per_second"),

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -153,6 +155,46 @@ class DaemonProcess:
             return self.log.read_text(errors="replace")[-n:]
         except OSError:
             return ""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Subscriber:
+    """A real ZeroMQ SUB socket collecting spoold events in a thread."""
+
+    def __init__(self, endpoint: str, read: bool = True) -> None:
+        import zmq
+
+        self.events: list[tuple[str, dict]] = []
+        self._sock = zmq.Context.instance().socket(zmq.SUB)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        if not read:
+            self._sock.setsockopt(zmq.RCVHWM, 1)
+        self._sock.connect(endpoint)
+        self._sock.setsockopt(zmq.SUBSCRIBE, b"spoold.")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        if read:
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self._sock.poll(100):
+                topic, body = self._sock.recv_multipart()
+                self.events.append((topic.decode(), json.loads(body)))
+
+    def of(self, topic: str, **match) -> list[dict]:
+        return [p for t, p in list(self.events) if t == topic and all(p.get(k) == v for k, v in match.items())]
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._sock.close()
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):

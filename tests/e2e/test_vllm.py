@@ -11,8 +11,8 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
-from ..helpers import (complete_lines, DaemonProcess, check_exactly_once, outbox_jobs, read_jsonl, wait_for,
-                       write_config, write_jsonl)
+from ..helpers import (DaemonProcess, Subscriber, check_exactly_once, complete_lines, free_port, outbox_jobs,
+                       read_jsonl, wait_for, write_config, write_jsonl)
 
 pytestmark = pytest.mark.vllm
 
@@ -23,10 +23,12 @@ SECRET = "Zanzibar-Quokka-4471"  # stands for personal data: must never reach a 
 def spool(tmp_path_factory, tiny_model):
     tmp = tmp_path_factory.mktemp("vllm")
     root = tmp / "spool"
+    port = free_port()
     config = write_config(tmp / "c.toml", root, adapter="spoold.vllm_adapter:VllmEngine", model="tiny",
                           engine='dtype = "float32"\nmax_model_len = 512\nmax_num_seqs = 64\nenforce_eager = true',
-                          extra=f'[models]\ntiny = "{tiny_model}"\n')
-    state = {"root": root, "config": config, "log": tmp / "daemon.log", "served": str(tiny_model)}
+                          extra=f'[models]\ntiny = "{tiny_model}"\n', metrics_listen=f"127.0.0.1:{port}")
+    state = {"root": root, "config": config, "log": tmp / "daemon.log", "served": str(tiny_model),
+             "events": f"ipc://{tmp}/events.sock", "metrics": f"http://127.0.0.1:{port}/metrics"}
     state["daemon"] = DaemonProcess(config, state["log"]).start()
     state["daemon"].wait_ready(root, timeout=300)
     yield state
@@ -62,8 +64,12 @@ def test_chat_batch_with_bad_lines_ends_in_the_outbox(spool, tmp_path):
              chat(307, max_tokens=100000)]  # the engine answers 400: an output line, not an error
     bad = ["{truncated", "[]", json.dumps({**chat(0)}), json.dumps({**chat(400), "method": "GET"}),
            json.dumps(chat(401, model="llama3.2:1b")), json.dumps({**chat(402), "url": "/v1/images"})]
+    subscriber = Subscriber(spool["events"])
+    wait_for(lambda: subscriber.events, 5, "the snapshot a new subscriber gets")
     drop(spool["root"], tmp_path, "mixed.jsonl", rows + bad)
     job = finished(spool["root"], "mixed.jsonl")
+    wait_for(lambda: subscriber.of("spoold.job.completed", job=job.name), 5, "the completed event")
+    subscriber.close()
 
     valid = {r["custom_id"] for r in rows}
     check_exactly_once(job, valid, set(range(len(rows) + 1, len(rows) + len(bad) + 1)))
@@ -86,6 +92,7 @@ def test_chat_batch_with_bad_lines_ends_in_the_outbox(spool, tmp_path):
     assert oct(os.stat(job / "output.jsonl").st_mode & 0o777) == "0o640"
     log = spool["log"].read_text(errors="replace")
     assert SECRET not in log
+    check_event_stream(subscriber, job.name, batch)
     for o in out.values():
         if o["response"]["status_code"] == 200:
             text = o["response"]["body"]["choices"][0]["message"]["content"]
@@ -100,6 +107,44 @@ def test_completions_endpoint(spool, tmp_path):
     check_exactly_once(job, {r["custom_id"] for r in rows}, set())
     for o in read_jsonl(job / "output.jsonl"):
         Completion.model_validate(o["response"]["body"])
+
+
+def check_event_stream(subscriber, job_id, batch):
+    """A real SUB followed the job from claimed to completed, in order, with no gaps."""
+    seqs = [p["seq"] for _, p in subscriber.events]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "the feed has gaps"
+    topics = [t for t, p in subscriber.events if p.get("job") == job_id]
+    assert topics[0] == "spoold.job.claimed" and topics[-1] == "spoold.job.completed"
+    assert topics.index("spoold.job.validated") < topics.index("spoold.job.progress")
+    (validated,) = subscriber.of("spoold.job.validated", job=job_id)
+    assert validated["total"] == batch["request_counts"]["total"] and validated["bad"] == 6
+    done = [p["done"] for p in subscriber.of("spoold.job.progress", job=job_id)]
+    assert done == sorted(done) and done[-1] == batch["request_counts"]["total"]
+    (completed,) = subscriber.of("spoold.job.completed", job=job_id)
+    assert completed["request_counts"] == batch["request_counts"] and completed["usage"] == batch["usage"]
+    assert all({"seq", "ts", "host"} <= set(p) for _, p in subscriber.events)
+    assert SECRET not in json.dumps(subscriber.events)
+
+
+def test_metrics_endpoint_has_spoold_and_vllm_families_consistent_with_batch_json(spool):
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(urlopen(spool["metrics"]).read().decode())}
+    assert any(name.startswith("vllm:") for name in families), sorted(families)[:20]
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in families.values() for s in f.samples}
+    batches = [json.loads((job / "batch.json").read_text()) for job in outbox_jobs(spool["root"])]
+    assert batches, "runs after the batch tests of this module"
+    assert samples[("spoold_requests_total", (("result", "completed"),))] == sum(
+        b["request_counts"]["completed"] for b in batches)
+    assert samples[("spoold_requests_total", (("result", "failed"),))] == sum(
+        b["request_counts"]["failed"] for b in batches)
+    assert samples[("spoold_jobs_finished_total", (("status", "completed"),))] == len(batches)
+    for name in ("spoold_requests_inflight", "spoold_requests_per_second", "spoold_last_progress_timestamp_seconds",
+                 "spoold_jobs", "spoold_stalled"):
+        assert name in families
 
 
 def test_kill9_mid_job_then_restart_is_exactly_once(spool, tmp_path):

@@ -1,0 +1,137 @@
+"""`spoold watch`: live progress from the ZeroMQ feed, one bar per job.
+
+Works from another terminal or another host (with a tcp endpoint). `--json`
+prints the raw events, one JSON object per line, for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, TextIO
+
+from .events import TOPIC_PREFIX, resolve_endpoint
+
+
+def subscribe(endpoint: str):
+    """A SUB socket connected to the daemon's feed, subscribed to every spoold topic."""
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(resolve_endpoint(endpoint, connect=True))
+    sock.setsockopt(zmq.SUBSCRIBE, TOPIC_PREFIX.encode())
+    return sock
+
+
+def receive(sock, timeout_ms: int = 500) -> tuple[str, dict[str, Any]] | None:
+    """The next (topic, payload), or None when nothing came within the timeout."""
+    if not sock.poll(timeout_ms):
+        return None
+    topic, body = sock.recv_multipart()
+    return topic.decode(), json.loads(body)
+
+
+def watch_json(endpoint: str, out: TextIO = sys.stdout) -> int:
+    """Print every event as one JSON line until interrupted."""
+    sock = subscribe(endpoint)
+    try:
+        while True:
+            event = receive(sock)
+            if event:
+                topic, payload = event
+                out.write(json.dumps({"topic": topic, **payload}) + "\n")
+                out.flush()
+    except KeyboardInterrupt:
+        return 0
+
+
+def watch_bars(endpoint: str) -> int:
+    """Show one progress bar per job, and notable events above the bars, until interrupted."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    sock = subscribe(endpoint)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.percentage:>3.0f}%"), TextColumn("{task.fields[rate]}"),
+               TextColumn("{task.fields[eta]}"), TextColumn("{task.fields[gpu]}")]
+    bars = JobBars()
+    try:
+        with Progress(*columns, refresh_per_second=4) as progress:
+            progress.console.print(f"waiting for spoold events on {resolve_endpoint(endpoint, connect=True)} "
+                                   "(Ctrl-C to quit)")
+            while True:
+                event = receive(sock)
+                if event:
+                    note = bars.apply(progress, *event)
+                    if note:
+                        progress.console.print(note)
+    except KeyboardInterrupt:
+        return 0
+
+
+class JobBars:
+    """Turns events into progress bars and one-line notes."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, Any] = {}
+        self.last_seq: int | None = None
+        self.daemon_state = ""
+
+    def apply(self, progress, topic: str, payload: dict[str, Any]) -> str | None:
+        """Update the bars for one event; return a note to print above them, if any."""
+        note = self._gap(payload.get("seq"))
+        name = payload.get("input_file") or payload.get("job", "")
+        if topic == "spoold.job.progress":
+            self._update(progress, payload)
+        elif topic == "spoold.job.claimed":
+            note = f"claimed {name} as {payload['job']}"
+        elif topic == "spoold.job.completed":
+            counts = payload["request_counts"]
+            note = (f"completed {name}: {counts['completed']} ok, {counts['failed']} failed "
+                    f"of {counts['total']}")
+        elif topic == "spoold.job.failed":
+            errors = payload.get("errors") or [{"message": "unknown"}]
+            note = f"FAILED {name}: {errors[0]['message']}"
+        elif topic == "spoold.engine.stalled":
+            note = f"STALLED: job {payload['job']} has {payload['inflight']} requests and no result for " \
+                   f"{payload['seconds_without_progress']:.0f}s"
+        elif topic == "spoold.engine.loading":
+            note = f"loading model {payload['model']} ..."
+        elif topic == "spoold.engine.ready":
+            note = f"model {payload['model']} ready ({payload['load_seconds']:.0f}s)"
+        elif topic == "spoold.daemon.heartbeat" and payload.get("state") != self.daemon_state:
+            self.daemon_state = payload.get("state", "")
+            note = f"{payload['host']}: {self.daemon_state}, {payload.get('queued', 0)} queued"
+            if payload.get("job"):
+                self._update(progress, {**payload["job"], "gpus": payload.get("gpus", [])})
+        return note
+
+    def _gap(self, seq: int | None) -> str | None:
+        note = None
+        if seq is not None and self.last_seq is not None and seq > self.last_seq + 1:
+            note = f"(missed {seq - self.last_seq - 1} events)"
+        if seq is not None:
+            self.last_seq = seq
+        return note
+
+    def _update(self, progress, p: dict[str, Any]) -> None:
+        job = p["job"]
+        fields = {
+            "rate": f"{p.get('requests_per_second') or 0:.1f} req/s",
+            "eta": f"ETA {_human(p['eta_seconds'])}" if p.get("eta_seconds") is not None else "ETA -",
+            "gpu": " ".join(f"GPU{g['index']} {g['utilization_pct']}%" for g in p.get("gpus") or []),
+        }
+        description = f"{(p.get('input_file') or job)} [{p.get('state', '')}]"
+        if job not in self.tasks:
+            self.tasks[job] = progress.add_task(description, total=p.get("total") or None, **fields)
+        progress.update(self.tasks[job], description=description, total=p.get("total") or None,
+                        completed=p.get("done", 0), **fields)
+
+
+def _human(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 90:
+        return f"{seconds}s"
+    if seconds < 5400:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

@@ -1,0 +1,48 @@
+import asyncio
+import os
+import stat
+import time
+
+from spoold.events import EventPublisher, resolve_endpoint
+
+from .helpers import Subscriber, wait_for
+
+
+def test_tcp_without_a_host_binds_to_loopback():
+    assert resolve_endpoint("tcp://5557") == "tcp://127.0.0.1:5557"
+    assert resolve_endpoint("tcp://:5557") == "tcp://127.0.0.1:5557"
+    assert resolve_endpoint("tcp://0.0.0.0:5557") == "tcp://0.0.0.0:5557"
+    assert resolve_endpoint("").startswith("ipc://")
+
+
+def test_seq_snapshot_on_subscribe_and_sends_never_block(tmp_path):
+    endpoint = f"ipc://{tmp_path}/e.sock"
+
+    async def go():
+        pub = EventPublisher(endpoint, "h")
+        pub.start(lambda: [("spoold.daemon.heartbeat", {"state": "idle"})])
+        mode = stat.S_IMODE(os.stat(tmp_path / "e.sock").st_mode)
+        sub = Subscriber(endpoint)
+        for _ in range(30):
+            await asyncio.sleep(0.05)
+            if sub.events:
+                break
+        stuck = Subscriber(endpoint, read=False)
+        await asyncio.sleep(0.3)
+        start = time.monotonic()
+        for i in range(50_000):  # far past every high-water mark
+            pub.publish("spoold.job.progress", {"done": i})
+        elapsed = time.monotonic() - start
+        wait_for(lambda: sub.of("spoold.job.progress", done=49_999) or len(sub.events) > 10, 5, "events")
+        sub.close()
+        stuck.close()
+        await pub.close()
+        return sub.events, elapsed, mode
+
+    events, elapsed, mode = asyncio.run(go())
+    assert events[0][0] == "spoold.daemon.heartbeat"
+    assert events[0][1]["host"] == "h" and {"seq", "ts"} <= set(events[0][1])
+    seqs = [p["seq"] for _, p in events]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert elapsed < 5, f"50k sends took {elapsed:.1f}s"
+    assert mode & 0o007 == 0, oct(mode)  # no access for others
