@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Load the model, finish this host's unfinished jobs, then "
                                      "claim and run drops from the inbox until SIGTERM.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--host-id", help="override [spool] host_id (one daemon per GPU: spoold@.service)")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT", help='override [metrics] listen ("" = off)')
     p.set_defaults(func=cmd_run)
 
     p = verbs.add_parser("submit", parents=[common], help="copy batch files into the inbox",
@@ -110,6 +112,8 @@ def setup_logging(verbose: bool = False) -> None:
             from systemd.journal import JournalHandler
 
             handler = JournalHandler(SYSLOG_IDENTIFIER="spoold")
+            # The journal keeps priority, logger and time as fields of its own.
+            handler.setFormatter(logging.Formatter("%(message)s"))
         except ImportError:
             handler = None
     if handler is None:
@@ -124,7 +128,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .validation import ModelResolver
 
     setup_logging(args.verbose)
-    config = _config(args)
+
+    def read_config() -> Config:
+        config = _config(args)
+        if args.host_id:
+            config = replace(config, spool=replace(config.spool, host_id=args.host_id))
+        if args.metrics_listen is not None:
+            config = replace(config, metrics=replace(config.metrics, listen=args.metrics_listen))
+        return config
+
+    config = read_config()
     if not config.engine.model:
         raise ConfigError("[engine] model is not set: name a Hugging Face id, a local path "
                           "or an alias from [models]")
@@ -142,7 +155,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         events = EventPublisher(config.events.endpoint, config.spool.host_id)
     except Exception as e:  # zmq.ZMQError: a bad or busy endpoint
         raise ConfigError(f"[events] endpoint {config.events.endpoint!r}: {e}") from None
-    return Daemon(config, engine, metrics=metrics, events=events).run()
+    return Daemon(config, engine, metrics=metrics, events=events, reload_config=read_config).run()
 
 
 def _resolver(config: Config):

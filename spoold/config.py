@@ -234,6 +234,33 @@ def _unknown(label: str, key: str, known: dict[str, Any]) -> str:
     return f"unknown setting {label}{hint}; known: {', '.join(sorted(known))}"
 
 
+#: What SIGHUP can change without reloading the model, per section.
+RELOADABLE = {
+    "spool": ("settle_seconds", "poll_seconds", "claim_timeout"),
+    "engine": ("max_inflight",),
+    "models": ("max_wait_seconds",),
+    "limits": ("max_line_bytes", "max_file_bytes"),
+    "heartbeat": ("seconds",),
+    "watchdog": ("stall_seconds",),
+    "events": ("progress_seconds",),
+}
+
+
+def reload_settings(old: Config, new: Config) -> tuple[Config, list[str]]:
+    """`old` with the reloadable settings of `new`; and the changed keys that need a restart."""
+    sections = {}
+    for name, keys in RELOADABLE.items():
+        sections[name] = dataclasses.replace(getattr(old, name), **{k: getattr(getattr(new, name), k) for k in keys})
+    merged = dataclasses.replace(old, **sections)
+    needs_restart = [
+        f"[{section.name}] {key.name}"
+        for section in dataclasses.fields(Config)
+        for key in dataclasses.fields(getattr(merged, section.name))
+        if getattr(getattr(merged, section.name), key.name) != getattr(getattr(new, section.name), key.name)
+    ]
+    return merged, needs_restart
+
+
 def as_dict(config: Config) -> dict[str, Any]:
     """The settings as plain data, for `spoold status --json` and logs."""
     return dataclasses.asdict(config)

@@ -13,9 +13,10 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from .config import Config
+from .config import Config, ConfigError, reload_settings
 from .engine import Engine
 from .events import EventPublisher
 from .gpu import GpuReader
@@ -37,14 +38,25 @@ WRITE_RETRY_SECONDS = 5.0
 #: How often the status line goes to the log as well as to systemd.
 LOG_PROGRESS_SECONDS = 30.0
 
+#: While the model loads, systemd's start timeout is pushed this far ahead,
+#: every third of it: a load that makes no progress still times out in vLLM.
+LOAD_EXTEND_SECONDS = 60.0
+
+
+def job_fields(job_id: str) -> dict[str, dict[str, str]]:
+    """`extra=` for a log call about a job: a JOB_ID field in the journal."""
+    return {"extra": {"JOB_ID": job_id}}
+
 
 class Daemon:
     """`spoold run`: serve the spool until told to stop."""
 
     def __init__(self, config: Config, engine: Engine, notifier: Notifier | None = None,
                  gpus: GpuReader | None = None, metrics: Metrics | None = None,
-                 events: EventPublisher | None = None) -> None:
+                 events: EventPublisher | None = None,
+                 reload_config: Callable[[], Config] | None = None) -> None:
         self.config = config
+        self.reload_config = reload_config
         self.engine = engine
         self.metrics = metrics
         self.events = events
@@ -66,6 +78,7 @@ class Daemon:
         self._counted = (0, 0)
         self._last_announced = -1
         self._stalled = False
+        self._hup: asyncio.Event | None = None
 
     def run(self) -> int:
         """Run until stopped; returns the process exit code."""
@@ -77,15 +90,18 @@ class Daemon:
 
     async def _main(self) -> int:
         self._stop = asyncio.Event()
+        self._hup = asyncio.Event()
         self._main_task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._hup.set)
         self.spool.ensure_dirs()
         if self.events is not None:
             self.events.start(self._snapshot)
-        heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
-        progress = asyncio.create_task(self._progress_loop(), name="progress")
+        loops = [asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+                 asyncio.create_task(self._progress_loop(), name="progress"),
+                 asyncio.create_task(self._watchdog_loop(), name="watchdog")]
         try:
             await self._start_engine()
             if not self._stop.is_set():
@@ -95,9 +111,9 @@ class Daemon:
             self.state = "stopping"
             self.notifier.stopping()
             self.watcher.stop()
-            heartbeat.cancel()
-            progress.cancel()
-            await asyncio.gather(heartbeat, progress, return_exceptions=True)
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
             self._write_heartbeat()
             await self.engine.close()
             if self.events is not None:
@@ -121,7 +137,11 @@ class Daemon:
         log.info("loading model %s", self.engine.model)
         self._publish("spoold.engine.loading", {"model": self.engine.model})
         started = time.monotonic()
-        await self.engine.start()
+        extender = asyncio.create_task(self._extend_start_timeout())
+        try:
+            await self.engine.start()
+        finally:
+            extender.cancel()
         seconds = time.monotonic() - started
         log.info("model loaded in %.1fs", seconds)
         self._publish("spoold.engine.ready", {"model": self.engine.model, "load_seconds": round(seconds, 2)})
@@ -139,6 +159,45 @@ class Daemon:
                 continue
             await self._run_job(job)
 
+    async def _extend_start_timeout(self) -> None:
+        if not self.notifier.active:
+            return
+        while True:
+            self.notifier.extend_timeout(LOAD_EXTEND_SECONDS)
+            await asyncio.sleep(LOAD_EXTEND_SECONDS / 3)
+
+    async def _watchdog_loop(self) -> None:
+        """WATCHDOG=1 from the main loop, only while healthy: not loading, not stalled.
+
+        systemd arms the watchdog at READY=1; a stuck engine stops the pings
+        and systemd restarts the service, which resumes the job.
+        """
+        interval = self.notifier.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            if self.state not in ("starting", "loading") and not self._stalled:
+                self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    def _reload(self) -> None:
+        """SIGHUP: apply the settings that can change without reloading the model."""
+        if self.reload_config is None:
+            return
+        self.notifier.reloading()
+        try:
+            new = self.reload_config()
+        except ConfigError as e:
+            log.error("reload: %s; keeping the current settings", e)
+        else:
+            self.config, needs_restart = reload_settings(self.config, new)
+            self.watcher.settle_seconds = self.config.spool.settle_seconds
+            self.watcher.poll_seconds = self.config.spool.poll_seconds
+            log.info("reloaded settings (max_inflight applies from the next job)")
+            if needs_restart:
+                log.warning("reload: %s changed; restart spoold to apply", ", ".join(needs_restart))
+        self.notifier.send("READY=1")
+
     def _next_own_job(self) -> JobDir | None:
         for job in self.spool.host_jobs():
             if job.id not in self._stuck:
@@ -152,7 +211,7 @@ class Daemon:
             job = self.spool.claim_drop(name)
             self.watcher.forget(name)
             if job is not None:
-                log.info("claimed %s as job %s", name, job.id)
+                log.info("claimed %s as job %s", name, job.id, **job_fields(job.id))
                 self._publish("spoold.job.claimed", {"job": job.id, "input_file": name})
                 return job
         return None
@@ -168,23 +227,25 @@ class Daemon:
             outcome = await runner.run()
             if outcome == "interrupted":
                 log.info("job %s interrupted at %d/%d; it resumes on the next start",
-                         job.id, runner.progress.done, runner.progress.total)
+                         job.id, runner.progress.done, runner.progress.total, **job_fields(job.id))
         except WriterFailed as e:
-            log.error("job %s: %s; retrying in %.0fs", job.id, e, WRITE_RETRY_SECONDS)
+            log.error("job %s: %s; retrying in %.0fs", job.id, e, WRITE_RETRY_SECONDS, **job_fields(job.id))
             self.notifier.status(f"{job.id}: cannot write results ({e}); retrying")
             await self._sleep_unless_stopped(WRITE_RETRY_SECONDS)
         except IncompleteJob as e:
             log.error("%s", e)
             self._stuck.add(job.id)
         except EngineFailed as e:
-            log.error("%s; exiting so the service restarts with a fresh engine", e)
+            log.error("%s; exiting so the service restarts with a fresh engine", e, **job_fields(job.id))
             self.exit_code = 1
             self._stop.set()
         except Exception as e:  # a bug or an I/O fault must not take the daemon down
             log.error("job %s stopped by an unexpected %s: %s; it stays in %s and is retried "
-                      "on the next start", job.id, type(e).__name__, e, job.path.parent, exc_info=True)
+                      "on the next start", job.id, type(e).__name__, e, job.path.parent, exc_info=True,
+                      **job_fields(job.id))
             self._stuck.add(job.id)
         finally:
+            self._stalled = False
             self._announce_progress(force=True)
             self._announce_end(runner, outcome)
             self._current = None
@@ -274,10 +335,24 @@ class Daemon:
         return {"state": "stalled" if self._stalled else self.state, "model": self.engine.model,
                 "queued": self._queued, "job": job, "gpus": self._gpus}
 
+    def _status_line(self, progress: JobProgress | None, gpus: list[dict]) -> str:
+        """The line for `systemctl status`: loading, a job's progress, or idle."""
+        if self.state in ("starting", "loading"):
+            return f"loading model {self.engine.model}"
+        if self.state == "stopping":
+            return "stopping: finishing writes"
+        line = status_line(progress, self._queued, gpus)
+        return f"STALLED: {line}" if self._stalled else line
+
     async def _heartbeat_loop(self) -> None:
         while True:
             self._write_heartbeat()
-            await asyncio.sleep(self.config.heartbeat.seconds)
+            try:
+                await asyncio.wait_for(self._hup.wait(), timeout=self.config.heartbeat.seconds)
+            except asyncio.TimeoutError:
+                continue
+            self._hup.clear()
+            self._reload()
 
     def _write_heartbeat(self) -> None:
         """Heartbeat files, the systemd status line, and a periodic log line."""
@@ -292,9 +367,7 @@ class Daemon:
         if progress is not None and progress.state != "completed":
             paths.append(self._current.job.heartbeat)
         write_heartbeat(paths, doc, self.spool.file_mode, self.spool.gid)
-        line = status_line(progress, self._queued, gpus)
-        if self._stalled:
-            line = f"STALLED: {line}"
+        line = self._status_line(progress, gpus)
         self.notifier.status(line)
         self._publish("spoold.daemon.heartbeat", self._heartbeat_payload())
         if self.metrics is not None:

@@ -173,7 +173,8 @@ class JobRunner:
                           model=first_valid.body["model"] if first_valid else self.resolver.served)
         self.batch["request_counts"]["total"] = total
         self.spool.write_batch(self.job, self.batch)
-        log.info("job %s validated: %d lines, %d bad", self.job.id, total, writer.tally.failed)
+        log.info("job %s validated: %d lines, %d bad", self.job.id, total, writer.tally.failed,
+                 extra={"JOB_ID": self.job.id})
         self.progress.total = total
         self._sync_progress()
         if self.on_validated is not None:
@@ -243,7 +244,8 @@ class JobRunner:
         self.spool.move_to_outbox(self.job)
         self.progress.state = "completed"
         log.info("job %s completed: %d ok, %d failed, %.1f req/s", self.job.id,
-                 tally.completed, tally.failed, self.batch["timings"]["requests_per_second"])
+                 tally.completed, tally.failed, self.batch["timings"]["requests_per_second"],
+                 extra={"JOB_ID": self.job.id})
 
     async def _settle_writer(self, writer: GroupCommitWriter, commit_task: asyncio.Task) -> None:
         """Let committed lines land, then stop the commit task and close the files."""
@@ -272,7 +274,7 @@ class JobRunner:
         return self.progress
 
     def _fail(self, reason: str) -> str:
-        log.error("job %s failed: %s", self.job.id, reason)
+        log.error("job %s failed: %s", self.job.id, reason, extra={"JOB_ID": self.job.id})
         mark_failed(self.batch, reason)
         self.spool.write_batch(self.job, self.batch)
         self.spool.move_to_failed(self.job)

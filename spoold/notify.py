@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +19,7 @@ class Notifier:
 
     def __init__(self) -> None:
         self._notify = None
+        self._last_status = ""
         if not os.environ.get("NOTIFY_SOCKET"):
             return
         try:
@@ -26,7 +28,6 @@ class Notifier:
             log.warning("NOTIFY_SOCKET is set but systemd-python is not installed")
             return
         self._notify = notify
-        self._last_status = ""
 
     @property
     def active(self) -> bool:
@@ -47,6 +48,26 @@ class Notifier:
         if self._notify is not None and line != self._last_status:
             self._last_status = line
             self.send(f"STATUS={line}")
+
+    def watchdog(self) -> None:
+        """Tell systemd's watchdog the daemon is healthy."""
+        self.send("WATCHDOG=1")
+
+    def watchdog_interval(self) -> float | None:
+        """Seconds between pings (half of WatchdogSec), or None when no watchdog is set for us."""
+        usec = os.environ.get("WATCHDOG_USEC")
+        pid = os.environ.get("WATCHDOG_PID")
+        if not self.active or not usec or (pid and int(pid) != os.getpid()):
+            return None
+        return int(usec) / 2e6
+
+    def extend_timeout(self, seconds: float) -> None:
+        """Ask for more start (or stop) time: a big model is still loading."""
+        self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}")
+
+    def reloading(self) -> None:
+        """A SIGHUP reload has begun (READY=1 follows when it is done)."""
+        self.send("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
 
     def stopping(self) -> None:
         """The daemon has begun a warm stop."""

@@ -2,8 +2,9 @@
 
 Selected the way production selects vLLM, by `[engine] adapter =
 "tests.fake_engine:EchoEngine"`. Knobs come from `[engine.args]`:
-`delay` (seconds per request) and `fail_on` (a custom_id whose request
-raises, as a dead engine would).
+`delay` (seconds per request), `load_delay` (seconds `start()` takes, like
+loading a model) and `fail_on` (a custom_id whose request raises, as a dead
+engine would).
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ class EchoEngine:
         self.model = settings.model or "fake-model"
         self.delay = float(settings.args.get("delay", 0))
         self.fail_on = settings.args.get("fail_on")
+        self.load_delay = float(settings.args.get("load_delay", 0))
         self.started = False
         self.closed = False
         self.handled = 0
 
     async def start(self) -> None:
+        await asyncio.sleep(self.load_delay)
         self.started = True
 
     async def handle(self, request: EngineRequest) -> EngineResult:

@@ -50,11 +50,15 @@ def complete_lines(path: Path) -> int:
 
 def write_config(path: Path, root: Path, *, adapter: str = "tests.fake_engine:EchoEngine",
                  model: str = "fake-model", engine: str = "", extra: str = "",
-                 metrics_listen: str = "", progress_seconds: float = 0.2) -> Path:
+                 metrics_listen: str = "", progress_seconds: float = 0.2,
+                 events_endpoint: str | None = None) -> Path:
     """A config for a test spool; `engine` adds lines to [engine].
 
-    Events go to an ipc socket beside the config, so test daemons never meet.
+    Events go to an ipc socket beside the config unless `events_endpoint`
+    says otherwise, so test daemons never meet.
     """
+    if events_endpoint is None:
+        events_endpoint = f"ipc://{path.parent}/events.sock"
     path.write_text(f"""
 [spool]
 root = "{root}"
@@ -71,7 +75,7 @@ model = "{model}"
 seconds = 0.2
 
 [events]
-endpoint = "ipc://{path.parent}/events.sock"
+endpoint = "{events_endpoint}"
 progress_seconds = {progress_seconds}
 
 [metrics]

@@ -67,3 +67,16 @@ def test_toml_syntax_error_names_the_file(tmp_path):
     path.write_text("[spool\n")
     with pytest.raises(ConfigError, match="bad.toml: not valid TOML"):
         load_config(path)
+
+
+def test_reload_applies_only_what_needs_no_model_reload():
+    from spoold.config import reload_settings
+
+    old = parse_config({"engine": {"model": "a"}, "spool": {"settle_seconds": 5}})
+    new = parse_config({"engine": {"model": "b", "max_inflight": 64}, "spool": {"settle_seconds": 1},
+                        "heartbeat": {"seconds": 2}})
+    merged, needs_restart = reload_settings(old, new)
+    assert merged.spool.settle_seconds == 1 and merged.heartbeat.seconds == 2
+    assert merged.engine.max_inflight == 64
+    assert merged.engine.model == "a"
+    assert needs_restart == ["[engine] model"]
