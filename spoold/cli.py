@@ -125,7 +125,6 @@ def setup_logging(verbose: bool = False) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import Daemon
     from .engine import EngineLoadError, load_engine
-    from .validation import ModelResolver
 
     setup_logging(args.verbose)
 
@@ -141,7 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not config.engine.model:
         raise ConfigError("[engine] model is not set: name a Hugging Face id, a local path "
                           "or an alias from [models]")
-    served = ModelResolver(config.models.aliases, config.engine.model).served
+    served = _resolver(config).served
     try:
         engine = load_engine(replace(config.engine, model=served))
     except (EngineLoadError, ValueError) as e:

@@ -21,7 +21,7 @@ from .engine import Engine
 from .events import EventPublisher
 from .gpu import GpuReader
 from .heartbeat import heartbeat_document, status_line, write_heartbeat
-from .jobrunner import EngineFailed, IncompleteJob, JobProgress, JobRunner
+from .jobrunner import EngineFailed, IncompleteJob, JobProgress, JobRunner, job_fields
 from .metrics import Metrics
 from .notify import Notifier
 from .spool import JobDir, Spool
@@ -41,11 +41,6 @@ LOG_PROGRESS_SECONDS = 30.0
 #: While the model loads, systemd's start timeout is pushed this far ahead,
 #: every third of it: a load that makes no progress still times out in vLLM.
 LOAD_EXTEND_SECONDS = 60.0
-
-
-def job_fields(job_id: str) -> dict[str, dict[str, str]]:
-    """`extra=` for a log call about a job: a JOB_ID field in the journal."""
-    return {"extra": {"JOB_ID": job_id}}
 
 
 class Daemon:
@@ -81,8 +76,19 @@ class Daemon:
         self._hup: asyncio.Event | None = None
 
     def run(self) -> int:
-        """Run until stopped; returns the process exit code."""
+        """Run until stopped; returns the process exit code.
+
+        On uvloop when it is installed (it comes with vLLM, whose own server
+        uses it): the serving layer's per-request work runs on this loop, and
+        a cheaper loop leaves more CPU to the engine.
+        """
         try:
+            import uvloop
+        except ImportError:
+            uvloop = None
+        try:
+            if uvloop is not None:
+                return uvloop.run(self._main())
             return asyncio.run(self._main())
         except asyncio.CancelledError:
             log.warning("cold stop: in-flight work abandoned, it resumes on the next start")
@@ -146,6 +152,7 @@ class Daemon:
         log.info("model loaded in %.1fs", seconds)
         self._publish("spoold.engine.ready", {"model": self.engine.model, "load_seconds": round(seconds, 2)})
         self.state = "idle"
+        self._write_heartbeat()  # a state change is on disk at once, not a period later
         self.notifier.ready(status_line(None, len(self.spool.inbox_entries()), self.gpus.read()))
 
     async def _serve(self) -> None:
@@ -222,6 +229,7 @@ class Daemon:
         self._current = runner
         self._counted, self._last_announced, self._stalled = (0, 0), -1, False
         self.state = "working"
+        self._write_heartbeat()
         outcome = "interrupted"
         try:
             outcome = await runner.run()
@@ -250,6 +258,7 @@ class Daemon:
             self._announce_end(runner, outcome)
             self._current = None
             self.state = "idle"
+            self._write_heartbeat()
 
     async def _sleep_unless_stopped(self, seconds: float) -> None:
         try:
@@ -290,6 +299,8 @@ class Daemon:
         if self._current is None:
             return
         progress = self._current.refresh()
+        if progress.state == "validating" and not force:
+            return  # no total yet: `spoold.job.validated` comes first
         self._check_stall(progress)
         self._update_metrics(progress)
         if force or progress.done != self._last_announced:

@@ -11,17 +11,19 @@ ends with exactly one result, however many times this is interrupted.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 from .config import LimitsSettings
 from .engine import Engine, EngineRequest
 from .spool import JobDir, Spool, mark_failed, new_batch
-from .validation import LineError, LineValidator, ModelResolver, validate_stream
+from .validation import LineError, LineValidator, ModelResolver, iter_lines, validate_stream
 from .writer import GroupCommitWriter, Recovered, recover_results
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,32 @@ class JobProgress:
         return max(0.0, (self.total - self.done) / rate)
 
 
+def job_fields(job_id: str) -> dict[str, dict[str, str]]:
+    """`extra=` for a log call about a job: a JOB_ID field in the journal."""
+    return {"extra": {"JOB_ID": job_id}}
+
+
+_CUSTOM_ID = re.compile(rb'"custom_id"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def finished_id(raw: bytes) -> str | None:
+    """A line's custom_id read without parsing the line, or None when unsure.
+
+    Only trusted when `"custom_id"` occurs once in the line: then it is the
+    top-level key (a string value followed by a colon can only be a key).
+    """
+    if raw.count(b'"custom_id"') != 1:
+        return None
+    m = _CUSTOM_ID.search(raw)
+    if m is None:
+        return None
+    value = m.group(1)
+    try:
+        return json.loads(b'"' + value + b'"') if b"\\" in value else value.decode()
+    except ValueError:
+        return None
+
+
 class JobRunner:
     """Runs one job to completion, or until asked to stop."""
 
@@ -104,6 +132,7 @@ class JobRunner:
         self.batch: dict[str, Any] = job.read_batch() or new_batch(job.id, job.input.name, spool.settings.host_id)
         self.progress = JobProgress(job.id, self.batch.get("input_file", ""), self.batch.get("status", "validating"))
         self._writer: GroupCommitWriter | None = None
+        self._dispatch_started = 0.0
 
     async def run(self) -> str:
         """Process the job; return its status: completed, failed or interrupted."""
@@ -160,6 +189,7 @@ class JobRunner:
             if isinstance(item, LineError):
                 if item.line not in recovered.error_lines:
                     writer.add_error(item)
+                    recovered.error_lines.add(item.line)  # pass 2 skips it by number
             elif first_valid is None:
                 first_valid = item
             if total % VALIDATION_CHUNK == 0:
@@ -174,7 +204,7 @@ class JobRunner:
         self.batch["request_counts"]["total"] = total
         self.spool.write_batch(self.job, self.batch)
         log.info("job %s validated: %d lines, %d bad", self.job.id, total, writer.tally.failed,
-                 extra={"JOB_ID": self.job.id})
+                 **job_fields(self.job.id))
         self.progress.total = total
         self._sync_progress()
         if self.on_validated is not None:
@@ -183,13 +213,16 @@ class JobRunner:
 
     async def _dispatch(self, f: IO[bytes], writer: GroupCommitWriter, recovered: Recovered) -> bool:
         """Send every valid line without a result to the engine, `inflight` at a time."""
+        self._dispatch_started = time.monotonic()
         slots = asyncio.Semaphore(self.inflight_limit)
         tasks: set[asyncio.Task] = set()
         failure: list[BaseException] = []
         sent = 0
-        for item in validate_stream(f, LineValidator(self.resolver), self.limits.max_line_bytes):
-            if isinstance(item, LineError) or item.custom_id in recovered.done_ids or item.line in recovered.error_lines:
-                continue
+        for item in self._unfinished(f, recovered):
+            if sent == 0 and self.progress.done_at_start:
+                log.info("job %s resumed at line %d, %d lines already done (found in %.2fs)", self.job.id,
+                         item.line, self.progress.done_at_start, time.monotonic() - self.progress.started,
+                         **job_fields(self.job.id))
             await slots.acquire()
             if self.stop.is_set() or failure or writer.failure:
                 slots.release()
@@ -208,6 +241,25 @@ class JobRunner:
         if failure:
             raise EngineFailed(f"job {self.job.id}: the engine failed: {failure[0]!r}") from failure[0]
         return not self.stop.is_set()
+
+    def _unfinished(self, f: IO[bytes], recovered: Recovered) -> Iterator[EngineRequest]:
+        """The valid lines that have no result yet, in file order.
+
+        Lines with an error result are skipped by number, finished ones by
+        custom_id before any full parse: a resume at 600K of 1M lines must
+        not re-validate 600K lines. Every error of the validation pass is in
+        `recovered.error_lines` by now, duplicates included, so skipping a
+        finished line here cannot hide a duplicate of it.
+        """
+        validator = LineValidator(self.resolver)
+        for number, raw in iter_lines(f, self.limits.max_line_bytes):
+            if number in recovered.error_lines or raw is None:
+                continue
+            if recovered.done_ids and finished_id(raw) in recovered.done_ids:
+                continue
+            item = validator.check(number, raw)
+            if isinstance(item, EngineRequest) and item.custom_id not in recovered.done_ids:
+                yield item
 
     async def _run_one(self, item: EngineRequest, writer: GroupCommitWriter,
                        slots: asyncio.Semaphore, failure: list[BaseException]) -> None:
@@ -239,13 +291,23 @@ class JobRunner:
             "requests_per_second": round((tally.done - self.progress.done_at_start) / elapsed, 3),
             "output_tokens_per_second": round(tally.output_tokens / elapsed, 3),
             "resumed": self.progress.done_at_start > 0,
+            **self._engine_timings(writer),
         }
         self.spool.write_batch(self.job, self.batch)
         self.spool.move_to_outbox(self.job)
         self.progress.state = "completed"
         log.info("job %s completed: %d ok, %d failed, %.1f req/s", self.job.id,
                  tally.completed, tally.failed, self.batch["timings"]["requests_per_second"],
-                 extra={"JOB_ID": self.job.id})
+                 **job_fields(self.job.id))
+
+    def _engine_timings(self, writer: GroupCommitWriter) -> dict[str, float]:
+        """The engine phase of this run: first dispatch to last durable result."""
+        if writer.last_result_at is None:
+            return {}
+        return {
+            "engine_seconds": round(writer.last_result_at - self._dispatch_started, 3),
+            "first_result_seconds": round(writer.first_result_at - self._dispatch_started, 3),
+        }
 
     async def _settle_writer(self, writer: GroupCommitWriter, commit_task: asyncio.Task) -> None:
         """Let committed lines land, then stop the commit task and close the files."""
@@ -274,7 +336,7 @@ class JobRunner:
         return self.progress
 
     def _fail(self, reason: str) -> str:
-        log.error("job %s failed: %s", self.job.id, reason, extra={"JOB_ID": self.job.id})
+        log.error("job %s failed: %s", self.job.id, reason, **job_fields(self.job.id))
         mark_failed(self.batch, reason)
         self.spool.write_batch(self.job, self.batch)
         self.spool.move_to_failed(self.job)

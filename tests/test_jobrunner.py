@@ -129,3 +129,25 @@ def test_a_symlinked_input_fails_the_job_without_reading_it(tmp_path):
     assert status == "failed"
     batch = json.loads((spool.failed / job.id / "batch.json").read_text())
     assert batch["status"] == "failed" and "cannot read input.jsonl" in batch["errors"][0]["message"]
+
+
+def test_finished_id_reads_only_the_top_level_key():
+    from spoold.jobrunner import finished_id
+
+    assert finished_id(b'{"custom_id": "a\\"b", "body": {}}\n') == 'a"b'
+    assert finished_id(b'{"method": "POST", "custom_id":"plain"}') == "plain"
+    assert finished_id(b'{"custom_id": "a", "body": {"custom_id": "b"}}') is None  # ambiguous: full parse
+    assert finished_id(b'{"body": {"content": "\\"custom_id\\": \\"z\\""}}') is None
+
+
+def test_resume_mid_validation_never_runs_a_duplicate_of_a_finished_line(tmp_path):
+    rows = [chat_line(i) for i in range(20)] + [chat_line(5), chat_line(6)]  # lines 21, 22 repeat done ids
+    spool, job, engine = setup(tmp_path, rows)
+    with open(job.output, "w") as f:
+        for i in range(10):
+            f.write(json.dumps({"id": "x", "custom_id": f"req-{i}", "error": None,
+                                "response": {"status_code": 200, "request_id": "r", "body": {}}}) + "\n")
+    assert job.read_batch()["status"] == "validating"
+    status, _ = run_job(spool, job, engine)
+    assert status == "completed" and engine.handled == 10
+    check_exactly_once(spool.outbox / job.id, {f"req-{i}" for i in range(20)}, {21, 22})

@@ -58,3 +58,20 @@ def test_a_failed_write_is_raised_and_nothing_is_counted(tmp_path):
         return writer
     writer = asyncio.run(go())
     assert writer.tally.done == 0
+
+
+def test_recovery_reads_vllm_style_bodies_and_never_cuts_an_odd_but_valid_line(tmp_path):
+    from spoold.formats import output_line
+
+    vllm_body = ('{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant",'
+                 '"content":"the \\"usage\\" is: {}"},"finish_reason":"length"}],'
+                 '"usage":{"prompt_tokens":21,"total_tokens":29,"completion_tokens":8}}')
+    with open(tmp_path / "output.jsonl", "wb") as f:
+        f.write(output_line("a", EngineResult(200, vllm_body)))
+        f.write(b'{"custom_id": "b", "id": "x", "response": {"status_code": 400, "body": null}, "error": null}\n')
+        f.write(output_line("c\u2028\"quoted\"", EngineResult(200, vllm_body)))
+    rec = recover_results(tmp_path / "output.jsonl", tmp_path / "errors.jsonl")
+    assert rec.done_ids == {"a", "b", 'c\u2028"quoted"'}
+    assert rec.tally.completed == 2 and rec.tally.failed == 1
+    assert rec.tally.input_tokens == 42 and rec.tally.output_tokens == 16
+    assert len((tmp_path / "output.jsonl").read_bytes().split(b"\n")) == 4  # nothing cut

@@ -1,0 +1,1 @@
+"""spoold's benchmarks (not part of the installed package)."""
