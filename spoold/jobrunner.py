@@ -251,7 +251,9 @@ class JobRunner:
         `recovered.error_lines` by now, duplicates included, so skipping a
         finished line here cannot hide a duplicate of it.
         """
-        validator = LineValidator(self.resolver)
+        # Duplicates got their error lines in the validation pass and are
+        # skipped by number, so this pass keeps no per-line state of its own.
+        validator = LineValidator(self.resolver, track_duplicates=False)
         for number, raw in iter_lines(f, self.limits.max_line_bytes):
             if number in recovered.error_lines or raw is None:
                 continue

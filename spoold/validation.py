@@ -64,9 +64,11 @@ class ModelResolver:
 class LineValidator:
     """Checks lines one by one; remembers custom_ids to catch duplicates."""
 
-    def __init__(self, resolver: ModelResolver, force_model: str | None = None) -> None:
+    def __init__(self, resolver: ModelResolver, force_model: str | None = None,
+                 track_duplicates: bool = True) -> None:
         self.resolver = resolver
         self.force_model = force_model  # what `spoold submit --model` will write
+        self.track_duplicates = track_duplicates
         self._seen: set[bytes] = set()
 
     def check(self, line: int, raw: bytes) -> EngineRequest | LineError:
@@ -86,10 +88,12 @@ class LineValidator:
         custom_id = obj.get("custom_id")
         if not isinstance(custom_id, str) or not custom_id:
             return LineError(line, None, "missing_custom_id", "`custom_id` is missing or not a non-empty string")
-        digest = hashlib.blake2b(custom_id.encode(), digest_size=8).digest()
-        if digest in self._seen:
-            return LineError(line, custom_id, "duplicate_custom_id", f"custom_id {custom_id!r} appears earlier in the file")
-        self._seen.add(digest)
+        if self.track_duplicates:
+            digest = hashlib.blake2b(custom_id.encode(), digest_size=8).digest()
+            if digest in self._seen:
+                return LineError(line, custom_id, "duplicate_custom_id",
+                                 f"custom_id {custom_id!r} appears earlier in the file")
+            self._seen.add(digest)
         return self._check_request(line, custom_id, obj)
 
     def _check_request(self, line: int, custom_id: str, obj: dict[str, Any]) -> EngineRequest | LineError:

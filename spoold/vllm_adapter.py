@@ -92,6 +92,11 @@ class VllmEngine:
         tasks = await client.get_supported_tasks()
         await init_app_state(client, state, args, tasks)
         self._handlers = _handlers_from_state(state)
+        # Everything loaded so far lives as long as the engine: keep it out of
+        # the collector's way, as vLLM's engine core does for its own heap.
+        # Measured: ~14% less front-end CPU per request (README, Performance).
+        gc.collect()
+        gc.freeze()
         log.info("engine ready: model %s, endpoints %s", self.model, sorted(self._handlers))
 
     async def handle(self, request: EngineRequest) -> EngineResult:
@@ -116,6 +121,7 @@ class VllmEngine:
     async def close(self) -> None:
         """Shut down the engine process and free its memory."""
         self._handlers = {}
+        gc.unfreeze()
         await self._stack.aclose()
         # The serving objects hold the AsyncLLM; collect it now, while vLLM's
         # modules are alive, not in __del__ during interpreter teardown.
