@@ -13,13 +13,11 @@ import argparse
 import json
 import os
 import platform
-import re
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -145,7 +143,7 @@ def bench_workload(name: str, rows: list[dict], model: Path, rounds: int) -> dic
         summary[c]["end_to_end_s"] = statistics.median(x["end_to_end_s"] for x in results[c])
         summary[c]["first_line_after_drop_s"] = statistics.median(
             x["first_line_after_drop_s"] for x in results[c] if x["first_line_after_drop_s"] is not None)
-    ratios = {f"{ours}/{other}": statistics.median(s["rps"] / o["rps"] for s, o in zip(results[ours], results[other]))
+    ratios = {f"{ours}/{other}": statistics.median(s["rps"] / o["rps"] for s, o in zip(results[ours], results[other], strict=True))
               for ours in ("spoold", "spoold_default") for other in ("raw", "run_batch")}
     return {"requests": len(rows), "rounds": results, "median": summary, "median_pairwise_ratio": ratios}
 

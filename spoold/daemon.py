@@ -103,6 +103,7 @@ class Daemon:
             loop.add_signal_handler(sig, self._on_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._hup.set)
         self.spool.ensure_dirs()
+        self._recover()
         if self.events is not None:
             self.events.start(self._snapshot)
         loops = [asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
@@ -126,6 +127,13 @@ class Daemon:
                 await self.events.close()
             log.info("stopped")
         return self.exit_code
+
+    def _recover(self) -> None:
+        """Before READY: clean half-made claims and name the jobs this host will resume first."""
+        pending = self.spool.host_jobs()
+        if pending:
+            log.info("%d unfinished job(s) of this host will be resumed first: %s",
+                     len(pending), ", ".join(job.id for job in pending))
 
     def _on_signal(self, sig: int) -> None:
         """Record the signal; the main loop acts on it."""

@@ -7,9 +7,11 @@ its parent directory has been fsynced, so every helper here does both halves.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,24 +49,33 @@ def durable_mkdir(path: Path, mode: int = 0o750) -> None:
         fsync_dir(d.parent)
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o640, gid: int = -1) -> None:
-    """Replace `path` with `data` so readers see the old or the new file, never half.
+@contextlib.contextmanager
+def hidden_temp(directory: Path, name: str, mode: int = 0o640, gid: int = -1) -> Iterator[tuple[int, Path]]:
+    """A new hidden temp file in `directory` for writing: yields (fd, path).
 
-    The temp name is hidden (dot prefix, random suffix) so scanners skip it.
+    Scanners skip it (dot prefix, `.tmp` suffix). On success its data is
+    fsynced and it is closed, ready to be renamed into place; on failure it
+    is removed.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp = Path(directory) / f".{name}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         if gid >= 0:
             os.fchown(fd, -1, gid)
-        write_all(fd, data)
+        yield fd, tmp
         os.fsync(fd)
     except BaseException:
         os.close(fd)
         os.unlink(tmp)
         raise
     os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o640, gid: int = -1) -> None:
+    """Replace `path` with `data` so readers see the old or the new file, never half."""
+    path = Path(path)
+    with hidden_temp(path.parent, path.name, mode, gid) as (fd, tmp):
+        write_all(fd, data)
     os.rename(tmp, path)
     fsync_dir(path.parent)
 

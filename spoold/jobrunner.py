@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 VALIDATION_CHUNK = 2000
 
 
+#: How often the wait for the last requests in flight looks at the stop event.
+DRAIN_POLL_SECONDS = 0.2
+
+
 class EngineFailed(Exception):
     """The engine could not run a request at all (it died or broke).
 
@@ -233,14 +237,23 @@ class JobRunner:
             sent += 1
             if sent % 256 == 0:
                 await asyncio.sleep(0)
-        if tasks and (self.stop.is_set() or failure):
-            for task in tasks:
-                task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._drain(tasks, failure)
         await writer.flush()
         if failure:
             raise EngineFailed(f"job {self.job.id}: the engine failed: {failure[0]!r}") from failure[0]
         return not self.stop.is_set()
+
+    async def _drain(self, tasks: set[asyncio.Task], failure: list[BaseException]) -> None:
+        """Wait for the requests in flight; a stop or an engine failure cancels the rest.
+
+        Watching the stop while waiting matters: a stuck request must not
+        hold up a warm stop (its line simply runs again on the next start).
+        """
+        while tasks and not (self.stop.is_set() or failure):
+            await asyncio.wait(set(tasks), timeout=DRAIN_POLL_SECONDS)
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _unfinished(self, f: IO[bytes], recovered: Recovered) -> Iterator[EngineRequest]:
         """The valid lines that have no result yet, in file order.

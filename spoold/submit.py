@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .durable import fsync_dir, write_all
+from .durable import fsync_dir, hidden_temp, write_all
 from .validation import LineError, LineValidator, ModelResolver, iter_lines, validate_stream
 
 
@@ -66,9 +65,7 @@ def submit_file(path: str, inbox: Path, model: str | None = None, max_line_bytes
     name is chosen instead.
     """
     src = Path(path)
-    tmp = inbox / f".{src.name}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-    try:
+    with hidden_temp(inbox, src.name) as (fd, tmp):
         with open(src, "rb") as f:
             if model:
                 for line in rewrite_models(iter_lines(f, max_line_bytes), model):
@@ -76,12 +73,6 @@ def submit_file(path: str, inbox: Path, model: str | None = None, max_line_bytes
             else:
                 while chunk := f.read(1 << 20):
                     write_all(fd, chunk)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
     dest = _free_name(inbox, src.name if src.name.endswith(".jsonl") else src.name + ".jsonl")
     os.rename(tmp, dest)
     fsync_dir(inbox)

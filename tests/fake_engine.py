@@ -3,8 +3,9 @@
 Selected the way production selects vLLM, by `[engine] adapter =
 "tests.fake_engine:EchoEngine"`. Knobs come from `[engine.args]`:
 `delay` (seconds per request), `load_delay` (seconds `start()` takes, like
-loading a model) and `fail_on` (a custom_id whose request raises, as a dead
-engine would).
+loading a model), `fail_on` (a custom_id whose request raises, as a dead
+engine would) and `hang_on` (a custom_id whose request never returns, as a
+stuck engine would).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class EchoEngine:
         self.delay = float(settings.args.get("delay", 0))
         self.fail_on = settings.args.get("fail_on")
         self.load_delay = float(settings.args.get("load_delay", 0))
+        self.hang_on = settings.args.get("hang_on")
         self.started = False
         self.closed = False
         self.handled = 0
@@ -38,6 +40,8 @@ class EchoEngine:
             await asyncio.sleep(self.delay)
         if request.custom_id == self.fail_on:
             raise RuntimeError("engine died")
+        if request.custom_id == self.hang_on:
+            await asyncio.Event().wait()
         self.handled += 1
         if request.body.get("max_tokens") == -1:
             error = {"error": {"message": "max_tokens must be at least 1", "type": "BadRequestError",

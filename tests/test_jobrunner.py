@@ -103,17 +103,17 @@ def test_engine_failure_writes_nothing_for_the_failed_request(tmp_path):
 
 def test_in_flight_is_bounded(tmp_path):
     spool, job, engine = setup(tmp_path, [chat_line(i) for i in range(40)], delay=0.005)
-    peak = 0
+    peak = active = 0
     handle = engine.handle
 
-    async def counting(request, active=[0]):
-        nonlocal peak
-        active[0] += 1
-        peak = max(peak, active[0])
+    async def counting(request):
+        nonlocal peak, active
+        active += 1
+        peak = max(peak, active)
         try:
             return await handle(request)
         finally:
-            active[0] -= 1
+            active -= 1
     engine.handle = counting
     run_job(spool, job, engine, inflight=5)
     assert peak == 5

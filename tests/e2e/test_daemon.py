@@ -3,13 +3,11 @@
 import json
 import os
 import random
-import signal
 import time
 
 import pytest
 
-from ..helpers import (complete_lines, DaemonProcess, chat_line, check_exactly_once, outbox_jobs, read_jsonl,
-                       wait_for, write_config, write_jsonl)
+from ..helpers import (complete_lines, DaemonProcess, chat_line, check_exactly_once, outbox_jobs, wait_for, write_config, write_jsonl)
 
 
 @pytest.fixture
@@ -83,8 +81,9 @@ def test_repeated_kill9_loses_and_doubles_nothing(tmp_path):
         else:  # during engine work and group commit
             outputs = lambda: list((root / "processing" / "testhost").glob("*/output.jsonl"))
             wait_for(outputs, 10, "output.jsonl")
-            before = complete_lines(outputs()[0])
-            wait_for(lambda: complete_lines(outputs()[0]) > before + rng.randint(10, 150), 10, "progress")
+            target = complete_lines(outputs()[0]) + rng.randint(10, 150)
+            out = outputs()[0]
+            wait_for(lambda: complete_lines(out) > target, 10, "progress")  # noqa: B023 (used at once)
         d.kill9()
         kills += 1
     d = DaemonProcess(config, tmp_path / "daemon.log").start()

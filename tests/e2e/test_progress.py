@@ -97,3 +97,31 @@ def test_watch_and_status_on_a_terminal_show_name_counts_and_eta(tmp_path):
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
         d.terminate()
+
+
+def test_a_stuck_engine_is_marked_stalled_in_status_events_and_metrics(tmp_path):
+    from urllib.request import urlopen
+
+    from ..helpers import free_port
+
+    root = tmp_path / "spool"
+    port = free_port()
+    config = write_config(tmp_path / "c.toml", root, metrics_listen=f"127.0.0.1:{port}", progress_seconds=0.2,
+                          engine='max_inflight = 4\n[engine.args]\nhang_on = "req-50"',
+                          extra="[watchdog]\nstall_seconds = 1\n")
+    d = DaemonProcess(config, tmp_path / "daemon.log").start()
+    try:
+        d.wait_ready(root, timeout=60)
+        sub = Subscriber(f"ipc://{tmp_path}/events.sock")
+        drop(root, "stuck.jsonl", 100)
+        (stalled,) = wait_for(lambda: sub.of("spoold.engine.stalled"), 10, "the stalled event")
+        assert stalled["inflight"] == 1 and stalled["job"].startswith("stuck-")
+        status = subprocess.run([sys.executable, "-m", "spoold", "status", "--json", "--config", str(config)],
+                                capture_output=True, text=True, cwd=REPO).stdout
+        assert [p["status"] for p in __import__("json").loads(status)["processing"]] == ["stalled"]
+        metrics = urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        assert "spoold_stalled 1.0" in metrics
+        assert "the engine looks stuck" in d.log_tail()
+        sub.close()
+    finally:
+        d.terminate()

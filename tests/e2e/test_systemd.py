@@ -25,6 +25,15 @@ from ..helpers import (REPO, chat_line, check_exactly_once, complete_lines, outb
                        write_config, write_jsonl)
 
 BOOT = Path(__file__).with_name("systemd_boot.sh")
+#: Where the boot script binds the checkout. Units see it there, so a clone
+#: under /tmp stays visible even to a service with PrivateTmp=yes.
+SEEN = Path("/run/spoold-keep")
+
+
+def seen(path: Path) -> Path:
+    """`path` (inside the checkout) as the services see it."""
+    path = Path(path)
+    return SEEN / path.relative_to(REPO) if path.is_relative_to(REPO) else path
 JOURNALD_UNITS = ("systemd-journald.service", "systemd-journald.socket", "systemd-journald-dev-log.socket")
 
 
@@ -54,7 +63,7 @@ class PrivateSystemd:
 
     def boot(self) -> None:
         self.proc = subprocess.Popen(["unshare", "--fork", "--pid", "--mount", "--mount-proc", "--uts",
-                                      str(BOOT), str(self.units), "spoold-test.target"],
+                                      str(BOOT), str(self.units), "spoold-test.target", str(REPO)],
                                      stdout=open(self.base / "systemd.log", "wb"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.pid = wait_for(self._child_pid, 10, "systemd to start")
@@ -83,6 +92,8 @@ class PrivateSystemd:
         if self.pid:
             os.kill(self.pid, signal.SIGKILL)  # PID 1 gone: the kernel ends the whole namespace
         if self.proc:
+            if self.proc.poll() is None:
+                self.proc.kill()
             self.proc.wait(timeout=30)
 
 
@@ -110,10 +121,10 @@ RuntimeDirectory={runtime_dir}
 User=
 Group=
 ExecStart=
-ExecStart={sys.executable} -m spoold run --config {config}
-Environment=PYTHONPATH={REPO} HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1
+ExecStart={seen(Path(sys.executable))} -m spoold run --config {seen(config)}
+Environment=PYTHONPATH={SEEN} HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1
 ReadWritePaths=
-ReadWritePaths={root}
+ReadWritePaths={seen(root)}
 WatchdogSec={watchdog_sec}
 RestartSec=1
 TimeoutStopSec=60
@@ -127,20 +138,22 @@ def sd(tiny_model):
     fast_root, vllm_root = base / "fast", base / "vllm"
     for root in (fast_root, vllm_root):
         (root / "inbox").mkdir(parents=True)
-    fast_cfg = write_config(base / "fast.toml", fast_root, progress_seconds=0.3, events_endpoint="",
+    fast_cfg = write_config(base / "fast.toml", seen(fast_root), progress_seconds=0.3, events_endpoint="",
                             engine="max_inflight = 4\n[engine.args]\ndelay = 0.01\nload_delay = 3")
-    vllm_cfg = write_config(base / "vllm.toml", vllm_root, adapter="spoold.vllm_adapter:VllmEngine",
+    vllm_cfg = write_config(base / "vllm.toml", seen(vllm_root), adapter="spoold.vllm_adapter:VllmEngine",
                             model="tiny", progress_seconds=0.3, events_endpoint="",
                             engine='dtype = "float32"\nmax_model_len = 512\nmax_num_seqs = 64\nenforce_eager = true',
-                            extra=f'[models]\ntiny = "{tiny_model}"\n[watchdog]\nstall_seconds = 5\n')
+                            extra=f'[models]\ntiny = "{seen(tiny_model)}"\n[watchdog]\nstall_seconds = 5\n')
     write_units(base, {"spoold": dropin(fast_cfg, fast_root, 30, "spoold"),
                        "spoold-vllm": dropin(vllm_cfg, vllm_root, 15, "spoold-vllm")})
     systemd = PrivateSystemd(base)
-    systemd.boot()
-    systemd.fast_root, systemd.vllm_root, systemd.fast_cfg = fast_root, vllm_root, fast_cfg
-    yield systemd
-    systemd.shutdown()
-    shutil.rmtree(base, ignore_errors=True)
+    try:
+        systemd.boot()
+        systemd.fast_root, systemd.vllm_root, systemd.fast_cfg = fast_root, vllm_root, fast_cfg
+        yield systemd
+    finally:
+        systemd.shutdown()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def drop(root: Path, stem: str, n: int) -> set[str]:

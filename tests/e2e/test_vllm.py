@@ -74,7 +74,7 @@ def test_chat_batch_with_bad_lines_ends_in_the_outbox(spool, tmp_path):
     valid = {r["custom_id"] for r in rows}
     check_exactly_once(job, valid, set(range(len(rows) + 1, len(rows) + len(bad) + 1)))
     out = {o["custom_id"]: o for o in read_jsonl(job / "output.jsonl")}
-    for cid, o in out.items():
+    for o in out.values():
         if o["response"]["status_code"] == 200:
             ChatCompletion.model_validate(o["response"]["body"])
             assert o["response"]["body"]["model"] == spool["served"]
