@@ -260,7 +260,3 @@ def reload_settings(old: Config, new: Config) -> tuple[Config, list[str]]:
     ]
     return merged, needs_restart
 
-
-def as_dict(config: Config) -> dict[str, Any]:
-    """The settings as plain data, for `spoold status --json` and logs."""
-    return dataclasses.asdict(config)
