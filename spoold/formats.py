@@ -52,13 +52,17 @@ class Tally:
     def done(self) -> int:
         return self.completed + self.failed
 
-    def add_result(self, result: EngineResult) -> None:
-        if 200 <= result.status_code < 300:
+    def add(self, status_code: int, prompt_tokens: int, completion_tokens: int) -> None:
+        """Count one durable output line: 2xx is completed, anything else failed."""
+        if 200 <= status_code < 300:
             self.completed += 1
         else:
             self.failed += 1
-        self.input_tokens += result.prompt_tokens
-        self.output_tokens += result.completion_tokens
+        self.input_tokens += prompt_tokens
+        self.output_tokens += completion_tokens
+
+    def add_result(self, result: EngineResult) -> None:
+        self.add(result.status_code, result.prompt_tokens, result.completion_tokens)
 
     def usage(self) -> dict[str, int]:
         return {

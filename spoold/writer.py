@@ -146,15 +146,9 @@ def recover_results(output: Path, errors: Path) -> Recovered:
     it, and those requests simply run again.
     """
     rec = Recovered()
-    tally, done_ids = rec.tally, rec.done_ids
     for custom_id, status, prompt, completion in _read_complete(output, _parse_output_line):
-        done_ids.add(custom_id)
-        if 200 <= status < 300:
-            tally.completed += 1
-        else:
-            tally.failed += 1
-        tally.input_tokens += prompt
-        tally.output_tokens += completion
+        rec.done_ids.add(custom_id)
+        rec.tally.add(status, prompt, completion)
     for line in _read_complete(errors, _parse_error_line):
         rec.error_lines.add(line)
         rec.tally.failed += 1
