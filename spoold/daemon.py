@@ -23,7 +23,7 @@ from .gpu import GpuReader
 from .heartbeat import heartbeat_document, status_line, write_heartbeat
 from .jobrunner import EngineFailed, IncompleteJob, JobProgress, JobRunner, job_fields
 from .metrics import Metrics
-from .notify import Notifier
+from .notify import STOPPING_STATUS, Notifier
 from .spool import JobDir, Spool
 from .validation import ModelResolver
 from .watcher import InboxWatcher
@@ -147,7 +147,7 @@ class Daemon:
 
     async def _start_engine(self) -> None:
         self.state = "loading"
-        self.notifier.status(f"loading model {self.engine.model}")
+        self.notifier.status(self._status_line(None, []))
         log.info("loading model %s", self.engine.model)
         self._publish("spoold.engine.loading", {"model": self.engine.model})
         started = time.monotonic()
@@ -351,15 +351,20 @@ class Daemon:
 
     def _heartbeat_payload(self) -> dict:
         job = self._current.progress.summary() if self._current else None
-        return {"state": "stalled" if self._stalled else self.state, "model": self.engine.model,
+        return {"state": self._shown_state, "model": self.engine.model,
                 "queued": self._queued, "job": job, "gpus": self._gpus}
+
+    @property
+    def _shown_state(self) -> str:
+        """The state heartbeats and events report: `stalled` overrides the rest."""
+        return "stalled" if self._stalled else self.state
 
     def _status_line(self, progress: JobProgress | None, gpus: list[dict]) -> str:
         """The line for `systemctl status`: loading, a job's progress, or idle."""
         if self.state in ("starting", "loading"):
             return f"loading model {self.engine.model}"
         if self.state == "stopping":
-            return "stopping: finishing writes"
+            return STOPPING_STATUS
         line = status_line(progress, self._queued, gpus)
         return f"STALLED: {line}" if self._stalled else line
 
@@ -377,8 +382,7 @@ class Daemon:
         """Heartbeat files, the systemd status line, and a periodic log line."""
         progress = self._current.refresh() if self._current else None
         gpus = self._gpus = self.gpus.read()
-        state = "stalled" if self._stalled else self.state
-        doc = heartbeat_document(self.config.spool.host_id, state, progress, gpus)
+        doc = heartbeat_document(self.config.spool.host_id, self._shown_state, progress, gpus)
         paths = [self.spool.host_dir / "heartbeat.json"]
         state_dir = self.config.spool.state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0]
         if state_dir:

@@ -38,7 +38,7 @@ def status_line(progress: Any | None, queued: int, gpus: list[dict]) -> str:
     gpu = ""
     if gpus:
         gpu = " GPU " + "/".join(f"{g['utilization_pct']}%" for g in gpus)
-    if progress is None or progress.state not in ("validating", "in_progress", "finalizing", "stalled"):
+    if progress is None or progress.state not in ("validating", "in_progress", "finalizing"):
         return f"idle, {queued} queued{gpu}"
     name = progress.input_file.removesuffix(".jsonl") or progress.job_id
     if progress.state == "validating":

@@ -13,6 +13,9 @@ import time
 
 log = logging.getLogger(__name__)
 
+#: The status line from the first SIGTERM until exit.
+STOPPING_STATUS = "stopping: finishing writes"
+
 
 class Notifier:
     """Sends READY/STATUS/STOPPING to systemd when systemd is listening."""
@@ -71,4 +74,4 @@ class Notifier:
 
     def stopping(self) -> None:
         """The daemon has begun a warm stop."""
-        self.send("STOPPING=1", "STATUS=stopping: finishing writes")
+        self.send("STOPPING=1", f"STATUS={STOPPING_STATUS}")
