@@ -172,14 +172,8 @@ class Spool:
         its rename: the drop is still in the inbox, so the directory goes.
         """
         jobs = []
-        try:
-            entries = sorted(os.scandir(self.host_dir), key=lambda e: e.name)
-        except FileNotFoundError:
-            return []
-        for entry in entries:
-            if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
-                continue
-            job = JobDir(Path(entry.path))
+        for path in subdirs(self.host_dir):
+            job = JobDir(path)
             if not job.input.exists():
                 log.warning("removing half-claimed job directory %s", job.path)
                 shutil.rmtree(job.path, ignore_errors=True)
@@ -189,11 +183,7 @@ class Spool:
 
     def count_host_jobs(self) -> int:
         """How many job directories this host holds (a cheap look, no clean-up)."""
-        try:
-            return sum(1 for e in os.scandir(self.host_dir)
-                       if e.is_dir(follow_symlinks=False) and not e.name.startswith("."))
-        except FileNotFoundError:
-            return 0
+        return len(subdirs(self.host_dir))
 
     def move_to_outbox(self, job: JobDir) -> JobDir:
         """Publish a finished job: one directory rename into outbox/, made durable."""
@@ -206,6 +196,15 @@ class Spool:
         dest = self.failed / job.id
         durable_rename(job.path, dest)
         return JobDir(dest)
+
+
+def subdirs(root: Path) -> list[Path]:
+    """The directories in `root`, by name, hidden ones and symlinks left out; [] if it is missing."""
+    try:
+        return sorted(Path(e.path) for e in os.scandir(root)
+                      if e.is_dir(follow_symlinks=False) and not e.name.startswith("."))
+    except FileNotFoundError:
+        return []
 
 
 def new_batch(job_id: str, input_file: str, host: str) -> dict[str, Any]:

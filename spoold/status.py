@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .spool import JobDir, Spool, is_drop_name
+from .spool import JobDir, Spool, is_drop_name, subdirs
 
 #: How many finished and failed jobs `spoold status` lists.
 RECENT = 10
@@ -50,8 +50,8 @@ def _queued(inbox: Path) -> list[dict[str, Any]]:
 
 def _processing(root: Path, stall_seconds: float) -> list[dict[str, Any]]:
     out = []
-    for host_dir in _dirs(root):
-        for job_dir in _dirs(host_dir):
+    for host_dir in subdirs(root):
+        for job_dir in subdirs(host_dir):
             job = JobDir(job_dir)
             batch = job.read_batch()
             heartbeat = _read_json(job.heartbeat)
@@ -74,7 +74,7 @@ def _processing(root: Path, stall_seconds: float) -> list[dict[str, Any]]:
 
 def _recent(root: Path) -> list[dict[str, Any]]:
     jobs = []
-    for job_dir in _dirs(root):
+    for job_dir in subdirs(root):
         batch = JobDir(job_dir).read_batch()
         jobs.append({
             "id": job_dir.name,
@@ -86,14 +86,6 @@ def _recent(root: Path) -> list[dict[str, Any]]:
         })
     jobs.sort(key=lambda j: j["finished_at"] or 0, reverse=True)
     return jobs[:RECENT]
-
-
-def _dirs(root: Path) -> list[Path]:
-    try:
-        return sorted(Path(e.path) for e in os.scandir(root)
-                      if e.is_dir(follow_symlinks=False) and not e.name.startswith("."))
-    except FileNotFoundError:
-        return []
 
 
 def _read_json(path: Path) -> dict[str, Any]:
