@@ -130,7 +130,7 @@ class Daemon:
 
     def _recover(self) -> None:
         """Before READY: clean half-made claims and name the jobs this host will resume first."""
-        pending = self.spool.host_jobs()
+        pending = self.spool.recover()
         if pending:
             log.info("%d unfinished job(s) of this host will be resumed first: %s",
                      len(pending), ", ".join(job.id for job in pending))

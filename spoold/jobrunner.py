@@ -222,7 +222,7 @@ class JobRunner:
         tasks: set[asyncio.Task] = set()
         failure: list[BaseException] = []
         sent = 0
-        for item in self._unfinished(f, recovered):
+        for item in self._unfinished(f, writer, recovered):
             if sent == 0 and self.progress.done_at_start:
                 log.info("job %s resumed at line %d, %d lines already done (found in %.2fs)", self.job.id,
                          item.line, self.progress.done_at_start, time.monotonic() - self.progress.started,
@@ -255,7 +255,7 @@ class JobRunner:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _unfinished(self, f: IO[bytes], recovered: Recovered) -> Iterator[EngineRequest]:
+    def _unfinished(self, f: IO[bytes], writer: GroupCommitWriter, recovered: Recovered) -> Iterator[EngineRequest]:
         """The valid lines that have no result yet, in file order.
 
         Lines with an error result are skipped by number, finished ones by
@@ -273,7 +273,12 @@ class JobRunner:
             if recovered.done_ids and finished_id(raw) in recovered.done_ids:
                 continue
             item = validator.check(number, raw)
-            if isinstance(item, EngineRequest) and item.custom_id not in recovered.done_ids:
+            if isinstance(item, LineError):
+                # Its error line was lost (only a failing disk can do that):
+                # write it again rather than leave the line without a result.
+                writer.add_error(item)
+                recovered.error_lines.add(number)
+            elif item.custom_id not in recovered.done_ids:
                 yield item
 
     async def _run_one(self, item: EngineRequest, writer: GroupCommitWriter,

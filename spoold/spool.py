@@ -137,7 +137,11 @@ class Spool:
             return None
         job = JobDir(self.host_dir / new_job_id(name))
         durable_mkdir(job.path)
-        self.write_batch(job, new_batch(job.id, name, self.settings.host_id))
+        batch = new_batch(job.id, name, self.settings.host_id)
+        # How the drop looked when claimed: lets recover() tell a stale inbox
+        # entry left by a power cut from a new drop of the same name.
+        batch["drop"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        self.write_batch(job, batch)
         try:
             os.rename(src, job.input)
         except FileNotFoundError:
@@ -180,6 +184,48 @@ class Spool:
                 continue
             jobs.append(job)
         return sorted(jobs, key=lambda j: j.read_batch().get("created_at", 0))
+
+    def recover(self) -> list[JobDir]:
+        """At start-up: undo what a power cut can leave half-moved; return this host's jobs.
+
+        A rename becomes durable in each directory only when that directory
+        is fsynced, so a cut between the two fsyncs can leave an entry in
+        both places: a published job still in processing/ (the outbox copy
+        wins) or a claimed drop still in the inbox (recognised by the size
+        and mtime recorded at claim). Temp files of interrupted atomic
+        writes go too.
+        """
+        _remove_temp_files(self.host_dir)
+        jobs = []
+        for job in self.host_jobs():
+            _remove_temp_files(job.path)
+            published = next((d for d in (self.outbox, self.failed) if (d / job.id).is_dir()), None)
+            if published is not None:
+                log.warning("job %s is already in %s; removing the stale copy in %s",
+                            job.id, published, job.path.parent)
+                shutil.rmtree(job.path)
+                fsync_dir(job.path.parent)
+                continue
+            self._remove_stale_drop(job)
+            jobs.append(job)
+        return jobs
+
+    def _remove_stale_drop(self, job: JobDir) -> None:
+        batch = job.read_batch()
+        name, seen = batch.get("input_file"), batch.get("drop")
+        if not name or not seen:
+            return
+        try:
+            st = os.lstat(self.inbox / name)
+        except FileNotFoundError:
+            _unlink_quietly(self.inbox / (name + READY_SUFFIX))
+            return
+        if stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (seen["size"], seen["mtime_ns"]):
+            log.warning("inbox/%s is the drop job %s already claimed (its claim was cut short); "
+                        "removing it from the inbox", name, job.id)
+            os.unlink(self.inbox / name)
+            _unlink_quietly(self.inbox / (name + READY_SUFFIX))
+            fsync_dir(self.inbox)
 
     def count_host_jobs(self) -> int:
         """How many job directories this host holds (a cheap look, no clean-up)."""
@@ -241,6 +287,12 @@ def _mtime_or_zero(entry: os.DirEntry) -> float:
         return entry.stat(follow_symlinks=False).st_mtime
     except OSError:
         return 0.0
+
+
+def _remove_temp_files(directory: Path) -> None:
+    """Hidden temp files of atomic writes a crash interrupted (durable.hidden_temp)."""
+    for path in directory.glob(".*.tmp"):
+        _unlink_quietly(path)
 
 
 def _unlink_quietly(path: Path) -> None:

@@ -1,0 +1,348 @@
+"""The torture harness: drops, daemons run to a crash or to idle, the invariant, power cuts.
+
+The invariant (the promise spoold makes): every valid input line has exactly
+one result line across output.jsonl and errors.jsonl, every bad line exactly
+one error line, each drop is one job in outbox/ and nowhere else, and
+nothing is left in processing/.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..helpers import REPO, chat_line, read_jsonl, write_jsonl
+
+RESULTS = REPO / ".cache" / "reliability"
+
+
+@dataclass
+class Drop:
+    """One input file and the answer it must get."""
+
+    name: str
+    valid_ids: set[str]
+    bad_lines: set[int]
+
+
+def make_drop(directory: Path, name: str, n: int, bad: bool = True) -> Drop:
+    """n valid chat lines; with `bad`, a broken line at line 4 and a duplicate custom_id at the end."""
+    stem = name.removesuffix(".jsonl")
+    rows: list = [dict(chat_line(i), custom_id=f"{stem}-{i}") for i in range(n)]
+    bad_lines: set[int] = set()
+    if bad:
+        rows.insert(3, '{"custom_id": "broken", ')
+        rows.append(dict(chat_line(0), custom_id=f"{stem}-0"))
+        bad_lines = {4, len(rows)}
+    write_jsonl(directory / name, rows)
+    return Drop(name, {f"{stem}-{i}" for i in range(n)}, bad_lines)
+
+
+def write_config(path: Path, root: Path, host: str = "testhost", *, delay: float = 0.0,
+                 inflight: int = 8, heartbeat: float = 0.2, extra: str = "", engine: str = "") -> Path:
+    """A fast-double config: short settle and poll, events on an ipc socket beside it."""
+    path.write_text(f"""
+[spool]
+root = "{root}"
+host_id = "{host}"
+settle_seconds = 0.05
+poll_seconds = 0.05
+{extra}
+
+[engine]
+adapter = "tests.fake_engine:EchoEngine"
+model = "fake-model"
+max_inflight = {inflight}
+{engine}
+[engine.args]
+delay = {delay}
+
+[heartbeat]
+seconds = {heartbeat}
+
+[events]
+endpoint = "ipc://{path.parent}/{path.stem}.sock"
+progress_seconds = 0.05
+""")
+    return path
+
+
+def spoold_env(plan: dict | None = None) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    if plan is not None:
+        env["SPOOLD_TORTURE"] = json.dumps(plan)
+    return env
+
+
+def start(config: Path, log: Path, plan: dict | None = None) -> subprocess.Popen:
+    """`spoold run`, wrapped by tests/torture/oswrap.py when there is a plan."""
+    module = "tests.torture.oswrap" if plan is not None else "spoold"
+    with open(log, "ab") as f:
+        return subprocess.Popen([sys.executable, "-m", module, "run", "--config", str(config)],
+                                stdout=f, stderr=subprocess.STDOUT, env=spoold_env(plan),
+                                cwd=REPO, start_new_session=True)
+
+
+def idle(root: Path, drops: list[Drop]) -> bool:
+    """No drop waiting, no job in processing/, and every drop finished somewhere."""
+    if any(p.name.endswith(".jsonl") for p in _entries(root / "inbox")):
+        return False
+    if any(p.is_dir() for host in _entries(root / "processing") for p in _entries(host)):
+        return False
+    return len(_entries(root / "outbox")) + len(_entries(root / "failed")) >= len(drops)
+
+
+def run_until_idle(config: Path, root: Path, drops: list[Drop], log: Path, plan: dict | None = None,
+                   timeout: float = 60) -> int:
+    """Run a daemon until the spool is idle, then SIGTERM it; returns its exit code."""
+    proc = start(config, log, plan)
+    try:
+        deadline = time.monotonic() + timeout
+        while not idle(root, drops):
+            if proc.poll() is not None:
+                raise AssertionError(f"daemon exited {proc.returncode} before the spool was idle:\n{tail(log)}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"spool not idle after {timeout}s:\n{tail(log)}")
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout=30)
+    finally:
+        _reap(proc)
+
+
+def run_to_crash(config: Path, root: Path, drops: list[Drop], log: Path, plan: dict,
+                 timeout: float = 60) -> bool:
+    """Run a wrapped daemon that kills itself at its planned step; False if it got idle first."""
+    proc = start(config, log, plan)
+    try:
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None:
+            if idle(root, drops):
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=30)
+                return False
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no crash and no idle spool after {timeout}s:\n{tail(log)}")
+            time.sleep(0.01)
+        return proc.returncode == -signal.SIGKILL
+    finally:
+        _reap(proc)
+
+
+def kill_after(config: Path, log: Path, seconds: float) -> None:
+    """Start a daemon and SIGKILL it (engine and all) after `seconds`."""
+    proc = start(config, log)
+    try:
+        proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        pass
+    _reap(proc)
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def tail(log: Path, n: int = 3000) -> str:
+    try:
+        return log.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+def _entries(d: Path) -> list[Path]:
+    try:
+        return [p for p in d.iterdir() if not p.name.startswith(".")]
+    except FileNotFoundError:
+        return []
+
+
+# -- the invariant ---------------------------------------------------------
+
+@dataclass
+class Verdict:
+    """Lines lost and doubled, and anything else that broke the invariant."""
+
+    lost: int = 0
+    doubled: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.lost or self.doubled or self.problems)
+
+
+def verdict(root: Path, drops: list[Drop]) -> Verdict:
+    """Check the invariant on an idle spool."""
+    v = Verdict()
+    left = [p for host in _entries(root / "processing") for p in _entries(host) if p.is_dir()]
+    if left:
+        v.problems.append(f"left in processing/: {[p.name for p in left]}")
+    waiting = [p.name for p in _entries(root / "inbox") if p.name.endswith(".jsonl")]
+    if waiting:
+        v.problems.append(f"left in the inbox: {waiting}")
+    failed = _entries(root / "failed")
+    if failed:
+        v.problems.append(f"in failed/: {[p.name for p in failed]}")
+    jobs: dict[str, list[Path]] = {}
+    for job in _entries(root / "outbox"):
+        batch = json.loads((job / "batch.json").read_text())
+        jobs.setdefault(batch["input_file"], []).append(job)
+    for drop in drops:
+        found = jobs.get(drop.name, [])
+        if len(found) != 1:
+            v.problems.append(f"{drop.name}: {len(found)} jobs in outbox/")
+            v.lost += len(drop.valid_ids) + len(drop.bad_lines) if not found else 0
+            continue
+        _check_job(found[0], drop, v)
+    return v
+
+
+def _check_job(job: Path, drop: Drop, v: Verdict) -> None:
+    out = Counter(o["custom_id"] for o in read_jsonl(job / "output.jsonl"))
+    errs = Counter(e["error"]["line"] for e in read_jsonl(job / "errors.jsonl"))
+    v.doubled += sum(n - 1 for n in out.values()) + sum(n - 1 for n in errs.values())
+    v.lost += len(drop.valid_ids - set(out)) + len(drop.bad_lines - set(errs))
+    extra = (set(out) - drop.valid_ids) | {f"line {n}" for n in set(errs) - drop.bad_lines}
+    if extra:
+        v.problems.append(f"{job.name}: results for lines that should have none: {sorted(extra)[:5]}")
+    batch = json.loads((job / "batch.json").read_text())
+    counts = batch["request_counts"]
+    total = len(drop.valid_ids) + len(drop.bad_lines)
+    if batch["status"] != "completed" or counts["total"] != total or counts["completed"] + counts["failed"] != total:
+        v.problems.append(f"{job.name}: batch.json says {batch['status']} {counts}, expected {total} lines")
+
+
+def save_result(fault: str, trials: int, v: Verdict, note: str = "") -> None:
+    """Keep one fault class's figures for the README's Reliability table."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    doc = {"fault": fault, "trials": trials, "lost": v.lost, "doubled": v.doubled,
+           "problems": len(v.problems), "note": note}
+    slug = "".join(c if c.isalnum() else "_" for c in fault.lower())[:60]
+    (RESULTS / f"{slug}.json").write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def merge(verdicts: list[Verdict]) -> Verdict:
+    total = Verdict()
+    for v in verdicts:
+        total.lost += v.lost
+        total.doubled += v.doubled
+        total.problems += v.problems
+    return total
+
+
+# -- power cuts -------------------------------------------------------------
+
+def snapshot(root: Path) -> dict:
+    """The spool before the daemon starts, all of it durable: identities, entries, bytes, mtimes."""
+    dirs, files, mtimes = {}, {}, {}
+
+    def walk(path: Path) -> str:
+        st = os.lstat(path)
+        ident = f"{st.st_ino}.0"
+        entries = {}
+        for e in os.scandir(path):
+            if e.is_dir(follow_symlinks=False):
+                entries[e.name] = [walk(Path(e.path)), "d"]
+            else:
+                est = e.stat(follow_symlinks=False)
+                fid = f"{est.st_ino}.0"
+                files[fid] = Path(e.path).read_bytes()
+                mtimes[fid] = est.st_mtime_ns
+                entries[e.name] = [fid, "f"]
+        dirs[ident] = entries
+        return ident
+
+    return {"root": walk(root), "dirs": dirs, "files": files, "mtimes": mtimes}
+
+
+def read_record(path: Path) -> list[dict]:
+    """The wrapped daemon's log; a last line cut short by its SIGKILL is dropped."""
+    entries = []
+    for line in path.read_text().split("\n"):
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            continue
+    return entries
+
+
+def rebuild(initial: dict, record: list[dict], cut: int, dest: Path, rng: random.Random) -> None:
+    """The spool as a power cut after record[cut - 1] leaves it.
+
+    Only what was made durable survives: a file keeps the bytes of its last
+    fsync (plus, sometimes, a torn piece of what was written after it), a
+    directory keeps the entries of its last fsync. A new or renamed entry
+    whose directory was never fsynced afterwards is gone, or still in its
+    old place.
+    """
+    dirs, files = dict(initial["dirs"]), dict(initial["files"])
+    for entry in record[:cut]:
+        if entry["op"] == "fsync_dir":
+            dirs[entry["id"]] = entry["entries"]
+        elif entry["op"] == "fsync_file":
+            files[entry["id"]] = base64.b64decode(entry["data"])
+    later: dict[str, bytes] = {}
+    for entry in record[cut:]:
+        if entry["op"] == "fsync_file" and entry["id"] not in later:
+            later[entry["id"]] = base64.b64decode(entry["data"])
+
+    def contents(ident: str) -> bytes:
+        data = files.get(ident, b"")
+        newer = later.get(ident)
+        if newer is not None and newer.startswith(data) and len(newer) > len(data) and rng.random() < 0.5:
+            data = newer[:rng.randint(len(data), len(newer))]  # written back in part before the cut
+        return data
+
+    def build(ident: str, path: Path, depth: int = 0) -> None:
+        path.mkdir()
+        for name, (child, kind) in dirs.get(ident, {}).items():
+            if kind == "d" and depth < 8:
+                build(child, path / name, depth + 1)
+            elif kind == "f":
+                (path / name).write_bytes(contents(child))
+                if child in initial["mtimes"]:
+                    os.utime(path / name, ns=(initial["mtimes"][child],) * 2)
+
+    build(initial["root"], dest)
+
+
+def announced(record: list[dict], cut: int) -> tuple[dict[str, int], set[str]]:
+    """What the daemon had announced before the cut: lines done per job, and completed jobs."""
+    done: dict[str, int] = {}
+    completed: set[str] = set()
+    for entry in record[:cut]:
+        if entry["op"] != "announce":
+            continue
+        if entry["topic"] == "spoold.job.completed":
+            completed.add(entry["job"])
+        elif entry.get("done") is not None:
+            done[entry["job"]] = max(done.get(entry["job"], 0), entry["done"])
+    return done, completed
+
+
+def durable_lines(root: Path, job_id: str) -> int | None:
+    """Complete result lines a job holds in a rebuilt spool; None if the job is nowhere."""
+    for job in [*root.glob(f"processing/*/{job_id}"), root / "outbox" / job_id]:
+        if job.is_dir():
+            n = 0
+            for name in ("output.jsonl", "errors.jsonl"):
+                try:
+                    n += (job / name).read_bytes().count(b"\n")
+                except FileNotFoundError:
+                    pass
+            return n
+    return None

@@ -1,0 +1,167 @@
+"""Crashes at every step, at random steps, and power cuts: nothing lost, nothing doubled.
+
+A fast engine double runs the jobs (the crash windows are in the spool code,
+not in the engine); tests/torture/oswrap.py counts the daemon's
+file-system steps so a crash can be placed just before any one of them.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from .harness import (Drop, announced, durable_lines, make_drop, merge, read_record, rebuild,
+                      run_to_crash, run_until_idle, save_result, snapshot, verdict, write_config)
+
+#: Two trials at a time: each is mostly a Python process starting up.
+PARALLEL = 2
+
+
+def small_spool(root: Path) -> list[Drop]:
+    """Two drops, one with bad lines: every kind of step in a few dozen of them."""
+    (root / "inbox").mkdir(parents=True)
+    return [make_drop(root / "inbox", "alpha.jsonl", 6), make_drop(root / "inbox", "beta.jsonl", 3, bad=False)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One clean, recorded run of the small spool: its steps and what each made durable."""
+    base = tmp_path_factory.mktemp("reference")
+    template = base / "template"
+    drops = small_spool(template)
+    root = base / "spool"
+    shutil.copytree(template, root)
+    initial = snapshot(root)
+    config = write_config(base / "c.toml", root, heartbeat=3600)
+    record = base / "record.jsonl"
+    run_until_idle(config, root, drops, base / "log", plan={"root": str(root), "record": str(record)})
+    v = verdict(root, drops)
+    assert v.ok, v
+    return {"template": template, "drops": drops, "initial": initial, "record": read_record(record), "base": base}
+
+
+def crash_then_recover(template: Path, drops: list[Drop], work: Path, step: int) -> tuple[bool, object]:
+    """Crash a daemon just before `step` on a fresh copy of the spool, then run one to idle."""
+    root = work / "spool"
+    shutil.copytree(template, root)
+    config = write_config(work / "c.toml", root, heartbeat=3600)
+    crashed = run_to_crash(config, root, drops, work / "log", {"root": str(root), "crash_at": step})
+    run_until_idle(config, root, drops, work / "log")
+    return crashed, verdict(root, drops)
+
+
+def test_a_crash_before_each_step_loses_and_doubles_nothing(reference, tmp_path):
+    steps = max(e["step"] for e in reference["record"])
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        trials = list(pool.map(lambda n: crash_then_recover(reference["template"], reference["drops"],
+                                                            _mkdir(tmp_path / str(n)), n), range(1, steps + 1)))
+    crashes = sum(crashed for crashed, _ in trials)
+    total = merge([v for _, v in trials])
+    save_result("Crash before each fsync, write, rename, mkdir (deterministic walk)", crashes, total,
+                f"{steps} steps of a 2-job run")
+    assert total.ok, total.problems[:5]
+    assert steps >= 60 and crashes >= steps * 0.9, (steps, crashes)
+
+
+def test_random_kills_through_many_jobs(tmp_path):
+    """One spool, crashed again and again at random steps: claims, validation, commits, finalize.
+
+    A new drop arrives whenever the spool runs dry, so every run has work
+    to be killed in, until 130 kills have landed.
+    """
+    root = tmp_path / "spool"
+    (root / "inbox").mkdir(parents=True)
+    drops = [make_drop(root / "inbox", f"d{i}.jsonl", 150) for i in range(4)]
+    config = write_config(tmp_path / "c.toml", root, inflight=4, delay=0.002)
+    rng = random.Random(7)
+    kills = 0
+    while kills < 130:
+        plan = {"root": str(root), "crash_at": rng.randint(1, 70)}
+        if run_to_crash(config, root, drops, tmp_path / "log", plan):
+            kills += 1
+        else:
+            drops.append(make_drop(root / "inbox", f"d{len(drops)}.jsonl", 150))
+    run_until_idle(config, root, drops, tmp_path / "log")
+    v = verdict(root, drops)
+    save_result("SIGKILL at a random step, again and again", kills, v,
+                f"{len(drops)} jobs of 152 lines")
+    assert v.ok, v.problems[:5]
+
+
+def test_the_order_of_durable_steps(reference):
+    """File fsync before its rename; directory fsync after each rename, mkdir and creation."""
+    record = reference["record"]
+    problems = []
+    last_write: dict[str, int] = {}
+    last_fsync: dict[str, int] = {}
+    for i, e in enumerate(record):
+        if e["op"] == "write":
+            last_write[e["id"]] = i
+        elif e["op"] == "fsync_file":
+            last_fsync[e["id"]] = i
+        elif e["op"] == "rename" and last_write.get(e["id"], -1) > last_fsync.get(e["id"], -1):
+            problems.append(f"{e['path']} renamed with unsynced writes")
+        needs = {"rename": [e.get("dst_parent"), e.get("src_parent")], "mkdir": [e.get("parent")]}.get(e["op"], [])
+        for parent in needs:
+            if not _synced_before_next_announcement(record, i, parent):
+                problems.append(f"{e['op']} of {e['path']}: its directory not fsynced afterwards")
+    created = {e["id"]: i for i, e in enumerate(record) if e["op"] == "create"}
+    renamed = {e["id"] for e in record if e["op"] == "rename"}
+    for ident, i in created.items():
+        if ident in last_fsync and ident not in renamed and not _dir_lists(record, i, ident):
+            problems.append(f"{record[i]['path']} created and fsynced, but its entry never made durable")
+    assert not problems, problems[:10]
+    ops = {e["op"] for e in record}
+    assert {"rename", "mkdir", "create", "fsync_file", "fsync_dir", "write", "announce"} <= ops
+
+
+def _synced_before_next_announcement(record: list[dict], i: int, dir_id: str) -> bool:
+    for e in record[i + 1:]:
+        if e["op"] == "fsync_dir" and e["id"] == dir_id:
+            return True
+        if e["op"] == "announce":
+            return False
+    return False
+
+
+def _dir_lists(record: list[dict], i: int, ident: str) -> bool:
+    return any(e["op"] == "fsync_dir" and any(v[0] == ident for v in e["entries"].values())
+               for e in record[i + 1:])
+
+
+def test_power_cuts_lose_nothing_that_was_counted(reference, tmp_path):
+    """Rebuild the spool from only what was durable at 50 cut points, restart, check."""
+    record = reference["record"]
+    cuts = [i + 1 for i, e in enumerate(record) if e["op"] in ("fsync_dir", "fsync_file", "announce")]
+    rng = random.Random(11)
+    chosen = sorted(rng.sample(cuts, min(50, len(cuts))))
+
+    def trial(cut: int):
+        work = _mkdir(tmp_path / str(cut))
+        root = work / "spool"
+        rebuild(reference["initial"], record, cut, root, random.Random(cut))
+        done, completed = announced(record, cut)
+        problems = [f"cut {cut}: {job} announced {n} lines, {durable_lines(root, job)} survived"
+                    for job, n in done.items() if (durable_lines(root, job) or 0) < n]
+        problems += [f"cut {cut}: {job} announced completed, not in outbox/"
+                     for job in completed if not (root / "outbox" / job).is_dir()]
+        config = write_config(work / "c.toml", root, heartbeat=3600)
+        run_until_idle(config, root, reference["drops"], work / "log")
+        v = verdict(root, reference["drops"])
+        v.problems += problems
+        return v
+
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        total = merge(list(pool.map(trial, chosen)))
+    save_result("Power cut (only fsynced data and fsynced directory entries survive)", len(chosen), total)
+    assert total.ok, total.problems[:5]
+    assert len(chosen) >= 50
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
