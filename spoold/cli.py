@@ -141,8 +141,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("[engine] model is not set: name a Hugging Face id, a local path "
                           "or an alias from [models]")
     served = _resolver(config).served
+    def make_engine():
+        return load_engine(replace(config.engine, model=served))
+
     try:
-        engine = load_engine(replace(config.engine, model=served))
+        engine = make_engine()
     except (EngineLoadError, ValueError) as e:
         raise ConfigError(str(e)) from None
     from .events import EventPublisher
@@ -154,7 +157,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         events = EventPublisher(config.events.endpoint, config.spool.host_id)
     except Exception as e:  # zmq.ZMQError: a bad or busy endpoint
         raise ConfigError(f"[events] endpoint {config.events.endpoint!r}: {e}") from None
-    return Daemon(config, engine, metrics=metrics, events=events, reload_config=read_config).run()
+    return Daemon(config, engine, metrics=metrics, events=events, reload_config=read_config,
+                  make_engine=make_engine).run()
 
 
 def _resolver(config: Config):

@@ -35,6 +35,14 @@ log = logging.getLogger(__name__)
 #: (a full or failing disk): long enough not to spin, short enough to resume soon.
 WRITE_RETRY_SECONDS = 5.0
 
+#: Engine restarts allowed within ENGINE_RESTART_WINDOW before the daemon
+#: gives up and exits for systemd to restart it (a model that keeps crashing).
+MAX_ENGINE_RESTARTS = 3
+ENGINE_RESTART_WINDOW = 600.0
+
+#: How long a dead or hung engine gets to shut down before a fresh one loads.
+ENGINE_CLOSE_SECONDS = 60.0
+
 #: How often the status line goes to the log as well as to systemd.
 LOG_PROGRESS_SECONDS = 30.0
 
@@ -49,8 +57,10 @@ class Daemon:
     def __init__(self, config: Config, engine: Engine, notifier: Notifier | None = None,
                  gpus: GpuReader | None = None, metrics: Metrics | None = None,
                  events: EventPublisher | None = None,
-                 reload_config: Callable[[], Config] | None = None) -> None:
+                 reload_config: Callable[[], Config] | None = None,
+                 make_engine: Callable[[], Engine] | None = None) -> None:
         self.config = config
+        self.make_engine = make_engine
         self.reload_config = reload_config
         self.engine = engine
         self.metrics = metrics
@@ -74,6 +84,14 @@ class Daemon:
         self._last_announced = -1
         self._stalled = False
         self._hup: asyncio.Event | None = None
+        #: why work is paused (a full or failing disk), shown in status and heartbeats
+        self._paused: str | None = None
+        self._heartbeat_failures: list[str] = []
+        #: set to end the current job early: a stop, or a hung engine
+        self._job_stop: asyncio.Event | None = None
+        self._engine_hung = False
+        self._engine_restarts: list[float] = []
+        self._ready_sent = False
 
     def run(self) -> int:
         """Run until stopped; returns the process exit code.
@@ -141,6 +159,8 @@ class Daemon:
         if self._signals == 1:
             log.info("%s: warm stop (finishing writes; send again to stop at once)", signal.Signals(sig).name)
             self._stop.set()
+            if self._job_stop is not None:
+                self._job_stop.set()
             self.watcher.wake()
         elif self._main_task is not None:
             self._main_task.cancel()
@@ -162,13 +182,14 @@ class Daemon:
         self.state = "idle"
         self._write_heartbeat()  # a state change is on disk at once, not a period later
         self.notifier.ready(status_line(None, len(self.spool.inbox_entries()), self.gpus.read()))
+        self._ready_sent = True
 
     async def _serve(self) -> None:
         """Finish this host's claimed jobs first, then claim drops as they complete."""
         while not self._stop.is_set():
             job = self._next_own_job()
             if job is None:
-                job = self._claim_next()
+                job = await self._claim_next()
             if job is None:
                 await self.watcher.wait()
                 continue
@@ -182,16 +203,17 @@ class Daemon:
             await asyncio.sleep(LOAD_EXTEND_SECONDS / 3)
 
     async def _watchdog_loop(self) -> None:
-        """WATCHDOG=1 from the main loop, only while healthy: not loading, not stalled.
+        """WATCHDOG=1 from the main loop, only while healthy: ready and not stalled.
 
         systemd arms the watchdog at READY=1; a stuck engine stops the pings
-        and systemd restarts the service, which resumes the job.
+        and systemd restarts the service, which resumes the job. (A fresh
+        engine loading after a crash of the old one keeps the pings going.)
         """
         interval = self.notifier.watchdog_interval()
         if interval is None:
             return
         while True:
-            if self.state not in ("starting", "loading") and not self._stalled:
+            if self._ready_sent and not self._stalled:
                 self.notifier.watchdog()
             await asyncio.sleep(interval)
 
@@ -219,11 +241,15 @@ class Daemon:
                 return job
         return None
 
-    def _claim_next(self) -> JobDir | None:
+    async def _claim_next(self) -> JobDir | None:
         drops = self.watcher.complete_drops()
         self._queued = len(drops)
         for name in drops:
-            job = self.spool.claim_drop(name)
+            try:
+                job = self.spool.claim_drop(name)
+            except OSError as e:
+                await self._pause(f"cannot claim {name!r}: {_describe(e)}")
+                return None
             self.watcher.forget(name)
             if job is not None:
                 log.info("claimed %s as job %s", name, job.id, **job_fields(job.id))
@@ -232,29 +258,30 @@ class Daemon:
         return None
 
     async def _run_job(self, job: JobDir) -> None:
+        self._job_stop = asyncio.Event()
         runner = JobRunner(self.spool, job, self.engine, self.resolver, self.config.limits,
-                           self.config.engine.inflight_limit, self._stop, on_validated=self._validated)
+                           self.config.engine.inflight_limit, self._job_stop, on_validated=self._validated)
         self._current = runner
+        self._paused = None  # trying again; a new failure pauses again
         self._counted, self._last_announced, self._stalled = (0, 0), -1, False
         self.state = "working"
         self._write_heartbeat()
         outcome = "interrupted"
         try:
             outcome = await runner.run()
-            if outcome == "interrupted":
+            if outcome == "interrupted" and self._engine_hung:
+                await self._restart_engine(f"job {job.id}: the engine made no progress for "
+                                           f"{self.config.watchdog.stall_seconds:.0f}s")
+            elif outcome == "interrupted":
                 log.info("job %s interrupted at %d/%d; it resumes on the next start",
                          job.id, runner.progress.done, runner.progress.total, **job_fields(job.id))
-        except WriterFailed as e:
-            log.error("job %s: %s; retrying in %.0fs", job.id, e, WRITE_RETRY_SECONDS, **job_fields(job.id))
-            self.notifier.status(f"{job.id}: cannot write results ({e}); retrying")
-            await self._sleep_unless_stopped(WRITE_RETRY_SECONDS)
+        except (WriterFailed, OSError) as e:
+            await self._pause(f"job {job.id}: {_describe(e)}", job.id)
         except IncompleteJob as e:
             log.error("%s", e)
             self._stuck.add(job.id)
         except EngineFailed as e:
-            log.error("%s; exiting so the service restarts with a fresh engine", e, **job_fields(job.id))
-            self.exit_code = 1
-            self._stop.set()
+            await self._restart_engine(str(e))
         except Exception as e:  # a bug or an I/O fault must not take the daemon down
             log.error("job %s stopped by an unexpected %s: %s; it stays in %s and is retried "
                       "on the next start", job.id, type(e).__name__, e, job.path.parent, exc_info=True,
@@ -265,8 +292,51 @@ class Daemon:
             self._announce_progress(force=True)
             self._announce_end(runner, outcome)
             self._current = None
-            self.state = "idle"
+            self._job_stop = None
+            if self.state == "working":
+                self.state = "idle"
             self._write_heartbeat()
+
+    async def _pause(self, reason: str, job_id: str | None = None) -> None:
+        """A full or failing disk: say so everywhere, wait, then let the loop try again.
+
+        Nothing unpersisted was counted, nothing incomplete was published;
+        the retry resumes from what is on disk. Spool directories someone
+        removed are made again.
+        """
+        self._paused = reason
+        fields = job_fields(job_id) if job_id else {}
+        log.error("%s; work paused, retrying in %.0fs", reason, WRITE_RETRY_SECONDS, **fields)
+        self._write_heartbeat()
+        await self._sleep_unless_stopped(WRITE_RETRY_SECONDS)
+        try:
+            self.spool.ensure_dirs()
+        except OSError as e:
+            log.error("cannot create the spool directories: %s", _describe(e))
+
+    async def _restart_engine(self, reason: str) -> None:
+        """Replace a dead or hung engine in-process; the job resumes on the fresh one.
+
+        What was durable stays done; the requests that were in flight have no
+        result line and simply run again. An engine that keeps failing makes
+        the daemon exit 1 instead, for systemd to restart the whole service.
+        """
+        self._engine_hung = False
+        now = time.monotonic()
+        self._engine_restarts = [t for t in self._engine_restarts if now - t < ENGINE_RESTART_WINDOW] + [now]
+        if self.make_engine is None or len(self._engine_restarts) > MAX_ENGINE_RESTARTS:
+            log.error("%s; %d engine restarts in %.0fs: exiting so the service restarts", reason,
+                      len(self._engine_restarts) - 1, ENGINE_RESTART_WINDOW)
+            self.exit_code = 1
+            self._stop.set()
+            return
+        log.error("%s; starting a fresh engine (the requests in flight run again)", reason)
+        try:
+            await asyncio.wait_for(self.engine.close(), ENGINE_CLOSE_SECONDS)
+        except Exception as e:  # a dead engine may fail to shut down cleanly, or hang doing it
+            log.warning("the old engine did not shut down cleanly: %r", e)
+        self.engine = self.make_engine()
+        await self._start_engine()
 
     async def _sleep_unless_stopped(self, seconds: float) -> None:
         try:
@@ -321,6 +391,10 @@ class Daemon:
         if stalled and not self._stalled:
             log.error("job %s: %d requests in flight and no result for %.0fs: the engine looks stuck",
                       progress.job_id, progress.inflight, idle_for)
+            if self.notifier.watchdog_interval() is None and self._job_stop is not None:
+                # No systemd watchdog to restart us: replace the engine ourselves.
+                self._engine_hung = True
+                self._job_stop.set()
             self._publish("spoold.engine.stalled", {"job": progress.job_id, "inflight": progress.inflight,
                                                     "seconds_without_progress": round(idle_for, 1)})
         self._stalled = stalled
@@ -357,6 +431,8 @@ class Daemon:
     @property
     def _shown_state(self) -> str:
         """The state heartbeats and events report: `stalled` overrides the rest."""
+        if self._paused:
+            return "paused"
         return "stalled" if self._stalled else self.state
 
     def _status_line(self, progress: JobProgress | None, gpus: list[dict]) -> str:
@@ -365,6 +441,8 @@ class Daemon:
             return f"loading model {self.engine.model}"
         if self.state == "stopping":
             return STOPPING_STATUS
+        if self._paused:
+            return f"PAUSED: {self._paused}; retrying every {WRITE_RETRY_SECONDS:.0f}s"
         line = status_line(progress, self._queued, gpus)
         return f"STALLED: {line}" if self._stalled else line
 
@@ -389,7 +467,11 @@ class Daemon:
             paths.append(Path(state_dir) / "heartbeat.json")
         if progress is not None and progress.state != "completed":
             paths.append(self._current.job.heartbeat)
-        write_heartbeat(paths, doc, self.spool.file_mode, self.spool.gid)
+        failures = write_heartbeat(paths, doc, self.spool.file_mode, self.spool.gid)
+        if failures != self._heartbeat_failures:  # once per change, not every beat
+            self._heartbeat_failures = failures
+            for failure in failures:
+                log.warning("cannot write heartbeat %s", failure)
         line = self._status_line(progress, gpus)
         self.notifier.status(line)
         self._publish("spoold.daemon.heartbeat", self._heartbeat_payload())
@@ -402,3 +484,11 @@ class Daemon:
         if progress is not None and now - self._last_log >= LOG_PROGRESS_SECONDS:
             self._last_log = now
             log.info("%s", line)
+
+
+def _describe(error: BaseException) -> str:
+    """An I/O error as a person reads it: what failed, on which file."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{error.strerror}{where}"
+    return str(error)

@@ -55,6 +55,14 @@ class Engine(Protocol):
         """Release the engine and whatever memory it holds."""
 
 
+class EngineDead(Exception):
+    """Raised by `handle` when the engine can run no request at all (its process died).
+
+    The job runner writes nothing for such a request; the daemon starts a
+    fresh engine and the request runs again.
+    """
+
+
 class EngineLoadError(Exception):
     """The adapter named in the config cannot be imported or built."""
 

@@ -24,13 +24,21 @@ def heartbeat_document(host: str, state: str, progress: Any | None, gpus: list[d
     return doc
 
 
-def write_heartbeat(paths: list[Path], doc: dict[str, Any], mode: int = 0o640, gid: int = -1) -> None:
-    """Replace each heartbeat file atomically; a vanished directory is skipped."""
+def write_heartbeat(paths: list[Path], doc: dict[str, Any], mode: int = 0o640, gid: int = -1) -> list[str]:
+    """Replace each heartbeat file atomically; returns what failed, e.g. on a full disk.
+
+    A heartbeat that cannot be written must never stop the work it reports
+    on; a vanished directory (a job just published) is not a failure.
+    """
+    failures = []
     for path in paths:
         try:
             atomic_write_json(path, doc, mode, gid)
         except FileNotFoundError:
             pass
+        except OSError as e:
+            failures.append(f"{path}: {e.strerror or e}")
+    return failures
 
 
 def status_line(progress: Any | None, queued: int, gpus: list[dict]) -> str:

@@ -11,10 +11,12 @@ ends with exactly one result, however many times this is interrupted.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
 import re
+import stat
 import time
 from dataclasses import dataclass, field
 from collections.abc import Callable, Iterator
@@ -43,6 +45,10 @@ class EngineFailed(Exception):
     Nothing is written for that request: it runs again once the engine has
     been restarted, rather than turning every remaining line into an error.
     """
+
+
+class InputRejected(Exception):
+    """The job's input can never be processed (too big, not a regular file): it fails."""
 
 
 class IncompleteJob(Exception):
@@ -145,8 +151,10 @@ class JobRunner:
             return "completed"
         try:
             f = self._open_input()
-        except OSError as e:
-            return self._fail(f"cannot read input.jsonl: {e.strerror or e}")
+        except InputRejected as e:
+            return self._fail(str(e))
+        # Any other OSError (EIO, ESTALE on NFS, a full disk) may pass: it
+        # goes up to the daemon, which retries the job later.
         recovered = recover_results(self.job.output, self.job.errors)
         writer = GroupCommitWriter(self.job.output, self.job.errors, recovered.tally,
                                    self.spool.file_mode, self.spool.gid)
@@ -164,12 +172,21 @@ class JobRunner:
 
     def _open_input(self) -> IO[bytes]:
         """Open input.jsonl without following links; only a regular file is read."""
-        fd = os.open(self.job.input, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            fd = os.open(self.job.input, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise InputRejected("input.jsonl is a symlink; it is never followed") from None
+            raise
         f = os.fdopen(fd, "rb", buffering=1 << 20)
-        size = os.fstat(fd).st_size
-        if self.limits.max_file_bytes and size > self.limits.max_file_bytes:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             f.close()
-            raise OSError(f"file is {size} bytes, over [limits] max_file_bytes ({self.limits.max_file_bytes})")
+            raise InputRejected("input.jsonl is not a regular file")
+        if self.limits.max_file_bytes and st.st_size > self.limits.max_file_bytes:
+            f.close()
+            raise InputRejected(f"file is {st.st_size} bytes, over [limits] max_file_bytes "
+                                f"({self.limits.max_file_bytes})")
         return f
 
     async def _run_phases(self, f: IO[bytes], writer: GroupCommitWriter, recovered: Recovered) -> str:

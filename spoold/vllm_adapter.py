@@ -21,7 +21,7 @@ from argparse import Namespace
 from typing import Any
 
 from .config import EngineSettings
-from .engine import EngineRequest, EngineResult
+from .engine import EngineDead, EngineRequest, EngineResult
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class VllmEngine:
         self._settings = settings
         self._stack = contextlib.AsyncExitStack()
         self._handlers: dict[str, Any] = {}
+        self._client: Any = None
 
     async def start(self) -> None:
         """Load the model and build vLLM's serving objects, as run-batch does."""
@@ -88,6 +89,7 @@ class VllmEngine:
         client = await self._stack.enter_async_context(
             build_async_engine_client(args, usage_context=UsageContext.OPENAI_BATCH_RUNNER)
         )
+        self._client = client
         state = State()
         tasks = await client.get_supported_tasks()
         await init_app_state(client, state, args, tasks)
@@ -115,12 +117,26 @@ class VllmEngine:
             try:
                 response = await handler(request_type.model_validate(request.body))
             except Exception as e:  # vLLM's own mapping of exceptions to HTTP errors
+                self._raise_if_dead(e)
                 response = create_error_response(e)
-        return _to_result(response)
+        result = _to_result(response)
+        if result.status_code >= 500:
+            self._raise_if_dead(None)
+        return result
+
+    def _raise_if_dead(self, error: BaseException | None) -> None:
+        """A dead engine core is not the request's fault: no result line, run it again.
+
+        vLLM turns EngineDeadError into a 500 response like any other error;
+        written down, it would fail every remaining line of the job.
+        """
+        if self._client is not None and self._client.errored:
+            raise EngineDead(f"the vLLM engine core died: {self._client.dead_error!r}") from error
 
     async def close(self) -> None:
         """Shut down the engine process and free its memory."""
         self._handlers = {}
+        self._client = None
         gc.unfreeze()
         await self._stack.aclose()
         # The serving objects hold the AsyncLLM; collect it now, while vLLM's

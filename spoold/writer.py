@@ -41,6 +41,8 @@ class GroupCommitWriter:
         self._paths = (output, errors)
         self._mode, self._gid = mode, gid
         self._fds: list[int | None] = [None, None]
+        #: each file's size after its last successful fsync: what a failed commit is cut back to
+        self._durable: list[int | None] = [None, None]
         self._out: list[bytes] = []
         self._err: list[bytes] = []
         self._results: list[EngineResult] = []
@@ -111,14 +113,37 @@ class GroupCommitWriter:
             if not lines:
                 continue
             fd = self._fd(index)
-            write_all(fd, b"".join(lines))
-            os.fsync(fd)
+            try:
+                write_all(fd, b"".join(lines))
+                os.fsync(fd)
+            except OSError:
+                self._cut_back(index)
+                raise
+            self._durable[index] = os.fstat(fd).st_size
             self.fsyncs += 1
+
+    def _cut_back(self, index: int) -> None:
+        """After a failed write or fsync, drop what may not be on disk.
+
+        After a failed fsync the kernel may report the pages clean although
+        they never reached the disk (PostgreSQL's "fsyncgate"): a later
+        recovery must not read those lines back as finished. Best effort: if
+        the disk refuses this too, recovery still cuts any torn tail.
+        """
+        fd, size = self._fds[index], self._durable[index]
+        if fd is None or size is None:
+            return
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        except OSError as e:
+            log.error("%s: cannot cut back to %d bytes after a failed write: %s", self._paths[index], size, e)
 
     def _fd(self, index: int) -> int:
         fd = self._fds[index]
         if fd is None:
             fd = self._fds[index] = open_append(self._paths[index], self._mode, self._gid)
+            self._durable[index] = os.fstat(fd).st_size  # recovery fsynced what is there
         return fd
 
     def close(self) -> None:
@@ -212,4 +237,6 @@ def _read_complete(path: Path, parse):
         if size > good:
             log.warning("%s: cutting %d bytes of torn tail", path, size - good)
             f.truncate(good)
-            os.fsync(f.fileno())
+        # A crash may have left complete lines in the page cache only; they
+        # are counted from now on, so they must be on disk first.
+        os.fsync(f.fileno())

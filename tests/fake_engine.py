@@ -3,9 +3,10 @@
 Selected the way production selects vLLM, by `[engine] adapter =
 "tests.fake_engine:EchoEngine"`. Knobs come from `[engine.args]`:
 `delay` (seconds per request), `load_delay` (seconds `start()` takes, like
-loading a model), `fail_on` (a custom_id whose request raises, as a dead
-engine would) and `hang_on` (a custom_id whose request never returns, as a
-stuck engine would).
+loading a model), `fail_on` (a custom_id whose request raises EngineDead, as
+a dead engine would), `hang_on` (a custom_id whose request never returns, as
+a stuck engine would) and `faulty_engines` (how many engines of a process
+fail or hang that way; by default all, so a restart does not help).
 """
 
 from __future__ import annotations
@@ -15,18 +16,23 @@ import json
 import time
 
 from spoold.config import EngineSettings
-from spoold.engine import EngineRequest, EngineResult
+from spoold.engine import EngineDead, EngineRequest, EngineResult
 
 
 class EchoEngine:
     """Answers every request with a ChatCompletion-shaped body naming its line."""
 
+    #: engines made in this process so far
+    instances = 0
+
     def __init__(self, settings: EngineSettings) -> None:
+        EchoEngine.instances += 1
+        faulty = EchoEngine.instances <= int(settings.args.get("faulty_engines", 1 << 30))
         self.model = settings.model or "fake-model"
         self.delay = float(settings.args.get("delay", 0))
-        self.fail_on = settings.args.get("fail_on")
+        self.fail_on = settings.args.get("fail_on") if faulty else None
         self.load_delay = float(settings.args.get("load_delay", 0))
-        self.hang_on = settings.args.get("hang_on")
+        self.hang_on = settings.args.get("hang_on") if faulty else None
         self.started = False
         self.closed = False
         self.handled = 0
@@ -39,7 +45,7 @@ class EchoEngine:
         if self.delay:
             await asyncio.sleep(self.delay)
         if request.custom_id == self.fail_on:
-            raise RuntimeError("engine died")
+            raise EngineDead("engine died")
         if request.custom_id == self.hang_on:
             await asyncio.Event().wait()
         self.handled += 1

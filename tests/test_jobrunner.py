@@ -128,7 +128,7 @@ def test_a_symlinked_input_fails_the_job_without_reading_it(tmp_path):
     status, _ = run_job(spool, job, engine)
     assert status == "failed"
     batch = json.loads((spool.failed / job.id / "batch.json").read_text())
-    assert batch["status"] == "failed" and "cannot read input.jsonl" in batch["errors"][0]["message"]
+    assert batch["status"] == "failed" and "symlink" in batch["errors"][0]["message"]
 
 
 def test_finished_id_reads_only_the_top_level_key():

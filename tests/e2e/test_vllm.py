@@ -6,6 +6,7 @@ the crash test kills it and starts another on the same spool.
 
 import json
 import os
+import time
 
 import pytest
 from openai.types import Completion
@@ -13,6 +14,7 @@ from openai.types.chat import ChatCompletion
 
 from ..helpers import (DaemonProcess, Subscriber, check_exactly_once, complete_lines, free_port, outbox_jobs,
                        read_jsonl, wait_for, write_config, write_jsonl)
+from ..torture.harness import Drop, Verdict, check_job, save_result
 
 pytestmark = pytest.mark.vllm
 
@@ -147,18 +149,33 @@ def test_metrics_endpoint_has_spoold_and_vllm_families_consistent_with_batch_jso
         assert name in families
 
 
-def test_kill9_mid_job_then_restart_is_exactly_once(spool, tmp_path):
+def test_three_kill9s_on_real_vllm_then_exactly_once(spool, tmp_path):
+    """SIGKILL (engine processes too) mid-job, while the model loads, and mid-job again."""
     rows = [chat(i, max_tokens=32, ignore_eos=True) for i in range(3000)]
     drop(spool["root"], tmp_path, "crash.jsonl", rows)
     host = spool["root"] / "processing" / "testhost"
     outputs = wait_for(lambda: list(host.glob("crash-*/output.jsonl")), 60, "crash job output")
     wait_for(lambda: complete_lines(outputs[0]) >= 300, 120, "300 results")
-    spool["daemon"].kill9()
+    spool["daemon"].kill9()  # 1: in engine work and group commit
     partial = complete_lines(outputs[0])
     assert partial < 3000, "the job finished before the kill; make it longer"
 
     spool["daemon"] = DaemonProcess(spool["config"], spool["log"]).start()
+    time.sleep(4)
+    spool["daemon"].kill9()  # 2: during recovery and model loading
+    assert complete_lines(outputs[0]) == partial
+
+    spool["daemon"] = DaemonProcess(spool["config"], spool["log"]).start()
+    wait_for(lambda: complete_lines(outputs[0]) >= partial + 300, 180, "300 more results")
+    spool["daemon"].kill9()  # 3: mid-job again, after a resume
+    assert complete_lines(outputs[0]) < 3000, "the job finished before the third kill"
+
+    spool["daemon"] = DaemonProcess(spool["config"], spool["log"]).start()
     job = finished(spool["root"], "crash.jsonl", timeout=300)
+    v = Verdict()
+    check_job(job, Drop("crash.jsonl", {r["custom_id"] for r in rows}, set()), v)
+    save_result("SIGKILL of daemon and engine on real vLLM (tiny model)", 3, v, "a 3,000-line job")
+    assert v.ok, v
     check_exactly_once(job, {r["custom_id"] for r in rows}, set())
     batch = json.loads((job / "batch.json").read_text())
     assert batch["timings"]["resumed"] is True

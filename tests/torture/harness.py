@@ -48,15 +48,20 @@ def make_drop(directory: Path, name: str, n: int, bad: bool = True) -> Drop:
 
 
 def write_config(path: Path, root: Path, host: str = "testhost", *, delay: float = 0.0,
-                 inflight: int = 8, heartbeat: float = 0.2, extra: str = "", engine: str = "") -> Path:
-    """A fast-double config: short settle and poll, events on an ipc socket beside it."""
+                 inflight: int = 8, heartbeat: float = 0.2, spool: str = "", engine: str = "",
+                 args: str = "", extra: str = "") -> Path:
+    """A fast-double config: short settle and poll, events on an ipc socket beside it.
+
+    `spool`, `engine` and `args` add keys to [spool], [engine] and
+    [engine.args] (the double's knobs); `extra` adds sections at the end.
+    """
     path.write_text(f"""
 [spool]
 root = "{root}"
 host_id = "{host}"
 settle_seconds = 0.05
 poll_seconds = 0.05
-{extra}
+{spool}
 
 [engine]
 adapter = "tests.fake_engine:EchoEngine"
@@ -65,6 +70,7 @@ max_inflight = {inflight}
 {engine}
 [engine.args]
 delay = {delay}
+{args}
 
 [heartbeat]
 seconds = {heartbeat}
@@ -72,6 +78,10 @@ seconds = {heartbeat}
 [events]
 endpoint = "ipc://{path.parent}/{path.stem}.sock"
 progress_seconds = 0.05
+
+[metrics]
+listen = ""
+{extra}
 """)
     return path
 
@@ -207,11 +217,12 @@ def verdict(root: Path, drops: list[Drop]) -> Verdict:
             v.problems.append(f"{drop.name}: {len(found)} jobs in outbox/")
             v.lost += len(drop.valid_ids) + len(drop.bad_lines) if not found else 0
             continue
-        _check_job(found[0], drop, v)
+        check_job(found[0], drop, v)
     return v
 
 
-def _check_job(job: Path, drop: Drop, v: Verdict) -> None:
+def check_job(job: Path, drop: Drop, v: Verdict) -> None:
+    """Add one finished job's lost and doubled lines (and other faults) to `v`."""
     out = Counter(o["custom_id"] for o in read_jsonl(job / "output.jsonl"))
     errs = Counter(e["error"]["line"] for e in read_jsonl(job / "errors.jsonl"))
     v.doubled += sum(n - 1 for n in out.values()) + sum(n - 1 for n in errs.values())
@@ -317,6 +328,7 @@ def rebuild(initial: dict, record: list[dict], cut: int, dest: Path, rng: random
                 if child in initial["mtimes"]:
                     os.utime(path / name, ns=(initial["mtimes"][child],) * 2)
 
+    dest.parent.mkdir(parents=True, exist_ok=True)
     build(initial["root"], dest)
 
 

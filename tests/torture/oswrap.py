@@ -12,7 +12,9 @@ JSON in $SPOOLD_TORTURE:
   daemon published, so a power cut can be rebuilt at any step afterwards;
 - `faults`: make matching calls fail with an errno, e.g.
   `{"op": "fsync", "match": "output.jsonl", "errno": "EIO", "skip": 3, "count": 1}`
-  or `{"op": "write", "match": "/processing/", "errno": "ENOSPC", "until": <epoch>}`.
+  or `{"op": "write", "match": "/processing/", "errno": "ENOSPC", "until": <epoch>}`;
+  ops are the steps above plus `open` (any open, reading too); a rename
+  matches on "SRC -> DST".
 
 The product has none of this: it lives under tests/ and wraps `os` from
 outside, the way an LD_PRELOAD shim would wrap libc.
@@ -107,6 +109,8 @@ class Wrapper:
         if dir_fd is not None or not self.under_root(path):
             return _real["open"](path, flags, mode, dir_fd=dir_fd)
         path = os.path.abspath(os.fsdecode(path))
+        with self.lock:
+            self.inject("open", path)
         creating = bool(flags & os.O_CREAT) and not os.path.lexists(path)
         if creating:
             self.step("create", path)
@@ -162,7 +166,7 @@ class Wrapper:
         if src_dir_fd is not None or dst_dir_fd is not None or not self.under_root(src):
             return _real[_name](src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
         src, dst = os.path.abspath(os.fsdecode(src)), os.path.abspath(os.fsdecode(dst))
-        self.step("rename", src)
+        self.step("rename", f"{src} -> {dst}")
         ino = os.lstat(src).st_ino
         _real[_name](src, dst)
         self.record(op="rename", path=src, dst=dst, id=self.identity(ino), step=self.steps,

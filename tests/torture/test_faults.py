@@ -1,0 +1,198 @@
+"""Failing disks and a shifting spool: the daemon pauses, says why, and finishes correctly.
+
+Faults are injected by tests/torture/oswrap.py into the daemon's own `os`
+calls (EIO, ENOSPC, ESTALE), the way an LD_PRELOAD shim would into libc.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from ..helpers import Subscriber, read_jsonl, wait_for
+from .harness import (_reap, announced, durable_lines, make_drop, read_record, rebuild, run_until_idle,
+                      save_result, snapshot, start, tail, verdict, write_config)
+
+
+def faulty_run(tmp_path: Path, faults: list[dict], lines: int = 300, **config) -> tuple:
+    """Run one drop through a daemon whose os calls fail as planned; record its steps."""
+    root = tmp_path / "spool"
+    (root / "inbox").mkdir(parents=True)
+    drops = [make_drop(root / "inbox", "work.jsonl", lines)]
+    initial = snapshot(root)
+    cfg = write_config(tmp_path / "c.toml", root, **config)
+    record = tmp_path / "record.jsonl"
+    plan = {"root": str(root), "record": str(record), "faults": faults}
+    run_until_idle(cfg, root, drops, tmp_path / "log", plan=plan, timeout=90)
+    return root, drops, initial, read_record(record), (tmp_path / "log").read_text()
+
+
+def never_counted_unpersisted(initial: dict, record: list[dict], work: Path) -> list[str]:
+    """At each announcement, the lines announced were durable (rebuilt from fsyncs alone)."""
+    problems = []
+    for i, entry in enumerate(record):
+        if entry["op"] != "announce" or entry.get("done") is None:
+            continue
+        root = work / f"at{i}"
+        rebuild(initial, record, i + 1, root, random.Random(0))
+        done, _ = announced(record, i + 1)
+        have = durable_lines(root, entry["job"]) or 0
+        if have < done[entry["job"]]:
+            problems.append(f"announced {done[entry['job']]} lines of {entry['job']}, {have} durable")
+        shutil.rmtree(root)
+    return problems
+
+
+def test_fsync_eio_on_results_pauses_and_never_counts_the_lost_lines(tmp_path):
+    faults = [{"op": "fsync", "match": "output.jsonl", "errno": "EIO", "skip": 3, "count": 2}]
+    root, drops, initial, record, log = faulty_run(tmp_path, faults, inflight=4, delay=0.002)
+    v = verdict(root, drops)
+    v.problems += never_counted_unpersisted(initial, record, tmp_path / "cuts")
+    save_result("fsync fails with EIO on output.jsonl", 1, v)
+    assert v.ok, v.problems[:5]
+    assert "Input/output error" in log and "work paused, retrying" in log
+
+
+def test_a_full_disk_pauses_work_and_it_resumes_when_space_returns(tmp_path):
+    root = tmp_path / "spool"
+    (root / "inbox").mkdir(parents=True)
+    drops = [make_drop(root / "inbox", "full.jsonl", 2000)]
+    cfg = write_config(tmp_path / "c.toml", root, inflight=4, delay=0.002)
+    sub = Subscriber(f"ipc://{tmp_path}/c.sock")
+    # Every write under the spool fails for 7 s once 30 have gone through: mid-job.
+    faults = [{"op": "write", "match": str(root), "errno": "ENOSPC", "skip": 30, "until": time.time() + 7}]
+    try:
+        run_until_idle(cfg, root, drops, tmp_path / "log", plan={"root": str(root), "faults": faults}, timeout=90)
+        paused = sub.of("spoold.daemon.heartbeat", state="paused")
+    finally:
+        sub.close()
+    log = (tmp_path / "log").read_text()
+    v = verdict(root, drops)
+    save_result("Disk full (ENOSPC on every write for 7 s, mid-job)", 1, v)
+    assert v.ok, v.problems[:5]
+    assert "No space left on device" in log and "work paused" in log
+    assert paused, "no heartbeat event said the daemon was paused"
+
+
+def test_transient_errors_on_input_outbox_and_rename(tmp_path):
+    """ESTALE opening a claimed input, EIO on the rename into outbox/: retried, done once."""
+    faults = [{"op": "open", "match": "input.jsonl", "errno": "ESTALE", "count": 2},
+              {"op": "rename", "match": "/outbox/", "errno": "EIO", "count": 1}]
+    root, drops, _, _, log = faulty_run(tmp_path, faults, lines=50)
+    v = verdict(root, drops)
+    save_result("ESTALE on a claimed input, EIO on the outbox rename", 1, v)
+    assert v.ok, v.problems[:5]
+    assert "Stale file handle" in log and log.count("work paused") >= 2
+
+
+def test_a_removed_outbox_and_inbox_come_back(tmp_path):
+    root = tmp_path / "spool"
+    (root / "inbox").mkdir(parents=True)
+    drops = [make_drop(root / "inbox", "first.jsonl", 400)]
+    cfg = write_config(tmp_path / "c.toml", root, inflight=2, delay=0.005)
+    proc = start(cfg, tmp_path / "log")
+    try:
+        wait_for(lambda: list(root.glob("processing/testhost/*/output.jsonl")), 20, "the job running")
+        shutil.rmtree(root / "outbox")  # an admin "cleaning up"
+        wait_for(lambda: (root / "outbox").is_dir() and list((root / "outbox").iterdir()), 60,
+                 "the job published into a re-made outbox")
+        shutil.rmtree(root / "inbox")
+        time.sleep(1)
+        assert proc.poll() is None, tail(tmp_path / "log")
+        (root / "inbox").mkdir()
+        drops.append(make_drop(root / "inbox", "second.jsonl", 20))
+        wait_for(lambda: len(list((root / "outbox").iterdir())) == 2, 30, "the drop in the re-made inbox done")
+    finally:
+        _reap(proc)
+    v = verdict(root, drops)
+    save_result("Outbox and inbox removed while running", 1, v)
+    assert v.ok, v.problems[:5]
+
+
+def test_drops_that_vanish_between_detection_and_claim(tmp_path):
+    root = tmp_path / "spool"
+    (root / "inbox").mkdir(parents=True)
+    cfg = write_config(tmp_path / "c.toml", root)
+    proc = start(cfg, tmp_path / "log")
+    stop = threading.Event()
+
+    def ghosts():
+        n = 0
+        while not stop.is_set():
+            ghost = make_drop(root / "inbox", f"ghost{n}.jsonl", 2)
+            (root / "inbox" / f"{ghost.name}.ready").touch()
+            time.sleep(0.003 * (n % 7))
+            for p in (root / "inbox" / ghost.name, root / "inbox" / f"{ghost.name}.ready"):
+                p.unlink(missing_ok=True)
+            n += 1
+
+    thread = threading.Thread(target=ghosts)
+    thread.start()
+    try:
+        drops = [make_drop(root / "inbox", f"real{i}.jsonl", 30) for i in range(5)]
+        wait_for(lambda: all(verdict_done(root, d.name) for d in drops), 60, "the real drops done")
+    finally:
+        stop.set()
+        thread.join()
+        alive = proc.poll() is None
+        _reap(proc)
+    assert alive, tail(tmp_path / "log")
+    v = verdict(root, drops)
+    v.problems = [p for p in v.problems if "ghost" not in p]
+    ghosts_claimed = [p for p in (root / "outbox").iterdir() if p.name.startswith("ghost")]
+    for job in ghosts_claimed:  # a ghost claimed before it vanished is a whole job
+        assert (job / "batch.json").is_file()
+    save_result("Drops that vanish between detection and claim", 1, v)
+    assert v.ok, v.problems[:5]
+
+
+def verdict_done(root: Path, name: str) -> bool:
+    for job in (root / "outbox").iterdir() if (root / "outbox").is_dir() else []:
+        try:
+            if json.loads((job / "batch.json").read_text())["input_file"] == name:
+                return True
+        except (OSError, ValueError):
+            pass
+    return False
+
+
+def test_a_dead_engine_is_replaced_in_process_and_the_job_completes(tmp_path):
+    root, drops, _, _, log = faulty_run(tmp_path, [], lines=300, inflight=8, delay=0.002,
+                                        args='fail_on = "work-120"\nfaulty_engines = 2')
+    v = verdict(root, drops)
+    save_result("Engine dies mid-job (twice in a row)", 2, v)
+    assert v.ok, v.problems[:5]
+    assert log.count("starting a fresh engine") == 2 and log.count("model loaded") == 3
+
+
+def test_a_hung_engine_is_replaced_in_process_and_the_job_completes(tmp_path):
+    root, drops, _, _, log = faulty_run(tmp_path, [], lines=300, inflight=8, delay=0.002,
+                                        args='hang_on = "work-40"\nfaulty_engines = 1',
+                                        extra="[watchdog]\nstall_seconds = 1")
+    v = verdict(root, drops)
+    save_result("Engine hangs mid-job (no result for stall_seconds)", 1, v)
+    assert v.ok, v.problems[:5]
+    assert "the engine looks stuck" in log and log.count("starting a fresh engine") == 1
+
+
+def test_an_engine_that_keeps_dying_makes_the_daemon_exit_for_systemd(tmp_path):
+    root = tmp_path / "spool"
+    (root / "inbox").mkdir(parents=True)
+    drops = [make_drop(root / "inbox", "doomed.jsonl", 50)]
+    cfg = write_config(tmp_path / "c.toml", root, args='fail_on = "doomed-30"')
+    proc = start(cfg, tmp_path / "log")
+    try:
+        assert proc.wait(timeout=60) == 1
+    finally:
+        _reap(proc)
+    log = tail(tmp_path / "log", 20000)
+    assert log.count("starting a fresh engine") == 3 and "exiting so the service restarts" in log
+    (job,) = [p for p in (root / "processing" / "testhost").iterdir() if p.is_dir()]
+    # Nothing was written for the line the engine died on, nor doubled for any other.
+    ids = [o["custom_id"] for o in read_jsonl(job / "output.jsonl")]
+    assert len(ids) == len(set(ids)) and "doomed-30" not in ids
+    assert not (root / "outbox").exists() or not list((root / "outbox").iterdir())
