@@ -27,7 +27,7 @@ from .notify import STOPPING_STATUS, Notifier
 from .spool import JobDir, Spool
 from .validation import ModelResolver
 from .watcher import InboxWatcher
-from .writer import WriterFailed
+from .writer import JobLost, WriterFailed
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,11 @@ ENGINE_RESTART_WINDOW = 600.0
 
 #: How long a dead or hung engine gets to shut down before a fresh one loads.
 ENGINE_CLOSE_SECONDS = 60.0
+
+#: After taking over a job, wait this long before reading it back: a write the
+#: frozen owner had already begun when it lost the job lands first, and is
+#: then counted rather than run again.
+TAKEOVER_GRACE_SECONDS = 2.0
 
 #: How often the status line goes to the log as well as to systemd.
 LOG_PROGRESS_SECONDS = 30.0
@@ -92,6 +97,7 @@ class Daemon:
         self._engine_hung = False
         self._engine_restarts: list[float] = []
         self._ready_sent = False
+        self._orphans_checked = 0.0
 
     def run(self) -> int:
         """Run until stopped; returns the process exit code.
@@ -189,6 +195,8 @@ class Daemon:
         while not self._stop.is_set():
             job = self._next_own_job()
             if job is None:
+                job = await self._take_over_orphan()
+            if job is None:
                 job = await self._claim_next()
             if job is None:
                 await self.watcher.wait()
@@ -241,6 +249,30 @@ class Daemon:
                 return job
         return None
 
+    async def _take_over_orphan(self) -> JobDir | None:
+        """Adopt a job whose host stopped heartbeating for `[spool] claim_timeout`.
+
+        Looked for every quarter of the timeout (at most every 30 s), before
+        new drops: an orphan is older than anything in the inbox.
+        """
+        timeout = self.config.spool.claim_timeout
+        now = time.monotonic()
+        if now - self._orphans_checked < min(max(timeout / 4, 0.5), 30.0):
+            return None
+        self._orphans_checked = now
+        try:
+            orphans = self.spool.orphaned_jobs(timeout)
+            for orphan, age in orphans:
+                job = self.spool.take_over(orphan)
+                if job is not None:
+                    log.warning("took over job %s from %s: no heartbeat for %.0fs", job.id,
+                                orphan.path.parent.name, age, **job_fields(job.id))
+                    await self._sleep_unless_stopped(TAKEOVER_GRACE_SECONDS)
+                    return job
+        except OSError as e:
+            log.error("cannot take over orphaned jobs: %s", _describe(e))
+        return None
+
     async def _claim_next(self) -> JobDir | None:
         drops = self.watcher.complete_drops()
         self._queued = len(drops)
@@ -275,6 +307,8 @@ class Daemon:
             elif outcome == "interrupted":
                 log.info("job %s interrupted at %d/%d; it resumes on the next start",
                          job.id, runner.progress.done, runner.progress.total, **job_fields(job.id))
+        except JobLost as e:
+            log.warning("job %s is no longer this host's: %s; leaving it alone", job.id, e, **job_fields(job.id))
         except (WriterFailed, OSError) as e:
             await self._pause(f"job {job.id}: {_describe(e)}", job.id)
         except IncompleteJob as e:

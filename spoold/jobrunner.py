@@ -140,6 +140,7 @@ class JobRunner:
         self.stop = stop
         self.on_validated = on_validated
         self.batch: dict[str, Any] = job.read_batch() or new_batch(job.id, job.input.name, spool.settings.host_id)
+        self.batch["host"] = spool.settings.host_id  # the host finishing it, after a takeover too
         self.progress = JobProgress(job.id, self.batch.get("input_file", ""), self.batch.get("status", "validating"))
         self._writer: GroupCommitWriter | None = None
         self._dispatch_started = 0.0

@@ -227,6 +227,34 @@ class Spool:
             _unlink_quietly(self.inbox / (name + READY_SUFFIX))
             fsync_dir(self.inbox)
 
+    def orphaned_jobs(self, claim_timeout: float) -> list[tuple[JobDir, float]]:
+        """Jobs of other hosts whose daemon has not written a heartbeat for `claim_timeout`.
+
+        The age is the newest of the host's heartbeat and the job's own
+        files, by mtime: hosts sharing a spool over NFS need clocks in step.
+        """
+        orphans = []
+        now = time.time()
+        for host_dir in subdirs(self.processing):
+            if host_dir == self.host_dir:
+                continue
+            host_beat = _mtime(host_dir / "heartbeat.json")
+            for path in subdirs(host_dir):
+                job = JobDir(path)
+                age = now - max(host_beat, _mtime(job.heartbeat), _mtime(job.batch), _mtime(job.path))
+                if age > claim_timeout:
+                    orphans.append((job, age))
+        return orphans
+
+    def take_over(self, job: JobDir) -> JobDir | None:
+        """Make another host's job this host's by one rename; None if someone else was first."""
+        dest = self.host_dir / job.id
+        try:
+            durable_rename(job.path, dest)
+        except FileNotFoundError:
+            return None
+        return JobDir(dest)
+
     def count_host_jobs(self) -> int:
         """How many job directories this host holds (a cheap look, no clean-up)."""
         return len(subdirs(self.host_dir))
@@ -280,6 +308,13 @@ def mark_failed(batch: dict[str, Any], reason: str) -> None:
     batch["status"] = "failed"
     batch["failed_at"] = int(time.time())
     batch["errors"].append({"code": "file_unreadable", "message": reason})
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
 
 
 def _mtime_or_zero(entry: os.DirEntry) -> float:

@@ -29,6 +29,10 @@ class WriterFailed(Exception):
     """A write or fsync of a results file failed; nothing after it was counted."""
 
 
+class JobLost(WriterFailed):
+    """The job directory is no longer where this daemon opened it: another host took it over."""
+
+
 class GroupCommitWriter:
     """Appends result lines to output.jsonl / errors.jsonl with group commit.
 
@@ -79,6 +83,11 @@ class GroupCommitWriter:
             self._out, self._err, self._results, self._errors = [], [], [], 0
             try:
                 await asyncio.to_thread(self._commit, out, err)
+            except JobLost as e:
+                self.failure = e
+                async with self._progress:
+                    self._progress.notify_all()
+                return
             except OSError as e:
                 self.failure = WriterFailed(f"cannot write results: {e}")
                 log.error("%s", self.failure)
@@ -113,6 +122,7 @@ class GroupCommitWriter:
             if not lines:
                 continue
             fd = self._fd(index)
+            self._check_owned(index, fd)
             try:
                 write_all(fd, b"".join(lines))
                 os.fsync(fd)
@@ -121,6 +131,22 @@ class GroupCommitWriter:
                 raise
             self._durable[index] = os.fstat(fd).st_size
             self.fsyncs += 1
+
+    def _check_owned(self, index: int, fd: int) -> None:
+        """Refuse to write once the file's path no longer names the file we hold open.
+
+        A daemon frozen past `[spool] claim_timeout` finds its job renamed
+        into another host's directory; its open descriptors would still
+        write there. Checked before every group, so after waking it adds
+        nothing to a job that is no longer its own.
+        """
+        path = self._paths[index]
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            raise JobLost(f"{path} is gone from where this daemon opened it (taken over by another host?)")
 
     def _cut_back(self, index: int) -> None:
         """After a failed write or fsync, drop what may not be on disk.

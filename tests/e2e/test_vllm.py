@@ -6,7 +6,10 @@ the crash test kills it and starts another on the same spool.
 
 import json
 import os
+import signal
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from openai.types import Completion
@@ -147,6 +150,31 @@ def test_metrics_endpoint_has_spoold_and_vllm_families_consistent_with_batch_jso
     for name in ("spoold_requests_inflight", "spoold_requests_per_second", "spoold_last_progress_timestamp_seconds",
                  "spoold_jobs", "spoold_stalled"):
         assert name in families
+
+
+def test_a_killed_engine_core_is_replaced_and_the_job_completes(spool, tmp_path):
+    """SIGKILL of vLLM's EngineCore process only: the daemon loads a fresh engine itself."""
+    rows = [chat(i, max_tokens=32, ignore_eos=True) for i in range(1500)]
+    drop(spool["root"], tmp_path, "enginedeath.jsonl", rows)
+    host = spool["root"] / "processing" / "testhost"
+    outputs = wait_for(lambda: list(host.glob("enginedeath-*/output.jsonl")), 60, "job output")
+    wait_for(lambda: complete_lines(outputs[0]) >= 200, 120, "200 results")
+    daemon_pid = spool["daemon"].proc.pid
+    cores = [pid for pid in subprocess.run(["pgrep", "-P", str(daemon_pid)], capture_output=True,
+                                           text=True).stdout.split()
+             if b"EngineCore" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert cores, "no EngineCore child found"
+    for pid in cores:
+        os.kill(int(pid), signal.SIGKILL)
+    job = finished(spool["root"], "enginedeath.jsonl", timeout=300)
+    assert spool["daemon"].proc.poll() is None, "the daemon itself went down"
+    v = Verdict()
+    check_job(job, Drop("enginedeath.jsonl", {r["custom_id"] for r in rows}, set()), v)
+    save_result("vLLM EngineCore killed mid-job (real vLLM, replaced in-process)", 1, v)
+    assert v.ok, v
+    statuses = {o["response"]["status_code"] for o in read_jsonl(job / "output.jsonl")}
+    assert statuses == {200}, f"the dead engine's requests became results: {statuses}"
+    assert "starting a fresh engine" in spool["log"].read_text()
 
 
 def test_three_kill9s_on_real_vllm_then_exactly_once(spool, tmp_path):

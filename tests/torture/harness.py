@@ -35,14 +35,15 @@ class Drop:
 
 
 def make_drop(directory: Path, name: str, n: int, bad: bool = True) -> Drop:
-    """n valid chat lines; with `bad`, a broken line at line 4 and a duplicate custom_id at the end."""
+    """n valid chat lines; with `bad`, a broken line (line 4 at most) and a duplicate custom_id at the end."""
     stem = name.removesuffix(".jsonl")
     rows: list = [dict(chat_line(i), custom_id=f"{stem}-{i}") for i in range(n)]
     bad_lines: set[int] = set()
     if bad:
-        rows.insert(3, '{"custom_id": "broken", ')
+        at = min(3, len(rows))
+        rows.insert(at, '{"custom_id": "broken", ')
         rows.append(dict(chat_line(0), custom_id=f"{stem}-0"))
-        bad_lines = {4, len(rows)}
+        bad_lines = {at + 1, len(rows)}
     write_jsonl(directory / name, rows)
     return Drop(name, {f"{stem}-{i}" for i in range(n)}, bad_lines)
 
