@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 EXTRA  := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP  := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install test demo clean
+.PHONY: install test demo reliability clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(PY) -m pytest
+
+# The crash, fault and hostile-input harness, then its figures into README.md.
+reliability: install
+	$(PY) -m pytest tests/torture tests/e2e/test_vllm.py
+	$(PY) -m tests.torture.report
 
 demo: install
 	$(VENV)/bin/spoold demo

@@ -25,7 +25,7 @@ from typing import IO, Any
 from .config import LimitsSettings
 from .engine import Engine, EngineRequest
 from .spool import JobDir, Spool, mark_failed, new_batch
-from .validation import LineError, LineValidator, ModelResolver, iter_lines, validate_stream
+from .validation import LineError, LineValidator, ModelResolver, binary_kind, iter_lines, validate_stream
 from .writer import GroupCommitWriter, Recovered, recover_results
 
 log = logging.getLogger(__name__)
@@ -188,12 +188,18 @@ class JobRunner:
             f.close()
             raise InputRejected(f"file is {st.st_size} bytes, over [limits] max_file_bytes "
                                 f"({self.limits.max_file_bytes})")
+        kind = binary_kind(f.peek(16)[:16])
+        if kind is not None:
+            f.close()
+            raise InputRejected(f"this is {kind}, not JSONL")
         return f
 
     async def _run_phases(self, f: IO[bytes], writer: GroupCommitWriter, recovered: Recovered) -> str:
         if self.batch["status"] == "validating":
             if not await self._validate(f, writer, recovered):
                 return "interrupted"
+            if self.batch["request_counts"]["total"] == 0:
+                return self._fail("no request lines: the file is empty or only blank lines")
             f.seek(0)
         self.progress.state = "in_progress"
         self.progress.total = self.batch["request_counts"]["total"]

@@ -61,6 +61,32 @@ class ModelResolver:
         return resolved, ""
 
 
+#: Longer custom_ids are refused: they are keys, echoed in every result line.
+MAX_CUSTOM_ID_CHARS = 1024
+
+#: The first bytes of files that are often renamed `.jsonl` by mistake.
+BINARY_MAGIC = {
+    b"\x1f\x8b": "a gzip file (decompress it first: gunzip)",
+    b"PK\x03\x04": "a zip file (unzip it first)",
+    b"(\xb5/\xfd": "a zstd file (decompress it first: unzstd)",
+    b"BZh": "a bzip2 file (decompress it first: bunzip2)",
+    b"\xfd7zXZ\x00": "an xz file (decompress it first: unxz)",
+    b"\x89PNG\r\n\x1a\n": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"%PDF-": "a PDF document",
+    b"SQLite format 3\x00": "an SQLite database",
+    b"PAR1": "a Parquet file (convert it to JSONL first)",
+}
+
+
+def binary_kind(head: bytes) -> str | None:
+    """What kind of non-JSONL file starts with `head`, or None if it may be JSONL."""
+    for magic, kind in BINARY_MAGIC.items():
+        if head.startswith(magic):
+            return kind
+    return None
+
+
 class LineValidator:
     """Checks lines one by one; remembers custom_ids to catch duplicates."""
 
@@ -88,6 +114,9 @@ class LineValidator:
         custom_id = obj.get("custom_id")
         if not isinstance(custom_id, str) or not custom_id:
             return LineError(line, None, "missing_custom_id", "`custom_id` is missing or not a non-empty string")
+        if len(custom_id) > MAX_CUSTOM_ID_CHARS:
+            return LineError(line, None, "custom_id_too_long",
+                             f"`custom_id` is {len(custom_id)} characters, over {MAX_CUSTOM_ID_CHARS}")
         if self.track_duplicates:
             digest = hashlib.blake2b(custom_id.encode(), digest_size=8).digest()
             if digest in self._seen:
@@ -114,6 +143,9 @@ class LineValidator:
         return EngineRequest(line, custom_id, url, body)
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def iter_lines(f: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
     """(line number, raw line) for every non-blank line; raw is None when too long.
 
@@ -126,6 +158,8 @@ def iter_lines(f: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, bytes |
         if not raw:
             return
         number += 1
+        if number == 1 and raw.startswith(UTF8_BOM):  # Windows tools write one
+            raw = raw[len(UTF8_BOM):]
         if limit > 0 and len(raw) == limit and not raw.endswith(b"\n"):
             while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
                 pass

@@ -50,7 +50,7 @@ def make_drop(directory: Path, name: str, n: int, bad: bool = True) -> Drop:
 
 def write_config(path: Path, root: Path, host: str = "testhost", *, delay: float = 0.0,
                  inflight: int = 8, heartbeat: float = 0.2, spool: str = "", engine: str = "",
-                 args: str = "", extra: str = "") -> Path:
+                 args: str = "", extra: str = "", settle: float = 0.05) -> Path:
     """A fast-double config: short settle and poll, events on an ipc socket beside it.
 
     `spool`, `engine` and `args` add keys to [spool], [engine] and
@@ -60,7 +60,7 @@ def write_config(path: Path, root: Path, host: str = "testhost", *, delay: float
 [spool]
 root = "{root}"
 host_id = "{host}"
-settle_seconds = 0.05
+settle_seconds = {settle}
 poll_seconds = 0.05
 {spool}
 
@@ -240,11 +240,15 @@ def check_job(job: Path, drop: Drop, v: Verdict) -> None:
 
 def save_result(fault: str, trials: int, v: Verdict, note: str = "") -> None:
     """Keep one fault class's figures for the README's Reliability table."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
     doc = {"fault": fault, "trials": trials, "lost": v.lost, "doubled": v.doubled,
            "problems": len(v.problems), "note": note}
-    slug = "".join(c if c.isalnum() else "_" for c in fault.lower())[:60]
-    (RESULTS / f"{slug}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    save_figures("".join(c if c.isalnum() else "_" for c in fault.lower())[:60], doc)
+
+
+def save_figures(name: str, doc: dict) -> None:
+    """Keep a measurement for the README (`make reliability` puts them there)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
 
 
 def merge(verdicts: list[Verdict]) -> Verdict:
