@@ -97,6 +97,9 @@ class WatchdogSettings:
     """`[watchdog]`: how long in-flight work may make no progress."""
 
     stall_seconds: float = 300.0
+    #: a stall this long makes the daemon replace the engine itself; under
+    #: systemd the watchdog (WatchdogSec after the stall) usually acts first
+    restart_seconds: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -241,7 +244,7 @@ RELOADABLE = {
     "models": ("max_wait_seconds",),
     "limits": ("max_line_bytes", "max_file_bytes"),
     "heartbeat": ("seconds",),
-    "watchdog": ("stall_seconds",),
+    "watchdog": ("stall_seconds", "restart_seconds"),
     "events": ("progress_seconds",),
 }
 

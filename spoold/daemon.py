@@ -303,7 +303,7 @@ class Daemon:
             outcome = await runner.run()
             if outcome == "interrupted" and self._engine_hung:
                 await self._restart_engine(f"job {job.id}: the engine made no progress for "
-                                           f"{self.config.watchdog.stall_seconds:.0f}s")
+                                           f"{self.config.watchdog.restart_seconds:.0f}s")
             elif outcome == "interrupted":
                 log.info("job %s interrupted at %d/%d; it resumes on the next start",
                          job.id, runner.progress.done, runner.progress.total, **job_fields(job.id))
@@ -425,12 +425,12 @@ class Daemon:
         if stalled and not self._stalled:
             log.error("job %s: %d requests in flight and no result for %.0fs: the engine looks stuck",
                       progress.job_id, progress.inflight, idle_for)
-            if self.notifier.watchdog_interval() is None and self._job_stop is not None:
-                # No systemd watchdog to restart us: replace the engine ourselves.
-                self._engine_hung = True
-                self._job_stop.set()
             self._publish("spoold.engine.stalled", {"job": progress.job_id, "inflight": progress.inflight,
                                                     "seconds_without_progress": round(idle_for, 1)})
+        if stalled and idle_for >= self.config.watchdog.restart_seconds and not self._engine_hung:
+            self._engine_hung = True  # the job stops; _run_job then replaces the engine
+            if self._job_stop is not None:
+                self._job_stop.set()
         self._stalled = stalled
         if self.metrics is not None:
             self.metrics.stalled.set(1 if stalled else 0)

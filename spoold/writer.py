@@ -173,10 +173,17 @@ class GroupCommitWriter:
         return fd
 
     def close(self) -> None:
-        """Close the files (what was committed is already durable)."""
-        for fd in self._fds:
+        """Close the files; an error closing them is logged, not raised.
+
+        What was committed was fsynced already, and an error that a network
+        file system keeps for close() was reported by that fsync too.
+        """
+        for index, fd in enumerate(self._fds):
             if fd is not None:
-                os.close(fd)
+                try:
+                    os.close(fd)
+                except OSError as e:
+                    log.warning("%s: error on close after its last fsync: %s", self._paths[index], e)
         self._fds = [None, None]
 
 

@@ -13,7 +13,8 @@ JSON in $SPOOLD_TORTURE:
 - `faults`: make matching calls fail with an errno, e.g.
   `{"op": "fsync", "match": "output.jsonl", "errno": "EIO", "skip": 3, "count": 1}`
   or `{"op": "write", "match": "/processing/", "errno": "ENOSPC", "until": <epoch>}`;
-  ops are the steps above plus `open` (any open, reading too); a rename
+  ops are the steps above plus `open` (any open, reading too) and `close`
+  (the descriptor is closed, then the error raised); a rename
   matches on "SRC -> DST".
 
 The product has none of this: it lives under tests/ and wraps `os` from
@@ -123,8 +124,11 @@ class Wrapper:
         return fd
 
     def close(self, fd):
-        self.fds.pop(fd, None)
-        return _real["close"](fd)
+        path = self.fds.pop(fd, None)
+        _real["close"](fd)
+        if path is not None:  # like NFS: the descriptor is gone, the error is reported anyway
+            with self.lock:
+                self.inject("close", path)
 
     def write(self, fd, data):
         path = self.fds.get(fd)

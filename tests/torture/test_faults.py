@@ -79,14 +79,15 @@ def test_a_full_disk_pauses_work_and_it_resumes_when_space_returns(tmp_path):
 
 
 def test_transient_errors_on_input_outbox_and_rename(tmp_path):
-    """ESTALE opening a claimed input, EIO on the rename into outbox/: retried, done once."""
+    """ESTALE opening a claimed input, EIO on the rename into outbox/ and on close: retried, done once."""
     faults = [{"op": "open", "match": "input.jsonl", "errno": "ESTALE", "count": 2},
-              {"op": "rename", "match": "/outbox/", "errno": "EIO", "count": 1}]
+              {"op": "rename", "match": "/outbox/", "errno": "EIO", "count": 1},
+              {"op": "close", "match": "output.jsonl", "errno": "EIO", "count": 1}]
     root, drops, _, _, log = faulty_run(tmp_path, faults, lines=50)
     v = verdict(root, drops)
-    save_result("ESTALE on a claimed input, EIO on the outbox rename", 1, v)
+    save_result("ESTALE on a claimed input, EIO on the outbox rename and on close", 1, v)
     assert v.ok, v.problems[:5]
-    assert "Stale file handle" in log and log.count("work paused") >= 2
+    assert "Stale file handle" in log and log.count("work paused") >= 2 and "error on close" in log
 
 
 def test_a_removed_outbox_and_inbox_come_back(tmp_path):
@@ -172,7 +173,7 @@ def test_a_dead_engine_is_replaced_in_process_and_the_job_completes(tmp_path):
 def test_a_hung_engine_is_replaced_in_process_and_the_job_completes(tmp_path):
     root, drops, _, _, log = faulty_run(tmp_path, [], lines=300, inflight=8, delay=0.002,
                                         args='hang_on = "work-40"\nfaulty_engines = 1',
-                                        extra="[watchdog]\nstall_seconds = 1")
+                                        extra="[watchdog]\nstall_seconds = 0.5\nrestart_seconds = 1")
     v = verdict(root, drops)
     save_result("Engine hangs mid-job (no result for stall_seconds)", 1, v)
     assert v.ok, v.problems[:5]
