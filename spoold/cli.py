@@ -17,10 +17,11 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from dataclasses import replace
 
 from . import __version__
-from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, config_path, load_config
+from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, config_path, engine_settings_for, load_config
 
 log = logging.getLogger("spoold")
 
@@ -89,6 +90,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", help="connect here instead of [events] endpoint (e.g. tcp://gpu-box:5557)")
     p.set_defaults(func=cmd_watch)
 
+    p = verbs.add_parser("models", parents=[common], help="list the configured models and where each is loaded",
+                         description="Each [models] alias, what it resolves to, its own engine settings, "
+                                     "and which daemons on this spool have it loaded now.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_models)
+
+    p = verbs.add_parser("bench-models", parents=[common], help="compare models on the same lines",
+                         description="Run the (sampled) valid lines of FILE through each model, one "
+                                     "loaded at a time, with the daemon's engine settings; write "
+                                     "report.md, report.json and report.png (speed against agreement "
+                                     "with the reference model). Needs the GPU to itself: stop the "
+                                     "daemon or give it another GPU first.")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--models", required=True, metavar="A,B,...", help="aliases (or ids) from [models]")
+    p.add_argument("--sample", type=int, default=0, metavar="N", help="use N random valid lines (default all)")
+    p.add_argument("--reference", metavar="A", help="the model others are compared with (default the first)")
+    p.add_argument("--out", metavar="DIR", help="where to write the report (default bench-models-<time>/)")
+    p.add_argument("--inflight", type=int, default=0, metavar="N",
+                   help="requests in flight (default as the daemon: [engine] max_inflight)")
+    p.add_argument("--gpu-hour-price", type=float, metavar="USD",
+                   help="price of a GPU-hour for the cost column (default [models] gpu_hour_price)")
+    p.set_defaults(func=cmd_bench_models)
+
     p = verbs.add_parser("demo", parents=[common], help="run a sample batch on a tiny local model",
                          description="Build a tiny random-weight model, start the daemon on a "
                                      "temporary spool, submit a sample batch and show the results. "
@@ -141,8 +165,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("[engine] model is not set: name a Hugging Face id, a local path "
                           "or an alias from [models]")
     served = _resolver(config).served
-    def make_engine():
-        return load_engine(replace(config.engine, model=served))
+    def make_engine(model: str = served):
+        return load_engine(engine_settings_for(config, model))
 
     try:
         engine = make_engine()
@@ -159,6 +183,56 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"[events] endpoint {config.events.endpoint!r}: {e}") from None
     return Daemon(config, engine, metrics=metrics, events=events, reload_config=read_config,
                   make_engine=make_engine).run()
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    import json
+
+    from .catalog import model_rows, render
+
+    rows = model_rows(_config(args))
+    print(json.dumps(rows, indent=2) if args.json else render(rows))
+    return 0
+
+
+def cmd_bench_models(args: argparse.Namespace) -> int:
+    import asyncio
+    import time
+
+    from .benchmodels import markdown_table, run_model, sample_requests, score_agreement, write_report
+    from .engine import load_engine
+
+    setup_logging()
+    config = _config(args)
+    resolver = _resolver(config)
+    aliases = [a.strip() for a in args.models.split(",") if a.strip()]
+    models = {}
+    for alias in aliases:
+        model, why = resolver.resolve(alias)
+        if model is None:
+            raise ConfigError(f"--models: {why}")
+        models[alias] = model
+    reference = args.reference or aliases[0]
+    if reference not in models:
+        raise ConfigError(f"--reference {reference!r} is not one of --models")
+    rows = sample_requests(Path(args.file), resolver, args.sample)
+    if not rows:
+        print(f"spoold: {args.file}: no valid lines to run", file=sys.stderr)
+        return 1
+    inflight = args.inflight or config.engine.inflight_limit
+    price = config.models.gpu_hour_price if args.gpu_hour_price is None else args.gpu_hour_price
+
+    async def run_all():
+        return [await run_model(alias, model, rows, lambda m: load_engine(engine_settings_for(config, m)),
+                                inflight, price) for alias, model in models.items()]
+
+    reports = asyncio.run(run_all())
+    score_agreement(reports, rows, reference)
+    out = Path(args.out or time.strftime("bench-models-%Y%m%dT%H%M%S"))
+    paths = write_report(reports, out, reference, args.file)
+    print(markdown_table(reports, reference))
+    print(f"\nwrote {paths['markdown']}, {paths['json']} and {paths['png']}")
+    return 0
 
 
 def _resolver(config: Config):

@@ -69,12 +69,23 @@ class EngineSettings:
         return self.max_inflight or 2 * self.max_num_seqs
 
 
+#: `[engine]` keys a `[models.NAME]` table may set for that model alone.
+PER_MODEL_KEYS = ("dtype", "max_model_len", "max_num_seqs", "gpu_memory_utilization",
+                  "enable_prefix_caching", "enforce_eager", "tensor_parallel_size", "max_inflight")
+
+
 @dataclass(frozen=True)
 class ModelSettings:
-    """`[models]`: alias → Hugging Face id or local path."""
+    """`[models]`: alias → Hugging Face id or local path, with optional per-model engine settings.
+
+    `settings` maps a model (id or path) to its `[engine]` overrides and its
+    vLLM arguments (`chat_template`, anything under `args`).
+    """
 
     aliases: dict[str, str] = field(default_factory=dict)
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_wait_seconds: float = 600.0
+    gpu_hour_price: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -177,21 +188,49 @@ def parse_config(raw: dict[str, Any]) -> Config:
 
 def _parse_models(table: dict[str, Any]) -> ModelSettings:
     aliases: dict[str, str] = {}
+    settings: dict[str, dict[str, Any]] = {}
     kwargs: dict[str, Any] = {}
     for key, value in table.items():
-        if key == "max_wait_seconds":
+        if key in ("max_wait_seconds", "gpu_hour_price"):
             kwargs[key] = _coerce(float, value, f"[models] {key}")
         elif isinstance(value, str) and value:
             aliases[key] = value
-        elif isinstance(value, dict) and isinstance(value.get("model"), str):
-            aliases[key] = value["model"]
+        elif isinstance(value, dict) and isinstance(value.get("model"), str) and value["model"]:
+            model = aliases[key] = value["model"]
+            for name in _coerce(list, value.get("served_names", []), f"[models.{key}] served_names"):
+                aliases[str(name)] = model
+            settings[model] = _parse_model_table(key, value)
         else:
             raise ConfigError(
                 f"[models] {key!r}: expected a Hugging Face id or local path "
                 f'(e.g. "{key}" = "Qwen/Qwen3-4B-Instruct-2507") or a table '
                 "with a `model` key"
             )
-    return ModelSettings(aliases=aliases, **kwargs)
+    return ModelSettings(aliases=aliases, settings=settings, **kwargs)
+
+
+def _parse_model_table(alias: str, table: dict[str, Any]) -> dict[str, Any]:
+    """One `[models.ALIAS]` table: its engine overrides, checked like `[engine]`'s."""
+    hints = get_type_hints(EngineSettings)
+    known = set(PER_MODEL_KEYS) | {"model", "served_names", "chat_template", "args"}
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in known:
+            raise ConfigError(_unknown(f"[models.{alias}] {key}", key, dict.fromkeys(known)))
+        if key in PER_MODEL_KEYS or key == "args":
+            out[key] = _coerce(hints[key], value, f"[models.{alias}] {key}")
+        elif key == "chat_template":
+            out[key] = _coerce(str, value, f"[models.{alias}] {key}")
+    return out
+
+
+def engine_settings_for(config: "Config", model: str) -> EngineSettings:
+    """`[engine]` with `model` and that model's own settings from `[models]` applied."""
+    own = dict(config.models.settings.get(model, {}))
+    args = {**config.engine.args, **own.pop("args", {})}
+    if "chat_template" in own:
+        args["chat_template"] = own.pop("chat_template")
+    return dataclasses.replace(config.engine, model=model, args=args, **own)
 
 
 def _parse_section(cls: type, name: str, table: dict[str, Any]) -> Any:
@@ -221,6 +260,8 @@ def _coerce(kind: Any, value: Any, where: str) -> Any:
         ok = isinstance(value, str)
     elif origin is dict:
         ok = isinstance(value, dict)
+    elif kind is list:
+        ok = isinstance(value, list)
     else:  # pragma: no cover - every declared type is handled above
         ok = False
     if not ok:
@@ -241,7 +282,7 @@ def _unknown(label: str, key: str, known: dict[str, Any]) -> str:
 RELOADABLE = {
     "spool": ("settle_seconds", "poll_seconds", "claim_timeout"),
     "engine": ("max_inflight",),
-    "models": ("max_wait_seconds",),
+    "models": ("max_wait_seconds", "gpu_hour_price"),
     "limits": ("max_line_bytes", "max_file_bytes"),
     "heartbeat": ("seconds",),
     "watchdog": ("stall_seconds", "restart_seconds"),

@@ -17,15 +17,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import Config, ConfigError, reload_settings
-from .engine import Engine
+from .engine import Engine, UnavailableEngine
 from .events import EventPublisher
-from .gpu import GpuReader
+from .gpu import GpuReader, process_tree_mib
 from .heartbeat import heartbeat_document, status_line, write_heartbeat
-from .jobrunner import EngineFailed, IncompleteJob, JobProgress, JobRunner, job_fields
+from .jobrunner import EngineFailed, IncompleteJob, JobProgress, JobRunner, job_fields, next_model
 from .metrics import Metrics
 from .notify import STOPPING_STATUS, Notifier
 from .spool import JobDir, Spool
-from .validation import ModelResolver
+from .scheduler import Candidate, in_order
+from .validation import ModelResolver, first_model
 from .watcher import InboxWatcher
 from .writer import JobLost, WriterFailed
 
@@ -63,7 +64,7 @@ class Daemon:
                  gpus: GpuReader | None = None, metrics: Metrics | None = None,
                  events: EventPublisher | None = None,
                  reload_config: Callable[[], Config] | None = None,
-                 make_engine: Callable[[], Engine] | None = None) -> None:
+                 make_engine: Callable[[str], Engine] | None = None) -> None:
         self.config = config
         self.make_engine = make_engine
         self.reload_config = reload_config
@@ -98,6 +99,7 @@ class Daemon:
         self._engine_restarts: list[float] = []
         self._ready_sent = False
         self._orphans_checked = 0.0
+        self._memory_before_load = 0.0
 
     def run(self) -> int:
         """Run until stopped; returns the process exit code.
@@ -172,6 +174,7 @@ class Daemon:
             self._main_task.cancel()
 
     async def _start_engine(self) -> None:
+        self._memory_before_load = process_tree_mib()
         self.state = "loading"
         self.notifier.status(self._status_line(None, []))
         log.info("loading model %s", self.engine.model)
@@ -191,13 +194,11 @@ class Daemon:
         self._ready_sent = True
 
     async def _serve(self) -> None:
-        """Finish this host's claimed jobs first, then claim drops as they complete."""
+        """Run this host's jobs and claim drops as they complete, oldest first, few model swaps."""
         while not self._stop.is_set():
-            job = self._next_own_job()
+            job = await self._take_over_orphan()
             if job is None:
-                job = await self._take_over_orphan()
-            if job is None:
-                job = await self._claim_next()
+                job = await self._next_job()
             if job is None:
                 await self.watcher.wait()
                 continue
@@ -243,11 +244,29 @@ class Daemon:
                 log.warning("reload: %s changed; restart spoold to apply", ", ".join(needs_restart))
         self.notifier.send("READY=1")
 
-    def _next_own_job(self) -> JobDir | None:
-        for job in self.spool.host_jobs():
-            if job.id not in self._stuck:
+    async def _next_job(self) -> JobDir | None:
+        """This host's jobs and the inbox's complete drops, in the scheduler's order; claims a drop."""
+        own = [Candidate(job, self._wanted_model(job), job.read_batch().get("created_at", 0))
+               for job in self.spool.host_jobs() if job.id not in self._stuck]
+        drops = self.watcher.complete_drops()
+        self._queued = len(drops)
+        several = len(self.resolver.known) > 1  # only then is a peek at the drops worth it
+        waiting = own + [Candidate(name, first_model(self.spool.inbox / name, self.resolver) if several else None,
+                                   _mtime(self.spool.inbox / name)) for name in drops]
+        for choice in in_order(waiting, self.engine.model, self.config.models.max_wait_seconds, time.time()):
+            if isinstance(choice.item, JobDir):
+                return choice.item
+            job = await self._claim(choice.item)
+            if job is not None or self._paused:
                 return job
         return None
+
+    def _wanted_model(self, job: JobDir) -> str | None:
+        """The model a job needs next: from batch.json, or a peek at a job not validated yet."""
+        batch = job.read_batch()
+        if batch.get("status", "validating") == "validating":
+            return first_model(job.input, self.resolver)
+        return next_model(batch)
 
     async def _take_over_orphan(self) -> JobDir | None:
         """Adopt a job whose host stopped heartbeating for `[spool] claim_timeout`.
@@ -273,23 +292,27 @@ class Daemon:
             log.error("cannot take over orphaned jobs: %s", _describe(e))
         return None
 
-    async def _claim_next(self) -> JobDir | None:
-        drops = self.watcher.complete_drops()
-        self._queued = len(drops)
-        for name in drops:
-            try:
-                job = self.spool.claim_drop(name)
-            except OSError as e:
-                await self._pause(f"cannot claim {name!r}: {_describe(e)}")
-                return None
-            self.watcher.forget(name)
-            if job is not None:
-                log.info("claimed %s as job %s", name, job.id, **job_fields(job.id))
-                self._publish("spoold.job.claimed", {"job": job.id, "input_file": name})
-                return job
-        return None
+    async def _claim(self, name: str) -> JobDir | None:
+        """Claim one drop; None if another daemon was first or the disk refused."""
+        try:
+            job = self.spool.claim_drop(name)
+        except OSError as e:
+            await self._pause(f"cannot claim {name!r}: {_describe(e)}")
+            return None
+        self.watcher.forget(name)
+        if job is not None:
+            log.info("claimed %r as job %s", name, job.id, **job_fields(job.id))
+            self._publish("spoold.job.claimed", {"job": job.id, "input_file": name})
+        return job
 
     async def _run_job(self, job: JobDir) -> None:
+        # A job not validated yet runs on the loaded model first: validation
+        # needs none, and the lines it has for this model run before a swap.
+        wanted = next_model(job.read_batch())
+        if wanted is not None and wanted != self.engine.model:
+            await self._swap_engine(wanted)
+            if self._stop.is_set():
+                return
         self._job_stop = asyncio.Event()
         runner = JobRunner(self.spool, job, self.engine, self.resolver, self.config.limits,
                            self.config.engine.inflight_limit, self._job_stop, on_validated=self._validated)
@@ -304,6 +327,9 @@ class Daemon:
             if outcome == "interrupted" and self._engine_hung:
                 await self._restart_engine(f"job {job.id}: the engine made no progress for "
                                            f"{self.config.watchdog.restart_seconds:.0f}s")
+            elif outcome == "waiting":
+                log.info("job %s: the lines for %s are done; next model: %s", job.id, self.engine.model,
+                         next_model(runner.batch), **job_fields(job.id))
             elif outcome == "interrupted":
                 log.info("job %s interrupted at %d/%d; it resumes on the next start",
                          job.id, runner.progress.done, runner.progress.total, **job_fields(job.id))
@@ -369,8 +395,40 @@ class Daemon:
             await asyncio.wait_for(self.engine.close(), ENGINE_CLOSE_SECONDS)
         except Exception as e:  # a dead engine may fail to shut down cleanly, or hang doing it
             log.warning("the old engine did not shut down cleanly: %r", e)
-        self.engine = self.make_engine()
+        self.engine = self.make_engine(self.engine.model)
         await self._start_engine()
+
+    async def _swap_engine(self, model: str) -> None:
+        """Unload the current model, check its memory came back, load `model`.
+
+        A model that fails to load is replaced by an UnavailableEngine: its
+        lines get 503 results naming why, and the daemon goes on with the
+        other models' jobs.
+        """
+        old = self.engine
+        loaded_mib = process_tree_mib()
+        log.info("swapping models: %s -> %s", old.model, model)
+        try:
+            await asyncio.wait_for(old.close(), ENGINE_CLOSE_SECONDS)
+        except Exception as e:  # a broken engine may fail to shut down cleanly
+            log.warning("model %s did not shut down cleanly: %r", old.model, e)
+        unloaded = {"model": old.model, "memory_mib_before_load": self._memory_before_load,
+                    "memory_mib_loaded": loaded_mib, "memory_mib_after_unload": process_tree_mib(),
+                    "gpu_memory_used_bytes": [g["memory_used_bytes"] for g in self.gpus.read()]}
+        log.info("unloaded %s: process memory %.0f MiB before loading it, %.0f MiB loaded, %.0f MiB after",
+                 old.model, unloaded["memory_mib_before_load"], loaded_mib, unloaded["memory_mib_after_unload"])
+        self._publish("spoold.engine.unloaded", unloaded)
+        if self.metrics is not None:
+            self.metrics.swaps.inc()
+        try:
+            self.engine = self.make_engine(model)
+            await self._start_engine()
+        except Exception as e:  # a bad path, out of memory, a broken checkpoint
+            log.error("model %s failed to load: %s; its lines get a 503 result, other models go on",
+                      model, e, exc_info=True)
+            await _close_quietly(self.engine)
+            self.engine = UnavailableEngine(model, f"{type(e).__name__}: {e}")
+            self.state = "idle"
 
     async def _sleep_unless_stopped(self, seconds: float) -> None:
         try:
@@ -495,6 +553,7 @@ class Daemon:
         progress = self._current.refresh() if self._current else None
         gpus = self._gpus = self.gpus.read()
         doc = heartbeat_document(self.config.spool.host_id, self._shown_state, progress, gpus)
+        doc["model"] = self.engine.model
         paths = [self.spool.host_dir / "heartbeat.json"]
         state_dir = self.config.spool.state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0]
         if state_dir:
@@ -518,6 +577,20 @@ class Daemon:
         if progress is not None and now - self._last_log >= LOG_PROGRESS_SECONDS:
             self._last_log = now
             log.info("%s", line)
+
+
+async def _close_quietly(engine: Engine) -> None:
+    try:
+        await asyncio.wait_for(engine.close(), ENGINE_CLOSE_SECONDS)
+    except Exception as e:
+        log.warning("closing %s: %r", engine.model, e)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return os.lstat(path).st_mtime
+    except OSError:
+        return 0.0
 
 
 def _describe(error: BaseException) -> str:

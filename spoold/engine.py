@@ -8,6 +8,7 @@ fast double from `tests/` the same way. Nothing here imports vLLM.
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -61,6 +62,30 @@ class EngineDead(Exception):
     The job runner writes nothing for such a request; the daemon starts a
     fresh engine and the request runs again.
     """
+
+
+class UnavailableEngine:
+    """Stands in for a model that failed to load: each of its lines gets a 503 result.
+
+    The daemon keeps serving the other models; the job's batch.json names
+    the model and why it failed. The next job for that model tries to load
+    it again.
+    """
+
+    def __init__(self, model: str, reason: str) -> None:
+        self.model = model
+        self.load_error = reason
+
+    async def start(self) -> None:
+        return None
+
+    async def handle(self, request: EngineRequest) -> EngineResult:
+        error = {"error": {"message": f"model {self.model} could not be loaded: {self.load_error}",
+                           "type": "ModelLoadError", "param": "model", "code": 503}}
+        return EngineResult(503, json.dumps(error))
+
+    async def close(self) -> None:
+        return None
 
 
 class EngineLoadError(Exception):

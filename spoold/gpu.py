@@ -49,3 +49,21 @@ class GpuReader:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def process_tree_mib() -> float:
+    """Resident memory of this process and all its children (an engine's workers), in MiB.
+
+    What an engine holds on a machine without NVML, and the host memory it
+    holds beside the GPU's: the check that unloading a model really frees it.
+    """
+    import psutil
+
+    me = psutil.Process()
+    total = 0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:  # exited while we looked
+            continue
+    return round(total / 2**20, 1)

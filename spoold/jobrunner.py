@@ -129,6 +129,12 @@ def finished_id(raw: bytes) -> str | None:
         return None
 
 
+def next_model(batch: dict[str, Any]) -> str | None:
+    """The model a validated job needs next; None when any will do (or it is not validated yet)."""
+    done = batch.get("models_done", [])
+    return next((m for m in batch.get("models", {}) if m not in done), None)
+
+
 class JobRunner:
     """Runs one job to completion, or until asked to stop."""
 
@@ -146,7 +152,7 @@ class JobRunner:
         self._dispatch_started = 0.0
 
     async def run(self) -> str:
-        """Process the job; return its status: completed, failed or interrupted."""
+        """Process the job; return completed, failed, interrupted, or waiting (for its next model)."""
         if self.batch.get("status") == "completed":
             self.spool.move_to_outbox(self.job)
             return "completed"
@@ -205,21 +211,40 @@ class JobRunner:
         self.progress.total = self.batch["request_counts"]["total"]
         if not await self._dispatch(f, writer, recovered):
             return "interrupted"
+        self._note_load_error()
+        if self._models_left():
+            # Lines for other models remain: the daemon loads the next one
+            # and runs this job again; finished lines are skipped as on resume.
+            self.batch.setdefault("models_done", []).append(self.engine.model)
+            self.spool.write_batch(self.job, self.batch)
+            return "waiting"
         await self._finalize(writer)
         return "completed"
+
+    def _models_left(self) -> list[str]:
+        done = set(self.batch.get("models_done", [])) | {self.engine.model}
+        return [m for m in self.batch.get("models", {}) if m not in done]
+
+    def _note_load_error(self) -> None:
+        """A model that failed to load answered its lines with 503s; batch.json says why."""
+        reason = getattr(self.engine, "load_error", None)
+        if reason and not any(e.get("model") == self.engine.model for e in self.batch["errors"]):
+            self.batch["errors"].append({"code": "model_load_failed", "model": self.engine.model,
+                                         "message": f"model {self.engine.model} could not be loaded: {reason}"})
 
     async def _validate(self, f: IO[bytes], writer: GroupCommitWriter, recovered: Recovered) -> bool:
         """Stream the file once: count lines, write an error for each bad one."""
         validator = LineValidator(self.resolver)
-        total, first_valid = 0, None
+        total, first_valid, models = 0, None, {}
         for item in validate_stream(f, validator, self.limits.max_line_bytes):
             total += 1
             if isinstance(item, LineError):
                 if item.line not in recovered.error_lines:
                     writer.add_error(item)
                     recovered.error_lines.add(item.line)  # pass 2 skips it by number
-            elif first_valid is None:
-                first_valid = item
+            else:
+                first_valid = first_valid or item
+                models[item.body["model"]] = models.get(item.body["model"], 0) + 1
             if total % VALIDATION_CHUNK == 0:
                 await asyncio.sleep(0)
                 if self.stop.is_set():
@@ -228,7 +253,8 @@ class JobRunner:
         now = int(time.time())
         self.batch.update(status="in_progress", in_progress_at=now,
                           endpoint=first_valid.url if first_valid else None,
-                          model=first_valid.body["model"] if first_valid else self.resolver.served)
+                          model=first_valid.body["model"] if first_valid else self.resolver.served,
+                          models=models)
         self.batch["request_counts"]["total"] = total
         self.spool.write_batch(self.job, self.batch)
         log.info("job %s validated: %d lines, %d bad", self.job.id, total, writer.tally.failed,
@@ -297,6 +323,8 @@ class JobRunner:
             if recovered.done_ids and finished_id(raw) in recovered.done_ids:
                 continue
             item = validator.check(number, raw)
+            if isinstance(item, EngineRequest) and item.body["model"] != self.engine.model:
+                continue  # another model's line: its own pass runs it
             if isinstance(item, LineError):
                 # Its error line was lost (only a failing disk can do that):
                 # write it again rather than leave the line without a result.

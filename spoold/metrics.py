@@ -46,6 +46,7 @@ class Metrics:
                                    "When the last result became durable", registry=registry)
         self.stalled = Gauge("spoold_stalled", "1 while in-flight work makes no progress for "
                              "[watchdog] stall_seconds", registry=registry)
+        self.swaps = Counter("spoold_model_swaps", "Models unloaded to load another one", registry=registry)
         self.gpu = {key: Gauge(name, doc, ["gpu"], registry=registry) for key, (name, doc, _) in GPU_GAUGES.items()}
         for state in ("queued", "processing"):
             self.jobs.labels(state)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -30,11 +32,12 @@ class LineError:
 
 
 class ModelResolver:
-    """Turns the `model` a line names into the model this daemon serves.
+    """Turns the `model` a line names into one of the configured models.
 
     `[models]` aliases map Ollama-style names (`qwen3:4b`) to Hugging Face
-    ids or local paths. Only configured models are accepted, so a dropped
-    file can never make the daemon fetch an arbitrary repository.
+    ids or local paths; a line without `model` gets `[engine] model`. Only
+    configured models are accepted, so a dropped file can never make the
+    daemon fetch an arbitrary repository.
     """
 
     def __init__(self, aliases: dict[str, str], default_model: str) -> None:
@@ -56,8 +59,6 @@ class ModelResolver:
         if resolved not in self.known:
             names = ", ".join(sorted(self.aliases) + sorted(self.known - set(self.aliases)))
             return None, f"unknown model {name!r}; configured: {names or 'none'} (see [models])"
-        if self.served and resolved != self.served:
-            return None, f"model {name!r} ({resolved}) is not the model this daemon serves ({self.served})"
         return resolved, ""
 
 
@@ -175,3 +176,29 @@ def validate_stream(f: IO[bytes], validator: LineValidator, max_line_bytes: int)
             yield LineError(number, None, "line_too_long", f"line is longer than [limits] max_line_bytes ({max_line_bytes})")
         else:
             yield validator.check(number, raw)
+
+
+def first_model(path: str | os.PathLike, resolver: ModelResolver, lines: int = 20) -> str | None:
+    """The model the first good line of a file asks for: a cheap peek to schedule it.
+
+    None when the file cannot be read (it is never opened if it is not a
+    regular file) or its first lines name no configured model.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        for number, raw in iter_lines(f, 1 << 20):
+            if number > lines:
+                break
+            try:
+                body = json.loads(raw or b"").get("body")
+                model, _ = resolver.resolve(body.get("model"))
+            except (ValueError, AttributeError, RecursionError):
+                continue
+            if model is not None:
+                return model
+    return None

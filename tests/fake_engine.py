@@ -5,8 +5,9 @@ Selected the way production selects vLLM, by `[engine] adapter =
 `delay` (seconds per request), `load_delay` (seconds `start()` takes, like
 loading a model), `fail_on` (a custom_id whose request raises EngineDead, as
 a dead engine would), `hang_on` (a custom_id whose request never returns, as
-a stuck engine would) and `faulty_engines` (how many engines of a process
-fail or hang that way; by default all, so a restart does not help).
+a stuck engine would), `faulty_engines` (how many engines of a process
+fail or hang that way; by default all, so a restart does not help) and
+`fail_load` (a model whose loading fails).
 """
 
 from __future__ import annotations
@@ -33,12 +34,15 @@ class EchoEngine:
         self.fail_on = settings.args.get("fail_on") if faulty else None
         self.load_delay = float(settings.args.get("load_delay", 0))
         self.hang_on = settings.args.get("hang_on") if faulty else None
+        self.fail_load = settings.args.get("fail_load")
         self.started = False
         self.closed = False
         self.handled = 0
 
     async def start(self) -> None:
         await asyncio.sleep(self.load_delay)
+        if self.model == self.fail_load:
+            raise RuntimeError(f"cannot load {self.model}: no such checkpoint")
         self.started = True
 
     async def handle(self, request: EngineRequest) -> EngineResult:

@@ -80,3 +80,25 @@ def test_reload_applies_only_what_needs_no_model_reload():
     assert merged.engine.max_inflight == 64
     assert merged.engine.model == "a"
     assert needs_restart == ["[engine] model"]
+
+
+def test_a_model_table_has_served_names_and_its_own_engine_settings():
+    from spoold.config import ConfigError, engine_settings_for, parse_config
+
+    config = parse_config({"engine": {"model": "small", "max_model_len": 4096, "args": {"seed": 1}},
+                           "models": {"small": "org/small",
+                                      "qwen": {"model": "Qwen/Qwen3-4B", "served_names": ["qwen3:4b"],
+                                               "max_model_len": 8192, "gpu_memory_utilization": 0.8,
+                                               "chat_template": "/t.jinja", "args": {"quantization": "fp8"}}}})
+    assert config.models.aliases == {"small": "org/small", "qwen": "Qwen/Qwen3-4B", "qwen3:4b": "Qwen/Qwen3-4B"}
+    qwen = engine_settings_for(config, "Qwen/Qwen3-4B")
+    assert (qwen.model, qwen.max_model_len, qwen.gpu_memory_utilization) == ("Qwen/Qwen3-4B", 8192, 0.8)
+    assert qwen.args == {"seed": 1, "quantization": "fp8", "chat_template": "/t.jinja"}
+    small = engine_settings_for(config, "org/small")
+    assert (small.max_model_len, small.args) == (4096, {"seed": 1})
+    try:
+        parse_config({"models": {"qwen": {"model": "Q", "max_model_lenn": 1}}})
+    except ConfigError as e:
+        assert "[models.qwen] max_model_lenn" in str(e) and "max_model_len" in str(e)
+    else:
+        raise AssertionError("a misspelt per-model key was accepted")

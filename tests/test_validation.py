@@ -28,14 +28,14 @@ def test_every_bad_line_gets_its_line_number_and_reason():
         {**chat_line(8), "body": "text"},                       # 8
         chat_line(9, model="ollama-unknown"),                   # 9
         chat_line(10, model="qwen3:4b", stream=True),           # 10
-        chat_line(11, model="llama3.2:1b"),                     # 11 configured, not served
+        chat_line(11, model="llama3.2:1b"),                     # 11 another configured model
     ])
     assert isinstance(items[0], EngineRequest)
+    assert items[10].body["model"] == "meta-llama/Llama-3.2-1B-Instruct"
     codes = {i.line: i.code for i in items if isinstance(i, LineError)}
     assert codes == {2: "invalid_json", 3: "not_an_object", 4: "missing_custom_id",
                      5: "duplicate_custom_id", 6: "invalid_method", 7: "unsupported_url",
-                     8: "invalid_body", 9: "unknown_model", 10: "stream_not_supported",
-                     11: "unknown_model"}
+                     8: "invalid_body", 9: "unknown_model", 10: "stream_not_supported"}
 
 
 def test_error_messages_never_quote_prompt_text():

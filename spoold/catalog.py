@@ -1,0 +1,60 @@
+"""`spoold models`: the configured models as a person sees them.
+
+Each alias, what it resolves to, the engine settings of its own, and which
+daemons sharing the spool have it loaded right now (from their heartbeats).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Config, engine_settings_for
+from .spool import subdirs
+
+
+def model_rows(config: Config) -> list[dict[str, Any]]:
+    """One row per configured model: names, resolution, own settings, where loaded."""
+    loaded = _loaded_on(Path(config.spool.root) / "processing", max(30.0, 3 * config.heartbeat.seconds))
+    default = config.models.aliases.get(config.engine.model, config.engine.model)
+    by_model: dict[str, list[str]] = {}
+    for alias, model in config.models.aliases.items():
+        by_model.setdefault(model, []).append(alias)
+    if default and default not in by_model:
+        by_model[default] = []
+    rows = []
+    for model, aliases in by_model.items():
+        settings = engine_settings_for(config, model)
+        rows.append({"names": aliases, "model": model, "default": model == default,
+                     "settings": config.models.settings.get(model, {}),
+                     "max_model_len": settings.max_model_len or None,
+                     "loaded_on": loaded.get(model, [])})
+    return rows
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    """A plain table for the terminal."""
+    lines = [f"{'NAMES':30} {'MODEL':50} {'LOADED ON':20} SETTINGS"]
+    for r in rows:
+        names = ", ".join(r["names"]) or "-"
+        if r["default"]:
+            names += " (default)"
+        settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "-"
+        lines.append(f"{names:30} {r['model']:50} {', '.join(r['loaded_on']) or '-':20} {settings}")
+    return "\n".join(lines)
+
+
+def _loaded_on(processing: Path, fresh_seconds: float) -> dict[str, list[str]]:
+    """model → hosts whose heartbeat is fresh and names it (a stopped daemon's says `stopping`)."""
+    loaded: dict[str, list[str]] = {}
+    for host in subdirs(processing):
+        try:
+            beat = json.loads((host / "heartbeat.json").read_text())
+        except (OSError, ValueError):
+            continue
+        fresh = time.time() - beat.get("ts", 0) < fresh_seconds
+        if fresh and beat.get("model") and beat.get("state") not in ("stopping", "starting", "loading"):
+            loaded.setdefault(beat["model"], []).append(host.name)
+    return loaded
