@@ -90,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", help="connect here instead of [events] endpoint (e.g. tcp://gpu-box:5557)")
     p.set_defaults(func=cmd_watch)
 
+    p = verbs.add_parser("cancel", parents=[common], help="stop a running or waiting job",
+                         description="Ask the daemon that owns each JOB (an id from `spoold status`) to "
+                                     "stop it: lines with a result keep it, the rest get none, and the "
+                                     "job goes to the outbox with status \"cancelled\". A drop not yet "
+                                     "claimed is withdrawn by deleting it from the inbox.")
+    p.add_argument("jobs", nargs="+", metavar="JOB")
+    p.set_defaults(func=cmd_cancel)
+
     p = verbs.add_parser("models", parents=[common], help="list the configured models and where each is loaded",
                          description="Each [models] alias, what it resolves to, its own engine settings, "
                                      "and which daemons on this spool have it loaded now.")
@@ -183,6 +191,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"[events] endpoint {config.events.endpoint!r}: {e}") from None
     return Daemon(config, engine, metrics=metrics, events=events, reload_config=read_config,
                   make_engine=make_engine).run()
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from .spool import Spool
+
+    spool = Spool(_config(args).spool)
+    missing = 0
+    for job_id in args.jobs:
+        job = spool.request_cancel(job_id)
+        if job is None:
+            missing += 1
+            print(f"spoold: no job {job_id!r} in {spool.processing}/ (finished ones are in outbox/; "
+                  f"a drop not yet claimed is withdrawn by deleting it from the inbox)", file=sys.stderr)
+        else:
+            print(f"cancelling {job.id} on {job.path.parent.name}: its results so far go to "
+                  f"{spool.outbox / job.id}")
+    return 1 if missing else 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:

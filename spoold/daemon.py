@@ -309,7 +309,7 @@ class Daemon:
         # A job not validated yet runs on the loaded model first: validation
         # needs none, and the lines it has for this model run before a swap.
         wanted = next_model(job.read_batch())
-        if wanted is not None and wanted != self.engine.model:
+        if wanted is not None and wanted != self.engine.model and not job.cancel_request.exists():
             await self._swap_engine(wanted)
             if self._stop.is_set():
                 return
@@ -323,8 +323,11 @@ class Daemon:
         self._write_heartbeat()
         outcome = "interrupted"
         try:
-            outcome = await runner.run()
-            if outcome == "interrupted" and self._engine_hung:
+            outcome = "interrupted" if job.cancel_request.exists() else await runner.run()
+            if outcome == "interrupted" and job.cancel_request.exists():
+                runner.finish_cancelled()
+                outcome = "cancelled"
+            elif outcome == "interrupted" and self._engine_hung:
                 await self._restart_engine(f"job {job.id}: the engine made no progress for "
                                            f"{self.config.watchdog.restart_seconds:.0f}s")
             elif outcome == "waiting":
@@ -453,10 +456,14 @@ class Daemon:
                 "job": runner.job.id, "input_file": runner.progress.input_file,
                 "request_counts": batch["request_counts"], "usage": batch["usage"],
                 "timings": batch.get("timings", {})})
+        elif outcome == "cancelled":
+            self._publish("spoold.job.cancelled", {
+                "job": runner.job.id, "input_file": runner.progress.input_file,
+                "request_counts": runner.batch["request_counts"]})
         elif outcome == "failed":
             self._publish("spoold.job.failed", {"job": runner.job.id, "input_file": runner.progress.input_file,
                                                 "errors": runner.batch.get("errors", [])})
-        if self.metrics is not None and outcome in ("completed", "failed"):
+        if self.metrics is not None and outcome in ("completed", "failed", "cancelled"):
             self.metrics.jobs_finished.labels(outcome).inc()
 
     async def _progress_loop(self) -> None:
@@ -469,6 +476,8 @@ class Daemon:
         if self._current is None:
             return
         progress = self._current.refresh()
+        if self._job_stop is not None and self._current.job.cancel_request.exists():
+            self._job_stop.set()  # `spoold cancel`: _run_job publishes what is done
         if progress.state == "validating" and not force:
             return  # no total yet: `spoold.job.validated` comes first
         self._check_stall(progress)

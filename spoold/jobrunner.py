@@ -372,6 +372,21 @@ class JobRunner:
                  tally.completed, tally.failed, self.batch["timings"]["requests_per_second"],
                  **job_fields(self.job.id))
 
+    def finish_cancelled(self) -> None:
+        """`spoold cancel`: publish what is done so far as a cancelled job.
+
+        Lines that had no result yet get none; batch.json counts what has
+        one, and the job goes to the outbox like a finished one.
+        """
+        tally = self._writer.tally if self._writer else recover_results(self.job.output, self.job.errors).tally
+        self.batch.update(status="cancelled", cancelled_at=int(time.time()), usage=tally.usage())
+        self.batch["request_counts"].update(completed=tally.completed, failed=tally.failed)
+        self.spool.write_batch(self.job, self.batch)
+        self.spool.move_to_outbox(self.job)
+        self.progress.state = "cancelled"
+        log.info("job %s cancelled: %d of %d lines have a result", self.job.id, tally.done,
+                 self.batch["request_counts"]["total"], **job_fields(self.job.id))
+
     def _engine_timings(self, writer: GroupCommitWriter) -> dict[str, float]:
         """The engine phase of this run: first dispatch to last durable result."""
         if writer.last_result_at is None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import SpoolSettings
-from .durable import atomic_write_json, durable_mkdir, durable_rename, fsync_dir
+from .durable import atomic_write_bytes, atomic_write_json, durable_mkdir, durable_rename, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,11 @@ class JobDir:
     @property
     def heartbeat(self) -> Path:
         return self.path / "heartbeat.json"
+
+    @property
+    def cancel_request(self) -> Path:
+        """Present when `spoold cancel` asked for this job to stop."""
+        return self.path / "cancel.requested"
 
     def read_batch(self) -> dict[str, Any]:
         """The job's batch.json, or {} when it is missing or unreadable."""
@@ -254,6 +259,15 @@ class Spool:
         except FileNotFoundError:
             return None
         return JobDir(dest)
+
+    def request_cancel(self, job_id: str) -> JobDir | None:
+        """Ask whichever daemon owns a claimed job to cancel it; None if no such job is running."""
+        for host in subdirs(self.processing):
+            job = JobDir(host / job_id)
+            if job_id and "/" not in job_id and job.path.is_dir():
+                atomic_write_bytes(job.cancel_request, f"{time.time():.3f}\n".encode(), self.file_mode, self.gid)
+                return job
+        return None
 
     def count_host_jobs(self) -> int:
         """How many job directories this host holds (a cheap look, no clean-up)."""

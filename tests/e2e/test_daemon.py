@@ -93,3 +93,37 @@ def test_repeated_kill9_loses_and_doubles_nothing(tmp_path):
     (job,) = outbox_jobs(root)
     check_exactly_once(job, {f"req-{i}" for i in range(1500)}, {1501, 1502})
     assert list((root / "processing" / "testhost").glob("*/")) == []
+
+
+def test_spoold_cancel_publishes_what_is_done_and_the_daemon_goes_on(daemon, tmp_path):
+    import subprocess
+    import sys
+
+    from ..helpers import REPO, Subscriber, read_jsonl
+
+    sub = Subscriber(f"ipc://{tmp_path}/events.sock")
+    try:
+        write_jsonl(daemon.root / "inbox" / "long.jsonl", [chat_line(i) for i in range(20000)])
+        (daemon.root / "inbox" / "long.jsonl.ready").touch()
+        out = wait_for(lambda: list((daemon.root / "processing" / "testhost").glob("*/output.jsonl")), 10, "output")
+        wait_for(lambda: complete_lines(out[0]) > 100, 10, "some results")
+        job_id = out[0].parent.name
+        done = subprocess.run([sys.executable, "-m", "spoold", "cancel", job_id, "--config", str(daemon.config)],
+                              capture_output=True, text=True, cwd=REPO)
+        assert done.returncode == 0 and f"cancelling {job_id}" in done.stdout
+        (job,) = wait_for(lambda: outbox_jobs(daemon.root), 10, "the cancelled job in the outbox")
+        write_jsonl(tmp_path / "next.jsonl", [chat_line(i) for i in range(5)])
+        os.rename(tmp_path / "next.jsonl", daemon.root / "inbox" / "next.jsonl")
+        wait_for(lambda: len(outbox_jobs(daemon.root)) == 2, 10, "a job after the cancelled one")
+        cancelled = wait_for(lambda: sub.of("spoold.job.cancelled", job=job_id), 5, "the cancelled event")
+    finally:
+        sub.close()
+    batch = json.loads((job / "batch.json").read_text())
+    ids = [o["custom_id"] for o in read_jsonl(job / "output.jsonl")]
+    assert batch["status"] == "cancelled" and batch["cancelled_at"]
+    assert 100 < len(ids) < 20000 and len(ids) == len(set(ids))
+    assert batch["request_counts"] == {"total": 20000, "completed": len(ids), "failed": 0}
+    assert cancelled[0]["request_counts"] == batch["request_counts"]
+    missing = subprocess.run([sys.executable, "-m", "spoold", "cancel", "nope", "--config", str(daemon.config)],
+                             capture_output=True, text=True, cwd=REPO)
+    assert missing.returncode == 1 and "no job 'nope'" in missing.stderr

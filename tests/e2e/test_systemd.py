@@ -193,7 +193,7 @@ def test_status_line_and_journal_while_a_job_runs(sd):
     assert "Status: \"scoring: " in status and "/2500 (" in status and "req/s" in status and "ETA" in status, status
     job = finished(sd.fast_root, "scoring")
     journal = sd.journal("spoold")
-    assert "claimed scoring.jsonl as job" in journal and f"job {job.name} completed" in journal
+    assert "claimed 'scoring.jsonl' as job" in journal and f"job {job.name} completed" in journal
     assert f"job {job.name} completed" in sd.journal("spoold", f"JOB_ID={job.name}")
 
 
