@@ -12,7 +12,7 @@ def spoold(*args, config=None):
 
 def test_help_explains_every_verb():
     out = spoold("--help").stdout
-    for verb in ("run", "submit", "validate", "status", "demo"):
+    for verb in ("run", "submit", "validate", "status", "watch", "cancel", "models", "bench-models", "demo"):
         assert verb in out
     assert "--model" in spoold("submit", "--help").stdout
 
@@ -85,3 +85,24 @@ def test_status_lists_queued_drops_as_json(tmp_path):
     result = spoold("status", "--json", config=config)
     assert [q["name"] for q in json.loads(result.stdout)["queued"]] == ["waiting.jsonl"]
     assert "waiting.jsonl" in spoold("status", config=config).stdout
+
+
+def test_models_lists_aliases_settings_and_where_each_is_loaded(tmp_path):
+    import time
+
+    root = tmp_path / "spool"
+    config = write_config(tmp_path / "c.toml", root, model="a:1b",
+                          extra='[models]\n"a:1b" = "org/a"\n[models.b]\nmodel = "org/b"\n'
+                                'served_names = ["b:3b"]\nmax_model_len = 2048\n')
+    (root / "processing" / "gpu0").mkdir(parents=True)
+    (root / "processing" / "gpu0" / "heartbeat.json").write_text(
+        json.dumps({"state": "idle", "model": "org/b", "ts": time.time()}))
+    (root / "processing" / "gone").mkdir()
+    (root / "processing" / "gone" / "heartbeat.json").write_text(
+        json.dumps({"state": "working", "model": "org/a", "ts": time.time() - 3600}))
+    rows = {r["model"]: r for r in json.loads(spoold("models", "--json", config=config).stdout)}
+    assert rows["org/a"]["names"] == ["a:1b"] and rows["org/a"]["default"] and rows["org/a"]["loaded_on"] == []
+    assert rows["org/b"]["names"] == ["b", "b:3b"] and rows["org/b"]["loaded_on"] == ["gpu0"]
+    assert rows["org/b"]["settings"] == {"max_model_len": 2048}
+    text = spoold("models", config=config).stdout
+    assert "a:1b (default)" in text and "gpu0" in text and "max_model_len=2048" in text
