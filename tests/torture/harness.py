@@ -174,6 +174,17 @@ def tail(log: Path, n: int = 3000) -> str:
         return ""
 
 
+def job_of(root: Path, where: str, name: str) -> Path | None:
+    """The job in `root/where` (outbox, failed) made from the drop `name`, if there is one yet."""
+    for job in _entries(root / where):
+        try:
+            if json.loads((job / "batch.json").read_text())["input_file"] == name:
+                return job
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def _entries(d: Path) -> list[Path]:
     try:
         return [p for p in d.iterdir() if not p.name.startswith(".")]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ..helpers import chat_line, read_jsonl, wait_for
-from .harness import Verdict, _reap, save_figures, save_result, start, tail, write_config
+from .harness import Verdict, _reap, job_of, save_figures, save_result, start, tail, write_config
 
 
 def line(cid, **over) -> bytes:
@@ -91,16 +91,6 @@ def daemon(tmp_path_factory):
     _reap(proc)
     for s in _sockets:
         s.close()
-
-
-def job_of(root: Path, where: str, name: str) -> Path | None:
-    for job in (root / where).iterdir() if (root / where).is_dir() else []:
-        try:
-            if json.loads((job / "batch.json").read_text())["input_file"] == name:
-                return job
-        except (OSError, ValueError):
-            continue
-    return None
 
 
 def test_bad_lines_get_one_error_each_naming_the_line(daemon):
