@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import Config, ConfigError, reload_settings
+from .config import Config, ConfigError, engine_settings_for, reload_settings
 from .engine import Engine, UnavailableEngine
 from .events import EventPublisher
 from .gpu import GpuReader, process_tree_mib
@@ -314,8 +314,9 @@ class Daemon:
             if self._stop.is_set():
                 return
         self._job_stop = asyncio.Event()
+        inflight = engine_settings_for(self.config, self.engine.model).inflight_limit  # [models.X] may set it
         runner = JobRunner(self.spool, job, self.engine, self.resolver, self.config.limits,
-                           self.config.engine.inflight_limit, self._job_stop, on_validated=self._validated)
+                           inflight, self._job_stop, on_validated=self._validated)
         self._current = runner
         self._paused = None  # trying again; a new failure pauses again
         self._counted, self._last_announced, self._stalled = (0, 0), -1, False
