@@ -17,9 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import Config, ConfigError, engine_settings_for, reload_settings
-from .engine import Engine, UnavailableEngine
+from .engine import Engine
+from .enginehost import MAX_RESTARTS, RESTART_WINDOW_SECONDS, EngineHost
 from .events import EventPublisher
-from .gpu import GpuReader, process_tree_mib
+from .gpu import GpuReader
 from .heartbeat import heartbeat_document, status_line, write_heartbeat
 from .jobrunner import EngineFailed, IncompleteJob, JobProgress, JobRunner, job_fields, next_model
 from .metrics import Metrics
@@ -35,14 +36,6 @@ log = logging.getLogger(__name__)
 #: How long to wait before retrying a job whose results could not be written
 #: (a full or failing disk): long enough not to spin, short enough to resume soon.
 WRITE_RETRY_SECONDS = 5.0
-
-#: Engine restarts allowed within ENGINE_RESTART_WINDOW before the daemon
-#: gives up and exits for systemd to restart it (a model that keeps crashing).
-MAX_ENGINE_RESTARTS = 3
-ENGINE_RESTART_WINDOW = 600.0
-
-#: How long a dead or hung engine gets to shut down before a fresh one loads.
-ENGINE_CLOSE_SECONDS = 60.0
 
 #: After taking over a job, wait this long before reading it back: a write the
 #: frozen owner had already begun when it lost the job lands first, and is
@@ -66,9 +59,7 @@ class Daemon:
                  reload_config: Callable[[], Config] | None = None,
                  make_engine: Callable[[str], Engine] | None = None) -> None:
         self.config = config
-        self.make_engine = make_engine
         self.reload_config = reload_config
-        self.engine = engine
         self.metrics = metrics
         self.events = events
         self.spool = Spool(config.spool)
@@ -76,6 +67,7 @@ class Daemon:
         self.watcher = InboxWatcher(self.spool, config.spool.settle_seconds, config.spool.poll_seconds)
         self.notifier = notifier or Notifier()
         self.gpus = gpus or GpuReader()
+        self.engines = EngineHost(engine, make_engine, self._publish, self.gpus)
         self.state = "starting"
         self.exit_code = 0
         self._stop: asyncio.Event | None = None
@@ -96,10 +88,8 @@ class Daemon:
         #: set to end the current job early: a stop, or a hung engine
         self._job_stop: asyncio.Event | None = None
         self._engine_hung = False
-        self._engine_restarts: list[float] = []
         self._ready_sent = False
         self._orphans_checked = 0.0
-        self._memory_before_load = 0.0
 
     def run(self) -> int:
         """Run until stopped; returns the process exit code.
@@ -173,21 +163,20 @@ class Daemon:
         elif self._main_task is not None:
             self._main_task.cancel()
 
+    @property
+    def engine(self) -> Engine:
+        """The engine loaded now (EngineHost swaps and replaces it)."""
+        return self.engines.engine
+
     async def _start_engine(self) -> None:
-        self._memory_before_load = process_tree_mib()
+        """Load the current engine, with the daemon's state, status line and READY=1 around it."""
         self.state = "loading"
         self.notifier.status(self._status_line(None, []))
-        log.info("loading model %s", self.engine.model)
-        self._publish("spoold.engine.loading", {"model": self.engine.model})
-        started = time.monotonic()
         extender = asyncio.create_task(self._extend_start_timeout())
         try:
-            await self.engine.start()
+            await self.engines.load()
         finally:
             extender.cancel()
-        seconds = time.monotonic() - started
-        log.info("model loaded in %.1fs", seconds)
-        self._publish("spoold.engine.ready", {"model": self.engine.model, "load_seconds": round(seconds, 2)})
         self.state = "idle"
         self._write_heartbeat()  # a state change is on disk at once, not a period later
         self.notifier.ready(status_line(None, len(self.spool.inbox_entries()), self.gpus.read()))
@@ -386,52 +375,29 @@ class Daemon:
         the daemon exit 1 instead, for systemd to restart the whole service.
         """
         self._engine_hung = False
-        now = time.monotonic()
-        self._engine_restarts = [t for t in self._engine_restarts if now - t < ENGINE_RESTART_WINDOW] + [now]
-        if self.make_engine is None or len(self._engine_restarts) > MAX_ENGINE_RESTARTS:
-            log.error("%s; %d engine restarts in %.0fs: exiting so the service restarts", reason,
-                      len(self._engine_restarts) - 1, ENGINE_RESTART_WINDOW)
+        if not self.engines.may_restart():
+            log.error("%s; more than %d engine restarts in %.0fs: exiting so the service restarts",
+                      reason, MAX_RESTARTS, RESTART_WINDOW_SECONDS)
             self.exit_code = 1
             self._stop.set()
             return
         log.error("%s; starting a fresh engine (the requests in flight run again)", reason)
-        try:
-            await asyncio.wait_for(self.engine.close(), ENGINE_CLOSE_SECONDS)
-        except Exception as e:  # a dead engine may fail to shut down cleanly, or hang doing it
-            log.warning("the old engine did not shut down cleanly: %r", e)
-        self.engine = self.make_engine(self.engine.model)
+        await self.engines.replace()
         await self._start_engine()
 
     async def _swap_engine(self, model: str) -> None:
-        """Unload the current model, check its memory came back, load `model`.
+        """Unload the current model (its memory measured on the way out), then load `model`.
 
         A model that fails to load is replaced by an UnavailableEngine: its
         lines get 503 results naming why, and the daemon goes on with the
         other models' jobs.
         """
-        old = self.engine
-        loaded_mib = process_tree_mib()
-        log.info("swapping models: %s -> %s", old.model, model)
-        try:
-            await asyncio.wait_for(old.close(), ENGINE_CLOSE_SECONDS)
-        except Exception as e:  # a broken engine may fail to shut down cleanly
-            log.warning("model %s did not shut down cleanly: %r", old.model, e)
-        unloaded = {"model": old.model, "memory_mib_before_load": self._memory_before_load,
-                    "memory_mib_loaded": loaded_mib, "memory_mib_after_unload": process_tree_mib(),
-                    "gpu_memory_used_bytes": [g["memory_used_bytes"] for g in self.gpus.read()]}
-        log.info("unloaded %s: process memory %.0f MiB before loading it, %.0f MiB loaded, %.0f MiB after",
-                 old.model, unloaded["memory_mib_before_load"], loaded_mib, unloaded["memory_mib_after_unload"])
-        self._publish("spoold.engine.unloaded", unloaded)
+        log.info("swapping models: %s -> %s", self.engine.model, model)
+        await self.engines.unload()
         if self.metrics is not None:
             self.metrics.swaps.inc()
-        try:
-            self.engine = self.make_engine(model)
-            await self._start_engine()
-        except Exception as e:  # a bad path, out of memory, a broken checkpoint
-            log.error("model %s failed to load: %s; its lines get a 503 result, other models go on",
-                      model, e, exc_info=True)
-            await _close_quietly(self.engine)
-            self.engine = UnavailableEngine(model, f"{type(e).__name__}: {e}")
+        await self.engines.load_other(model, self._start_engine)
+        if self.state == "loading":  # the load failed part way
             self.state = "idle"
 
     async def _sleep_unless_stopped(self, seconds: float) -> None:
@@ -587,13 +553,6 @@ class Daemon:
         if progress is not None and now - self._last_log >= LOG_PROGRESS_SECONDS:
             self._last_log = now
             log.info("%s", line)
-
-
-async def _close_quietly(engine: Engine) -> None:
-    try:
-        await asyncio.wait_for(engine.close(), ENGINE_CLOSE_SECONDS)
-    except Exception as e:
-        log.warning("closing %s: %r", engine.model, e)
 
 
 def _mtime(path: Path) -> float:

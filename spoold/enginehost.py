@@ -1,0 +1,104 @@
+"""The one engine a daemon holds: loading it, replacing it after a crash, swapping models.
+
+The daemon decides when (a job needs another model, the engine died or
+hung); this module does the how, and measures it: load time, and the
+process and GPU memory before a model loads, while it is loaded and after
+it is unloaded, so a swap that does not really free memory shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from .engine import Engine, UnavailableEngine
+from .gpu import GpuReader, process_tree_mib
+
+log = logging.getLogger(__name__)
+
+#: Engine restarts allowed within RESTART_WINDOW_SECONDS before the daemon
+#: gives up and exits for systemd to restart it (a model that keeps crashing).
+MAX_RESTARTS = 3
+RESTART_WINDOW_SECONDS = 600.0
+
+#: How long an engine gets to shut down (a dead or hung one may never).
+CLOSE_SECONDS = 60.0
+
+
+class EngineHost:
+    """Holds the current engine and makes new ones with `make_engine(model)`."""
+
+    def __init__(self, engine: Engine, make_engine: Callable[[str], Engine] | None,
+                 publish: Callable[[str, dict], None], gpus: GpuReader) -> None:
+        self.engine = engine
+        self.make_engine = make_engine
+        self.publish = publish
+        self.gpus = gpus
+        self.swaps = 0
+        self._restarts: list[float] = []
+        self._memory_before_load = 0.0
+
+    @property
+    def model(self) -> str:
+        return self.engine.model
+
+    async def load(self) -> float:
+        """Start the current engine; returns the seconds it took."""
+        self._memory_before_load = process_tree_mib()
+        log.info("loading model %s", self.model)
+        self.publish("spoold.engine.loading", {"model": self.model})
+        started = time.monotonic()
+        await self.engine.start()
+        seconds = time.monotonic() - started
+        log.info("model loaded in %.1fs", seconds)
+        self.publish("spoold.engine.ready", {"model": self.model, "load_seconds": round(seconds, 2)})
+        return seconds
+
+    def may_restart(self) -> bool:
+        """Count one more restart; False once there were too many in the window."""
+        now = time.monotonic()
+        self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_SECONDS] + [now]
+        return self.make_engine is not None and len(self._restarts) <= MAX_RESTARTS
+
+    async def replace(self, model: str | None = None) -> None:
+        """Close the current engine and make a fresh one (for `model`, or the same one); not started yet."""
+        model = model or self.model
+        await close_quietly(self.engine)
+        self.engine = self.make_engine(model)
+
+    async def unload(self) -> None:
+        """Close the current engine for another model and publish what memory came back."""
+        old, loaded_mib = self.engine, process_tree_mib()
+        await close_quietly(old)
+        unloaded = {"model": old.model, "memory_mib_before_load": self._memory_before_load,
+                    "memory_mib_loaded": loaded_mib, "memory_mib_after_unload": process_tree_mib(),
+                    "gpu_memory_used_bytes": [g["memory_used_bytes"] for g in self.gpus.read()]}
+        log.info("unloaded %s: process memory %.0f MiB before loading it, %.0f MiB loaded, %.0f MiB after",
+                 old.model, unloaded["memory_mib_before_load"], loaded_mib, unloaded["memory_mib_after_unload"])
+        self.publish("spoold.engine.unloaded", unloaded)
+        self.swaps += 1
+
+    async def load_other(self, model: str, start: Callable[[], Awaitable[None]]) -> None:
+        """Make and start the engine for `model`; if that fails, an UnavailableEngine stands in.
+
+        `start` is the daemon's own loading step (state, status, READY), run
+        once the engine is made.
+        """
+        try:
+            self.engine = self.make_engine(model)
+            await start()
+        except Exception as e:  # a bad path, out of memory, a broken checkpoint
+            log.error("model %s failed to load: %s; its lines get a 503 result, other models go on",
+                      model, e, exc_info=True)
+            await close_quietly(self.engine)
+            self.engine = UnavailableEngine(model, f"{type(e).__name__}: {e}")
+
+
+async def close_quietly(engine: Engine) -> None:
+    """Close an engine, giving up after CLOSE_SECONDS; a failure is logged, not raised."""
+    try:
+        await asyncio.wait_for(engine.close(), CLOSE_SECONDS)
+    except Exception as e:  # a dead engine may fail to shut down cleanly, or hang doing it
+        log.warning("model %s did not shut down cleanly: %r", engine.model, e)
