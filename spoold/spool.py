@@ -196,9 +196,11 @@ class Spool:
         A rename becomes durable in each directory only when that directory
         is fsynced, so a cut between the two fsyncs can leave an entry in
         both places: a published job still in processing/ (the outbox copy
-        wins) or a claimed drop still in the inbox (recognised by the size
-        and mtime recorded at claim). Temp files of interrupted atomic
-        writes go too.
+        wins), a claimed drop still in the inbox (recognised by the size and
+        mtime recorded at claim), or a job this host took over still under
+        the old host too (this host's copy wins: job ids are unique, so only
+        a takeover puts one job under two hosts). Temp files of interrupted
+        atomic writes go too.
         """
         _remove_temp_files(self.host_dir)
         jobs = []
@@ -212,8 +214,18 @@ class Spool:
                 fsync_dir(job.path.parent)
                 continue
             self._remove_stale_drop(job)
+            self._remove_copies_under_other_hosts(job)
             jobs.append(job)
         return jobs
+
+    def _remove_copies_under_other_hosts(self, job: JobDir) -> None:
+        for host_dir in subdirs(self.processing):
+            stale = host_dir / job.id
+            if host_dir != self.host_dir and stale.is_dir():
+                log.warning("job %s, taken over by this host, is also under %s; removing that stale copy",
+                            job.id, host_dir.name)
+                shutil.rmtree(stale)
+                fsync_dir(host_dir)
 
     def _remove_stale_drop(self, job: JobDir) -> None:
         batch = job.read_batch()

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 
 from spoold.config import SpoolSettings
 from spoold.spool import JobDir, Spool, is_drop_name
@@ -71,3 +72,21 @@ def test_move_to_outbox_is_one_rename(tmp_path):
     moved = spool.move_to_outbox(job)
     assert moved.path == spool.outbox / job.id and moved.input.exists()
     assert not job.path.exists()
+
+
+def test_recovery_removes_what_a_power_cut_left_in_two_places(tmp_path):
+    spool, other = make_spool(tmp_path), make_spool(tmp_path, "h2")
+    for name in ("published.jsonl", "claimed.jsonl", "taken.jsonl"):
+        (spool.inbox / name).write_text("{}\n")
+    published, claimed, taken = (spool.claim_drop(n) for n in ("published.jsonl", "claimed.jsonl", "taken.jsonl"))
+    shutil.copytree(published.path, spool.outbox / published.id)          # outbox entry made durable
+    shutil.copy2(claimed.input, spool.inbox / "claimed.jsonl")             # inbox entry not yet removed
+    shutil.copytree(taken.path, other.host_dir / taken.id)                 # old owner's entry not yet removed
+    (spool.inbox / "new.jsonl").write_text("{}\n")                          # a real new drop stays
+    (claimed.path / ".batch.json.1234.tmp").write_text("half")
+    jobs = spool.recover()
+    assert sorted(j.id for j in jobs) == sorted([claimed.id, taken.id])
+    assert not published.path.exists() and (spool.outbox / published.id).is_dir()
+    assert sorted(os.listdir(spool.inbox)) == ["new.jsonl"]
+    assert not (other.host_dir / taken.id).exists()
+    assert not list(claimed.path.glob(".*.tmp"))

@@ -1,5 +1,6 @@
 """Seeing progress from outside: the event feed, `spoold watch` and `spoold status` on a terminal."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -118,7 +119,7 @@ def test_a_stuck_engine_is_marked_stalled_in_status_events_and_metrics(tmp_path)
         assert stalled["inflight"] == 1 and stalled["job"].startswith("stuck-")
         status = subprocess.run([sys.executable, "-m", "spoold", "status", "--json", "--config", str(config)],
                                 capture_output=True, text=True, cwd=REPO).stdout
-        assert [p["status"] for p in __import__("json").loads(status)["processing"]] == ["stalled"]
+        assert [p["status"] for p in json.loads(status)["processing"]] == ["stalled"]
         metrics = urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
         assert "spoold_stalled 1.0" in metrics
         assert "the engine looks stuck" in d.log_tail()
