@@ -382,8 +382,15 @@ class Daemon:
             self._stop.set()
             return
         log.error("%s; starting a fresh engine (the requests in flight run again)", reason)
-        await self.engines.replace()
-        await self._start_engine()
+        try:
+            await self.engines.replace()
+            await self._start_engine()
+        except Exception as e:  # e.g. the dead engine's GPU memory is not free yet
+            # An engine that never started must not answer lines (with errors):
+            # a whole new process, started by systemd, is the next best try.
+            log.error("the fresh engine failed to start: %s; exiting so the service restarts", e, exc_info=True)
+            self.exit_code = 1
+            self._stop.set()
 
     async def _swap_engine(self, model: str) -> None:
         """Unload the current model (its memory measured on the way out), then load `model`.

@@ -6,8 +6,9 @@ Selected the way production selects vLLM, by `[engine] adapter =
 loading a model), `fail_on` (a custom_id whose request raises EngineDead, as
 a dead engine would), `hang_on` (a custom_id whose request never returns, as
 a stuck engine would), `faulty_engines` (how many engines of a process
-fail or hang that way; by default all, so a restart does not help) and
-`fail_load` (a model whose loading fails).
+fail or hang that way; by default all, so a restart does not help),
+`fail_load` (a model whose loading fails) and `fail_load_from` (engines of
+a process from this one on fail to load).
 """
 
 from __future__ import annotations
@@ -35,13 +36,14 @@ class EchoEngine:
         self.load_delay = float(settings.args.get("load_delay", 0))
         self.hang_on = settings.args.get("hang_on") if faulty else None
         self.fail_load = settings.args.get("fail_load")
+        self.load_fails = EchoEngine.instances >= int(settings.args.get("fail_load_from", 1 << 30))
         self.started = False
         self.closed = False
         self.handled = 0
 
     async def start(self) -> None:
         await asyncio.sleep(self.load_delay)
-        if self.model == self.fail_load:
+        if self.model == self.fail_load or self.load_fails:
             raise RuntimeError(f"cannot load {self.model}: no such checkpoint")
         self.started = True
 

@@ -186,3 +186,19 @@ def test_an_engine_that_keeps_dying_makes_the_daemon_exit_for_systemd(tmp_path):
     ids = [o["custom_id"] for o in read_jsonl(job / "output.jsonl")]
     assert len(ids) == len(set(ids)) and "doomed-30" not in ids
     assert not (root / "outbox").exists() or not list((root / "outbox").iterdir())
+
+
+def test_a_fresh_engine_that_will_not_start_makes_the_daemon_exit_not_fail_lines(tmp_path):
+    root = tmp_path / "spool"
+    (root / "inbox").mkdir(parents=True)
+    make_drop(root / "inbox", "relapse.jsonl", 60)
+    cfg = write_config(tmp_path / "c.toml", root, args='fail_on = "relapse-30"\nfaulty_engines = 1\nfail_load_from = 2')
+    proc = start(cfg, tmp_path / "log")
+    try:
+        assert proc.wait(timeout=60) == 1
+    finally:
+        _reap(proc)
+    assert "the fresh engine failed to start" in tail(tmp_path / "log", 20000)
+    (job,) = [p for p in (root / "processing" / "testhost").iterdir() if p.is_dir()]
+    statuses = {o["response"]["status_code"] for o in read_jsonl(job / "output.jsonl")}
+    assert statuses <= {200}, statuses  # nothing answered by an engine that never started
