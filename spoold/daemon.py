@@ -235,8 +235,7 @@ class Daemon:
 
     async def _next_job(self) -> JobDir | None:
         """This host's jobs and the inbox's complete drops, in the scheduler's order; claims a drop."""
-        own = [Candidate(job, self._wanted_model(job), job.read_batch().get("created_at", 0))
-               for job in self.spool.host_jobs() if job.id not in self._stuck]
+        own = [self._candidate(job) for job in self.spool.host_jobs() if job.id not in self._stuck]
         drops = self.watcher.complete_drops()
         self._queued = len(drops)
         several = len(self.resolver.known) > 1  # only then is a peek at the drops worth it
@@ -250,12 +249,13 @@ class Daemon:
                 return job
         return None
 
-    def _wanted_model(self, job: JobDir) -> str | None:
-        """The model a job needs next: from batch.json, or a peek at a job not validated yet."""
+    def _candidate(self, job: JobDir) -> Candidate:
+        """A claimed job for the scheduler: the model it needs next (from batch.json, or a
+        peek at a job not validated yet) and when it was claimed."""
         batch = job.read_batch()
-        if batch.get("status", "validating") == "validating":
-            return first_model(job.input, self.resolver)
-        return next_model(batch)
+        validating = batch.get("status", "validating") == "validating"
+        model = first_model(job.input, self.resolver) if validating else next_model(batch)
+        return Candidate(job, model, batch.get("created_at", 0))
 
     async def _take_over_orphan(self) -> JobDir | None:
         """Adopt a job whose host stopped heartbeating for `[spool] claim_timeout`.

@@ -36,7 +36,6 @@ class EngineHost:
         self.make_engine = make_engine
         self.publish = publish
         self.gpus = gpus
-        self.swaps = 0
         self._restarts: list[float] = []
         self._memory_before_load = 0.0
 
@@ -62,11 +61,10 @@ class EngineHost:
         self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_SECONDS] + [now]
         return self.make_engine is not None and len(self._restarts) <= MAX_RESTARTS
 
-    async def replace(self, model: str | None = None) -> None:
-        """Close the current engine and make a fresh one (for `model`, or the same one); not started yet."""
-        model = model or self.model
+    async def replace(self) -> None:
+        """Close the current engine and make a fresh one for the same model; not started yet."""
         await close_quietly(self.engine)
-        self.engine = self.make_engine(model)
+        self.engine = self.make_engine(self.model)
 
     async def unload(self) -> None:
         """Close the current engine for another model and publish what memory came back."""
@@ -78,7 +76,6 @@ class EngineHost:
         log.info("unloaded %s: process memory %.0f MiB before loading it, %.0f MiB loaded, %.0f MiB after",
                  old.model, unloaded["memory_mib_before_load"], loaded_mib, unloaded["memory_mib_after_unload"])
         self.publish("spoold.engine.unloaded", unloaded)
-        self.swaps += 1
 
     async def load_other(self, model: str, start: Callable[[], Awaitable[None]]) -> None:
         """Make and start the engine for `model`; if that fails, an UnavailableEngine stands in.
