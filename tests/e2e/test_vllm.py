@@ -152,13 +152,19 @@ def test_metrics_endpoint_has_spoold_and_vllm_families_consistent_with_batch_jso
         assert name in families
 
 
+def running_job(spool, tmp_path, stem, lines, results):
+    """Drop STEM.jsonl of long chat lines and wait until `results` of them are durable."""
+    rows = [chat(i, max_tokens=32, ignore_eos=True) for i in range(lines)]
+    drop(spool["root"], tmp_path, f"{stem}.jsonl", rows)
+    host = spool["root"] / "processing" / "testhost"
+    (output,) = wait_for(lambda: list(host.glob(f"{stem}-*/output.jsonl")), 60, f"{stem} job output")
+    wait_for(lambda: complete_lines(output) >= results, 120, f"{results} results")
+    return rows, output
+
+
 def test_a_killed_engine_core_is_replaced_and_the_job_completes(spool, tmp_path):
     """SIGKILL of vLLM's EngineCore process only: the daemon loads a fresh engine itself."""
-    rows = [chat(i, max_tokens=32, ignore_eos=True) for i in range(1500)]
-    drop(spool["root"], tmp_path, "enginedeath.jsonl", rows)
-    host = spool["root"] / "processing" / "testhost"
-    outputs = wait_for(lambda: list(host.glob("enginedeath-*/output.jsonl")), 60, "job output")
-    wait_for(lambda: complete_lines(outputs[0]) >= 200, 120, "200 results")
+    rows, _ = running_job(spool, tmp_path, "enginedeath", 1500, 200)
     daemon_pid = spool["daemon"].proc.pid
     cores = [pid for pid in subprocess.run(["pgrep", "-P", str(daemon_pid)], capture_output=True,
                                            text=True).stdout.split()
@@ -179,24 +185,20 @@ def test_a_killed_engine_core_is_replaced_and_the_job_completes(spool, tmp_path)
 
 def test_three_kill9s_on_real_vllm_then_exactly_once(spool, tmp_path):
     """SIGKILL (engine processes too) mid-job, while the model loads, and mid-job again."""
-    rows = [chat(i, max_tokens=32, ignore_eos=True) for i in range(3000)]
-    drop(spool["root"], tmp_path, "crash.jsonl", rows)
-    host = spool["root"] / "processing" / "testhost"
-    outputs = wait_for(lambda: list(host.glob("crash-*/output.jsonl")), 60, "crash job output")
-    wait_for(lambda: complete_lines(outputs[0]) >= 300, 120, "300 results")
+    rows, output = running_job(spool, tmp_path, "crash", 3000, 300)
     spool["daemon"].kill9()  # 1: in engine work and group commit
-    partial = complete_lines(outputs[0])
+    partial = complete_lines(output)
     assert partial < 3000, "the job finished before the kill; make it longer"
 
     spool["daemon"] = DaemonProcess(spool["config"], spool["log"]).start()
     time.sleep(4)
     spool["daemon"].kill9()  # 2: during recovery and model loading
-    assert complete_lines(outputs[0]) == partial
+    assert complete_lines(output) == partial
 
     spool["daemon"] = DaemonProcess(spool["config"], spool["log"]).start()
-    wait_for(lambda: complete_lines(outputs[0]) >= partial + 300, 180, "300 more results")
+    wait_for(lambda: complete_lines(output) >= partial + 300, 180, "300 more results")
     spool["daemon"].kill9()  # 3: mid-job again, after a resume
-    assert complete_lines(outputs[0]) < 3000, "the job finished before the third kill"
+    assert complete_lines(output) < 3000, "the job finished before the third kill"
 
     spool["daemon"] = DaemonProcess(spool["config"], spool["log"]).start()
     job = finished(spool["root"], "crash.jsonl", timeout=300)

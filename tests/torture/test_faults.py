@@ -169,19 +169,24 @@ def test_a_hung_engine_is_replaced_in_process_and_the_job_completes(tmp_path):
     assert "the engine looks stuck" in log and log.count("starting a fresh engine") == 1
 
 
-def test_an_engine_that_keeps_dying_makes_the_daemon_exit_for_systemd(tmp_path):
+def exits_for_systemd(tmp_path: Path, name: str, lines: int, args: str) -> tuple[Path, str]:
+    """Run one drop through a daemon that must exit 1; its job (left in processing/) and its log."""
     root = tmp_path / "spool"
     (root / "inbox").mkdir(parents=True)
-    make_drop(root / "inbox", "doomed.jsonl", 50)
-    cfg = write_config(tmp_path / "c.toml", root, args='fail_on = "doomed-30"')
-    proc = start(cfg, tmp_path / "log")
+    make_drop(root / "inbox", name, lines)
+    proc = start(write_config(tmp_path / "c.toml", root, args=args), tmp_path / "log")
     try:
         assert proc.wait(timeout=60) == 1
     finally:
         _reap(proc)
-    log = tail(tmp_path / "log", 20000)
-    assert log.count("starting a fresh engine") == 3 and "exiting so the service restarts" in log
     (job,) = [p for p in (root / "processing" / "testhost").iterdir() if p.is_dir()]
+    return job, tail(tmp_path / "log", 20000)
+
+
+def test_an_engine_that_keeps_dying_makes_the_daemon_exit_for_systemd(tmp_path):
+    job, log = exits_for_systemd(tmp_path, "doomed.jsonl", 50, 'fail_on = "doomed-30"')
+    root = tmp_path / "spool"
+    assert log.count("starting a fresh engine") == 3 and "exiting so the service restarts" in log
     # Nothing was written for the line the engine died on, nor doubled for any other.
     ids = [o["custom_id"] for o in read_jsonl(job / "output.jsonl")]
     assert len(ids) == len(set(ids)) and "doomed-30" not in ids
@@ -189,16 +194,8 @@ def test_an_engine_that_keeps_dying_makes_the_daemon_exit_for_systemd(tmp_path):
 
 
 def test_a_fresh_engine_that_will_not_start_makes_the_daemon_exit_not_fail_lines(tmp_path):
-    root = tmp_path / "spool"
-    (root / "inbox").mkdir(parents=True)
-    make_drop(root / "inbox", "relapse.jsonl", 60)
-    cfg = write_config(tmp_path / "c.toml", root, args='fail_on = "relapse-30"\nfaulty_engines = 1\nfail_load_from = 2')
-    proc = start(cfg, tmp_path / "log")
-    try:
-        assert proc.wait(timeout=60) == 1
-    finally:
-        _reap(proc)
-    assert "the fresh engine failed to start" in tail(tmp_path / "log", 20000)
-    (job,) = [p for p in (root / "processing" / "testhost").iterdir() if p.is_dir()]
+    job, log = exits_for_systemd(tmp_path, "relapse.jsonl", 60,
+                                 'fail_on = "relapse-30"\nfaulty_engines = 1\nfail_load_from = 2')
+    assert "the fresh engine failed to start" in log
     statuses = {o["response"]["status_code"] for o in read_jsonl(job / "output.jsonl")}
     assert statuses <= {200}, statuses  # nothing answered by an engine that never started
