@@ -27,6 +27,8 @@ DEFAULT_CONFIG_PATH = "/etc/spoold/spoold.toml"
 
 #: The engine adapter used unless `[engine] adapter` names another.
 DEFAULT_ADAPTER = "spoold.vllm_adapter:VllmEngine"
+#: `[engine] max_inflight = 0` means this many requests in flight per engine sequence slot.
+INFLIGHT_PER_SEQ = 8
 
 
 class ConfigError(Exception):
@@ -65,8 +67,13 @@ class EngineSettings:
 
     @property
     def inflight_limit(self) -> int:
-        """Requests handed to the engine at once: enough to keep it full."""
-        return self.max_inflight or 2 * self.max_num_seqs
+        """Requests handed to the engine at once: enough to keep it full.
+
+        Its own queue must never run dry while the serving layer catches up
+        on a wave of finished requests: measured on 2 cores, 8 x max_num_seqs
+        ran 10-17% faster than 2 x (README, Performance).
+        """
+        return self.max_inflight or INFLIGHT_PER_SEQ * self.max_num_seqs
 
 
 #: `[engine]` keys a `[models.NAME]` table may set for that model alone.

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from .cpus import CpuPlacement
 from .engine import Engine, UnavailableEngine
 from .gpu import GpuReader, process_tree_mib
 
@@ -28,14 +29,19 @@ CLOSE_SECONDS = 60.0
 
 
 class EngineHost:
-    """Holds the current engine and makes new ones with `make_engine(model)`."""
+    """Holds the current engine and makes new ones with `make_engine(model)`.
+
+    `cpus` keeps the daemon's threads off the cores a loaded engine computes on.
+    """
 
     def __init__(self, engine: Engine, make_engine: Callable[[str], Engine] | None,
-                 publish: Callable[[str, dict], None], gpus: GpuReader) -> None:
+                 publish: Callable[[str, dict], None], gpus: GpuReader,
+                 cpus: CpuPlacement | None = None) -> None:
         self.engine = engine
         self.make_engine = make_engine
         self.publish = publish
         self.gpus = gpus
+        self.cpus = cpus or CpuPlacement()
         self._restarts: list[float] = []
         self._memory_before_load = 0.0
 
@@ -49,8 +55,10 @@ class EngineHost:
         log.info("loading model %s", self.model)
         self.publish("spoold.engine.loading", {"model": self.model})
         started = time.monotonic()
+        self.cpus.release()  # the engine picks its cores from our mask: give it all of them
         await self.engine.start()
         seconds = time.monotonic() - started
+        self.cpus.keep_off_engine()
         log.info("model loaded in %.1fs", seconds)
         self.publish("spoold.engine.ready", {"model": self.model, "load_seconds": round(seconds, 2)})
         return seconds

@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_missing_file_means_defaults():
     config = load_config("/nonexistent/spoold.toml")
     assert config == Config()
-    assert config.engine.inflight_limit == 2 * config.engine.max_num_seqs
+    assert config.engine.inflight_limit == 8 * config.engine.max_num_seqs
 
 
 def test_explicit_missing_file_is_an_error():
