@@ -1,13 +1,14 @@
 """spoold against raw vLLM and `vllm run-batch`, side by side, in one run.
 
-    .venv/bin/python -m bench.run [--requests 2000] [--rounds 3] [--workloads default,mixed]
+    .venv/bin/python -m bench.run [--requests 2000] [--rounds 5] [--workloads default,mixed]
 
 Same input file, same engine arguments, contenders alternated each round
-(the machine is shared and noisy). Model loading is timed separately and
-excluded from throughput. Prints a table and writes bench/results.json.
+(the machine is shared and noisy). Raw vLLM and both spoold daemons load
+their model once and stay loaded, so a round's contenders run seconds apart
+and the machine's slow drifts hit them alike; run-batch loads afresh each
+time (that is how it runs). Model loading is timed separately and excluded
+from throughput. Prints a table and writes bench/results.json.
 """
-
-from __future__ import annotations
 
 import argparse
 import json
@@ -35,14 +36,31 @@ CONTENDERS = ("raw", "run_batch", "spoold", "spoold_default")
 SAME_ARGS = {"disable_log_stats": True}
 
 
-def run_raw(model: Path, workload: Path, tmp: Path) -> dict:
-    out = subprocess.run([sys.executable, "-m", "bench.raw_vllm", "--input", str(workload), "--model", str(model),
-                          "--engine", json.dumps({**ENGINE, **SAME_ARGS})], capture_output=True, text=True, env=ENV, cwd=REPO,
-                         timeout=900)
-    line = next((l for l in out.stdout.splitlines() if l.startswith("BENCH_RESULT ")), None)
-    if line is None:
-        raise RuntimeError(f"raw vLLM failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
-    return json.loads(line[len("BENCH_RESULT "):])
+class RawVllm:
+    """`LLM.chat` in a process of its own (bench.raw_vllm), loaded once, run per workload."""
+
+    def __init__(self, model: Path, tmp: Path) -> None:
+        self.log = open(tmp / "raw.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.raw_vllm", "--model", str(model),
+             "--engine", json.dumps({**ENGINE, **SAME_ARGS})],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=ENV, cwd=REPO)
+        self.load_s = json.loads(self._reply("READY "))["load_s"]
+
+    def _reply(self, prefix: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix):]
+        raise RuntimeError(f"raw vLLM exited (log: {self.log.name})")
+
+    def run(self, workload: Path) -> dict:
+        self.proc.stdin.write(f"{workload}\n")
+        self.proc.stdin.flush()
+        return {**json.loads(self._reply("BENCH_RESULT ")), "load_s": self.load_s}
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=120)
 
 
 def run_run_batch(model: Path, workload: Path, tmp: Path) -> dict:
@@ -70,73 +88,107 @@ def run_run_batch(model: Path, workload: Path, tmp: Path) -> dict:
             "output_tokens": tokens, "first_result_s": finished_at - reading_at}
 
 
-def run_spoold(model: Path, workload: Path, tmp: Path, engine_args: dict | None = None) -> dict:
-    """spoold: drop-to-outbox time, and the engine phase from batch.json.
+class Spoold:
+    """One `spoold run` daemon, loaded once; each run drops the workload into its inbox.
 
     `engine_args` goes to `[engine.args]`, for trying variants.
     """
-    root = tmp / "spool"
-    (root / "inbox").mkdir(parents=True)
-    config = tmp / "spoold.toml"
-    engine = "\n".join(f"{k} = {json.dumps(v)}" for k, v in ENGINE.items())
-    extra = "\n".join(f"{k} = {json.dumps(v)}" for k, v in (engine_args or {}).items())
-    config.write_text(f'[spool]\nroot = "{root}"\nhost_id = "bench"\npoll_seconds = 0.2\n'
-                      f'[engine]\nmodel = "{model}"\n{engine}\n[engine.args]\n{extra}\n'
-                      f'[events]\nendpoint = "ipc://{tmp}/events.sock"\n[metrics]\nlisten = ""\n')
-    started = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "spoold", "run", "--config", str(config)],
-                            stdout=open(tmp / "spoold.log", "wb"), stderr=subprocess.STDOUT, env=ENV, cwd=REPO,
-                            start_new_session=True)
-    try:
-        beat = root / "processing" / "bench" / "heartbeat.json"
+
+    def __init__(self, model: Path, tmp: Path, engine_args: dict | None = None) -> None:
+        self.root = tmp / "spool"
+        (self.root / "inbox").mkdir(parents=True)
+        config = tmp / "spoold.toml"
+        engine = "\n".join(f"{k} = {json.dumps(v)}" for k, v in ENGINE.items())
+        extra = "\n".join(f"{k} = {json.dumps(v)}" for k, v in (engine_args or {}).items())
+        config.write_text(f'[spool]\nroot = "{self.root}"\nhost_id = "bench"\npoll_seconds = 0.2\n'
+                          f'[engine]\nmodel = "{model}"\n{engine}\n[engine.args]\n{extra}\n'
+                          f'[events]\nendpoint = "ipc://{tmp}/events.sock"\n[metrics]\nlisten = ""\n')
+        self.log = tmp / "spoold.log"
+        started = time.time()
+        self.proc = subprocess.Popen([sys.executable, "-m", "spoold", "run", "--config", str(config)],
+                                     stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, env=ENV, cwd=REPO,
+                                     start_new_session=True)
+        beat = self.root / "processing" / "bench" / "heartbeat.json"
         while not (beat.exists() and json.loads(beat.read_text() or "{}").get("state") == "idle"):
-            if proc.poll() is not None:
-                raise RuntimeError("spoold exited:\n" + (tmp / "spoold.log").read_text()[-3000:])
+            if self.proc.poll() is not None:
+                raise RuntimeError("spoold exited:\n" + self.log.read_text()[-3000:])
             time.sleep(0.05)
-        load_s = time.time() - started
-        staged = root / "inbox" / ".bench.jsonl.tmp"
+        self.load_s = time.time() - started
+        self.drops = 0
+
+    def run(self, workload: Path) -> dict:
+        """Drop-to-outbox time, and the engine phase from batch.json."""
+        self.drops += 1
+        name = f"bench{self.drops}.jsonl"
+        staged = self.root / "inbox" / f".{name}.tmp"
         staged.write_bytes(workload.read_bytes())
         dropped = time.monotonic()
-        os.rename(staged, root / "inbox" / "bench.jsonl")
+        os.rename(staged, self.root / "inbox" / name)
         first_seen = None
-        while True:
-            done = list((root / "outbox").glob("*/batch.json"))
-            if done:
-                break
-            if first_seen is None and any(p.stat().st_size for p in root.glob("processing/bench/*/output.jsonl")):
+        while not (done := list((self.root / "outbox").glob(f"bench{self.drops}-*/batch.json"))):
+            if self.proc.poll() is not None:
+                raise RuntimeError("spoold exited:\n" + self.log.read_text()[-3000:])
+            if first_seen is None and any(p.stat().st_size for p in
+                                          self.root.glob(f"processing/bench/bench{self.drops}-*/output.jsonl")):
                 first_seen = time.monotonic() - dropped
             time.sleep(0.01)
         end_to_end = time.monotonic() - dropped
         batch = json.loads(done[0].read_text())
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=120)
-    t = batch["timings"]
-    return {"load_s": load_s, "engine_s": t["engine_seconds"], "end_to_end_s": end_to_end,
-            "requests": batch["request_counts"]["completed"], "output_tokens": batch["usage"]["output_tokens"],
-            "first_result_s": t["first_result_seconds"], "first_line_after_drop_s": first_seen}
+        t = batch["timings"]
+        return {"load_s": self.load_s, "engine_s": t["engine_seconds"], "end_to_end_s": end_to_end,
+                "requests": batch["request_counts"]["completed"], "output_tokens": batch["usage"]["output_tokens"],
+                "first_result_s": t["first_result_seconds"], "first_line_after_drop_s": first_seen}
+
+    def close(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=120)
 
 
-RUNNERS = {"raw": run_raw, "run_batch": run_run_batch,
-           "spoold": lambda model, workload, tmp: run_spoold(model, workload, tmp, SAME_ARGS),
-           "spoold_default": run_spoold}
+def bench_workloads(workloads: dict[str, list[dict]], model: Path, rounds: int) -> dict:
+    """Every workload, `rounds` rounds each, with the warm contenders loaded once for all."""
+    report = {}
+    with tempfile.TemporaryDirectory(prefix="spoold-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        for sub in ("raw", "spoold", "spoold_default"):
+            (tmp / sub).mkdir()
+        warm: dict = {}
+        try:
+            # One at a time: loads compete for the CPU, and their times are reported.
+            warm["raw"] = RawVllm(model, tmp / "raw")
+            warm["spoold"] = Spoold(model, tmp / "spoold", SAME_ARGS)
+            warm["spoold_default"] = Spoold(model, tmp / "spoold_default")
+            print("loaded: " + ", ".join(f"{c} {w.load_s:.1f}s" for c, w in warm.items()), flush=True)
+            # One untimed small run each, so no timed run pays a warm contender's first-use costs.
+            warmup = write_workload(tmp / "warmup.jsonl", next(iter(workloads.values()))[:64])
+            for contender in warm.values():
+                contender.run(warmup)
+            for name, rows in workloads.items():
+                workload = write_workload(tmp / f"{name}.jsonl", rows)
+                report[name] = bench_workload(name, workload, len(rows), model, rounds, warm, tmp)
+        finally:
+            for contender in warm.values():
+                contender.close()
+    return report
 
 
-def bench_workload(name: str, rows: list[dict], model: Path, rounds: int) -> dict:
+def bench_workload(name: str, workload: Path, requests: int, model: Path, rounds: int,
+                   warm: dict, tmp: Path) -> dict:
+    """`rounds` rounds of every contender on one workload, who goes first rotating."""
     results: dict[str, list[dict]] = {c: [] for c in CONTENDERS}
-    with tempfile.TemporaryDirectory(prefix=f"spoold-bench-{name}-") as tmpdir:
-        workload = write_workload(Path(tmpdir) / f"{name}.jsonl", rows)
-        for r in range(rounds):
-            k = r % len(CONTENDERS)
-            order = CONTENDERS[k:] + CONTENDERS[:k]  # alternate who goes first
-            for contender in order:
-                with tempfile.TemporaryDirectory(dir=tmpdir) as tmp:
-                    res = RUNNERS[contender](model, workload, Path(tmp))
-                res["rps"] = res["requests"] / res["engine_s"]
-                res["tps"] = res["output_tokens"] / res["engine_s"]
-                results[contender].append(res)
-                print(f"  {name} round {r + 1} {contender:9s} {res['rps']:7.1f} req/s  "
-                      f"{res['tps']:8.1f} tok/s  load {res['load_s']:5.1f}s", flush=True)
+    print(f"workload {name}: {requests} requests, {rounds} rounds", flush=True)
+    for r in range(rounds):
+        k = r % len(CONTENDERS)
+        for contender in CONTENDERS[k:] + CONTENDERS[:k]:
+            if contender in warm:
+                res = warm[contender].run(workload)
+            else:
+                with tempfile.TemporaryDirectory(dir=tmp) as run_tmp:
+                    res = run_run_batch(model, workload, Path(run_tmp))
+            res["rps"] = res["requests"] / res["engine_s"]
+            res["tps"] = res["output_tokens"] / res["engine_s"]
+            results[contender].append(res)
+            print(f"  {name} round {r + 1} {contender:14s} {res['rps']:7.1f} req/s  "
+                  f"{res['tps']:8.1f} tok/s  load {res['load_s']:5.1f}s", flush=True)
     summary = {c: {k: statistics.median(x[k] for x in results[c])
                    for k in ("rps", "tps", "engine_s", "load_s", "first_result_s")} for c in CONTENDERS}
     for c in ("spoold", "spoold_default"):
@@ -145,7 +197,7 @@ def bench_workload(name: str, rows: list[dict], model: Path, rounds: int) -> dic
             x["first_line_after_drop_s"] for x in results[c] if x["first_line_after_drop_s"] is not None)
     ratios = {f"{ours}/{other}": statistics.median(s["rps"] / o["rps"] for s, o in zip(results[ours], results[other], strict=True))
               for ours in ("spoold", "spoold_default") for other in ("raw", "run_batch")}
-    return {"requests": len(rows), "rounds": results, "median": summary, "median_pairwise_ratio": ratios}
+    return {"requests": requests, "rounds": results, "median": summary, "median_pairwise_ratio": ratios}
 
 
 def machine() -> dict:
@@ -176,16 +228,15 @@ def table(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workloads", default="default,mixed")
     parser.add_argument("--out", default=str(REPO / "bench" / "results.json"))
     args = parser.parse_args()
     model = build_tiny_model(REPO / ".cache" / "tiny-llama")
     makers = {"default": default_rows, "mixed": mixed_rows}
-    report = {"machine": machine(), "workloads": {}}
-    for name in args.workloads.split(","):
-        print(f"workload {name}: {args.requests} requests, {args.rounds} rounds", flush=True)
-        report["workloads"][name] = bench_workload(name, makers[name](args.requests, str(model)), model, args.rounds)
+    workloads = {name: makers[name](args.requests, str(model)) for name in args.workloads.split(",")}
+    report = {"machine": machine(), "rounds": args.rounds,
+              "workloads": bench_workloads(workloads, model, args.rounds)}
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(table(report))
     print(f"\nwritten to {args.out}")
