@@ -2,12 +2,13 @@
 
 A bad line never fails a job: it becomes one LineError naming its line
 number and what is wrong, and the rest of the file goes on. Memory does not
-grow with line count except for a 16-byte digest per custom_id, which the
-duplicate check needs (idset.py). Messages never quote prompt text.
+grow with line count except for an 8-byte digest per custom_id, which the
+duplicate check needs. Messages never quote prompt text.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from .engine import EngineRequest
-from .idset import IdSet
 
 SUPPORTED_URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
@@ -96,7 +96,7 @@ class LineValidator:
         self.resolver = resolver
         self.force_model = force_model  # what `spoold submit --model` will write
         self.track_duplicates = track_duplicates
-        self._seen = IdSet()
+        self._seen: set[bytes] = set()
 
     def check(self, line: int, raw: bytes) -> EngineRequest | LineError:
         """Validate one line; the request has its `model` resolved."""
@@ -118,9 +118,12 @@ class LineValidator:
         if len(custom_id) > MAX_CUSTOM_ID_CHARS:
             return LineError(line, None, "custom_id_too_long",
                              f"`custom_id` is {len(custom_id)} characters, over {MAX_CUSTOM_ID_CHARS}")
-        if self.track_duplicates and not self._seen.add(custom_id):
-            return LineError(line, custom_id, "duplicate_custom_id",
-                             f"custom_id {custom_id!r} appears earlier in the file")
+        if self.track_duplicates:
+            digest = hashlib.blake2b(custom_id.encode(), digest_size=8).digest()
+            if digest in self._seen:
+                return LineError(line, custom_id, "duplicate_custom_id",
+                                 f"custom_id {custom_id!r} appears earlier in the file")
+            self._seen.add(digest)
         return self._check_request(line, custom_id, obj)
 
     def _check_request(self, line: int, custom_id: str, obj: dict[str, Any]) -> EngineRequest | LineError:

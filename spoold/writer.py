@@ -20,7 +20,6 @@ from pathlib import Path
 from .durable import open_append, write_all
 from .engine import EngineResult
 from .formats import Tally, error_line, output_line
-from .idset import IdSet
 from .validation import LineError
 
 log = logging.getLogger(__name__)
@@ -193,7 +192,7 @@ class Recovered:
     """What a job's result files already hold after a restart."""
 
     tally: Tally = field(default_factory=Tally)
-    done_ids: IdSet = field(default_factory=IdSet)
+    done_ids: set[str] = field(default_factory=set)
     error_lines: set[int] = field(default_factory=set)
 
 

@@ -183,6 +183,24 @@ def test_a_killed_engine_core_is_replaced_and_the_job_completes(spool, tmp_path)
     assert "starting a fresh engine" in spool["log"].read_text()
 
 
+def test_daemon_threads_keep_off_the_cores_vllm_computes_on(spool):
+    """vLLM's CPU worker binds its compute threads; every daemon thread stays off those cores.
+
+    Runs after the EngineCore kill above, so the engine checked is a replacement.
+    """
+    import psutil
+
+    daemon = psutil.Process(spool["daemon"].proc.pid)
+    workers = [p for p in daemon.children(recursive=True) if p.name().startswith("VLLM::Worker")]
+    assert workers, "no vLLM worker process under the daemon"
+    worker_cpus = set().union(*(set(w.cpu_affinity()) for w in workers))
+    if worker_cpus == set(os.sched_getaffinity(0)):
+        pytest.skip("vLLM bound its worker to every CPU here: nothing is left to keep the daemon on")
+    for thread in daemon.threads():
+        mask = os.sched_getaffinity(thread.id)
+        assert not mask & worker_cpus, f"daemon thread {thread.id} may run on the worker's CPUs {worker_cpus}: {mask}"
+
+
 def test_three_kill9s_on_real_vllm_then_exactly_once(spool, tmp_path):
     """SIGKILL (engine processes too) mid-job, while the model loads, and mid-job again."""
     rows, output = running_job(spool, tmp_path, "crash", 3000, 300)
