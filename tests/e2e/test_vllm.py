@@ -196,9 +196,15 @@ def test_daemon_threads_keep_off_the_cores_vllm_computes_on(spool):
     worker_cpus = set().union(*(set(w.cpu_affinity()) for w in workers))
     if worker_cpus == set(os.sched_getaffinity(0)):
         pytest.skip("vLLM bound its worker to every CPU here: nothing is left to keep the daemon on")
+    masks = {}
     for thread in daemon.threads():
-        mask = os.sched_getaffinity(thread.id)
-        assert not mask & worker_cpus, f"daemon thread {thread.id} may run on the worker's CPUs {worker_cpus}: {mask}"
+        try:
+            masks[thread.id] = os.sched_getaffinity(thread.id)
+        except ProcessLookupError:
+            continue  # the thread ended meanwhile
+    assert masks
+    for tid, mask in masks.items():
+        assert not mask & worker_cpus, f"daemon thread {tid} may run on the worker's CPUs {worker_cpus}: {mask}"
 
 
 def test_three_kill9s_on_real_vllm_then_exactly_once(spool, tmp_path):
