@@ -34,16 +34,18 @@ class CpuPlacement:
         """Move every thread of this process off the cores our child processes bound to.
 
         Returns the cores the daemon now uses (all of them when no child
-        bound itself, or when its cores would leave the daemon none).
+        bound itself, when its cores would leave the daemon none, or when
+        the kernel refused the move).
         """
         engine_cpus = engine_bound_cpus(self.allowed)
         free = self.allowed - engine_cpus
         if not engine_cpus or not free:
             return self.allowed
-        if _set_all_threads(free):
-            self.narrowed_to = free
-            log.info("engine computes on CPUs %s; spoold's own threads keep to CPUs %s",
-                     _cpu_list(engine_cpus), _cpu_list(free))
+        self.narrowed_to = free  # even a move that failed part way is undone by release()
+        if not _set_all_threads(free):
+            return self.allowed
+        log.info("engine computes on CPUs %s; spoold's own threads keep to CPUs %s",
+                 _cpu_list(engine_cpus), _cpu_list(free))
         return free
 
     def release(self) -> None:
