@@ -81,7 +81,7 @@ def fsync_rate(tmp: Path, n: int) -> dict:
         task = asyncio.create_task(writer.run())
         start = time.perf_counter()
         for i in range(n):
-            writer.add_result(f"c-{i}", result)
+            writer.add_result(i + 1, f"c-{i}", result)
             if i % 500 == 0:
                 await asyncio.sleep(0)  # results arrive over time, as from an engine
         await writer.flush()

@@ -25,7 +25,9 @@ from typing import IO, Any
 from .config import LimitsSettings
 from .engine import Engine, EngineRequest
 from .spool import JobDir, Spool, mark_failed, new_batch
-from .validation import LineError, LineValidator, ModelResolver, binary_kind, iter_lines, validate_stream
+from .duplicates import DuplicateFinder
+from .validation import (LineError, LineValidator, ModelResolver, binary_kind, iter_lines, repeated_requests,
+                         validate_stream)
 from .writer import GroupCommitWriter, Recovered, recover_results
 
 log = logging.getLogger(__name__)
@@ -233,28 +235,38 @@ class JobRunner:
                                          "message": f"model {self.engine.model} could not be loaded: {reason}"})
 
     async def _validate(self, f: IO[bytes], writer: GroupCommitWriter, recovered: Recovered) -> bool:
-        """Stream the file once: count lines, write an error for each bad one."""
-        validator = LineValidator(self.resolver)
+        """Stream the file once: count lines, write an error for each bad one.
+
+        Repeated custom_ids are known only at the end of the file; their
+        errors are written then, after a short second read of the suspects.
+        """
         total, first_valid, models = 0, None, {}
-        for item in validate_stream(f, validator, self.limits.max_line_bytes):
-            total += 1
-            if isinstance(item, LineError):
-                if item.line not in recovered.error_lines:
-                    writer.add_error(item)
-                    recovered.error_lines.add(item.line)  # pass 2 skips it by number
-            else:
-                first_valid = first_valid or item
-                models[item.body["model"]] = models.get(item.body["model"], 0) + 1
-            if total % VALIDATION_CHUNK == 0:
-                await asyncio.sleep(0)
-                if self.stop.is_set():
-                    return False
+        with DuplicateFinder(self.job.path) as finder:
+            validator = LineValidator(self.resolver, duplicates=finder)
+            for item in validate_stream(f, validator, self.limits.max_line_bytes):
+                total += 1
+                if isinstance(item, LineError):
+                    self._add_error(item, writer, recovered)
+                else:
+                    first_valid = first_valid or item
+                    models[item.body["model"]] = models.get(item.body["model"], 0) + 1
+                if total % VALIDATION_CHUNK == 0:
+                    await asyncio.sleep(0)
+                    if self.stop.is_set():
+                        return False
+            suspects = finder.suspects()
+        if len(suspects):
+            f.seek(0)
+            for request, error in repeated_requests(f, suspects, LineValidator(self.resolver),
+                                                    self.limits.max_line_bytes):
+                models[request.body["model"]] -= 1
+                self._add_error(error, writer, recovered)
         await writer.flush()
         now = int(time.time())
         self.batch.update(status="in_progress", in_progress_at=now,
                           endpoint=first_valid.url if first_valid else None,
                           model=first_valid.body["model"] if first_valid else self.resolver.served,
-                          models=models)
+                          models={model: count for model, count in models.items() if count})
         self.batch["request_counts"]["total"] = total
         self.spool.write_batch(self.job, self.batch)
         log.info("job %s validated: %d lines, %d bad", self.job.id, total, writer.tally.failed,
@@ -264,6 +276,13 @@ class JobRunner:
         if self.on_validated is not None:
             self.on_validated(self.progress)
         return True
+
+    @staticmethod
+    def _add_error(error: LineError, writer: GroupCommitWriter, recovered: Recovered) -> None:
+        """Write a validation error, unless an earlier run of this pass already did."""
+        if error.line not in recovered.error_lines:
+            writer.add_error(error)
+            recovered.error_lines.add(error.line)  # the dispatch pass skips it by number
 
     async def _dispatch(self, f: IO[bytes], writer: GroupCommitWriter, recovered: Recovered) -> bool:
         """Send every valid line without a result to the engine, `inflight` at a time."""
@@ -308,17 +327,17 @@ class JobRunner:
     def _unfinished(self, f: IO[bytes], writer: GroupCommitWriter, recovered: Recovered) -> Iterator[EngineRequest]:
         """The valid lines that have no result yet, in file order.
 
-        Lines with an error result are skipped by number, finished ones by
-        custom_id before any full parse: a resume at 600K of 1M lines must
-        not re-validate 600K lines. Every error of the validation pass is in
-        `recovered.error_lines` by now, duplicates included, so skipping a
-        finished line here cannot hide a duplicate of it.
+        Lines with a result are skipped by number before any parse: a resume
+        at 600K of 1M lines must not re-validate 600K lines. Every error of
+        the validation pass is in `recovered.error_lines` by now, duplicates
+        included, so this pass keeps no per-line state of its own.
+        `recovered.done_ids` holds only results whose line number is not
+        known (written before output ids carried it): those are matched by
+        custom_id.
         """
-        # Duplicates got their error lines in the validation pass and are
-        # skipped by number, so this pass keeps no per-line state of its own.
-        validator = LineValidator(self.resolver, track_duplicates=False)
+        validator = LineValidator(self.resolver)
         for number, raw in iter_lines(f, self.limits.max_line_bytes):
-            if number in recovered.error_lines or raw is None:
+            if number in recovered.error_lines or number in recovered.done_lines or raw is None:
                 continue
             if recovered.done_ids and finished_id(raw) in recovered.done_ids:
                 continue
@@ -338,7 +357,7 @@ class JobRunner:
         self.progress.inflight += 1
         try:
             result = await self.engine.handle(item)
-            writer.add_result(item.custom_id, result)
+            writer.add_result(item.line, item.custom_id, result)
         except asyncio.CancelledError:
             raise
         except Exception as e:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .durable import fsync_dir, hidden_temp, write_all
-from .validation import LineError, LineValidator, ModelResolver, iter_lines, validate_stream
+from .duplicates import DuplicateFinder
+from .validation import LineError, LineValidator, ModelResolver, iter_lines, repeated_requests, validate_stream
 
 
 @dataclass
@@ -34,11 +35,17 @@ def validate_file(path: str, resolver: ModelResolver, max_line_bytes: int,
                   force_model: str | None = None) -> Report:
     """Check every line of a file as the daemon would (after a `--model` rewrite)."""
     report = Report(path)
-    with open(path, "rb") as f:
-        for item in validate_stream(f, LineValidator(resolver, force_model), max_line_bytes):
+    with open(path, "rb") as f, DuplicateFinder() as finder:
+        for item in validate_stream(f, LineValidator(resolver, force_model, finder), max_line_bytes):
             report.lines += 1
             if isinstance(item, LineError):
                 report.errors.append(item)
+        suspects = finder.suspects()
+        if len(suspects):
+            f.seek(0)
+            repeats = repeated_requests(f, suspects, LineValidator(resolver, force_model), max_line_bytes)
+            report.errors.extend(error for _, error in repeats)
+            report.errors.sort(key=lambda e: e.line)
     return report
 
 

@@ -2,13 +2,13 @@
 
 A bad line never fails a job: it becomes one LineError naming its line
 number and what is wrong, and the rest of the file goes on. Memory does not
-grow with line count except for an 8-byte digest per custom_id, which the
-duplicate check needs. Messages never quote prompt text.
+grow with line count: repeated custom_ids are found by a DuplicateFinder,
+which spills to disk, and confirmed by reading the few suspect lines again
+(`repeated_requests`). Messages never quote prompt text.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
+from .duplicates import DuplicateFinder
 from .engine import EngineRequest
 
 SUPPORTED_URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
@@ -89,17 +90,20 @@ def binary_kind(head: bytes) -> str | None:
 
 
 class LineValidator:
-    """Checks lines one by one; remembers custom_ids to catch duplicates."""
+    """Checks lines one by one; hands each custom_id to `duplicates` when given.
+
+    Repeats are not known until the whole file has been read: see
+    `repeated_requests`.
+    """
 
     def __init__(self, resolver: ModelResolver, force_model: str | None = None,
-                 track_duplicates: bool = True) -> None:
+                 duplicates: DuplicateFinder | None = None) -> None:
         self.resolver = resolver
         self.force_model = force_model  # what `spoold submit --model` will write
-        self.track_duplicates = track_duplicates
-        self._seen: set[bytes] = set()
+        self.duplicates = duplicates
 
     def check(self, line: int, raw: bytes) -> EngineRequest | LineError:
-        """Validate one line; the request has its `model` resolved."""
+        """Validate one line on its own; the request has its `model` resolved."""
         try:
             obj = json.loads(raw)
         except UnicodeDecodeError:
@@ -118,12 +122,10 @@ class LineValidator:
         if len(custom_id) > MAX_CUSTOM_ID_CHARS:
             return LineError(line, None, "custom_id_too_long",
                              f"`custom_id` is {len(custom_id)} characters, over {MAX_CUSTOM_ID_CHARS}")
-        if self.track_duplicates:
-            digest = hashlib.blake2b(custom_id.encode(), digest_size=8).digest()
-            if digest in self._seen:
-                return LineError(line, custom_id, "duplicate_custom_id",
-                                 f"custom_id {custom_id!r} appears earlier in the file")
-            self._seen.add(digest)
+        if self.duplicates is not None:
+            # Every good custom_id counts, even on a line that fails a later
+            # check: the id is taken, and a later line repeating it is a duplicate.
+            self.duplicates.add(line, custom_id)
         return self._check_request(line, custom_id, obj)
 
     def _check_request(self, line: int, custom_id: str, obj: dict[str, Any]) -> EngineRequest | LineError:
@@ -176,6 +178,34 @@ def validate_stream(f: IO[bytes], validator: LineValidator, max_line_bytes: int)
             yield LineError(number, None, "line_too_long", f"line is longer than [limits] max_line_bytes ({max_line_bytes})")
         else:
             yield validator.check(number, raw)
+
+
+def repeated_requests(f: IO[bytes], suspects, validator: LineValidator,
+                      max_line_bytes: int) -> Iterator[tuple[EngineRequest, LineError]]:
+    """The lines that passed every check but repeat an earlier line's custom_id, each with its error.
+
+    Reads `f` from the start up to the last of `suspects` (sorted line
+    numbers from DuplicateFinder.suspects) and compares the custom_ids
+    themselves, so a hash collision is never reported. `validator` must not
+    have a DuplicateFinder. A repeat that failed another check already has
+    that error and is not yielded.
+    """
+    wanted = iter(int(n) for n in suspects)
+    next_line = next(wanted, None)
+    first_seen: dict[str, int] = {}
+    for number, raw in iter_lines(f, max_line_bytes):
+        if next_line is None:
+            return
+        if number < next_line:
+            continue
+        next_line = next(wanted, None)
+        if raw is None:
+            continue
+        item = validator.check(number, raw)
+        first = first_seen.setdefault(item.custom_id, number)
+        if first != number and isinstance(item, EngineRequest):
+            yield item, LineError(number, item.custom_id, "duplicate_custom_id",
+                                  f"custom_id {item.custom_id!r} appears earlier in the file, on line {first}")
 
 
 def first_model(path: str | os.PathLike, resolver: ModelResolver, lines: int = 20) -> str | None:

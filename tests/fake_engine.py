@@ -21,6 +21,11 @@ from spoold.config import EngineSettings
 from spoold.engine import EngineDead, EngineRequest, EngineResult
 
 
+_BODY = ('{"id": "chatcmpl-%d", "object": "chat.completion", "created": %d, "model": %s, "choices": '
+         '[{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "line %d"}}], '
+         '"usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}')
+
+
 class EchoEngine:
     """Answers every request with a ChatCompletion-shaped body naming its line."""
 
@@ -59,14 +64,10 @@ class EchoEngine:
             error = {"error": {"message": "max_tokens must be at least 1", "type": "BadRequestError",
                                "param": "max_tokens", "code": 400}}
             return EngineResult(400, json.dumps(error))
-        body = {
-            "id": f"chatcmpl-{request.line}", "object": "chat.completion", "created": int(time.time()),
-            "model": request.body["model"],
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": f"line {request.line}"}}],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
-        }
-        return EngineResult(200, json.dumps(body), 3, 2)
+        # Rendered from a template: the double must cost the benchmarks of
+        # spoold's own write path as little as possible.
+        body = _BODY % (request.line, int(time.time()), json.dumps(request.body["model"]), request.line)
+        return EngineResult(200, body, 3, 2)
 
     async def close(self) -> None:
         self.closed = True

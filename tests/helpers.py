@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -98,10 +99,22 @@ def check_exactly_once(job_dir: Path, valid_ids: set[str], bad_lines: set[int]) 
     assert all(n == 1 for n in err_lines.values()), f"duplicated errors: {err_lines}"
     assert set(err_lines) == bad_lines
     assert not (set(out_ids) & {e["custom_id"] for e in errors if e["custom_id"]} - valid_ids)
+    check_output_ids_name_their_line(job_dir, outputs)
     batch = json.loads((job_dir / "batch.json").read_text())
     counts = batch["request_counts"]
     assert counts["total"] == len(valid_ids) + len(bad_lines)
     assert counts["completed"] + counts["failed"] == counts["total"]
+
+
+def check_output_ids_name_their_line(job_dir: Path, outputs: list[dict]) -> None:
+    """An output id's line number (what a restart relies on) is the line its custom_id is on."""
+    from spoold.formats import OUTPUT_ID
+
+    inputs = (job_dir / "input.jsonl").read_bytes().split(b"\n")
+    for record in outputs:
+        if m := re.fullmatch(OUTPUT_ID, record["id"]):
+            line = inputs[int(m.group(1)) - 1].removeprefix(b"\xef\xbb\xbf")
+            assert json.loads(line)["custom_id"] == record["custom_id"], f"id {record['id']} names the wrong line"
 
 
 class DaemonProcess:

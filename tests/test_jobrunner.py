@@ -151,3 +151,27 @@ def test_resume_mid_validation_never_runs_a_duplicate_of_a_finished_line(tmp_pat
     status, _ = run_job(spool, job, engine)
     assert status == "completed" and engine.handled == 10
     check_exactly_once(spool.outbox / job.id, {f"req-{i}" for i in range(20)}, {21, 22})
+
+
+def test_resume_finds_finished_lines_by_the_line_number_in_their_ids(tmp_path):
+    from spoold.engine import EngineResult
+    from spoold.formats import output_line
+
+    spool, job, engine = setup(tmp_path, ROWS)
+    with open(job.output, "wb") as f:  # lines 1-10 done, in the order they finished
+        for line in (3, 1, 2, 10, 4, 5, 6, 9, 7, 8):
+            f.write(output_line(line, f"req-{line - 1}", EngineResult(200, "{}")))
+    status, _ = run_job(spool, job, engine)
+    assert status == "completed" and engine.handled == 40
+    check_exactly_once(spool.outbox / job.id, VALID, {51, 52})
+
+
+def test_repeated_custom_ids_are_found_when_the_file_is_read_and_never_run(tmp_path):
+    rows = [chat_line(i) for i in range(30)] + [chat_line(2), {**chat_line(40), "custom_id": "req-7"}]
+    spool, job, engine = setup(tmp_path, rows)
+    status, _ = run_job(spool, job, engine)
+    assert status == "completed" and engine.handled == 30
+    check_exactly_once(spool.outbox / job.id, {f"req-{i}" for i in range(30)}, {31, 32})
+    errors = {e["error"]["line"]: e["error"] for e in read_jsonl(spool.outbox / job.id / "errors.jsonl")}
+    assert errors[31]["code"] == "duplicate_custom_id" and "on line 3" in errors[31]["message"]
+    assert json.loads((spool.outbox / job.id / "batch.json").read_text())["models"] == {"fake-model": 30}

@@ -2,17 +2,31 @@ import io
 import json
 
 from spoold.engine import EngineRequest
-from spoold.validation import LineError, LineValidator, ModelResolver, validate_stream
+import numpy as np
+
+from spoold.duplicates import DuplicateFinder
+from spoold.validation import LineError, LineValidator, ModelResolver, repeated_requests, validate_stream
 
 from .helpers import chat_line
 
 ALIASES = {"qwen3:4b": "Qwen/Qwen3-4B-Instruct-2507", "llama3.2:1b": "meta-llama/Llama-3.2-1B-Instruct"}
 
 
-def run(lines, served="qwen3:4b", max_line_bytes=1000):
-    data = "".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines).encode()
-    validator = LineValidator(ModelResolver(ALIASES, served))
-    return list(validate_stream(io.BytesIO(data), validator, max_line_bytes))
+def encode(lines):
+    return "".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines).encode()
+
+
+def run(lines, served="qwen3:4b", max_line_bytes=1000, run_entries=4):
+    """Both passes, as the daemon runs them: each line checked, then the repeats confirmed."""
+    f, resolver = io.BytesIO(encode(lines)), ModelResolver(ALIASES, served)
+    with DuplicateFinder(run_entries=run_entries) as finder:  # tiny runs: the spill path is exercised
+        items = list(validate_stream(f, LineValidator(resolver, duplicates=finder), max_line_bytes))
+        suspects = finder.suspects()
+    f.seek(0)
+    by_line = {item.line: index for index, item in enumerate(items)}
+    for _, error in repeated_requests(f, suspects, LineValidator(resolver), max_line_bytes):
+        items[by_line[error.line]] = error
+    return items
 
 
 def test_every_bad_line_gets_its_line_number_and_reason():
@@ -85,3 +99,24 @@ def test_hostile_lines_are_errors_not_crashes():
     assert validator.check(4, b'{"custom_id": ' + b"9" * 5000 + b"}").code == "invalid_json"
     bom_crlf = b'\xef\xbb\xbf{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}\r\n'
     assert isinstance(validator.check(3, bom_crlf), EngineRequest)
+
+
+def test_a_repeated_custom_id_names_the_line_it_repeats_and_counts_even_on_a_bad_line():
+    items = run([
+        {**chat_line(1, model="qwen3:4b"), "method": "GET"},    # 1 bad, but takes custom_id c-1
+        chat_line(1, model="qwen3:4b"),                         # 2 repeats line 1
+        chat_line(3, model="qwen3:4b"),                         # 3
+        {**chat_line(3, model="qwen3:4b"), "url": "/v1/x"},     # 4 repeats line 3 and is bad: keeps its own error
+        chat_line(3, model="qwen3:4b"),                         # 5 repeats line 3
+    ] + [chat_line(i, model="qwen3:4b") for i in range(6, 40)])
+    codes = {i.line: i.code for i in items if isinstance(i, LineError)}
+    assert codes == {1: "invalid_method", 2: "duplicate_custom_id", 4: "unsupported_url", 5: "duplicate_custom_id"}
+    assert "on line 1" in items[1].message and "on line 3" in items[4].message
+    assert all(isinstance(i, EngineRequest) for i in items[5:])
+
+
+def test_a_hash_collision_is_never_reported_as_a_duplicate():
+    data = encode([chat_line(i, model="qwen3:4b") for i in range(1, 6)])
+    validator = LineValidator(ModelResolver(ALIASES, ""))
+    # Every line a suspect, as if all five ids had the same 64-bit hash.
+    assert list(repeated_requests(io.BytesIO(data), np.arange(1, 6), validator, 1000)) == []

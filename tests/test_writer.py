@@ -16,7 +16,7 @@ async def _write(tmp_path, n, errors=0):
     writer = GroupCommitWriter(tmp_path / "output.jsonl", tmp_path / "errors.jsonl", Tally())
     task = asyncio.create_task(writer.run())
     for i in range(n):
-        writer.add_result(f"id-{i}", OK)
+        writer.add_result(i + 1, f"id-{i}", OK)
     for j in range(errors):
         writer.add_error(LineError(100 + j, None, "invalid_json", "bad"))
     counted_before_flush = writer.tally.done
@@ -32,6 +32,7 @@ def test_lines_are_counted_only_after_their_fsync(tmp_path):
     assert writer.tally.done == 502 and writer.tally.completed == 500 and writer.tally.failed == 2
     lines = (tmp_path / "output.jsonl").read_text().split("\n")[:-1]
     assert [json.loads(l)["custom_id"] for l in lines] == [f"id-{i}" for i in range(500)]
+    assert [json.loads(l)["id"].rsplit("_", 1)[1] for l in lines] == [str(i + 1) for i in range(500)]
     assert writer.fsyncs <= 4  # one group: one fsync per file, not one per line
     assert oct(os.stat(tmp_path / "output.jsonl").st_mode & 0o777) == "0o640"
 
@@ -41,7 +42,7 @@ def test_recovery_cuts_a_torn_tail_and_reads_back_what_is_done(tmp_path):
     with open(tmp_path / "output.jsonl", "ab") as f:
         f.write(b'{"id":"x","custom_id":"id-10","respo')
     rec = recover_results(tmp_path / "output.jsonl", tmp_path / "errors.jsonl")
-    assert rec.done_ids == {f"id-{i}" for i in range(10)}
+    assert rec.done_lines == set(range(1, 11)) and not rec.done_ids  # by line number, from the ids
     assert rec.error_lines == {100}
     assert rec.tally.completed == 10 and rec.tally.failed == 1 and rec.tally.input_tokens == 30
     assert (tmp_path / "output.jsonl").read_bytes().endswith(b"}\n")
@@ -51,7 +52,7 @@ def test_a_failed_write_is_raised_and_nothing_is_counted(tmp_path):
     async def go():
         writer = GroupCommitWriter(tmp_path / "missing-dir" / "o.jsonl", tmp_path / "e.jsonl", Tally())
         task = asyncio.create_task(writer.run())
-        writer.add_result("a", OK)
+        writer.add_result(1, "a", OK)
         with pytest.raises(WriterFailed):
             await writer.flush()
         await asyncio.gather(task, return_exceptions=True)
@@ -67,11 +68,13 @@ def test_recovery_reads_vllm_style_bodies_and_never_cuts_an_odd_but_valid_line(t
                  '"content":"the \\"usage\\" is: {}"},"finish_reason":"length"}],'
                  '"usage":{"prompt_tokens":21,"total_tokens":29,"completion_tokens":8}}')
     with open(tmp_path / "output.jsonl", "wb") as f:
-        f.write(output_line("a", EngineResult(200, vllm_body)))
+        f.write(output_line(1, "a", EngineResult(200, vllm_body)))
         f.write(b'{"custom_id": "b", "id": "x", "response": {"status_code": 400, "body": null}, "error": null}\n')
-        f.write(output_line("c\u2028\"quoted\"", EngineResult(200, vllm_body)))
+        f.write(output_line(3, "c\u2028\"quoted\"", EngineResult(200, vllm_body)))
+        f.write(b'{"custom_id": "d", "id": "batch_req_0123456789abcdef_4", "response": {"status_code": 200}}\n')
     rec = recover_results(tmp_path / "output.jsonl", tmp_path / "errors.jsonl")
-    assert rec.done_ids == {"a", "b", 'c\u2028"quoted"'}
-    assert rec.tally.completed == 2 and rec.tally.failed == 1
+    assert rec.done_lines == {1, 3, 4}
+    assert rec.done_ids == {"b"}  # an id without a line number: matched by custom_id on resume
+    assert rec.tally.completed == 3 and rec.tally.failed == 1
     assert rec.tally.input_tokens == 42 and rec.tally.output_tokens == 16
-    assert len((tmp_path / "output.jsonl").read_bytes().split(b"\n")) == 4  # nothing cut
+    assert len((tmp_path / "output.jsonl").read_bytes().split(b"\n")) == 5  # nothing cut
