@@ -4,8 +4,9 @@ inotify (through watchdog) is only a hint that makes claims fast; a periodic
 rescan of the inbox is the truth, so drops written from another NFS client,
 which raise no inotify events here, are still seen. A drop is complete when:
 
-- it was renamed into the inbox (rsync, `spoold submit`, `mv`): watchdog
-  reports a move, or a creation never followed by a write;
+- it was renamed into the inbox (rsync, `spoold submit`, `mv` from another
+  directory): watchdog reports a move, or a creation never followed by a
+  write;
 - `NAME.jsonl.ready` stands beside it;
 - otherwise (scp and NFS writers write in place) its size and mtime have
   not changed for `[spool] settle_seconds`.
@@ -58,7 +59,7 @@ class InboxWatcher:
     def start(self) -> None:
         """Start inotify hints; without them (no inotify), polling still works."""
         from watchdog.events import FileSystemEventHandler
-        from watchdog.observers import Observer
+        from watchdog.observers.inotify import InotifyObserver
 
         self._loop = asyncio.get_running_loop()
         watcher = self
@@ -68,7 +69,10 @@ class InboxWatcher:
                 watcher._loop.call_soon_threadsafe(watcher._on_event, event)
 
         try:
-            observer = Observer()
+            # Full events: a move in from another directory (`mv`) is then
+            # reported as a move, not as a bare creation that must wait out
+            # CREATE_GRACE_SECONDS in case a writer follows.
+            observer = InotifyObserver(generate_full_events=True)
             observer.schedule(_Handler(), str(self.spool.inbox), recursive=False)
             observer.daemon = True
             observer.start()
@@ -86,6 +90,8 @@ class InboxWatcher:
         kind = event.event_type
         now = time.monotonic()
         if kind == "moved":
+            if not event.dest_path:
+                return  # moved out of the inbox: our own claims
             name = os.path.basename(os.fsdecode(event.dest_path))
             self._hints[name] = _Hint(now, renamed=True)
         else:

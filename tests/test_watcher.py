@@ -56,3 +56,28 @@ def test_inotify_rename_and_move_in_are_complete_at_once(tmp_path):
         finally:
             watcher.stop()
     assert sorted(asyncio.run(go())) == ["x.jsonl", "y.jsonl"]
+
+
+def test_a_move_in_from_another_directory_is_a_rename_not_a_creation(tmp_path, monkeypatch):
+    # A bare creation would wait out this grace in case a writer follows; a
+    # move in (right after a claim moved another drop out) must not.
+    monkeypatch.setattr("spoold.watcher.CREATE_GRACE_SECONDS", 30)
+
+    async def go():
+        spool, watcher = make(tmp_path / "s", settle=60)
+        watcher.start()
+        try:
+            (spool.inbox / "claimed.jsonl").write_text("{}\n")
+            os.rename(spool.inbox / "claimed.jsonl", tmp_path / "claimed.jsonl")  # as a claim does
+            outside = tmp_path / "y.jsonl"
+            outside.write_text("{}\n")
+            os.rename(outside, spool.inbox / "y.jsonl")
+            start = time.monotonic()
+            while time.monotonic() - start < 5:
+                await watcher.wait()
+                if found := watcher.complete_drops():
+                    return found
+            return []
+        finally:
+            watcher.stop()
+    assert asyncio.run(go()) == ["y.jsonl"]
