@@ -40,6 +40,11 @@ VALIDATION_CHUNK = 2000
 #: How often the wait for the last requests in flight looks at the stop event.
 DRAIN_POLL_SECONDS = 0.2
 
+#: Finished results waiting for their fsync before dispatch pauses (at least
+#: twice the requests in flight). A GPU finishes a few hundred lines between
+#: two fsyncs; only a stalled disk reaches this.
+MAX_PENDING_RESULTS = 4096
+
 
 class EngineFailed(Exception):
     """The engine could not run a request at all (it died or broke).
@@ -291,12 +296,14 @@ class JobRunner:
         tasks: set[asyncio.Task] = set()
         failure: list[BaseException] = []
         sent = 0
+        max_pending = max(MAX_PENDING_RESULTS, 2 * self.inflight_limit)
         for item in self._unfinished(f, writer, recovered):
             if sent == 0 and self.progress.done_at_start:
                 log.info("job %s resumed at line %d, %d lines already done (found in %.2fs)", self.job.id,
                          item.line, self.progress.done_at_start, time.monotonic() - self.progress.started,
                          **job_fields(self.job.id))
             await slots.acquire()
+            await writer.wait_pending_below(max_pending)
             if self.stop.is_set() or failure or writer.failure:
                 slots.release()
                 break

@@ -118,6 +118,17 @@ class GroupCommitWriter:
         """Lines added but not yet durable."""
         return self._added - self._committed
 
+    async def wait_pending_below(self, limit: int) -> None:
+        """Return once fewer than `limit` lines wait for their fsync (or the writer failed).
+
+        Backpressure: a disk slower than the engine (an fsync stalled on
+        NFS) must not let finished lines pile up in memory.
+        """
+        if self._added - self._committed < limit:
+            return
+        async with self._progress:
+            await self._progress.wait_for(lambda: self._added - self._committed < limit or self.failure)
+
     def _commit(self, out: list[bytes], err: list[bytes]) -> None:
         for index, lines in ((0, out), (1, err)):
             if not lines:

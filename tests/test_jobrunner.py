@@ -175,3 +175,27 @@ def test_repeated_custom_ids_are_found_when_the_file_is_read_and_never_run(tmp_p
     errors = {e["error"]["line"]: e["error"] for e in read_jsonl(spool.outbox / job.id / "errors.jsonl")}
     assert errors[31]["code"] == "duplicate_custom_id" and "on line 3" in errors[31]["message"]
     assert json.loads((spool.outbox / job.id / "batch.json").read_text())["models"] == {"fake-model": 30}
+
+
+def test_a_slow_disk_pauses_dispatch_instead_of_piling_up_finished_lines(tmp_path, monkeypatch):
+    import time
+
+    from spoold.writer import GroupCommitWriter
+
+    monkeypatch.setattr("spoold.jobrunner.MAX_PENDING_RESULTS", 20)
+    slow_commit, add, most = GroupCommitWriter._commit, GroupCommitWriter.add_result, [0]
+
+    def commit(self, out, err):
+        time.sleep(0.02)  # in the writer's thread, as a slow fsync would
+        slow_commit(self, out, err)
+
+    def add_result(self, *args):
+        add(self, *args)
+        most[0] = max(most[0], self.pending)
+    monkeypatch.setattr(GroupCommitWriter, "_commit", commit)
+    monkeypatch.setattr(GroupCommitWriter, "add_result", add_result)
+    spool, job, engine = setup(tmp_path, [chat_line(i) for i in range(400)])
+    status, _ = run_job(spool, job, engine, inflight=8)
+    assert status == "completed"
+    check_exactly_once(spool.outbox / job.id, {f"req-{i}" for i in range(400)}, set())
+    assert 0 < most[0] <= 20 + 8  # the cap, plus what was in flight when dispatch paused
