@@ -5,6 +5,7 @@
 - durable write path: results fsynced per second with group commit, fsyncs per second;
 - validation: lines per second of `spoold validate` on a large file;
 - a 1,000,000-line job through `spoold run`: peak RSS (sampled as the job runs);
+- peak RSS of whole jobs of 250K, 1M and 2M lines: flat, or growing with the file;
 - resume after kill -9 at 60%: time until the daemon found its place;
 - claim latency: renamed-in drop (inotify) and in-place write (settle + poll).
 """
@@ -16,6 +17,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -156,6 +158,32 @@ def million(tmp: Path, big: Path, n: int) -> dict:
             "resume_found_place_s": found, "resume_to_outbox_s": wall_resume}
 
 
+def peak_by_length(tmp: Path, lengths: tuple[int, ...]) -> dict:
+    """Peak RSS of one fresh `spoold run` per file length, each job run to the outbox.
+
+    The target is that memory does not grow with the file: the peaks of a
+    short and a long file should be the same, give or take the allocator.
+    """
+    peaks = {}
+    for n in lengths:
+        root = tmp / f"len{n}"
+        config = write_config(tmp / f"len{n}.toml", root, engine="max_inflight = 512")
+        (root / "inbox").mkdir(parents=True)
+        big = write_lines(tmp / f"len{n}.jsonl", n)
+        proc = subprocess.Popen([sys.executable, "-m", "spoold", "run", "--config", str(config)], env=ENV, cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        time.sleep(2)
+        idle = rss_kib(proc.pid)[0]
+        os.rename(big, root / "inbox" / big.name)
+        while not list((root / "outbox").glob("*/batch.json")):
+            time.sleep(0.5)
+        peaks[n] = {"idle_rss_mib": round(idle / 1024, 1), "peak_rss_mib": round(rss_kib(proc.pid)[1] / 1024, 1)}
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+        shutil.rmtree(root)
+    return peaks
+
+
 def claim_latency(tmp: Path) -> dict:
     root = tmp / "claim"
     config = write_config(tmp / "claim.toml", root)  # settle 1 s, poll 0.2 s
@@ -205,6 +233,8 @@ def main() -> None:
         report["million"] = million(tmp, big, args.lines)
         print("1M-line job:", {k: v for k, v in report["million"].items() if k != "rss_samples_mib"}, flush=True)
         print("  RSS samples (MiB) as the job ran:", report["million"]["rss_samples_mib"], flush=True)
+        report["peak_by_length"] = peak_by_length(tmp, (250_000, args.lines, 2 * args.lines))
+        print("peak RSS by file length (lines: MiB):", report["peak_by_length"], flush=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"written to {args.out}")
 

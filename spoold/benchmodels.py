@@ -26,6 +26,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from .cpus import CpuPlacement
 from .engine import Engine, EngineRequest, EngineResult
 from .gpu import GpuReader, process_tree_mib
 from .validation import LineValidator, ModelResolver, iter_lines
@@ -114,20 +115,28 @@ def agrees(kind: str, a: Any, b: Any) -> bool:
 
 
 async def run_model(alias: str, model: str, rows: list[dict], make_engine: Callable[[str], Engine],
-                    inflight: int, gpu_hour_price: float) -> ModelReport:
-    """Load one model, run every row through it, unload it; measure all the way."""
+                    inflight: int, gpu_hour_price: float, cpus: CpuPlacement | None = None) -> ModelReport:
+    """Load one model, run every row through it, unload it; measure all the way.
+
+    Placed on the CPUs as the daemon is (`CpuPlacement`), so a CPU box
+    measures what the daemon would do.
+    """
+    cpus = cpus or CpuPlacement()
     gpus = GpuReader()
     sampler = _PeakSampler(gpus)
     sampler_task = asyncio.create_task(sampler.run())
     started = time.monotonic()
     engine = make_engine(model)
     try:
+        cpus.release()
         await engine.start()
         load_seconds = time.monotonic() - started
+        cpus.keep_off_engine()
         latencies, answers, tokens, errors, first = await _run_rows(engine, model, rows, inflight)
         elapsed = time.monotonic() - started - load_seconds
     finally:
         await engine.close()
+        cpus.release()
         sampler_task.cancel()
     kinds = [expected_kind(r["body"]) for r in rows]
     judged = [a for a, k in zip(answers.values(), kinds) if k != "text"]

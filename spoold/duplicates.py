@@ -5,7 +5,7 @@ keeps only a 64-bit hash and the line number (16 bytes) and, every
 `RUN_ENTRIES` lines, sorts what it holds and spills it to an unnamed
 temporary file as one sorted run. Once the file is read, `suspects()` walks
 the runs one slice of the hash space at a time and returns the lines whose
-hash occurs more than once. Memory stays at about one run (4 MiB) however
+hash occurs more than once. Memory stays at about one run (1 MiB) however
 long the file is; it grows only with the number of suspect lines.
 
 A hash match is only a suspicion: the caller reads those few lines again
@@ -24,7 +24,7 @@ from typing import IO
 import numpy as np
 
 #: Entries held in memory before a sorted run is spilled (16 bytes each).
-RUN_ENTRIES = 1 << 18
+RUN_ENTRIES = 1 << 16
 
 #: The hash space is cut into this many slices by its top bits; each run
 #: records where every slice starts, so merging reads one slice at a time.

@@ -12,20 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import json
 import logging
 import os
 import re
 import stat
 import time
-from dataclasses import dataclass, field
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 from .config import LimitsSettings
+from .duplicates import DuplicateFinder
 from .engine import Engine, EngineRequest
 from .spool import JobDir, Spool, mark_failed, new_batch
-from .duplicates import DuplicateFinder
 from .validation import (LineError, LineValidator, ModelResolver, binary_kind, iter_lines, repeated_requests,
                          validate_stream)
 from .writer import GroupCommitWriter, Recovered, recover_results
@@ -290,44 +291,44 @@ class JobRunner:
             recovered.error_lines.add(error.line)  # the dispatch pass skips it by number
 
     async def _dispatch(self, f: IO[bytes], writer: GroupCommitWriter, recovered: Recovered) -> bool:
-        """Send every valid line without a result to the engine, `inflight` at a time."""
+        """Send every valid line without a result to the engine, `inflight` at a time.
+
+        `inflight` workers share one iterator over the file; each takes the
+        next line once its last request is answered. No task per line: with
+        the instant engine double, making and scheduling one took a third of
+        the time per line (55K -> 85K lines/s without).
+        """
         self._dispatch_started = time.monotonic()
-        slots = asyncio.Semaphore(self.inflight_limit)
-        tasks: set[asyncio.Task] = set()
+        lines = self._unfinished(f, writer, recovered)
+        first = next(lines, None)
+        if first is not None and self.progress.done_at_start:
+            log.info("job %s resumed at line %d, %d lines already done (found in %.2fs)", self.job.id,
+                     first.line, self.progress.done_at_start, time.monotonic() - self.progress.started,
+                     **job_fields(self.job.id))
+        lines = itertools.chain([first] if first is not None else [], lines)
         failure: list[BaseException] = []
-        sent = 0
         max_pending = max(MAX_PENDING_RESULTS, 2 * self.inflight_limit)
-        for item in self._unfinished(f, writer, recovered):
-            if sent == 0 and self.progress.done_at_start:
-                log.info("job %s resumed at line %d, %d lines already done (found in %.2fs)", self.job.id,
-                         item.line, self.progress.done_at_start, time.monotonic() - self.progress.started,
-                         **job_fields(self.job.id))
-            await slots.acquire()
-            await writer.wait_pending_below(max_pending)
-            if self.stop.is_set() or failure or writer.failure:
-                slots.release()
-                break
-            task = asyncio.create_task(self._run_one(item, writer, slots, failure))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-            sent += 1
-            if sent % 256 == 0:
-                await asyncio.sleep(0)
-        await self._drain(tasks, failure)
+        workers = {asyncio.create_task(self._work(lines, writer, failure, max_pending))
+                   for _ in range(self.inflight_limit)}
+        await self._drain(workers, failure)
+        for worker in workers:
+            if not worker.cancelled() and worker.exception() is not None:
+                raise worker.exception()  # reading the input failed (EIO, ESTALE): the daemon retries the job
         await writer.flush()
         if failure:
             raise EngineFailed(f"job {self.job.id}: the engine failed: {failure[0]!r}") from failure[0]
         return not self.stop.is_set()
 
     async def _drain(self, tasks: set[asyncio.Task], failure: list[BaseException]) -> None:
-        """Wait for the requests in flight; a stop or an engine failure cancels the rest.
+        """Wait for the workers to run out of lines; a stop or an engine failure cancels the rest.
 
         Watching the stop while waiting matters: a stuck request must not
         hold up a warm stop (its line simply runs again on the next start).
         """
-        while tasks and not (self.stop.is_set() or failure):
-            await asyncio.wait(set(tasks), timeout=DRAIN_POLL_SECONDS)
-        for task in list(tasks):
+        running = set(tasks)
+        while running and not (self.stop.is_set() or failure):
+            _, running = await asyncio.wait(running, timeout=DRAIN_POLL_SECONDS)
+        for task in running:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -359,19 +360,30 @@ class JobRunner:
             elif item.custom_id not in recovered.done_ids:
                 yield item
 
-    async def _run_one(self, item: EngineRequest, writer: GroupCommitWriter,
-                       slots: asyncio.Semaphore, failure: list[BaseException]) -> None:
-        self.progress.inflight += 1
-        try:
-            result = await self.engine.handle(item)
-            writer.add_result(item.line, item.custom_id, result)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            failure.append(e)
-        finally:
-            self.progress.inflight -= 1
-            slots.release()
+    async def _work(self, lines: Iterator[EngineRequest], writer: GroupCommitWriter,
+                    failure: list[BaseException], max_pending: int) -> None:
+        """One dispatch worker: take a line, wait for its answer, hand it to the writer; repeat.
+
+        Sharing `lines` is safe: the generator never awaits, so one worker's
+        next() ends before another's begins.
+        """
+        for count, item in enumerate(lines, 1):
+            await writer.wait_pending_below(max_pending)
+            if self.stop.is_set() or failure or writer.failure:
+                return  # the line taken has no result yet: it runs on the next start
+            self.progress.inflight += 1
+            try:
+                result = await self.engine.handle(item)
+                writer.add_result(item.line, item.custom_id, result)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                failure.append(e)
+                return
+            finally:
+                self.progress.inflight -= 1
+            if count % 256 == 0:
+                await asyncio.sleep(0)  # an engine that answers at once must not starve the loop
 
     async def _finalize(self, writer: GroupCommitWriter) -> None:
         """Check every line has its result, write batch.json, publish to the outbox."""

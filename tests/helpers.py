@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
 import signal
@@ -13,6 +14,8 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -104,6 +107,26 @@ def check_exactly_once(job_dir: Path, valid_ids: set[str], bad_lines: set[int]) 
     counts = batch["request_counts"]
     assert counts["total"] == len(valid_ids) + len(bad_lines)
     assert counts["completed"] + counts["failed"] == counts["total"]
+
+
+ALL_CPUS = os.sched_getaffinity(0)
+needs_two_cpus = pytest.mark.skipif(len(ALL_CPUS) < 2, reason="needs 2 CPUs to leave one to the daemon")
+
+
+def _bind_and_wait(cpu: int, ready, done) -> None:
+    os.sched_setaffinity(0, {cpu})
+    ready.set()
+    done.wait(30)
+
+
+def start_bound_worker(cpu: int):
+    """A child bound to one core, as vLLM's CPU worker binds its compute threads; returns (process, done event)."""
+    ctx = multiprocessing.get_context("spawn")
+    ready, done = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=_bind_and_wait, args=(cpu, ready, done))
+    child.start()
+    assert ready.wait(30)
+    return child, done
 
 
 def check_output_ids_name_their_line(job_dir: Path, outputs: list[dict]) -> None:

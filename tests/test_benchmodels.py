@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import os
 
 from spoold.benchmodels import (agrees, expected_kind, markdown_table, parse_answer, run_model, score_agreement,
                                 write_report)
@@ -9,7 +10,7 @@ from spoold.config import EngineSettings
 from spoold.engine import EngineResult
 
 from .fake_engine import EchoEngine
-from .helpers import chat_line
+from .helpers import ALL_CPUS, chat_line, needs_two_cpus, start_bound_worker
 
 
 def answer(text):
@@ -50,3 +51,27 @@ def test_a_report_from_two_models_table_equals_json_and_the_chart_is_a_png(tmp_p
     assert [m["agreement"] for m in doc["models"]] == [1.0, 1.0] and doc["models"][0]["cost_per_1000_lines"] > 0
     assert markdown_table(reports, "a") == paths["markdown"].read_text().rstrip("\n")
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_two_cpus
+def test_a_model_is_measured_with_the_daemons_cpu_placement():
+    """On a CPU box the figures must be the daemon's: its threads keep off the engine's worker core."""
+    class BoundWorkerEngine(EchoEngine):
+        async def start(self):
+            self.worker, self.worker_done = start_bound_worker(min(ALL_CPUS))  # binds itself, as vLLM's CPU worker does
+            await super().start()
+
+        async def handle(self, request):
+            masks.append(os.sched_getaffinity(0))
+            return await super().handle(request)
+
+        async def close(self):
+            self.worker_done.set()
+            self.worker.join(30)
+            await super().close()
+
+    masks = []
+    rows = [dict(chat_line(i), custom_id=f"c{i}") for i in range(4)]
+    asyncio.run(run_model("a", "org/a", rows, lambda m: BoundWorkerEngine(EngineSettings(model=m)), 2, 0))
+    assert masks and all(mask == ALL_CPUS - {min(ALL_CPUS)} for mask in masks)
+    assert os.sched_getaffinity(0) == ALL_CPUS  # given back once the model is unloaded

@@ -199,3 +199,20 @@ def test_a_slow_disk_pauses_dispatch_instead_of_piling_up_finished_lines(tmp_pat
     assert status == "completed"
     check_exactly_once(spool.outbox / job.id, {f"req-{i}" for i in range(400)}, set())
     assert 0 < most[0] <= 20 + 8  # the cap, plus what was in flight when dispatch paused
+
+
+def test_an_input_that_cannot_be_read_mid_job_is_raised_not_taken_for_done(tmp_path, monkeypatch):
+    from spoold import jobrunner
+
+    spool, job, engine = setup(tmp_path, ROWS)
+    real_iter_lines = jobrunner.iter_lines
+
+    def failing_iter_lines(f, max_line_bytes):
+        for number, raw in real_iter_lines(f, max_line_bytes):
+            if number == 30:
+                raise OSError(5, "Input/output error")
+            yield number, raw
+    monkeypatch.setattr(jobrunner, "iter_lines", failing_iter_lines)  # the dispatch pass's reads
+    with pytest.raises(OSError):
+        run_job(spool, job, engine)
+    assert job.path.exists() and not (spool.outbox / job.id).exists()

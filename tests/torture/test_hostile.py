@@ -183,8 +183,8 @@ def test_a_million_line_file_runs_in_bounded_memory(tmp_path):
         _reap(proc)
     save_figures("memory", {"peak_rss_mib_100k": round(peaks[0], 1), "peak_rss_mib_1m": round(peaks[1], 1)})
     assert peaks[1] < 300, f"peak RSS {peaks[1]:.0f} MiB for 1M lines"
-    # Flat: the duplicate check spills to disk past 262,144 lines and a
-    # resume holds one bit per line. Any per-line Python object (a set of
+    # Flat: the duplicate check holds one run of 65,536 lines at a time and
+    # a resume holds one bit per line. Any per-line Python object (a set of
     # ids or of line numbers: 50+ MiB for 900K lines) breaks this bound.
     assert peaks[1] - peaks[0] < 20, f"peak RSS grew {peaks[1] - peaks[0]:.0f} MiB from 100K to 1M lines"
 
