@@ -47,7 +47,10 @@ class DuplicateFinder:
         self._lines = array("q")
         self._file: IO[bytes] | None = None
         #: per spilled run: its offset in the file, its length, where each hash slice starts
+        #: (16 KiB a run: the only state that grows with the file, 0.25 bytes a line)
         self._runs: list[tuple[int, int, np.ndarray]] = []
+        #: entries per hash slice over all runs
+        self._slice_sizes = np.zeros(1 << SLICE_BITS, np.int64)
 
     def add(self, line: int, custom_id: str) -> None:
         """Note that `line` has `custom_id` (lines must come in increasing order)."""
@@ -100,18 +103,19 @@ class DuplicateFinder:
         self._file.write(lines)
         half = 1 << (SLICE_BITS - 1)
         starts = np.searchsorted(hashes >> (64 - SLICE_BITS), np.arange(-half, half + 1), side="left")
+        starts = starts.astype(np.int32)  # a run never holds 2**31 entries
+        self._slice_sizes += np.diff(starts)
         self._runs.append((offset, len(hashes), starts))
 
     def _slice_groups(self) -> Iterator[tuple[int, int]]:
         """Consecutive hash slices [lo, hi) whose entries, over all runs, fit about one run in memory."""
-        sizes = np.sum([np.diff(starts) for _, _, starts in self._runs], axis=0)
         lo, held = 0, 0
-        for index, size in enumerate(sizes):
+        for index, size in enumerate(self._slice_sizes.tolist()):
             if held and held + size > self._run_entries:
                 yield lo, index
                 lo, held = index, 0
-            held += int(size)
-        yield lo, len(sizes)
+            held += size
+        yield lo, len(self._slice_sizes)
 
     def _read_slice(self, run: tuple[int, int, np.ndarray], lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         offset, length, starts = run
