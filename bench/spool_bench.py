@@ -18,8 +18,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,9 +32,7 @@ from spoold.validation import ModelResolver
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from tests.fake_engine import EchoEngine  # noqa: E402  (the double lives under tests/ only)
-from tests.helpers import write_config  # noqa: E402
-
-ENV = dict(os.environ, PYTHONPATH=str(REPO))
+from tests.helpers import DaemonProcess, write_config  # noqa: E402
 
 
 def write_lines(path: Path, n: int) -> Path:
@@ -125,8 +121,7 @@ def million(tmp: Path, big: Path, n: int) -> dict:
     config = write_config(tmp / "c.toml", root, engine="max_inflight = 512")
     (root / "inbox").mkdir(parents=True)
     log = tmp / "daemon.log"
-    proc = subprocess.Popen([sys.executable, "-m", "spoold", "run", "--config", str(config)], env=ENV, cwd=REPO,
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    daemon = DaemonProcess(config, log).start()
     time.sleep(2)
     os.link(big, root / "inbox" / "million.jsonl.tmp")
     os.rename(root / "inbox" / "million.jsonl.tmp", root / "inbox" / "million.jsonl")
@@ -135,22 +130,19 @@ def million(tmp: Path, big: Path, n: int) -> dict:
     while True:
         out = out or next(iter(root.glob("processing/testhost/*/output.jsonl")), None)
         done = out.stat().st_size // 370 if out and out.exists() else 0  # rough, for sampling only
-        samples.append((done, rss_kib(proc.pid)[0]))
+        samples.append((done, rss_kib(daemon.proc.pid)[0]))
         if out and out.exists() and sum(1 for _ in open(out, "rb")) >= 0.6 * n:
             break
         time.sleep(1)
-    peak = rss_kib(proc.pid)[1]
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    peak = rss_kib(daemon.proc.pid)[1]
+    daemon.kill9()
     restart = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "spoold", "run", "--config", str(config)], env=ENV, cwd=REPO,
-                            stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+    daemon.start()  # same log, appended
     while not list((root / "outbox").glob("*/batch.json")):
-        peak = max(peak, rss_kib(proc.pid)[1])
+        peak = max(peak, rss_kib(daemon.proc.pid)[1])
         time.sleep(0.5)
     wall_resume = time.monotonic() - restart
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait()
+    daemon.terminate()
     found = float(re.search(r"already done \(found in ([\d.]+)s\)", log.read_text()).group(1))
     batch = json.loads(next((root / "outbox").glob("*/batch.json")).read_text())
     assert batch["request_counts"]["completed"] == n
@@ -170,16 +162,14 @@ def peak_by_length(tmp: Path, lengths: tuple[int, ...]) -> dict:
         config = write_config(tmp / f"len{n}.toml", root, engine="max_inflight = 512")
         (root / "inbox").mkdir(parents=True)
         big = write_lines(tmp / f"len{n}.jsonl", n)
-        proc = subprocess.Popen([sys.executable, "-m", "spoold", "run", "--config", str(config)], env=ENV, cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        daemon = DaemonProcess(config, tmp / f"len{n}.log").start()
         time.sleep(2)
-        idle = rss_kib(proc.pid)[0]
+        idle = rss_kib(daemon.proc.pid)[0]
         os.rename(big, root / "inbox" / big.name)
         while not list((root / "outbox").glob("*/batch.json")):
             time.sleep(0.5)
-        peaks[n] = {"idle_rss_mib": round(idle / 1024, 1), "peak_rss_mib": round(rss_kib(proc.pid)[1] / 1024, 1)}
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait()
+        peaks[n] = {"idle_rss_mib": round(idle / 1024, 1), "peak_rss_mib": round(rss_kib(daemon.proc.pid)[1] / 1024, 1)}
+        daemon.terminate()
         shutil.rmtree(root)
     return peaks
 
@@ -188,8 +178,7 @@ def claim_latency(tmp: Path) -> dict:
     root = tmp / "claim"
     config = write_config(tmp / "claim.toml", root)  # settle 1 s, poll 0.2 s
     (root / "inbox").mkdir(parents=True)
-    proc = subprocess.Popen([sys.executable, "-m", "spoold", "run", "--config", str(config)], env=ENV, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    daemon = DaemonProcess(config, tmp / "claim.log").start()
     time.sleep(2)
     results = {}
     for kind in ("renamed_in_inbox", "moved_from_outside", "in_place"):
@@ -208,8 +197,7 @@ def claim_latency(tmp: Path) -> dict:
         while (root / "inbox" / name).exists():
             time.sleep(0.005)
         results[f"{kind}_claim_s"] = time.monotonic() - start
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait()
+    daemon.terminate()
     results["settle_seconds"], results["poll_seconds"] = 1.0, 0.2
     return results
 

@@ -9,8 +9,8 @@ hash occurs more than once. Memory stays at about one run (1 MiB) however
 long the file is; it grows only with the number of suspect lines.
 
 A hash match is only a suspicion: the caller reads those few lines again
-and compares the custom_ids themselves (`confirmed_duplicates`), so a hash
-collision can never turn a good line into an error.
+and compares the custom_ids themselves (`validation.repeated_requests`), so
+a hash collision can never turn a good line into an error.
 """
 
 from __future__ import annotations
