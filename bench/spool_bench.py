@@ -103,7 +103,7 @@ def fsync_rate(tmp: Path, n: int) -> dict:
 
 def validation(path: Path, n: int) -> dict:
     start = time.perf_counter()
-    report = validate_file(str(path), ModelResolver({}, "fake-model"), 4 << 20)
+    report = validate_file(str(path), ModelResolver({}, "fake-model"), LimitsSettings())
     elapsed = time.perf_counter() - start
     assert report.lines == n and not report.errors
     return {"lines": n, "lines_per_second": n / elapsed}

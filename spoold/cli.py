@@ -279,7 +279,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     bad = False
     for path in args.files:
         try:
-            report = validate_file(path, _resolver(config), config.limits.max_line_bytes)
+            report = validate_file(path, _resolver(config), config.limits)
         except OSError as e:
             print(f"{path}: cannot read: {e.strerror or e}", file=sys.stderr)
             bad = True
@@ -307,7 +307,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     status = EXIT_OK
     for path in args.files:
         try:
-            report = validate_file(path, resolver, config.limits.max_line_bytes, args.model)
+            report = validate_file(path, resolver, config.limits, args.model)
             if report.errors:
                 _print_report(report, sys.stderr)
                 if args.strict:

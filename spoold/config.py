@@ -100,7 +100,10 @@ class LimitsSettings:
     """`[limits]`: what a dropped file may not exceed."""
 
     max_line_bytes: int = 4 * 1024 * 1024
-    max_file_bytes: int = 0
+    #: a sparse or endless drop fails at once instead of holding the engine
+    max_file_bytes: int = 50 * 1024 ** 3
+    #: what one line may ask the engine to produce: n x max_tokens x (1 + logprobs per token)
+    max_output_tokens_per_line: int = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -290,7 +293,7 @@ RELOADABLE = {
     "spool": ("settle_seconds", "poll_seconds", "claim_timeout"),
     "engine": ("max_inflight",),
     "models": ("max_wait_seconds", "gpu_hour_price"),
-    "limits": ("max_line_bytes", "max_file_bytes"),
+    "limits": ("max_line_bytes", "max_file_bytes", "max_output_tokens_per_line"),
     "heartbeat": ("seconds",),
     "watchdog": ("stall_seconds", "restart_seconds"),
     "events": ("progress_seconds",),

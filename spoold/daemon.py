@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 from .config import Config, ConfigError, engine_settings_for, reload_settings
@@ -24,8 +25,9 @@ from .gpu import GpuReader
 from .heartbeat import heartbeat_document, status_line, write_heartbeat
 from .jobrunner import EngineFailed, IncompleteJob, JobProgress, JobRunner, job_fields, next_model
 from .metrics import Metrics
+from .names import display_name
 from .notify import STOPPING_STATUS, Notifier
-from .spool import JobDir, Spool
+from .spool import JobDir, Spool, created_at
 from .scheduler import Candidate, in_order
 from .validation import ModelResolver, first_model
 from .watcher import InboxWatcher
@@ -42,8 +44,20 @@ WRITE_RETRY_SECONDS = 5.0
 #: then counted rather than run again.
 TAKEOVER_GRACE_SECONDS = 2.0
 
+#: How many complete drops (first seen first) one scheduling pass weighs:
+#: enough to find the loaded model's work, few enough that a pass over an
+#: inbox of 10,000 drops costs no more than over one of 64.
+SCHEDULE_WINDOW = 64
+
 #: How often the status line goes to the log as well as to systemd.
 LOG_PROGRESS_SECONDS = 30.0
+
+#: A background loop (heartbeat, progress, watchdog) that fails more than
+#: this often in LOOP_FAILURE_WINDOW_SECONDS stops the daemon for systemd.
+MAX_LOOP_FAILURES = 5
+LOOP_FAILURE_WINDOW_SECONDS = 60.0
+#: How long a failed background loop waits before it runs again.
+LOOP_RESTART_SECONDS = 1.0
 
 #: While the model loads, systemd's start timeout is pushed this far ahead,
 #: every third of it: a load that makes no progress still times out in vLLM.
@@ -122,13 +136,15 @@ class Daemon:
         self._recover()
         if self.events is not None:
             self.events.start(self._snapshot)
-        loops = [asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
-                 asyncio.create_task(self._progress_loop(), name="progress"),
-                 asyncio.create_task(self._watchdog_loop(), name="watchdog")]
+        loops = [asyncio.create_task(self._supervised(loop), name=loop.__name__)
+                 for loop in (self._heartbeat_loop, self._progress_loop, self._watchdog_loop)]
+        # Watch the inbox before saying "ready": a rename made the moment
+        # READY (or the idle heartbeat) is seen must raise a hint, not wait
+        # for the settle-and-poll path.
+        self.watcher.start()
         try:
             await self._start_engine()
             if not self._stop.is_set():
-                self.watcher.start()
                 await self._serve()
         finally:
             self.state = "stopping"
@@ -150,6 +166,37 @@ class Daemon:
         if pending:
             log.info("%d unfinished job(s) of this host will be resumed first: %s",
                      len(pending), ", ".join(job.id for job in pending))
+
+    async def _supervised(self, loop: Callable[[], Any]) -> None:
+        """Run a background loop for good: an exception is logged and counted, and the loop restarts.
+
+        A loop that died silently would leave a half-daemon: watchdog pings
+        going on while heartbeats stop (and peers take over a live host's
+        jobs). One that keeps failing stops the daemon instead, for systemd
+        to restart it.
+        """
+        failures: list[float] = []
+        while True:
+            try:
+                await loop()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                now = time.monotonic()
+                failures = [t for t in failures if now - t < LOOP_FAILURE_WINDOW_SECONDS] + [now]
+                if self.metrics is not None:
+                    self.metrics.loop_failures.labels(loop.__name__.strip("_")).inc()
+                if len(failures) > MAX_LOOP_FAILURES:
+                    log.critical("%s keeps failing (%s: %s); exiting so the service restarts",
+                                 loop.__name__, type(e).__name__, e, exc_info=True)
+                    self.exit_code = 1
+                    self._stop.set()
+                    self.watcher.wake()
+                    return
+                log.error("%s failed (%s: %s); restarting it", loop.__name__, type(e).__name__, e,
+                          exc_info=True)
+                await asyncio.sleep(LOOP_RESTART_SECONDS)
 
     def _on_signal(self, sig: int) -> None:
         """Record the signal; the main loop acts on it."""
@@ -185,9 +232,11 @@ class Daemon:
     async def _serve(self) -> None:
         """Run this host's jobs and claim drops as they complete, oldest first, few model swaps."""
         while not self._stop.is_set():
-            job = await self._take_over_orphan()
-            if job is None:
-                job = await self._next_job()
+            try:
+                job = await self._take_over_orphan() or await self._next_job()
+            except OSError as e:  # EIO or ESTALE from the spool: pause and look again, never exit
+                await self._pause(f"cannot read the spool: {_describe(e)}")
+                continue
             if job is None:
                 await self.watcher.wait()
                 continue
@@ -236,11 +285,12 @@ class Daemon:
     async def _next_job(self) -> JobDir | None:
         """This host's jobs and the inbox's complete drops, in the scheduler's order; claims a drop."""
         own = [self._candidate(job) for job in self.spool.host_jobs() if job.id not in self._stuck]
+        await self.watcher.refresh()
         drops = self.watcher.complete_drops()
         self._queued = len(drops)
         several = len(self.resolver.known) > 1  # only then is a peek at the drops worth it
         waiting = own + [Candidate(name, first_model(self.spool.inbox / name, self.resolver) if several else None,
-                                   _mtime(self.spool.inbox / name)) for name in drops]
+                                   self.watcher.seen_at(name)) for name in drops[:SCHEDULE_WINDOW]]
         for choice in in_order(waiting, self.engine.model, self.config.models.max_wait_seconds, time.time()):
             if isinstance(choice.item, JobDir):
                 return choice.item
@@ -254,8 +304,13 @@ class Daemon:
         peek at a job not validated yet) and when it was claimed."""
         batch = job.read_batch()
         validating = batch.get("status", "validating") == "validating"
-        model = first_model(job.input, self.resolver) if validating else next_model(batch)
-        return Candidate(job, model, batch.get("created_at", 0))
+        model = first_model(job.input, self.resolver) if validating else self._known(next_model(batch))
+        return Candidate(job, model, created_at(batch))
+
+    def _known(self, model: object) -> str | None:
+        """A model named in a batch.json, if it is a configured one; None (any will do) otherwise:
+        the runner then fails a job whose record names another."""
+        return model if isinstance(model, str) and model in self.resolver.known else None
 
     async def _take_over_orphan(self) -> JobDir | None:
         """Adopt a job whose host stopped heartbeating for `[spool] claim_timeout`.
@@ -283,21 +338,22 @@ class Daemon:
 
     async def _claim(self, name: str) -> JobDir | None:
         """Claim one drop; None if another daemon was first or the disk refused."""
+        shown = display_name(name)
         try:
             job = self.spool.claim_drop(name)
         except OSError as e:
-            await self._pause(f"cannot claim {name!r}: {_describe(e)}")
+            await self._pause(f"cannot claim {shown}: {_describe(e)}")
             return None
         self.watcher.forget(name)
         if job is not None:
-            log.info("claimed %r as job %s", name, job.id, **job_fields(job.id))
-            self._publish("spoold.job.claimed", {"job": job.id, "input_file": name})
+            log.info("claimed '%s' as job %s", shown, job.id, **job_fields(job.id))
+            self._publish("spoold.job.claimed", {"job": job.id, "input_file": shown})
         return job
 
     async def _run_job(self, job: JobDir) -> None:
         # A job not validated yet runs on the loaded model first: validation
         # needs none, and the lines it has for this model run before a swap.
-        wanted = next_model(job.read_batch())
+        wanted = self._known(next_model(job.read_batch()))
         if wanted is not None and wanted != self.engine.model and not job.cancel_request.exists():
             await self._swap_engine(wanted)
             if self._stop.is_set():
@@ -560,13 +616,6 @@ class Daemon:
         if progress is not None and now - self._last_log >= LOG_PROGRESS_SECONDS:
             self._last_log = now
             log.info("%s", line)
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return os.lstat(path).st_mtime
-    except OSError:
-        return 0.0
 
 
 def _describe(error: BaseException) -> str:

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +41,29 @@ def runtime_dir() -> Path:
     if os.environ.get("XDG_RUNTIME_DIR"):
         return Path(os.environ["XDG_RUNTIME_DIR"]) / "spoold"
     return Path(f"/tmp/spoold-{os.geteuid()}")
+
+
+class EventsError(Exception):
+    """The feed cannot be offered where it is configured; the message says why and what to do."""
+
+
+def _check_socket_dir(directory: Path) -> None:
+    """Refuse a socket directory someone else controls (a predictable /tmp/spoold-<uid> made first).
+
+    Whoever owns it, or can write to it, could put their own socket in our
+    place and read every event, or feed `spoold watch` lies.
+    """
+    st = os.lstat(directory)
+    problem = None
+    if not stat.S_ISDIR(st.st_mode):
+        problem = "it is not a directory (a symlink?)"
+    elif st.st_uid != os.geteuid():
+        problem = f"it is owned by uid {st.st_uid}, not this user ({os.geteuid()})"
+    elif st.st_mode & stat.S_IWOTH:
+        problem = "anyone may write to it"
+    if problem:
+        raise EventsError(f"not putting the event socket in {directory}: {problem}; remove it, or set "
+                          "[events] endpoint (or XDG_RUNTIME_DIR) to a directory of this user's own")
 
 
 #: Where a system service (systemd RuntimeDirectory=spoold) has its socket.
@@ -85,6 +109,7 @@ class EventPublisher:
         if self.endpoint.startswith("ipc://"):
             path = Path(self.endpoint[len("ipc://"):])
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            _check_socket_dir(path.parent)
             if path.exists():
                 path.unlink()  # a socket left by a crashed daemon
             old_umask = os.umask(0o117)  # the socket is created owner+group only

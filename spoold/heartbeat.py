@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .durable import atomic_write_json
+from .durable import replace_json
 
 
 def heartbeat_document(host: str, state: str, progress: Any | None, gpus: list[dict]) -> dict[str, Any]:
@@ -28,12 +28,14 @@ def write_heartbeat(paths: list[Path], doc: dict[str, Any], mode: int = 0o640, g
     """Replace each heartbeat file atomically; returns what failed, e.g. on a full disk.
 
     A heartbeat that cannot be written must never stop the work it reports
-    on; a vanished directory (a job just published) is not a failure.
+    on; a vanished directory (a job just published) is not a failure. Not
+    fsynced: the next beat replaces it within seconds, and a power cut that
+    loses one loses nothing (peers judge a host by beats it goes on writing).
     """
     failures = []
     for path in paths:
         try:
-            atomic_write_json(path, doc, mode, gid)
+            replace_json(path, doc, mode, gid)
         except FileNotFoundError:
             pass
         except OSError as e:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import itertools
 import json
 import logging
 import os
@@ -26,16 +25,26 @@ from typing import IO, Any
 from .config import LimitsSettings
 from .duplicates import DuplicateFinder
 from .engine import Engine, EngineRequest
+from .names import display_name
 from .spool import JobDir, Spool, mark_failed, new_batch
-from .validation import (LineError, LineValidator, ModelResolver, binary_kind, iter_lines, repeated_requests,
-                         validate_stream)
+from .validation import (TICK, LineError, LineValidator, ModelResolver, binary_kind, iter_lines,
+                         repeated_requests, validate_stream)
 from .writer import GroupCommitWriter, Recovered, recover_results
 
 log = logging.getLogger(__name__)
 
-#: Lines validated between yields to the event loop, so heartbeats and
-#: signals are served while a big file is checked.
-VALIDATION_CHUNK = 2000
+#: Engine deaths a line may be in flight at before it gets an
+#: `engine_crashed` error instead of another run.
+MAX_CRASHES_PER_LINE = 2
+
+#: After an engine death, the lines it had in flight run again this many at
+#: a time, before the rest: a second death then names at most this many.
+SUSPECT_WINDOW = 8
+
+#: The longest a pass over the input runs without yielding to the event
+#: loop, so heartbeats, signals and watchdog pings are served however the
+#: file is made (huge lines, millions of blank ones).
+YIELD_SECONDS = 0.05
 
 
 #: How often the wait for the last requests in flight looks at the stop event.
@@ -56,7 +65,15 @@ class EngineFailed(Exception):
 
 
 class InputRejected(Exception):
-    """The job's input can never be processed (too big, not a regular file): it fails."""
+    """The job's input can never be processed (too big, not a regular file): it fails.
+
+    `code` is the file-level error code batch.json records (`too_big`,
+    `binary`, `not_regular`, `input_changed`).
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class IncompleteJob(Exception):
@@ -139,8 +156,9 @@ def finished_id(raw: bytes) -> str | None:
 
 def next_model(batch: dict[str, Any]) -> str | None:
     """The model a validated job needs next; None when any will do (or it is not validated yet)."""
-    done = batch.get("models_done", [])
-    return next((m for m in batch.get("models", {}) if m not in done), None)
+    done, models = batch.get("models_done"), batch.get("models")
+    done = done if isinstance(done, list) else []
+    return next((m for m in models if m not in done), None) if isinstance(models, dict) else None
 
 
 class JobRunner:
@@ -155,7 +173,13 @@ class JobRunner:
         self.on_validated = on_validated
         self.batch: dict[str, Any] = job.read_batch() or new_batch(job.id, job.input.name, spool.settings.host_id)
         self.batch["host"] = spool.settings.host_id  # the host finishing it, after a takeover too
-        self.progress = JobProgress(job.id, self.batch.get("input_file", ""), self.batch.get("status", "validating"))
+        # Another host may have written this record: its name is shown only in display form.
+        name = self.batch.get("input_file")
+        self.progress = JobProgress(job.id, display_name(name if isinstance(name, str) else ""),
+                                    self.batch.get("status", "validating"))
+        self._input: os.stat_result | None = None
+        self._inflight_lines: set[int] = set()
+        self._crashed_lines: set[int] = set()
         self._writer: GroupCommitWriter | None = None
         self._dispatch_started = 0.0
 
@@ -164,10 +188,13 @@ class JobRunner:
         if self.batch.get("status") == "completed":
             self.spool.move_to_outbox(self.job)
             return "completed"
+        problem = self._record_problem()
+        if problem:
+            return self._fail(problem, "bad_record")
         try:
             f = self._open_input()
         except InputRejected as e:
-            return self._fail(str(e))
+            return self._fail(str(e), e.code)
         # Any other OSError (EIO, ESTALE on NFS, a full disk) may pass: it
         # goes up to the daemon, which retries the job later.
         recovered = recover_results(self.job.output, self.job.errors)
@@ -185,35 +212,82 @@ class JobRunner:
         finally:
             await self._settle_writer(writer, commit_task)
 
+    def _validator(self, duplicates: DuplicateFinder | None = None) -> LineValidator:
+        return LineValidator(self.resolver, duplicates=duplicates,
+                             max_output_tokens=self.limits.max_output_tokens_per_line)
+
+    def _record_problem(self) -> str | None:
+        """What is wrong with a batch.json another host (or an older spoold) wrote, if anything.
+
+        Its `models` decide what gets loaded: only configured models may be,
+        so a record naming any other fails the job instead.
+        """
+        models = self.batch.get("models", {})
+        if not isinstance(models, dict) or not all(isinstance(n, int) for n in models.values()):
+            return "batch.json has a `models` that is not a table of line counts"
+        unknown = sorted(m for m in models if m not in self.resolver.known)
+        if unknown:
+            return (f"batch.json names model(s) {', '.join(map(repr, unknown))} that are not configured "
+                    "here ([models]); they are never loaded")
+        if not isinstance(self.batch.get("request_counts"), dict) or not isinstance(self.batch.get("errors"), list):
+            return "batch.json lacks `request_counts` or `errors` of the right type"
+        return None
+
     def _open_input(self) -> IO[bytes]:
-        """Open input.jsonl without following links; only a regular file is read."""
+        """Open input.jsonl without following links; only a regular file with one name is read."""
         try:
             fd = os.open(self.job.input, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as e:
             if e.errno == errno.ELOOP:
-                raise InputRejected("input.jsonl is a symlink; it is never followed") from None
+                raise InputRejected("not_regular", "input.jsonl is a symlink; it is never followed") from None
             raise
         f = os.fdopen(fd, "rb", buffering=1 << 20)
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+        try:
+            self._input = st = os.fstat(fd)
+            self._check_input(st)
+            kind = binary_kind(f.peek(16)[:16])
+            if kind is not None:
+                raise InputRejected("binary", f"this is {kind}, not JSONL")
+        except BaseException:
             f.close()
-            raise InputRejected("input.jsonl is not a regular file")
-        if self.limits.max_file_bytes and st.st_size > self.limits.max_file_bytes:
-            f.close()
-            raise InputRejected(f"file is {st.st_size} bytes, over [limits] max_file_bytes "
-                                f"({self.limits.max_file_bytes})")
-        kind = binary_kind(f.peek(16)[:16])
-        if kind is not None:
-            f.close()
-            raise InputRejected(f"this is {kind}, not JSONL")
+            raise
         return f
 
+    def _check_input(self, st: os.stat_result) -> None:
+        """Refuse what may not be read, and an input that changed since it was validated."""
+        if not stat.S_ISREG(st.st_mode):
+            raise InputRejected("not_regular", "input.jsonl is not a regular file")
+        if st.st_nlink != 1:
+            raise InputRejected("not_regular", f"input.jsonl has {st.st_nlink} hard links: another name "
+                                               "for it is outside the spool; submit a file of its own")
+        if self.limits.max_file_bytes and st.st_size > self.limits.max_file_bytes:
+            raise InputRejected("too_big", f"file is {st.st_size} bytes, over [limits] max_file_bytes "
+                                           f"({self.limits.max_file_bytes})")
+        validated = self.batch.get("input")
+        if isinstance(validated, dict) and (st.st_size, st.st_mtime_ns) != (validated.get("bytes"),
+                                                                              validated.get("mtime_ns")):
+            raise InputRejected("input_changed", _changed(validated.get("bytes"), st.st_size))
+
+    def _check_unchanged(self, f: IO[bytes]) -> None:
+        """The input is still what this run opened: nobody wrote to it through a descriptor
+        they held from before the claim. Checked after validation and before finalize."""
+        st = os.fstat(f.fileno())
+        if (st.st_size, st.st_mtime_ns) != (self._input.st_size, self._input.st_mtime_ns):
+            raise InputRejected("input_changed", _changed(self._input.st_size, st.st_size))
+
     async def _run_phases(self, f: IO[bytes], writer: GroupCommitWriter, recovered: Recovered) -> str:
+        try:
+            return await self._run_passes(f, writer, recovered)
+        except InputRejected as e:
+            await writer.flush()  # what is done is kept: it goes to failed/ with the job
+            return self._fail(str(e), e.code)
+
+    async def _run_passes(self, f: IO[bytes], writer: GroupCommitWriter, recovered: Recovered) -> str:
         if self.batch["status"] == "validating":
             if not await self._validate(f, writer, recovered):
                 return "interrupted"
             if self.batch["request_counts"]["total"] == 0:
-                return self._fail("no request lines: the file is empty or only blank lines")
+                return self._fail("no request lines: the file is empty or only blank lines", "empty")
             f.seek(0)
         self.progress.state = "in_progress"
         self.progress.total = self.batch["request_counts"]["total"]
@@ -226,6 +300,7 @@ class JobRunner:
             self.batch.setdefault("models_done", []).append(self.engine.model)
             self.spool.write_batch(self.job, self.batch)
             return "waiting"
+        self._check_unchanged(f)
         await self._finalize(writer)
         return "completed"
 
@@ -247,27 +322,38 @@ class JobRunner:
         errors are written then, after a short second read of the suspects.
         """
         total, first_valid, models = 0, None, {}
+        end = self._input.st_size  # bytes appended after the claim are never read
+        breather = _Breather()
         with DuplicateFinder(self.job.path) as finder:
-            validator = LineValidator(self.resolver, duplicates=finder)
-            for item in validate_stream(f, validator, self.limits.max_line_bytes):
+            validator = self._validator(duplicates=finder)
+            for item in validate_stream(f, validator, self.limits.max_line_bytes, end, ticks=True):
+                if breather.due(item is None):
+                    await asyncio.sleep(0)
+                    if self.stop.is_set():
+                        return False
+                if item is None:
+                    continue
                 total += 1
                 if isinstance(item, LineError):
                     self._add_error(item, writer, recovered)
                 else:
                     first_valid = first_valid or item
                     models[item.body["model"]] = models.get(item.body["model"], 0) + 1
-                if total % VALIDATION_CHUNK == 0:
-                    await asyncio.sleep(0)
-                    if self.stop.is_set():
-                        return False
             suspects = finder.suspects()
         if len(suspects):
             f.seek(0)
-            for request, error in repeated_requests(f, suspects, LineValidator(self.resolver),
-                                                    self.limits.max_line_bytes):
-                models[request.body["model"]] -= 1
-                self._add_error(error, writer, recovered)
+            for pair in repeated_requests(f, suspects, self._validator(),
+                                          self.limits.max_line_bytes, ticks=True):
+                if breather.due(pair is None):
+                    await asyncio.sleep(0)
+                    if self.stop.is_set():
+                        return False
+                if pair is not None:
+                    models[pair[0].body["model"]] -= 1
+                    self._add_error(pair[1], writer, recovered)
         await writer.flush()
+        self._check_unchanged(f)
+        self.batch["input"] = {"bytes": self._input.st_size, "mtime_ns": self._input.st_mtime_ns}
         now = int(time.time())
         self.batch.update(status="in_progress", in_progress_at=now,
                           endpoint=first_valid.url if first_valid else None,
@@ -293,31 +379,74 @@ class JobRunner:
     async def _dispatch(self, f: IO[bytes], writer: GroupCommitWriter, recovered: Recovered) -> bool:
         """Send every valid line without a result to the engine, `inflight` at a time.
 
-        `inflight` workers share one iterator over the file; each takes the
-        next line once its last request is answered. No task per line: with
-        the instant engine double, making and scheduling one took a third of
-        the time per line (55K -> 85K lines/s without).
+        After an engine death, the lines it had in flight (suspects: one of
+        them may be what kills it) run first, SUSPECT_WINDOW at a time, so a
+        second death pins the poison line down to a few; a line in flight at
+        MAX_CRASHES_PER_LINE deaths gets an `engine_crashed` error instead of
+        killing every fresh engine (Mailman's cap on a message that keeps
+        failing).
         """
         self._dispatch_started = time.monotonic()
-        lines = self._unfinished(f, writer, recovered)
-        first = next(lines, None)
-        if first is not None and self.progress.done_at_start:
-            log.info("job %s resumed at line %d, %d lines already done (found in %.2fs)", self.job.id,
-                     first.line, self.progress.done_at_start, time.monotonic() - self.progress.started,
+        if self.progress.done_at_start:
+            log.info("job %s resumed, %d lines already done (found in %.2fs)", self.job.id,
+                     self.progress.done_at_start, time.monotonic() - self.progress.started,
                      **job_fields(self.job.id))
-        lines = itertools.chain([first] if first is not None else [], lines)
+        crashes = self._crash_counts()
+        suspects = {line for line, deaths in crashes.items() if deaths < MAX_CRASHES_PER_LINE}
+        if suspects:
+            lines = self._unfinished(f, writer, recovered, crashes, lambda n: n in suspects)
+            if not await self._run_lines(lines, min(SUSPECT_WINDOW, self.inflight_limit), writer):
+                return False
+            f.seek(0)
+        lines = self._unfinished(f, writer, recovered, crashes, lambda n: n not in suspects)
+        # No more workers than lines left: a one-line job must not start 2,048 of them.
+        left = self.batch["request_counts"]["total"] - writer.tally.done
+        return await self._run_lines(lines, max(1, min(self.inflight_limit, left)), writer)
+
+    async def _run_lines(self, lines: Iterator[EngineRequest | None], inflight: int,
+                         writer: GroupCommitWriter) -> bool:
+        """Run `lines` through `inflight` workers sharing one iterator; True when all ran.
+
+        No task per line: with the instant engine double, making and
+        scheduling one took a third of the time per line (55K -> 85K lines/s
+        without).
+        """
         failure: list[BaseException] = []
         max_pending = max(MAX_PENDING_RESULTS, 2 * self.inflight_limit)
         workers = {asyncio.create_task(self._work(lines, writer, failure, max_pending))
-                   for _ in range(self.inflight_limit)}
+                   for _ in range(inflight)}
         await self._drain(workers, failure)
         for worker in workers:
             if not worker.cancelled() and worker.exception() is not None:
                 raise worker.exception()  # reading the input failed (EIO, ESTALE): the daemon retries the job
         await writer.flush()
         if failure:
+            self._record_crash()
             raise EngineFailed(f"job {self.job.id}: the engine failed: {failure[0]!r}") from failure[0]
         return not self.stop.is_set()
+
+    def _crash_counts(self) -> dict[int, int]:
+        """batch.json's `engine_crashes`: input line -> engine deaths it was in flight at.
+
+        Read defensively: another host may have written the record.
+        """
+        raw = self.batch.get("engine_crashes")
+        if not isinstance(raw, dict):
+            return {}
+        return {int(k): v for k, v in raw.items()
+                if isinstance(k, str) and k.isdigit() and isinstance(v, int) and v > 0}
+
+    def _record_crash(self) -> None:
+        """Count an engine death against the lines it had in flight, durably, before the restart."""
+        counts = self._crash_counts()
+        for line in self._crashed_lines:
+            counts[line] = counts.get(line, 0) + 1
+        self.batch["engine_crashes"] = {str(line): deaths for line, deaths in sorted(counts.items())}
+        self.spool.write_batch(self.job, self.batch)
+        log.warning("job %s: the engine died with %d lines in flight (lines %s); they run again, %d at a "
+                    "time, and a line in flight at %d deaths gets an engine_crashed error",
+                    self.job.id, len(self._crashed_lines), _span(self._crashed_lines), SUSPECT_WINDOW,
+                    MAX_CRASHES_PER_LINE, **job_fields(self.job.id))
 
     async def _drain(self, tasks: set[asyncio.Task], failure: list[BaseException]) -> None:
         """Wait for the workers to run out of lines; a stop or an engine failure cancels the rest.
@@ -332,8 +461,9 @@ class JobRunner:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _unfinished(self, f: IO[bytes], writer: GroupCommitWriter, recovered: Recovered) -> Iterator[EngineRequest]:
-        """The valid lines that have no result yet, in file order.
+    def _unfinished(self, f: IO[bytes], writer: GroupCommitWriter, recovered: Recovered,
+                    crashes: dict[int, int], wanted: Callable[[int], bool]) -> Iterator[EngineRequest | None]:
+        """The `wanted` valid lines that have no result yet, in file order; None now and then (a tick).
 
         Lines with a result are skipped by number before any parse: a resume
         at 600K of 1M lines must not re-validate 600K lines. Every error of
@@ -341,20 +471,30 @@ class JobRunner:
         included, so this pass keeps no per-line state of its own.
         `recovered.done_ids` holds only results whose line number is not
         known (written before output ids carried it): those are matched by
-        custom_id.
+        custom_id. A line in flight at too many engine deaths gets its error here.
         """
-        validator = LineValidator(self.resolver)
-        for number, raw in iter_lines(f, self.limits.max_line_bytes):
+        validator = self._validator()
+        for number, raw in iter_lines(f, self.limits.max_line_bytes, self._input.st_size, ticks=True):
+            if raw is TICK:
+                yield None  # the worker yields to the loop: blank or over-long lines must not hold it
+                continue
             if number in recovered.error_lines or number in recovered.done_lines or raw is None:
+                continue
+            if not wanted(number):
                 continue
             if recovered.done_ids and finished_id(raw) in recovered.done_ids:
                 continue
             item = validator.check(number, raw)
             if isinstance(item, EngineRequest) and item.body["model"] != self.engine.model:
                 continue  # another model's line: its own pass runs it
+            if isinstance(item, EngineRequest) and crashes.get(number, 0) >= MAX_CRASHES_PER_LINE:
+                item = LineError(number, item.custom_id, "engine_crashed",
+                                 f"the engine died {crashes[number]} times with this line in flight; it was "
+                                 "not run again (check its parameters: n, max_tokens, logprobs)")
             if isinstance(item, LineError):
-                # Its error line was lost (only a failing disk can do that):
-                # write it again rather than leave the line without a result.
+                # Its error line was lost (only a failing disk can do that),
+                # or the line kills the engine: write an error rather than
+                # leave the line without a result.
                 writer.add_error(item)
                 recovered.error_lines.add(number)
             elif item.custom_id not in recovered.done_ids:
@@ -368,20 +508,27 @@ class JobRunner:
         next() ends before another's begins.
         """
         for count, item in enumerate(lines, 1):
+            if item is None:  # a tick: lines were skipped without a request to send
+                await asyncio.sleep(0)
+                continue
             await writer.wait_pending_below(max_pending)
             if self.stop.is_set() or failure or writer.failure:
                 return  # the line taken has no result yet: it runs on the next start
             self.progress.inflight += 1
+            self._inflight_lines.add(item.line)
             try:
                 result = await self.engine.handle(item)
                 writer.add_result(item.line, item.custom_id, result)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
+                if not failure:
+                    self._crashed_lines = set(self._inflight_lines)  # all of them were lost with the engine
                 failure.append(e)
                 return
             finally:
                 self.progress.inflight -= 1
+                self._inflight_lines.discard(item.line)
             if count % 256 == 0:
                 await asyncio.sleep(0)  # an engine that answers at once must not starve the loop
 
@@ -460,10 +607,37 @@ class JobRunner:
                 self.progress.last_progress_at = time.time()
         return self.progress
 
-    def _fail(self, reason: str) -> str:
+    def _fail(self, reason: str, code: str) -> str:
         log.error("job %s failed: %s", self.job.id, reason, **job_fields(self.job.id))
-        mark_failed(self.batch, reason)
+        mark_failed(self.batch, reason, code)
         self.spool.write_batch(self.job, self.batch)
         self.spool.move_to_failed(self.job)
         self.progress.state = "failed"
         return "failed"
+
+
+class _Breather:
+    """When a pass over the input should yield to the event loop: every YIELD_SECONDS, and at every tick."""
+
+    def __init__(self) -> None:
+        self._due = time.monotonic() + YIELD_SECONDS
+
+    def due(self, tick: bool) -> bool:
+        """True when the caller should yield now (and the next period starts)."""
+        now = time.monotonic()
+        if not tick and now < self._due:
+            return False
+        self._due = now + YIELD_SECONDS
+        return True
+
+
+def _changed(validated: Any, now: int) -> str:
+    return (f"input.jsonl changed after it was claimed ({validated} bytes when validated, {now} now): "
+            "something still writes to it; submit it again once complete (rename it into the inbox, "
+            "or mark it NAME.jsonl.ready). Results so far are kept with the failed job")
+
+
+def _span(lines: set[int]) -> str:
+    """A few line numbers for a log line: `3, 7, 12` or `3 ... 2050`."""
+    ordered = sorted(lines)
+    return ", ".join(map(str, ordered)) if len(ordered) <= 8 else f"{ordered[0]} ... {ordered[-1]}"

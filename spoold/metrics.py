@@ -47,6 +47,8 @@ class Metrics:
         self.stalled = Gauge("spoold_stalled", "1 while in-flight work makes no progress for "
                              "[watchdog] stall_seconds", registry=registry)
         self.swaps = Counter("spoold_model_swaps", "Models unloaded to load another one", registry=registry)
+        self.loop_failures = Counter("spoold_loop_failures", "Background loops (heartbeat, progress, watchdog) "
+                                     "that failed and were restarted", ["loop"], registry=registry)
         self.gpu = {key: Gauge(name, doc, ["gpu"], registry=registry) for key, (name, doc, _) in GPU_GAUGES.items()}
         for state in ("queued", "processing"):
             self.jobs.labels(state)
@@ -55,16 +57,21 @@ class Metrics:
             self.jobs_finished.labels(result)
 
     def serve(self, listen: str) -> None:
-        """Serve /metrics on HOST:PORT; "" turns it off. A busy port is logged, not fatal."""
+        """Serve /metrics on HOST:PORT; "" turns it off. A busy or bad port is logged, not fatal.
+
+        PORT may be `BASE+N` (`9470+%i` in spoold@.service: one port per GPU
+        index, however many GPUs).
+        """
         if not listen:
             return
         from prometheus_client import start_http_server
 
-        host, _, port = listen.rpartition(":")
+        host, _, port_text = listen.rpartition(":")
         try:
-            start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
+            port = listen_port(port_text)
+            start_http_server(port, addr=host or "127.0.0.1", registry=self.registry)
             log.info("metrics on http://%s:%s/metrics", host or "127.0.0.1", port)
-        except OSError as e:
+        except (OSError, ValueError, OverflowError) as e:
             log.error("cannot serve metrics on %s: %s (the daemon goes on without them)", listen, e)
 
     def write_textfile(self, path: str) -> None:
@@ -83,3 +90,14 @@ class Metrics:
         for gpu in gpus:
             for key, (_, _, scale) in GPU_GAUGES.items():
                 self.gpu[key].labels(str(gpu["index"])).set(gpu[key] * scale)
+
+
+def listen_port(text: str) -> int:
+    """A TCP port from `PORT` or `BASE+N`; ValueError names what is wrong."""
+    try:
+        port = sum(int(part) for part in text.split("+"))
+    except ValueError:
+        raise ValueError(f"port {text!r} is not a number (or BASE+N)") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"port {text!r} is {port}, outside 1-65535")
+    return port

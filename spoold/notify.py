@@ -11,6 +11,8 @@ import logging
 import os
 import time
 
+from .names import display_name
+
 log = logging.getLogger(__name__)
 
 #: The status line from the first SIGTERM until exit.
@@ -38,9 +40,23 @@ class Notifier:
         return self._notify is not None
 
     def send(self, *fields: str) -> None:
-        """Send raw `KEY=value` fields in one datagram."""
-        if self._notify is not None:
-            self._notify("\n".join(fields))
+        """Send `KEY=value` fields in one datagram; a field that is not one line of UTF-8 is refused.
+
+        Fields are separated by newlines, so a newline inside a value would
+        reach systemd as a field of its own: a status naming a file
+        `a<newline>WATCHDOG=trigger` would have the service killed. Such a
+        field is never sent. Only a bug can make one (names are shown in
+        their display form), so it is logged, in that form.
+        """
+        if self._notify is None:
+            return
+        safe = [field for field in fields if _one_line_of_utf8(field)]
+        for field in fields:
+            if field not in safe:
+                log.error("not sending notify field %s to systemd: it is not one line of UTF-8",
+                          display_name(field))
+        if safe:
+            self._notify("\n".join(safe))
 
     def ready(self, status: str) -> None:
         """The daemon has recovered its jobs and loaded its model."""
@@ -75,3 +91,13 @@ class Notifier:
     def stopping(self) -> None:
         """The daemon has begun a warm stop."""
         self.send("STOPPING=1", f"STATUS={STOPPING_STATUS}")
+
+
+def _one_line_of_utf8(field: str) -> bool:
+    if "\n" in field:
+        return False
+    try:
+        field.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes of a file name (surrogate escapes)
+        return False
+    return True

@@ -23,6 +23,7 @@ from typing import Any
 
 from .config import SpoolSettings
 from .durable import atomic_write_bytes, atomic_write_json, durable_mkdir, durable_rename, fsync_dir
+from .names import display_name
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,16 @@ def is_drop_name(name: str) -> bool:
 
 
 def new_job_id(drop_name: str, now: float | None = None) -> str:
-    """`<stem>-<UTC timestamp>-<random>`: readable, sortable, unique across hosts."""
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", drop_name.removesuffix(".jsonl"))[:80] or "batch"
+    """`<stem>-<UTC timestamp>-<random>`: readable, sortable, unique across hosts.
+
+    The stem keeps only `[A-Za-z0-9_.-]` of the drop's name, so a job id is
+    always a safe single path component. 64 random bits: hosts sharing a
+    spool never pick the same id for drops of one name in one second (and
+    the job directory is made with O_EXCL semantics anyway, see new_job_dir).
+    """
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", drop_name.removesuffix(".jsonl"))[:80].lstrip(".") or "batch"
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
-    return f"{stem}-{stamp}-{secrets.token_hex(3)}"
+    return f"{stem}-{stamp}-{secrets.token_hex(8)}"
 
 
 @dataclass(frozen=True)
@@ -83,11 +90,16 @@ class JobDir:
         return self.path / "cancel.requested"
 
     def read_batch(self) -> dict[str, Any]:
-        """The job's batch.json, or {} when it is missing or unreadable."""
+        """The job's batch.json, or {} when it is missing, unreadable or not a JSON object.
+
+        {} makes the job start again from validation, which its result files
+        make safe: finished lines are found there and not run again.
+        """
         try:
-            return json.loads(self.batch.read_text())
+            batch = json.loads(self.batch.read_text())
         except (OSError, ValueError):
             return {}
+        return batch if isinstance(batch, dict) else {}
 
 
 class Spool:
@@ -103,6 +115,7 @@ class Spool:
         self.failed = self.root / "failed"
         self.file_mode = settings.file_mode
         self.gid = grp.getgrnam(settings.group).gr_gid if settings.group else -1
+        self._inbox_error: int | None = None
 
     def ensure_dirs(self) -> None:
         """Create the spool's directories if they are missing."""
@@ -115,14 +128,24 @@ class Spool:
 
     # -- the inbox ---------------------------------------------------------
 
-    def inbox_entries(self) -> list[os.DirEntry]:
-        """Every drop-like entry in the inbox, oldest first by mtime."""
+    def inbox_entries(self, with_markers: bool = False) -> list[os.DirEntry]:
+        """Every drop-like entry in the inbox (and, `with_markers`, every `NAME.jsonl.ready`), unordered.
+
+        An inbox that cannot be read (missing, EIO, ESTALE on NFS) reads as
+        empty, and is said once in the log: the next rescan tries again.
+        """
+        def wanted(name: str) -> bool:
+            return is_drop_name(name) or with_markers and is_drop_name(name.removesuffix(READY_SUFFIX))
         try:
-            entries = [e for e in os.scandir(self.inbox) if is_drop_name(e.name)]
-        except FileNotFoundError:
-            log.warning("inbox %s is missing; waiting for it to come back", self.inbox)
+            entries = [e for e in os.scandir(self.inbox) if wanted(e.name)]
+        except OSError as e:
+            if self._inbox_error != e.errno:
+                log.warning("cannot read the inbox %s (%s); waiting for it to come back", self.inbox,
+                            e.strerror or e)
+            self._inbox_error = e.errno
             return []
-        return sorted(entries, key=_mtime_or_zero)
+        self._inbox_error = None
+        return entries
 
     def claim_drop(self, name: str) -> JobDir | None:
         """Move `inbox/NAME` into a new job directory of this host.
@@ -138,14 +161,21 @@ class Spool:
         except FileNotFoundError:
             return None
         if not stat.S_ISREG(st.st_mode):
-            self.fail_drop(name, "not a regular file (symlinks and devices are never read)")
+            self.fail_drop(name, "not a regular file (symlinks and devices are never read)", "not_regular")
             return None
-        job = JobDir(self.host_dir / new_job_id(name))
-        durable_mkdir(job.path)
-        batch = new_batch(job.id, name, self.settings.host_id)
+        if st.st_nlink != 1:
+            # Another name for the same file (a hard link to something only
+            # the daemon may read, or a path the submitter keeps writing
+            # through) must never be read or claimed.
+            self.fail_drop(name, f"the file has {st.st_nlink} hard links; submit a file of its own "
+                                 "(copy it, do not `ln` it)", "not_regular")
+            return None
+        job = self.new_job_dir(self.host_dir, name)
+        batch = new_batch(job.id, display_name(name), self.settings.host_id)
         # How the drop looked when claimed: lets recover() tell a stale inbox
-        # entry left by a power cut from a new drop of the same name.
-        batch["drop"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        # entry left by a power cut from a new drop of the same name; and
+        # its name as it was, which `input_file` shows in display form.
+        batch["drop"] = drop_record(name, st)
         self.write_batch(job, batch)
         try:
             os.rename(src, job.input)
@@ -154,23 +184,44 @@ class Spool:
             return None
         fsync_dir(job.path)
         fsync_dir(self.inbox)
-        _unlink_quietly(self.inbox / (name + READY_SUFFIX))
+        _unlink_durably(self.inbox / (name + READY_SUFFIX))
         return job
 
-    def fail_drop(self, name: str, reason: str) -> JobDir | None:
+    def fail_drop(self, name: str, reason: str, code: str = "file_unreadable") -> JobDir | None:
         """Move an unreadable drop to failed/<job-id>/ with a batch.json saying why."""
-        job = JobDir(self.failed / new_job_id(name))
-        durable_mkdir(job.path)
-        batch = new_batch(job.id, name, self.settings.host_id)
-        mark_failed(batch, reason)
+        job = self.new_job_dir(self.failed, name)
+        batch = new_batch(job.id, display_name(name), self.settings.host_id)
+        try:
+            batch["drop"] = drop_record(name, os.lstat(self.inbox / name))
+        except FileNotFoundError:
+            pass
+        mark_failed(batch, reason, code)
         self.write_batch(job, batch)
         try:
             durable_rename(self.inbox / name, job.input)
         except FileNotFoundError:
             pass
-        _unlink_quietly(self.inbox / (name + READY_SUFFIX))
-        log.error("drop %s failed: %s", name, reason)
+        _unlink_durably(self.inbox / (name + READY_SUFFIX))
+        log.error("drop %s failed: %s", display_name(name), reason)
         return job
+
+    def new_job_dir(self, parent: Path, drop_name: str) -> JobDir:
+        """A new, empty job directory under `parent`, made durably; never one that exists.
+
+        A job id that is taken (another host, the same second, the same
+        random bits) must not silently reuse a live job's directory: the
+        mkdir fails and a fresh id is tried.
+        """
+        durable_mkdir(parent)
+        for _ in range(8):
+            job = JobDir(parent / new_job_id(drop_name))
+            try:
+                os.mkdir(job.path, 0o750)
+            except FileExistsError:
+                continue
+            fsync_dir(parent)
+            return job
+        raise FileExistsError(f"cannot make a new job directory under {parent}: every id tried exists")
 
     # -- jobs of this host -------------------------------------------------
 
@@ -188,7 +239,7 @@ class Spool:
                 shutil.rmtree(job.path, ignore_errors=True)
                 continue
             jobs.append(job)
-        return sorted(jobs, key=lambda j: j.read_batch().get("created_at", 0))
+        return sorted(jobs, key=lambda j: created_at(j.read_batch()))
 
     def recover(self) -> list[JobDir]:
         """At start-up: undo what a power cut can leave half-moved; return this host's jobs.
@@ -228,18 +279,25 @@ class Spool:
                 fsync_dir(host_dir)
 
     def _remove_stale_drop(self, job: JobDir) -> None:
+        """Remove the inbox entry a power cut left of the drop this job claimed.
+
+        It is that drop only if it is the very file the job holds (the same
+        inode): a resubmission with `rsync -a` or `cp -p` has the same name,
+        size and mtime, never the same inode, and stays.
+        """
         batch = job.read_batch()
-        name, seen = batch.get("input_file"), batch.get("drop")
-        if not name or not seen:
-            return
+        seen = batch.get("drop")
+        name = seen.get("name", batch.get("input_file")) if isinstance(seen, dict) else None
+        if not isinstance(name, str) or "/" in name or not is_drop_name(name):
+            return  # not a name this daemon could have claimed: another host's record is data
         try:
-            st = os.lstat(self.inbox / name)
+            st, mine = os.lstat(self.inbox / name), os.lstat(job.input)
         except FileNotFoundError:
-            _unlink_quietly(self.inbox / (name + READY_SUFFIX))
+            _unlink_durably(self.inbox / (name + READY_SUFFIX))
             return
-        if stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (seen["size"], seen["mtime_ns"]):
+        if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
             log.warning("inbox/%s is the drop job %s already claimed (its claim was cut short); "
-                        "removing it from the inbox", name, job.id)
+                        "removing it from the inbox", display_name(name), job.id)
             os.unlink(self.inbox / name)
             _unlink_quietly(self.inbox / (name + READY_SUFFIX))
             fsync_dir(self.inbox)
@@ -329,23 +387,34 @@ def new_batch(job_id: str, input_file: str, host: str) -> dict[str, Any]:
     }
 
 
-def mark_failed(batch: dict[str, Any], reason: str) -> None:
+def created_at(batch: dict[str, Any]) -> float:
+    """When a job was claimed, from its batch.json; 0 when the record does not say (or says nonsense)."""
+    value = batch.get("created_at")
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+
+
+def mark_failed(batch: dict[str, Any], reason: str, code: str = "file_unreadable") -> None:
     """Set a batch document to `failed`, recording the file-level reason."""
     batch["status"] = "failed"
     batch["failed_at"] = int(time.time())
-    batch["errors"].append({"code": "file_unreadable", "message": reason})
+    if not isinstance(batch.get("errors"), list):
+        batch["errors"] = []  # a record from elsewhere with nonsense there: the reason must still land
+    batch["errors"].append({"code": code, "message": reason})
+
+
+def drop_record(name: str, st: os.stat_result) -> dict[str, Any]:
+    """What batch.json keeps of a drop as claimed: its name as it was, its size and mtime.
+
+    `name` is kept losslessly (bytes that are not UTF-8 as Python's
+    surrogate escapes, `\\udcXX` in the JSON), for the daemon alone: what is
+    shown is `input_file`, its display form.
+    """
+    return {"name": name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def _mtime(path: Path) -> float:
     try:
         return os.stat(path).st_mtime
-    except OSError:
-        return 0.0
-
-
-def _mtime_or_zero(entry: os.DirEntry) -> float:
-    try:
-        return entry.stat(follow_symlinks=False).st_mtime
     except OSError:
         return 0.0
 
@@ -361,3 +430,12 @@ def _unlink_quietly(path: Path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _unlink_durably(path: Path) -> None:
+    """Remove a file if it is there, and make its removal durable."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    fsync_dir(path.parent)

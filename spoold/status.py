@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .names import display_name
 from .spool import JobDir, Spool, is_drop_name, subdirs
 
 #: How many finished and failed jobs `spoold status` lists.
@@ -44,7 +45,7 @@ def _queued(inbox: Path) -> list[dict[str, Any]]:
             st = e.stat(follow_symlinks=False)
         except FileNotFoundError:
             continue
-        out.append({"name": e.name, "bytes": st.st_size, "mtime": int(st.st_mtime)})
+        out.append({"name": display_name(e.name), "bytes": st.st_size, "mtime": int(st.st_mtime)})
     return out
 
 
@@ -61,7 +62,7 @@ def _processing(root: Path, stall_seconds: float) -> list[dict[str, Any]]:
             out.append({
                 "id": job.id,
                 "host": host_dir.name,
-                "input_file": batch.get("input_file"),
+                "input_file": _shown(batch.get("input_file")),
                 "status": "stalled" if stalled else (beat.get("state") or batch.get("status")),
                 "total": beat.get("total") or batch.get("request_counts", {}).get("total", 0),
                 "done": beat.get("done", 0),
@@ -78,7 +79,7 @@ def _recent(root: Path) -> list[dict[str, Any]]:
         batch = JobDir(job_dir).read_batch()
         jobs.append({
             "id": job_dir.name,
-            "input_file": batch.get("input_file"),
+            "input_file": _shown(batch.get("input_file")),
             "status": batch.get("status"),
             "request_counts": batch.get("request_counts"),
             "finished_at": batch.get("completed_at") or batch.get("failed_at"),
@@ -86,6 +87,11 @@ def _recent(root: Path) -> list[dict[str, Any]]:
         })
     jobs.sort(key=lambda j: j["finished_at"] or 0, reverse=True)
     return jobs[:RECENT]
+
+
+def _shown(name: Any) -> str | None:
+    """A name from a record another host (or a submitter's file name) made, in display form."""
+    return display_name(name) if isinstance(name, str) else None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -12,10 +12,12 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
-from .durable import fsync_dir, hidden_temp, write_all
+from .config import LimitsSettings
+from .durable import fsync_dir, hidden_temp, rename_noreplace, write_all
 from .duplicates import DuplicateFinder
-from .validation import LineError, LineValidator, ModelResolver, iter_lines, repeated_requests, validate_stream
+from .validation import LineError, LineValidator, ModelResolver, repeated_requests, validate_stream
 
 
 @dataclass
@@ -31,66 +33,83 @@ class Report:
         return self.lines - len(self.errors)
 
 
-def validate_file(path: str, resolver: ModelResolver, max_line_bytes: int,
+def validate_file(path: str, resolver: ModelResolver, limits: LimitsSettings,
                   force_model: str | None = None) -> Report:
     """Check every line of a file as the daemon would (after a `--model` rewrite)."""
     report = Report(path)
+    max_line_bytes, max_tokens = limits.max_line_bytes, limits.max_output_tokens_per_line
     with open(path, "rb") as f, DuplicateFinder() as finder:
-        for item in validate_stream(f, LineValidator(resolver, force_model, finder), max_line_bytes):
+        validator = LineValidator(resolver, force_model, finder, max_tokens)
+        for item in validate_stream(f, validator, max_line_bytes):
             report.lines += 1
             if isinstance(item, LineError):
                 report.errors.append(item)
         suspects = finder.suspects()
         if len(suspects):
             f.seek(0)
-            repeats = repeated_requests(f, suspects, LineValidator(resolver, force_model), max_line_bytes)
+            repeats = repeated_requests(f, suspects, LineValidator(resolver, force_model, None, max_tokens),
+                                        max_line_bytes)
             report.errors.extend(error for _, error in repeats)
             report.errors.sort(key=lambda e: e.line)
     return report
 
 
-def rewrite_models(lines: Iterator[tuple[int, bytes | None]], model: str) -> Iterator[bytes]:
-    """The lines with `body.model` set to `model`; lines that are not requests pass unchanged."""
-    for _, raw in lines:
-        if raw is None:
+def rewrite_models(f: IO[bytes], model: str, max_line_bytes: int) -> Iterator[bytes]:
+    """`f` with every request line's `body.model` set to `model`, every other byte as it was.
+
+    Blank lines, lines that are not requests and lines over `max_line_bytes`
+    pass unchanged (an over-long one in pieces, never whole), so the line
+    numbers the daemon reports are the numbers of the file you wrote.
+    """
+    limit = max_line_bytes + 1 if max_line_bytes else -1
+    while raw := f.readline(limit):
+        if limit > 0 and len(raw) == limit and not raw.endswith(b"\n"):
+            yield raw  # too long to rewrite: the daemon reports it as line_too_long
+            while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                yield rest
+            yield rest
             continue
-        try:
-            obj = json.loads(raw)
-        except ValueError:
-            yield raw if raw.endswith(b"\n") else raw + b"\n"
-            continue
-        if isinstance(obj, dict) and isinstance(obj.get("body"), dict):
-            obj["body"]["model"] = model
-            raw = json.dumps(obj, ensure_ascii=False).encode()
-        yield raw if raw.endswith(b"\n") else raw + b"\n"
+        yield _with_model(raw, model)
+
+
+def _with_model(raw: bytes, model: str) -> bytes:
+    try:
+        obj = json.loads(raw) if raw.strip() else None
+    except ValueError:
+        return raw
+    if isinstance(obj, dict) and isinstance(obj.get("body"), dict):
+        obj["body"]["model"] = model
+        end = b"\r\n" if raw.endswith(b"\r\n") else b"\n" if raw.endswith(b"\n") else b""
+        return json.dumps(obj, ensure_ascii=False).encode() + end
+    return raw
 
 
 def submit_file(path: str, inbox: Path, model: str | None = None, max_line_bytes: int = 0) -> Path:
     """Copy a file into the inbox atomically; return its name there.
 
-    An existing drop of the same name is never overwritten: a numbered
-    name is chosen instead.
+    An existing drop of the same name is never overwritten, not even one
+    that appears while this copy is made: a numbered name is chosen instead.
     """
     src = Path(path)
     with hidden_temp(inbox, src.name) as (fd, tmp):
         with open(src, "rb") as f:
             if model:
-                for line in rewrite_models(iter_lines(f, max_line_bytes), model):
-                    write_all(fd, line)
+                for piece in rewrite_models(f, model, max_line_bytes):
+                    write_all(fd, piece)
             else:
                 while chunk := f.read(1 << 20):
                     write_all(fd, chunk)
-    dest = _free_name(inbox, src.name if src.name.endswith(".jsonl") else src.name + ".jsonl")
-    os.rename(tmp, dest)
-    fsync_dir(inbox)
-    return dest
-
-
-def _free_name(inbox: Path, name: str) -> Path:
-    dest = inbox / name
-    stem = name.removesuffix(".jsonl")
-    n = 1
-    while dest.exists():
-        n += 1
-        dest = inbox / f"{stem}-{n}.jsonl"
-    return dest
+    name = src.name if src.name.endswith(".jsonl") else src.name + ".jsonl"
+    stem, n = name.removesuffix(".jsonl"), 1
+    while True:
+        dest = inbox / (name if n == 1 else f"{stem}-{n}.jsonl")
+        try:
+            rename_noreplace(tmp, dest)
+        except FileExistsError:
+            n += 1
+            continue
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        fsync_dir(inbox)
+        return dest

@@ -97,10 +97,11 @@ class LineValidator:
     """
 
     def __init__(self, resolver: ModelResolver, force_model: str | None = None,
-                 duplicates: DuplicateFinder | None = None) -> None:
+                 duplicates: DuplicateFinder | None = None, max_output_tokens: int = 0) -> None:
         self.resolver = resolver
         self.force_model = force_model  # what `spoold submit --model` will write
         self.duplicates = duplicates
+        self.max_output_tokens = max_output_tokens  # [limits] max_output_tokens_per_line; 0 = none
 
     def check(self, line: int, raw: bytes) -> EngineRequest | LineError:
         """Validate one line on its own; the request has its `model` resolved."""
@@ -139,6 +140,11 @@ class LineValidator:
             return LineError(line, custom_id, "invalid_body", "`body` must be a JSON object")
         if body.get("stream"):
             return LineError(line, custom_id, "stream_not_supported", "`stream` must be false in a batch")
+        asked = output_tokens_asked(body)
+        if self.max_output_tokens and asked > self.max_output_tokens:
+            return LineError(line, custom_id, "too_many_output_tokens",
+                             f"`n` x `max_tokens` x (1 + logprobs per token) is {asked} tokens, over [limits] "
+                             f"max_output_tokens_per_line ({self.max_output_tokens})")
         model, why = self.resolver.resolve(self.force_model or body.get("model"))
         if model is None:
             return LineError(line, custom_id, "unknown_model", why)
@@ -146,56 +152,121 @@ class LineValidator:
         return EngineRequest(line, custom_id, url, body)
 
 
+def output_tokens_asked(body: dict[str, Any]) -> int:
+    """How many tokens (and logprob entries) a request may make the engine produce and hold.
+
+    `n` choices of `max_tokens` (or `max_completion_tokens`) each, each token
+    with its `top_logprobs` (chat) or `logprobs` (completions) alternatives.
+    A value that is not a whole number counts as 1: the serving layer
+    rejects it with its own 400.
+    """
+    def whole(value: Any) -> int:
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
+    per_token = 1
+    for key in ("top_logprobs", "logprobs"):
+        if isinstance(body.get(key), int) and not isinstance(body.get(key), bool):
+            per_token += max(0, body[key])
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    return whole(body.get("n")) * whole(max_tokens) * per_token
+
+
 UTF8_BOM = b"\xef\xbb\xbf"
 
+#: What `iter_lines(ticks=True)` yields in place of a line after TICK_BYTES
+#: were read without one (blank lines, or the rest of an over-long line).
+TICK = b""
 
-def iter_lines(f: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+#: Bytes read without a line to yield before a tick: a few milliseconds of
+#: blank lines, one chunk of an over-long line.
+TICK_BYTES = 1 << 16
+
+#: How much of an over-long line is read at a time while skipping it.
+SKIP_CHUNK = 1 << 20
+
+
+def iter_lines(f: IO[bytes], max_line_bytes: int, end: int | None = None,
+               ticks: bool = False) -> Iterator[tuple[int, bytes | None]]:
     """(line number, raw line) for every non-blank line; raw is None when too long.
 
     A line over the limit is skipped in chunks, never held in memory whole.
+    `end` bounds the read to that many bytes from where `f` stands (the
+    length validated, so bytes appended later are never read). With
+    `ticks`, (line number, TICK) comes after every TICK_BYTES read without a
+    line to yield, so a caller on an event loop can yield to it however
+    the file is made: a sparse terabyte, millions of blank lines, one
+    endless line.
     """
     limit = max_line_bytes + 1 if max_line_bytes else -1
-    number = 0
+    number = pos = quiet = 0
     while True:
-        raw = f.readline(limit)
+        raw = f.readline(_budget(limit, end, pos))
         if not raw:
             return
+        pos += len(raw)
         number += 1
         if number == 1 and raw.startswith(UTF8_BOM):  # Windows tools write one
             raw = raw[len(UTF8_BOM):]
         if limit > 0 and len(raw) == limit and not raw.endswith(b"\n"):
-            while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
-                pass
+            while rest := f.readline(_budget(SKIP_CHUNK, end, pos)):
+                pos += len(rest)
+                if rest.endswith(b"\n"):
+                    break
+                if ticks:
+                    yield number, TICK
+            quiet = 0
             yield number, None
         elif raw.strip():
+            quiet = 0
             yield number, raw
+        elif ticks:
+            quiet += len(raw)
+            if quiet >= TICK_BYTES:
+                quiet = 0
+                yield number, TICK
 
 
-def validate_stream(f: IO[bytes], validator: LineValidator, max_line_bytes: int) -> Iterator[EngineRequest | LineError]:
-    """Every non-blank line of `f` as a request or a LineError, in order."""
-    for number, raw in iter_lines(f, max_line_bytes):
+def _budget(limit: int, end: int | None, pos: int) -> int:
+    """The most one readline may take: the line limit, and what is left before `end`."""
+    if end is None:
+        return limit
+    left = end - pos
+    if left <= 0:
+        return 0
+    return left if limit < 0 else min(limit, left)
+
+
+def validate_stream(f: IO[bytes], validator: LineValidator, max_line_bytes: int, end: int | None = None,
+                    ticks: bool = False) -> Iterator[EngineRequest | LineError | None]:
+    """Every non-blank line of `f` as a request or a LineError, in order; None for a tick (see iter_lines)."""
+    for number, raw in iter_lines(f, max_line_bytes, end, ticks):
         if raw is None:
             yield LineError(number, None, "line_too_long", f"line is longer than [limits] max_line_bytes ({max_line_bytes})")
+        elif raw is TICK:
+            yield None
         else:
             yield validator.check(number, raw)
 
 
-def repeated_requests(f: IO[bytes], suspects, validator: LineValidator,
-                      max_line_bytes: int) -> Iterator[tuple[EngineRequest, LineError]]:
+def repeated_requests(f: IO[bytes], suspects, validator: LineValidator, max_line_bytes: int,
+                      ticks: bool = False) -> Iterator[tuple[EngineRequest, LineError] | None]:
     """The lines that passed every check but repeat an earlier line's custom_id, each with its error.
 
     Reads `f` from the start up to the last of `suspects` (sorted line
     numbers from DuplicateFinder.suspects) and compares the custom_ids
     themselves, so a hash collision is never reported. `validator` must not
     have a DuplicateFinder. A repeat that failed another check already has
-    that error and is not yielded.
+    that error and is not yielded. With `ticks`, None comes now and then
+    while lines are skipped (see iter_lines).
     """
     wanted = iter(int(n) for n in suspects)
     next_line = next(wanted, None)
     first_seen: dict[str, int] = {}
-    for number, raw in iter_lines(f, max_line_bytes):
+    for number, raw in iter_lines(f, max_line_bytes, ticks=ticks):
         if next_line is None:
             return
+        if raw is TICK:
+            yield None
+            continue
         if number < next_line:
             continue
         next_line = next(wanted, None)
@@ -208,11 +279,17 @@ def repeated_requests(f: IO[bytes], suspects, validator: LineValidator,
                                   f"custom_id {item.custom_id!r} appears earlier in the file, on line {first}")
 
 
+#: How much of a drop the scheduler's model peek reads, at most.
+PEEK_BYTES = 64 * 1024
+
+
 def first_model(path: str | os.PathLike, resolver: ModelResolver, lines: int = 20) -> str | None:
     """The model the first good line of a file asks for: a cheap peek to schedule it.
 
-    None when the file cannot be read (it is never opened if it is not a
-    regular file) or its first lines name no configured model.
+    Reads at most PEEK_BYTES, so an over-long first line or a sparse file
+    costs no more than a small one. None when the file cannot be read (it
+    is never opened if it is not a regular file) or its first lines name
+    no configured model.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -221,14 +298,16 @@ def first_model(path: str | os.PathLike, resolver: ModelResolver, lines: int = 2
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
-        for number, raw in iter_lines(f, 1 << 20):
-            if number > lines:
-                break
-            try:
-                body = json.loads(raw or b"").get("body")
-                model, _ = resolver.resolve(body.get("model"))
-            except (ValueError, AttributeError, RecursionError):
-                continue
-            if model is not None:
-                return model
+        try:
+            head = f.read(PEEK_BYTES)
+        except OSError:
+            return None
+    for raw in head.removeprefix(UTF8_BOM).split(b"\n")[:lines]:
+        try:
+            body = json.loads(raw).get("body")
+            model, _ = resolver.resolve(body.get("model"))
+        except (ValueError, AttributeError, RecursionError):
+            continue
+        if model is not None:
+            return model
     return None

@@ -11,6 +11,7 @@ import sys
 from typing import Any, TextIO
 
 from .events import TOPIC_PREFIX, resolve_endpoint
+from .names import display_name
 
 
 def subscribe(endpoint: str):
@@ -48,25 +49,33 @@ def watch_json(endpoint: str, out: TextIO = sys.stdout) -> int:
 
 def watch_bars(endpoint: str) -> int:
     """Show one progress bar per job, and notable events above the bars, until interrupted."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.progress import Progress
 
     sock = subscribe(endpoint)
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.percentage:>3.0f}%"), TextColumn("{task.fields[rate]}"),
-               TextColumn("{task.fields[eta]}"), TextColumn("{task.fields[gpu]}")]
     bars = JobBars()
     try:
-        with Progress(*columns, refresh_per_second=4) as progress:
+        with Progress(*bar_columns(), refresh_per_second=4) as progress:
             progress.console.print(f"waiting for spoold events on {resolve_endpoint(endpoint, connect=True)} "
-                                   "(Ctrl-C to quit)")
+                                   "(Ctrl-C to quit)", markup=False)
             while True:
                 event = receive(sock)
                 if event:
-                    note = bars.apply(progress, *event)
-                    if note:
-                        progress.console.print(note)
+                    bars.show(progress, *event)
     except KeyboardInterrupt:
         return 0
+
+
+def bar_columns() -> list:
+    """The columns of one job's bar: name and state, bar, done/total, percent, rate, ETA, GPU.
+
+    The name comes from a submitter: it is never read as rich markup
+    (`[/x].jsonl` would raise and end `spoold watch`).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
+
+    return [TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.percentage:>3.0f}%"), TextColumn("{task.fields[rate]}"),
+            TextColumn("{task.fields[eta]}"), TextColumn("{task.fields[gpu]}")]
 
 
 class JobBars:
@@ -77,10 +86,16 @@ class JobBars:
         self.last_seq: int | None = None
         self.daemon_state = ""
 
+    def show(self, progress, topic: str, payload: dict[str, Any]) -> None:
+        """Apply one event and print its note, as plain text, above the bars."""
+        note = self.apply(progress, topic, payload)
+        if note:
+            progress.console.print(note, markup=False, highlight=False)
+
     def apply(self, progress, topic: str, payload: dict[str, Any]) -> str | None:
         """Update the bars for one event; return a note to print above them, if any."""
         note = self._gap(payload.get("seq"))
-        name = payload.get("input_file") or payload.get("job", "")
+        name = _shown(payload.get("input_file") or payload.get("job", ""))
         if topic == "spoold.job.progress":
             self._update(progress, payload)
         elif topic == "spoold.job.claimed":
@@ -121,7 +136,7 @@ class JobBars:
             "eta": f"ETA {_human(p['eta_seconds'])}" if p.get("eta_seconds") is not None else "ETA -",
             "gpu": " ".join(f"GPU{g['index']} {g['utilization_pct']}%" for g in p.get("gpus") or []),
         }
-        description = f"{(p.get('input_file') or job)} [{p.get('state', '')}]"
+        description = f"{_shown(p.get('input_file') or job)} [{p.get('state', '')}]"
         if job not in self.tasks:
             self.tasks[job] = progress.add_task(description, total=p.get("total") or None, **fields)
         progress.update(self.tasks[job], description=description, total=p.get("total") or None,
@@ -135,3 +150,8 @@ def _human(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _shown(name: Any) -> str:
+    """A name from the feed (another host's, or a submitter's) in display form."""
+    return display_name(name if isinstance(name, str) else str(name))

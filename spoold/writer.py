@@ -26,6 +26,11 @@ from .validation import LineError
 log = logging.getLogger(__name__)
 
 
+#: Bytes of finished result lines that may wait for their fsync before
+#: dispatch pauses.
+MAX_WAITING_BYTES = 64 * 1024 * 1024
+
+
 class WriterFailed(Exception):
     """A write or fsync of a results file failed; nothing after it was counted."""
 
@@ -53,6 +58,8 @@ class GroupCommitWriter:
         self._results: list[EngineResult] = []
         self._errors = 0
         self._added = self._committed = 0
+        #: bytes of result lines added but not yet durable (backpressure counts them too)
+        self._waiting_bytes = 0
         self._wake = asyncio.Event()
         self._progress = asyncio.Condition()
         self.failure: BaseException | None = None
@@ -63,7 +70,9 @@ class GroupCommitWriter:
 
     def add_result(self, line: int, custom_id: str, result: EngineResult) -> None:
         """Queue the engine's answer to input line `line` for output.jsonl."""
-        self._out.append(output_line(line, custom_id, result))
+        record = output_line(line, custom_id, result)
+        self._out.append(record)
+        self._waiting_bytes += len(record)
         self._results.append(result)
         self._added += 1
         self._wake.set()
@@ -76,7 +85,7 @@ class GroupCommitWriter:
         self._wake.set()
 
     async def run(self) -> None:
-        """Commit groups until cancelled; a failure is kept and wakes flushers."""
+        """Commit groups until cancelled; a failure (of any kind) is kept and wakes flushers."""
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -89,9 +98,9 @@ class GroupCommitWriter:
                 async with self._progress:
                     self._progress.notify_all()
                 return
-            except OSError as e:
+            except Exception as e:  # OSError, or a bug: either way flush() must not wait forever
                 self.failure = WriterFailed(f"cannot write results: {e}")
-                log.error("%s", self.failure)
+                log.error("%s", self.failure, exc_info=not isinstance(e, OSError))
                 async with self._progress:
                     self._progress.notify_all()
                 return
@@ -102,6 +111,7 @@ class GroupCommitWriter:
                 self.tally.add_result(result)
             self.tally.failed += errors
             self._committed += len(out) + len(err)
+            self._waiting_bytes -= sum(map(len, out))
             async with self._progress:
                 self._progress.notify_all()
 
@@ -118,16 +128,21 @@ class GroupCommitWriter:
         """Lines added but not yet durable."""
         return self._added - self._committed
 
-    async def wait_pending_below(self, limit: int) -> None:
-        """Return once fewer than `limit` lines wait for their fsync (or the writer failed).
+    async def wait_pending_below(self, limit: int, limit_bytes: int | None = None) -> None:
+        """Return once fewer than `limit` lines, and `limit_bytes` bytes, wait for their fsync
+        (or the writer failed).
 
         Backpressure: a disk slower than the engine (an fsync stalled on
-        NFS) must not let finished lines pile up in memory.
+        NFS) must not let finished lines pile up in memory, however big
+        each answer is (a large `n` with logprobs is megabytes).
         """
-        if self._added - self._committed < limit:
+        def below() -> bool:
+            return self._added - self._committed < limit and self._waiting_bytes < (limit_bytes or MAX_WAITING_BYTES)
+
+        if below():
             return
         async with self._progress:
-            await self._progress.wait_for(lambda: self._added - self._committed < limit or self.failure)
+            await self._progress.wait_for(lambda: below() or self.failure)
 
     def _commit(self, out: list[bytes], err: list[bytes]) -> None:
         for index, lines in ((0, out), (1, err)):

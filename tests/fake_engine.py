@@ -4,7 +4,9 @@ Selected the way production selects vLLM, by `[engine] adapter =
 "tests.fake_engine:EchoEngine"`. Knobs come from `[engine.args]`:
 `delay` (seconds per request), `load_delay` (seconds `start()` takes, like
 loading a model), `fail_on` (a custom_id whose request raises EngineDead, as
-a dead engine would), `hang_on` (a custom_id whose request never returns, as
+a dead engine would; or a list: the Nth engine of the process dies on the
+Nth custom_id, and engines past the list do not fail), `fail_all` (every request raises EngineDead: a broken
+GPU rather than a poison line), `hang_on` (a custom_id whose request never returns, as
 a stuck engine would), `faulty_engines` (how many engines of a process
 fail or hang that way; by default all, so a restart does not help),
 `fail_load` (a model whose loading fails) and `fail_load_from` (engines of
@@ -37,7 +39,11 @@ class EchoEngine:
         faulty = EchoEngine.instances <= int(settings.args.get("faulty_engines", 1 << 30))
         self.model = settings.model or "fake-model"
         self.delay = float(settings.args.get("delay", 0))
-        self.fail_on = settings.args.get("fail_on") if faulty else None
+        fail_on = settings.args.get("fail_on")
+        if isinstance(fail_on, list):
+            fail_on = fail_on[EchoEngine.instances - 1] if EchoEngine.instances <= len(fail_on) else None
+        self.fail_on = fail_on if faulty else None
+        self.fail_all = bool(settings.args.get("fail_all")) and faulty
         self.load_delay = float(settings.args.get("load_delay", 0))
         self.hang_on = settings.args.get("hang_on") if faulty else None
         self.fail_load = settings.args.get("fail_load")
@@ -55,7 +61,7 @@ class EchoEngine:
     async def handle(self, request: EngineRequest) -> EngineResult:
         if self.delay:
             await asyncio.sleep(self.delay)
-        if request.custom_id == self.fail_on:
+        if request.custom_id == self.fail_on or self.fail_all:
             raise EngineDead("engine died")
         if request.custom_id == self.hang_on:
             await asyncio.Event().wait()

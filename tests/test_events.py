@@ -3,6 +3,8 @@ import os
 import stat
 import time
 
+import pytest
+
 from spoold.events import EventPublisher, resolve_endpoint
 
 from .helpers import Subscriber, wait_for
@@ -46,3 +48,20 @@ def test_seq_snapshot_on_subscribe_and_sends_never_block(tmp_path):
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     assert elapsed < 5, f"50k sends took {elapsed:.1f}s"
     assert mode & 0o007 == 0, oct(mode)  # no access for others
+
+
+def test_the_socket_never_goes_in_a_directory_someone_else_controls(tmp_path):
+    from spoold.events import EventPublisher, EventsError
+
+    shared = tmp_path / "spoold-1000"  # as a predictable /tmp/spoold-<uid> someone made first
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(EventsError, match="anyone may write"):
+        EventPublisher(f"ipc://{shared}/events.sock", "h")
+    if os.geteuid() == 0:
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o700)
+        os.chown(theirs, 65534, 65534)
+        with pytest.raises(EventsError, match="owned by uid 65534"):
+            EventPublisher(f"ipc://{theirs}/events.sock", "h")
+    assert not (shared / "events.sock").exists()

@@ -1,12 +1,13 @@
 import asyncio
+import os
 import json
 
 import pytest
 
 from spoold.config import EngineSettings, LimitsSettings, SpoolSettings
-from spoold.jobrunner import EngineFailed, JobRunner
+from spoold.jobrunner import MAX_CRASHES_PER_LINE, SUSPECT_WINDOW, EngineFailed, JobRunner
 from spoold.spool import JobDir, Spool
-from spoold.validation import ModelResolver
+from spoold.validation import TICK_BYTES, ModelResolver
 
 from .fake_engine import EchoEngine
 from .helpers import chat_line, check_exactly_once, read_jsonl, write_jsonl
@@ -177,28 +178,47 @@ def test_repeated_custom_ids_are_found_when_the_file_is_read_and_never_run(tmp_p
     assert json.loads((spool.outbox / job.id / "batch.json").read_text())["models"] == {"fake-model": 30}
 
 
-def test_a_slow_disk_pauses_dispatch_instead_of_piling_up_finished_lines(tmp_path, monkeypatch):
+def slow_disk(monkeypatch) -> dict:
+    """Commits that take 20 ms (a slow fsync, in the writer's thread); returns the most lines and
+    bytes ever waiting for one, as it is updated."""
     import time
 
     from spoold.writer import GroupCommitWriter
 
-    monkeypatch.setattr("spoold.jobrunner.MAX_PENDING_RESULTS", 20)
-    slow_commit, add, most = GroupCommitWriter._commit, GroupCommitWriter.add_result, [0]
+    slow_commit, add, most = GroupCommitWriter._commit, GroupCommitWriter.add_result, {"lines": 0, "bytes": 0}
 
     def commit(self, out, err):
-        time.sleep(0.02)  # in the writer's thread, as a slow fsync would
+        time.sleep(0.02)
         slow_commit(self, out, err)
 
     def add_result(self, *args):
         add(self, *args)
-        most[0] = max(most[0], self.pending)
+        most["lines"] = max(most["lines"], self.pending)
+        most["bytes"] = max(most["bytes"], self._waiting_bytes)
     monkeypatch.setattr(GroupCommitWriter, "_commit", commit)
     monkeypatch.setattr(GroupCommitWriter, "add_result", add_result)
+    return most
+
+
+def test_a_slow_disk_pauses_dispatch_instead_of_piling_up_finished_lines(tmp_path, monkeypatch):
+    monkeypatch.setattr("spoold.jobrunner.MAX_PENDING_RESULTS", 20)
+    most = slow_disk(monkeypatch)
     spool, job, engine = setup(tmp_path, [chat_line(i) for i in range(400)])
     status, _ = run_job(spool, job, engine, inflight=8)
     assert status == "completed"
     check_exactly_once(spool.outbox / job.id, {f"req-{i}" for i in range(400)}, set())
-    assert 0 < most[0] <= 20 + 8  # the cap, plus what was in flight when dispatch paused
+    assert 0 < most["lines"] <= 20 + 8  # the cap, plus what was in flight when dispatch paused
+
+
+def test_big_answers_pause_dispatch_by_their_bytes_not_only_their_count(tmp_path, monkeypatch):
+    monkeypatch.setattr("spoold.writer.MAX_WAITING_BYTES", 8000)  # some 20 of the double's answers
+    most = slow_disk(monkeypatch)
+    spool, job, engine = setup(tmp_path, [chat_line(i) for i in range(400)])
+    status, _ = run_job(spool, job, engine, inflight=8)
+    assert status == "completed"
+    check_exactly_once(spool.outbox / job.id, {f"req-{i}" for i in range(400)}, set())
+    line_bytes = len((spool.outbox / job.id / "output.jsonl").read_bytes()) // 400
+    assert 0 < most["bytes"] <= 8000 + 8 * line_bytes  # the cap, plus what was in flight
 
 
 def test_an_input_that_cannot_be_read_mid_job_is_raised_not_taken_for_done(tmp_path, monkeypatch):
@@ -207,8 +227,8 @@ def test_an_input_that_cannot_be_read_mid_job_is_raised_not_taken_for_done(tmp_p
     spool, job, engine = setup(tmp_path, ROWS)
     real_iter_lines = jobrunner.iter_lines
 
-    def failing_iter_lines(f, max_line_bytes):
-        for number, raw in real_iter_lines(f, max_line_bytes):
+    def failing_iter_lines(f, max_line_bytes, *args, **kwargs):
+        for number, raw in real_iter_lines(f, max_line_bytes, *args, **kwargs):
             if number == 30:
                 raise OSError(5, "Input/output error")
             yield number, raw
@@ -216,3 +236,86 @@ def test_an_input_that_cannot_be_read_mid_job_is_raised_not_taken_for_done(tmp_p
     with pytest.raises(OSError):
         run_job(spool, job, engine)
     assert job.path.exists() and not (spool.outbox / job.id).exists()
+
+
+def test_a_line_in_flight_at_two_engine_deaths_gets_an_error_and_the_rest_run(tmp_path):
+    spool, job, _ = setup(tmp_path, ROWS)
+    deaths = 0
+    while True:
+        poisoned = EchoEngine(EngineSettings(model="fake-model", args={"fail_on": "req-20", "delay": 0.001}))
+        try:
+            status, _ = run_job(spool, JobDir(job.path), poisoned, inflight=16)
+            break
+        except EngineFailed:
+            deaths += 1
+            assert deaths <= MAX_CRASHES_PER_LINE, "the poison line was run again after its deaths"
+            assert "engine_crashes" in job.read_batch()  # recorded before the engine is replaced
+    assert status == "completed" and deaths == MAX_CRASHES_PER_LINE
+    done = spool.outbox / job.id
+    crashed = {e["error"]["line"]: e["custom_id"] for e in read_jsonl(done / "errors.jsonl")
+               if e["error"]["code"] == "engine_crashed"}
+    assert "req-20" in crashed.values() and len(crashed) <= SUSPECT_WINDOW
+    check_exactly_once(done, VALID - set(crashed.values()), {51, 52} | set(crashed))
+
+
+def test_an_input_appended_to_after_its_claim_fails_with_its_results_kept(tmp_path):
+    spool, job, engine = setup(tmp_path, ROWS)
+    with open(job.input, "ab") as held:  # a descriptor opened before the claim, still writing
+        status, runner = run_job(spool, job, engine)
+        assert status == "completed"
+    spool, job, engine = setup(tmp_path / "2", ROWS)
+
+    async def go():
+        runner = JobRunner(spool, job, engine, ModelResolver({}, "fake-model"), LimitsSettings(), 8, asyncio.Event())
+        task = asyncio.create_task(runner.run())
+        while runner.progress.state == "validating" or runner.refresh().done < 5:
+            await asyncio.sleep(0.001)
+        with open(job.input, "ab") as f:
+            f.write(json.dumps(chat_line(99)).encode() + b"\n")
+        return await task
+    engine.delay = 0.01
+    assert asyncio.run(go()) == "failed"
+    failed = spool.failed / job.id
+    batch = json.loads((failed / "batch.json").read_text())
+    assert batch["errors"][-1]["code"] == "input_changed"
+    outputs = read_jsonl(failed / "output.jsonl")
+    assert len(outputs) == 50 and "req-99" not in {o["custom_id"] for o in outputs}  # appended bytes never ran
+
+
+def test_a_hard_linked_input_is_never_read(tmp_path):
+    spool, job, engine = setup(tmp_path, ROWS)
+    (tmp_path / "other-name").hardlink_to(job.input)
+    status, _ = run_job(spool, job, engine)
+    assert status == "failed"
+    batch = json.loads((spool.failed / job.id / "batch.json").read_text())
+    assert batch["errors"][-1]["code"] == "not_regular" and "hard links" in batch["errors"][-1]["message"]
+    assert not (spool.failed / job.id / "output.jsonl").exists()
+
+
+def test_blank_lines_by_the_million_never_hold_the_event_loop(tmp_path):
+    """Heartbeats and signals are served while a pass skips lines that are not requests."""
+    rows = [chat_line(0)] + [""] * 3_000_000 + [chat_line(1)]
+    spool, job, engine = setup(tmp_path, rows)
+    turns = 0
+
+    async def go():
+        nonlocal turns
+        runner = JobRunner(spool, job, engine, ModelResolver({}, "fake-model"), LimitsSettings(), 8, asyncio.Event())
+        task = asyncio.create_task(runner.run())
+        while not task.done():
+            await asyncio.sleep(0)  # one turn of the loop that the runner let happen
+            turns += 1
+        return await task
+    assert asyncio.run(go()) == "completed"
+    # Both passes (validation, dispatch) let the loop run at least once per TICK_BYTES skipped.
+    assert turns >= 2 * 3_000_000 // TICK_BYTES
+    check_exactly_once(spool.outbox / job.id, {"req-0", "req-1"}, set())
+
+
+def test_a_sparse_terabyte_fails_as_too_big_before_it_is_read(tmp_path):
+    spool, job, engine = setup(tmp_path, ROWS)
+    os.truncate(job.input, 1 << 40)
+    status, _ = run_job(spool, job, engine)
+    assert status == "failed"
+    error = json.loads((spool.failed / job.id / "batch.json").read_text())["errors"][-1]
+    assert error["code"] == "too_big" and "max_file_bytes" in error["message"]

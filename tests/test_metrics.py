@@ -1,3 +1,4 @@
+import pytest
 import json
 import re
 
@@ -36,3 +37,14 @@ def test_the_grafana_dashboard_only_queries_metrics_that_exist():
         source = vllm_loggers.read_text()
         for name in names - ours:
             assert f'"{name.removesuffix("_total")}"' in source, f"vLLM has no metric {name}"
+
+
+def test_a_port_per_gpu_index_is_base_plus_index_and_a_bad_one_is_not_fatal(caplog):
+    from spoold.metrics import listen_port
+
+    assert listen_port("9470+10") == 9480 and listen_port("9464") == 9464
+    for bad in ("94710", "abc", "0"):
+        with pytest.raises(ValueError):
+            listen_port(bad)
+    Metrics(CollectorRegistry()).serve("127.0.0.1:94710")  # spoold@10 before: OverflowError killed the daemon
+    assert "cannot serve metrics" in caplog.text

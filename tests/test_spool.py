@@ -80,7 +80,7 @@ def test_recovery_removes_what_a_power_cut_left_in_two_places(tmp_path):
         (spool.inbox / name).write_text("{}\n")
     published, claimed, taken = (spool.claim_drop(n) for n in ("published.jsonl", "claimed.jsonl", "taken.jsonl"))
     shutil.copytree(published.path, spool.outbox / published.id)          # outbox entry made durable
-    shutil.copy2(claimed.input, spool.inbox / "claimed.jsonl")             # inbox entry not yet removed
+    os.link(claimed.input, spool.inbox / "claimed.jsonl")                  # inbox entry not yet removed
     shutil.copytree(taken.path, other.host_dir / taken.id)                 # old owner's entry not yet removed
     (spool.inbox / "new.jsonl").write_text("{}\n")                          # a real new drop stays
     (claimed.path / ".batch.json.1234.tmp").write_text("half")
@@ -90,3 +90,24 @@ def test_recovery_removes_what_a_power_cut_left_in_two_places(tmp_path):
     assert sorted(os.listdir(spool.inbox)) == ["new.jsonl"]
     assert not (other.host_dir / taken.id).exists()
     assert not list(claimed.path.glob(".*.tmp"))
+
+
+def test_recovery_keeps_a_resubmission_that_only_looks_like_the_claimed_drop(tmp_path):
+    spool = make_spool(tmp_path)
+    (spool.inbox / "again.jsonl").write_text("{}\n")
+    job = spool.claim_drop("again.jsonl")
+    shutil.copy2(job.input, spool.inbox / "again.jsonl")  # `cp -p` / `rsync -a`: same size and mtime
+    spool.recover()
+    assert (spool.inbox / "again.jsonl").exists()
+
+
+def test_a_job_id_that_is_taken_is_never_reused(tmp_path, monkeypatch):
+    spool = make_spool(tmp_path)
+    (spool.inbox / "same.jsonl").write_text('{"first": 1}\n')
+    first = spool.claim_drop("same.jsonl")
+    ids = iter([first.id, "same-20261201T000000-0123456789abcdef"])  # another host picked the same id first
+    monkeypatch.setattr("spoold.spool.new_job_id", lambda name: next(ids))
+    (spool.inbox / "same.jsonl").write_text('{"second": 2}\n')
+    second = spool.claim_drop("same.jsonl")
+    assert second.id != first.id
+    assert first.input.read_text() == '{"first": 1}\n' and second.input.read_text() == '{"second": 2}\n'

@@ -120,3 +120,27 @@ def test_a_hash_collision_is_never_reported_as_a_duplicate():
     validator = LineValidator(ModelResolver(ALIASES, ""))
     # Every line a suspect, as if all five ids had the same 64-bit hash.
     assert list(repeated_requests(io.BytesIO(data), np.arange(1, 6), validator, 1000)) == []
+
+
+def test_the_model_peek_reads_no_more_than_its_cap(tmp_path):
+    from spoold.validation import PEEK_BYTES, first_model
+
+    path = tmp_path / "x.jsonl"
+    other = json.dumps({"custom_id": "b", "method": "POST", "url": "/v1/chat/completions",
+                        "body": {"model": "b", "messages": []}})
+    path.write_bytes(b" " * (PEEK_BYTES + 1) + b"\n" + other.encode() + b"\n")
+    resolver = ModelResolver({"b": "model-b"}, "model-a")
+    assert first_model(path, resolver) is None  # the second line lies past the peek
+    path.write_bytes(other.encode() + b"\n")
+    assert first_model(path, resolver) == "model-b"
+
+
+def test_a_line_that_asks_for_more_output_than_the_limit_is_an_error():
+    validator = LineValidator(ModelResolver({}, "m"), max_output_tokens=1 << 20)
+    big = dict(chat_line(0, model=None), body={"messages": [], "n": 128, "max_tokens": 32768})
+    item = validator.check(1, json.dumps(big).encode())
+    assert isinstance(item, LineError) and item.code == "too_many_output_tokens"
+    assert "4194304 tokens" in item.message and "max_output_tokens_per_line" in item.message
+    wide = dict(chat_line(0, model=None), body={"messages": [], "max_tokens": 8192, "logprobs": True,
+                                                  "top_logprobs": 20})
+    assert isinstance(validator.check(2, json.dumps(wide).encode()), EngineRequest)

@@ -81,3 +81,29 @@ def test_a_move_in_from_another_directory_is_a_rename_not_a_creation(tmp_path, m
         finally:
             watcher.stop()
     assert asyncio.run(go()) == ["y.jsonl"]
+
+
+def test_the_queue_is_in_the_order_drops_were_seen_not_their_mtime(tmp_path):
+    spool, watcher = make(tmp_path, settle=0)
+    (spool.inbox / "first.jsonl").write_text("{}\n")
+    assert watcher.complete_drops() == ["first.jsonl"]
+    (spool.inbox / "jumper.jsonl").write_text("{}\n")
+    os.utime(spool.inbox / "jumper.jsonl", (0, 0))  # `touch -d 1970`: an mtime older than anything
+    time.sleep(0.06)  # the next rescan is due (poll_seconds 0.05)
+    assert watcher.complete_drops() == ["first.jsonl", "jumper.jsonl"]
+
+
+def test_an_inbox_that_cannot_be_read_is_an_empty_one_until_it_can(tmp_path, monkeypatch):
+    import errno
+
+    spool, watcher = make(tmp_path, settle=0)
+    (spool.inbox / "a.jsonl").write_text("{}\n")
+    real_scandir = os.scandir
+
+    def stale(path):
+        raise OSError(errno.ESTALE, "Stale file handle", str(path))
+    monkeypatch.setattr("spoold.spool.os.scandir", stale)  # an NFS server that restarted
+    assert watcher.complete_drops() == []
+    monkeypatch.setattr("spoold.spool.os.scandir", real_scandir)
+    time.sleep(0.06)
+    assert watcher.complete_drops() == ["a.jsonl"]

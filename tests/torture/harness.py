@@ -178,10 +178,11 @@ def job_of(root: Path, where: str, name: str) -> Path | None:
     """The job in `root/where` (outbox, failed) made from the drop `name`, if there is one yet."""
     for job in _entries(root / where):
         try:
-            if json.loads((job / "batch.json").read_text())["input_file"] == name:
-                return job
+            batch = json.loads((job / "batch.json").read_text())
         except (OSError, ValueError):
             continue
+        if batch.get("drop", {}).get("name", batch["input_file"]) == name:  # the name as dropped
+            return job
     return None
 
 
@@ -334,12 +335,17 @@ def rebuild(initial: dict, record: list[dict], cut: int, dest: Path, rng: random
             data = newer[:rng.randint(len(data), len(newer))]  # written back in part before the cut
         return data
 
+    made: dict[str, Path] = {}
+
     def build(ident: str, path: Path, depth: int = 0) -> None:
         path.mkdir()
         for name, (child, kind) in dirs.get(ident, {}).items():
             if kind == "d" and depth < 8:
                 build(child, path / name, depth + 1)
+            elif kind == "f" and child in made:
+                os.link(made[child], path / name)  # one file in two directories: a rename cut short
             elif kind == "f":
+                made[child] = path / name
                 (path / name).write_bytes(contents(child))
                 if child in initial["mtimes"]:
                     os.utime(path / name, ns=(initial["mtimes"][child],) * 2)

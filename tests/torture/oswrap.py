@@ -12,7 +12,8 @@ JSON in $SPOOLD_TORTURE:
   daemon published, so a power cut can be rebuilt at any step afterwards;
 - `faults`: make matching calls fail with an errno, e.g.
   `{"op": "fsync", "match": "output.jsonl", "errno": "EIO", "skip": 3, "count": 1}`
-  or `{"op": "write", "match": "/processing/", "errno": "ENOSPC", "until": <epoch>}`;
+  or `{"op": "write", "match": "/processing/", "errno": "ENOSPC", "seconds": 7}`
+  (every matching call fails for that long from the first one that does);
   ops are the steps above plus `open` (any open, reading too) and `close`
   (the descriptor is closed, then the error raised); a rename
   matches on "SRC -> DST".
@@ -95,6 +96,8 @@ class Wrapper:
             if fault.get("skip", 0) > 0:
                 fault["skip"] -= 1
                 continue
+            if "seconds" in fault and "until" not in fault:
+                fault["until"] = time.time() + fault["seconds"]  # the window opens at its first failure
             if fault.get("count", 0) > 0 or fault.get("until", 0) > time.time():
                 fault["count"] = fault.get("count", 0) - 1
                 code = getattr(errno_mod, fault["errno"])

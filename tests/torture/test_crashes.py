@@ -7,6 +7,7 @@ file-system steps so a crash can be placed just before any one of them.
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -95,9 +96,15 @@ def test_random_kills_through_many_jobs(tmp_path):
     assert v.ok, v.problems[:5]
 
 
+#: Files replaced atomically but never fsynced, by design: the next beat
+#: replaces a heartbeat within seconds, and losing one loses no work.
+NOT_DURABLE = ("heartbeat.json",)
+
+
 def test_the_order_of_durable_steps(reference):
     """File fsync before its rename; directory fsync after each rename, mkdir and creation."""
-    record = reference["record"]
+    record = [e for e in reference["record"]
+              if not (e["op"] == "rename" and os.path.basename(e["dst"]) in NOT_DURABLE)]
     problems = []
     last_write: dict[str, int] = {}
     last_fsync: dict[str, int] = {}
@@ -139,7 +146,9 @@ def _dir_lists(record: list[dict], i: int, ident: str) -> bool:
 def test_power_cuts_lose_nothing_that_was_counted(reference, tmp_path):
     """Rebuild the spool from only what was durable at 50 cut points, restart, check."""
     record = reference["record"]
-    cuts = [i + 1 for i, e in enumerate(record) if e["op"] in ("fsync_dir", "fsync_file", "announce")]
+    # After each rename too: a cut between a rename and its directory's fsync
+    # is where an entry can survive in two places.
+    cuts = [i + 1 for i, e in enumerate(record) if e["op"] in ("fsync_dir", "fsync_file", "announce", "rename")]
     rng = random.Random(11)
     chosen = sorted(rng.sample(cuts, min(50, len(cuts))))
 

@@ -7,10 +7,13 @@ calls (EIO, ENOSPC, ESTALE), the way an LD_PRELOAD shim would into libc.
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 import shutil
 import threading
 import time
 from pathlib import Path
+
+from spoold.jobrunner import MAX_CRASHES_PER_LINE, SUSPECT_WINDOW
 
 from ..helpers import Subscriber, read_jsonl, wait_for
 from .harness import (_reap, announced, job_of, durable_lines, make_drop, read_record, rebuild, run_until_idle,
@@ -63,7 +66,7 @@ def test_a_full_disk_pauses_work_and_it_resumes_when_space_returns(tmp_path):
     cfg = write_config(tmp_path / "c.toml", root, inflight=4, delay=0.002)
     sub = Subscriber(f"ipc://{tmp_path}/c.sock")
     # Every write under the spool fails for 7 s once 30 have gone through: mid-job.
-    faults = [{"op": "write", "match": str(root), "errno": "ENOSPC", "skip": 30, "until": time.time() + 7}]
+    faults = [{"op": "write", "match": str(root), "errno": "ENOSPC", "skip": 30, "seconds": 7}]
     try:
         run_until_idle(cfg, root, drops, tmp_path / "log", plan={"root": str(root), "faults": faults}, timeout=90)
         paused = sub.of("spoold.daemon.heartbeat", state="paused")
@@ -151,8 +154,9 @@ def test_drops_that_vanish_between_detection_and_claim(tmp_path):
 
 
 def test_a_dead_engine_is_replaced_in_process_and_the_job_completes(tmp_path):
+    # Each engine dies on another line: no line is in flight at both deaths.
     root, drops, _, _, log = faulty_run(tmp_path, [], lines=300, inflight=8, delay=0.002,
-                                        args='fail_on = "work-120"\nfaulty_engines = 2')
+                                        args='fail_on = ["work-120", "work-200"]')
     v = verdict(root, drops)
     save_result("Engine dies mid-job (twice in a row)", 2, v)
     assert v.ok, v.problems[:5]
@@ -184,13 +188,33 @@ def exits_for_systemd(tmp_path: Path, name: str, lines: int, args: str) -> tuple
 
 
 def test_an_engine_that_keeps_dying_makes_the_daemon_exit_for_systemd(tmp_path):
-    job, log = exits_for_systemd(tmp_path, "doomed.jsonl", 50, 'fail_on = "doomed-30"')
+    job, log = exits_for_systemd(tmp_path, "doomed.jsonl", 50, "fail_all = true")
     root = tmp_path / "spool"
     assert log.count("starting a fresh engine") == 3 and "exiting so the service restarts" in log
-    # Nothing was written for the line the engine died on, nor doubled for any other.
-    ids = [o["custom_id"] for o in read_jsonl(job / "output.jsonl")]
-    assert len(ids) == len(set(ids)) and "doomed-30" not in ids
+    # Nothing was written for a line the engine died on, nor doubled for any other.
+    assert read_jsonl(job / "output.jsonl") == []
+    lines = [e["error"]["line"] for e in read_jsonl(job / "errors.jsonl")]
+    assert len(lines) == len(set(lines))
     assert not (root / "outbox").exists() or not list((root / "outbox").iterdir())
+
+
+def test_a_line_that_kills_every_engine_gets_an_error_and_the_job_goes_on(tmp_path):
+    """A poison line is in flight at every engine death: after two it gets `engine_crashed`
+    instead of taking the host down for good (restart, resume it first, die again)."""
+    root, drops, _, _, log = faulty_run(tmp_path, [], lines=300, inflight=32, delay=0.002,
+                                        args='fail_on = "work-120"')
+    (job,) = [p for p in (root / "outbox").iterdir()]
+    crashed = {e["custom_id"]: e["error"]["line"] for e in read_jsonl(job / "errors.jsonl")
+               if e["error"]["code"] == "engine_crashed"}
+    assert "work-120" in crashed and len(crashed) <= SUSPECT_WINDOW
+    assert log.count("starting a fresh engine") == MAX_CRASHES_PER_LINE
+    assert "work-120" not in {o["custom_id"] for o in read_jsonl(job / "output.jsonl")}
+    # Every other line has its one result; the crashed ones have their one error instead.
+    (drop,) = drops
+    v = verdict(root, [replace(drop, valid_ids=drop.valid_ids - set(crashed),
+                               bad_lines=drop.bad_lines | set(crashed.values()))])
+    save_result("A poison line that kills every engine (engine_crashed after 2 deaths)", 1, v)
+    assert v.ok, v.problems[:5]
 
 
 def test_a_fresh_engine_that_will_not_start_makes_the_daemon_exit_not_fail_lines(tmp_path):

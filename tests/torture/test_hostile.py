@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ..helpers import chat_line, read_jsonl, wait_for
+from ..helpers import DaemonProcess, chat_line, read_jsonl, wait_for
+from ..helpers import write_config as write_helper_config
 from .harness import Verdict, _reap, job_of, save_figures, save_result, start, tail, write_config
 
 
@@ -194,3 +195,62 @@ def _peak_rss_mib(pid: int) -> float:
         if row.startswith("VmHWM:"):
             return int(row.split()[1]) / 1024
     raise AssertionError("no VmHWM")
+
+
+#: Drop names that try to become sd_notify fields, or cannot be sent at all.
+HOSTILE_NAMES = [b"a\nWATCHDOG=trigger\nb.jsonl", b"x\nSTOPPING=1\nMAINPID=1\nSTATUS=pwned.jsonl",
+                 b"\xff\xfe.jsonl", b"[bold]x[red.jsonl", b"esc\x1b]0;title\x07.jsonl"]
+
+#: Every field the daemon itself sends to systemd, and what its value may be.
+OWN_FIELDS = {"READY": "1", "WATCHDOG": "1", "STOPPING": "1", "RELOADING": "1",
+              "MONOTONIC_USEC": None, "EXTEND_TIMEOUT_USEC": None, "STATUS": None}
+
+
+def test_a_file_name_never_becomes_a_notify_field_and_the_daemon_stays_up(tmp_path):
+    """The daemon under a real NOTIFY_SOCKET, as systemd gives it: hostile names are data."""
+    root = tmp_path / "spool"
+    (root / "inbox").mkdir(parents=True)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(0.2)
+    config = write_helper_config(tmp_path / "c.toml", root)
+    daemon = DaemonProcess(config, tmp_path / "log", env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
+                                                          "WATCHDOG_USEC": "400000"}).start()
+    fields: list[str] = []
+
+    def receive_until(predicate, what):
+        deadline = time.monotonic() + 60
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{daemon.log_tail()}"
+            assert daemon.proc.poll() is None, f"the daemon died:\n{daemon.log_tail()}"
+            try:
+                fields.extend(notify.recv(65536).decode().split("\n"))
+            except socket.timeout:
+                pass
+
+    try:
+        receive_until(lambda: "READY=1" in fields, "READY=1")
+        for i, name in enumerate(HOSTILE_NAMES):
+            tmp = root / "inbox" / f".drop{i}.tmp"
+            tmp.write_bytes(line(f"c{i}") + b"\n")
+            os.rename(tmp, os.path.join(os.fsencode(root / "inbox"), name))
+        done = lambda: len(list((root / "outbox").iterdir())) == len(HOSTILE_NAMES)
+        receive_until(done, "every hostile drop in the outbox")
+        pings = fields.count("WATCHDOG=1")
+        receive_until(lambda: fields.count("WATCHDOG=1") > pings + 2, "watchdog pings after the jobs")
+        assert daemon.proc.poll() is None
+    finally:
+        status = daemon.terminate(timeout=30)
+        notify.close()
+    assert status == 0
+    for field in fields:
+        key, _, value = field.partition("=")
+        assert key in OWN_FIELDS and OWN_FIELDS[key] in (None, value), f"a field the daemon never sends: {field!r}"
+    assert not any(f.startswith("STOPPING") for f in fields[:-2]), "STOPPING before the SIGTERM"
+    for name in HOSTILE_NAMES:
+        job = job_of(root, "outbox", os.fsdecode(name))
+        assert job is not None, name
+        batch = json.loads((job / "batch.json").read_text())
+        assert batch["input_file"].isprintable() and "\n" not in batch["input_file"]
+        assert [o["custom_id"] for o in read_jsonl(job / "output.jsonl")] == [json.loads(
+            (job / "input.jsonl").read_bytes())["custom_id"]]

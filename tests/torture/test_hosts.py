@@ -69,3 +69,37 @@ def test_a_frozen_hosts_job_is_taken_over_and_it_writes_nothing_more(tmp_path):
     v = verdict(root, drops)
     save_result("A host frozen past claim_timeout: job taken over, the woken host writes nothing", 1, v)
     assert v.ok, v.problems[:5]
+
+
+def test_another_hosts_batch_json_is_data_not_orders(tmp_path):
+    """Job records left in this host's directory (a takeover, an older spoold) that name an
+    unconfigured model or hold wrong types fail as jobs, or start again; the daemon stays up."""
+    root = tmp_path / "spool"
+    host = root / "processing" / "testhost"
+    records = {
+        "evil": {"status": "in_progress", "models": {"/etc/evil-model": 1}, "created_at": 1,
+                 "request_counts": {"total": 1, "completed": 0, "failed": 0}, "errors": []},
+        "typed": {"status": "in_progress", "models": "fake-model", "created_at": "yesterday",
+                  "models_done": 7, "request_counts": [], "errors": {}},
+        "list": ["not", "an", "object"],
+    }
+    for name, record in records.items():
+        job = host / f"{name}-20260101T000000-00"
+        job.mkdir(parents=True)
+        make_drop(job, "input.jsonl", 3, bad=False)
+        (job / "batch.json").write_text(json.dumps(record))
+    proc = start(write_config(tmp_path / "c.toml", root), tmp_path / "log")
+    try:
+        wait_for(lambda: len(list((root / "failed").glob("*"))) + len(list((root / "outbox").glob("*"))) == 3,
+                 30, "every job failed or finished")
+        assert proc.poll() is None, tail(tmp_path / "log")
+    finally:
+        _reap(proc)
+    log = tail(tmp_path / "log", 50_000)
+    assert "loading model /etc/evil-model" not in log and "loading model fake-model" in log
+    evil = json.loads((root / "failed" / "evil-20260101T000000-00" / "batch.json").read_text())
+    assert evil["errors"][-1]["code"] == "bad_record" and "never loaded" in evil["errors"][-1]["message"]
+    typed = json.loads((root / "failed" / "typed-20260101T000000-00" / "batch.json").read_text())
+    assert typed["errors"][-1]["code"] == "bad_record"
+    # Not an object at all: the job starts again from validation and completes.
+    assert json.loads((root / "outbox" / "list-20260101T000000-00" / "batch.json").read_text())["status"] == "completed"
