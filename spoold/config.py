@@ -193,7 +193,23 @@ def parse_config(raw: dict[str, Any]) -> Config:
             sections[name] = _parse_models(value)
         else:
             sections[name] = _parse_section(hints[name], name, value)
-    return Config(**sections)
+    config = Config(**sections)
+    _check_together(config)
+    return config
+
+
+#: A peer is presumed dead only after this many of its heartbeats failed to come.
+MIN_HEARTBEATS_PER_CLAIM_TIMEOUT = 3
+
+
+def _check_together(config: Config) -> None:
+    """Settings that are fine alone but wrong together."""
+    least = MIN_HEARTBEATS_PER_CLAIM_TIMEOUT * config.heartbeat.seconds
+    if config.spool.claim_timeout < least:
+        raise ConfigError(f"[spool] claim_timeout = {config.spool.claim_timeout:g} is under "
+                          f"{MIN_HEARTBEATS_PER_CLAIM_TIMEOUT} heartbeats ([heartbeat] seconds = "
+                          f"{config.heartbeat.seconds:g}): a live host would look dead and lose its jobs; "
+                          f"make it at least {least:g}")
 
 
 def _parse_models(table: dict[str, Any]) -> ModelSettings:

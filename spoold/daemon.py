@@ -27,7 +27,7 @@ from .jobrunner import EngineFailed, IncompleteJob, JobProgress, JobRunner, job_
 from .metrics import Metrics
 from .names import display_name
 from .notify import STOPPING_STATUS, Notifier
-from .spool import JobDir, Spool, created_at
+from .spool import JobDir, PeerClocks, Spool, created_at
 from .scheduler import Candidate, in_order
 from .validation import ModelResolver, first_model
 from .watcher import InboxWatcher
@@ -38,11 +38,6 @@ log = logging.getLogger(__name__)
 #: How long to wait before retrying a job whose results could not be written
 #: (a full or failing disk): long enough not to spin, short enough to resume soon.
 WRITE_RETRY_SECONDS = 5.0
-
-#: After taking over a job, wait this long before reading it back: a write the
-#: frozen owner had already begun when it lost the job lands first, and is
-#: then counted rather than run again.
-TAKEOVER_GRACE_SECONDS = 2.0
 
 #: How many complete drops (first seen first) one scheduling pass weighs:
 #: enough to find the loaded model's work, few enough that a pass over an
@@ -104,6 +99,7 @@ class Daemon:
         self._engine_hung = False
         self._ready_sent = False
         self._orphans_checked = 0.0
+        self._peer_clocks = PeerClocks()
 
     def run(self) -> int:
         """Run until stopped; returns the process exit code.
@@ -218,7 +214,7 @@ class Daemon:
     async def _start_engine(self) -> None:
         """Load the current engine, with the daemon's state, status line and READY=1 around it."""
         self.state = "loading"
-        self.notifier.status(self._status_line(None, []))
+        self._write_heartbeat()  # on disk (and in STATUS=) at once: a load can hold the loop for a while
         extender = asyncio.create_task(self._extend_start_timeout())
         try:
             await self.engines.load()
@@ -324,13 +320,13 @@ class Daemon:
             return None
         self._orphans_checked = now
         try:
-            orphans = self.spool.orphaned_jobs(timeout)
+            orphans = self.spool.orphaned_jobs(timeout, self._peer_clocks)
             for orphan, age in orphans:
                 job = self.spool.take_over(orphan)
+                self._peer_clocks.forget(orphan.path)
                 if job is not None:
-                    log.warning("took over job %s from %s: no heartbeat for %.0fs", job.id,
+                    log.warning("took over job %s from %s: nothing of it changed for %.0fs", job.id,
                                 orphan.path.parent.name, age, **job_fields(job.id))
-                    await self._sleep_unless_stopped(TAKEOVER_GRACE_SECONDS)
                     return job
         except OSError as e:
             log.error("cannot take over orphaned jobs: %s", _describe(e))

@@ -8,6 +8,7 @@ one rename, so a crash leaves each job in exactly one place.
 
 from __future__ import annotations
 
+import glob
 import grp
 import json
 import logging
@@ -22,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import SpoolSettings
-from .durable import atomic_write_bytes, atomic_write_json, durable_mkdir, durable_rename, fsync_dir
+from .durable import (atomic_write_bytes, atomic_write_json, durable_mkdir, durable_rename, fsync_dir, hidden_temp,
+                      write_all)
 from .names import display_name
 
 log = logging.getLogger(__name__)
@@ -164,6 +166,8 @@ class Spool:
             self.fail_drop(name, "not a regular file (symlinks and devices are never read)", "not_regular")
             return None
         if st.st_nlink != 1:
+            if self._already_failed(name, st):
+                return None
             # Another name for the same file (a hard link to something only
             # the daemon may read, or a path the submitter keeps writing
             # through) must never be read or claimed.
@@ -204,6 +208,26 @@ class Spool:
         _unlink_durably(self.inbox / (name + READY_SUFFIX))
         log.error("drop %s failed: %s", display_name(name), reason)
         return job
+
+    def _already_failed(self, name: str, st: os.stat_result) -> bool:
+        """A drop that is the very file a failed job holds: a power cut cut its move short.
+
+        The inbox entry goes (durably) instead of making a second failed job.
+        Only jobs made from a drop of this name are looked at.
+        """
+        stem = new_job_id(name).rsplit("-", 2)[0]
+        for job_dir in self.failed.glob(f"{glob.escape(stem)}-*"):
+            try:
+                held = os.lstat(job_dir / "input.jsonl")
+            except OSError:
+                continue
+            if (held.st_dev, held.st_ino) == (st.st_dev, st.st_ino):
+                log.warning("inbox/%s is the drop failed job %s already holds (its move was cut short); "
+                            "removing it from the inbox", display_name(name), job_dir.name)
+                _unlink_durably(self.inbox / name)
+                _unlink_durably(self.inbox / (name + READY_SUFFIX))
+                return True
+        return False
 
     def new_job_dir(self, parent: Path, drop_name: str) -> JobDir:
         """A new, empty job directory under `parent`, made durably; never one that exists.
@@ -302,33 +326,57 @@ class Spool:
             _unlink_quietly(self.inbox / (name + READY_SUFFIX))
             fsync_dir(self.inbox)
 
-    def orphaned_jobs(self, claim_timeout: float) -> list[tuple[JobDir, float]]:
-        """Jobs of other hosts whose daemon has not written a heartbeat for `claim_timeout`.
+    def orphaned_jobs(self, claim_timeout: float, clocks: "PeerClocks") -> list[tuple[JobDir, float]]:
+        """Jobs of other hosts whose files have not changed for `claim_timeout`, with how long.
 
-        The age is the newest of the host's heartbeat and the job's own
-        files, by mtime: hosts sharing a spool over NFS need clocks in step.
+        "Changed" is any of the host's heartbeat, the job's heartbeat, its
+        batch.json or its directory, as seen from here: `clocks` times the
+        silence on this host's monotonic clock, so no peer's clock (or a
+        heartbeat stamped in the future) decides.
         """
-        orphans = []
-        now = time.time()
+        orphans, now = [], time.monotonic()
         for host_dir in subdirs(self.processing):
             if host_dir == self.host_dir:
                 continue
-            host_beat = _mtime(host_dir / "heartbeat.json")
+            host_beat = _signature(host_dir / "heartbeat.json")
             for path in subdirs(host_dir):
                 job = JobDir(path)
-                age = now - max(host_beat, _mtime(job.heartbeat), _mtime(job.batch), _mtime(job.path))
-                if age > claim_timeout:
-                    orphans.append((job, age))
+                signature = (host_beat, _signature(job.heartbeat), _signature(job.batch), _signature(job.path))
+                silent = clocks.silent_for(path, signature, now)
+                if silent > claim_timeout:
+                    orphans.append((job, silent))
         return orphans
 
     def take_over(self, job: JobDir) -> JobDir | None:
-        """Make another host's job this host's by one rename; None if someone else was first."""
+        """Make another host's job this host's; None if someone else was first.
+
+        One rename moves the directory. Then its result files are copied
+        into fresh files renamed over the old ones: a write the old owner
+        had already begun (an NFS write stuck past its heartbeat, a process
+        frozen between its ownership check and its write) lands in an inode
+        nobody reads, so it can never double a line. The lines it had no
+        time to write simply run again here.
+        """
         dest = self.host_dir / job.id
         try:
             durable_rename(job.path, dest)
         except FileNotFoundError:
             return None
-        return JobDir(dest)
+        taken = JobDir(dest)
+        for path in (taken.output, taken.errors):
+            self._replace_with_copy(path)
+        return taken
+
+    def _replace_with_copy(self, path: Path) -> None:
+        try:
+            src = open(path, "rb")
+        except FileNotFoundError:
+            return
+        with src, hidden_temp(path.parent, path.name, self.file_mode, self.gid) as (fd, tmp):
+            while chunk := src.read(1 << 20):
+                write_all(fd, chunk)
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
 
     def request_cancel(self, job_id: str) -> JobDir | None:
         """Ask whichever daemon owns a claimed job to cancel it; None if no such job is running."""
@@ -354,6 +402,30 @@ class Spool:
         dest = self.failed / job.id
         durable_rename(job.path, dest)
         return JobDir(dest)
+
+
+class PeerClocks:
+    """How long each other host's job has been silent, on this host's monotonic clock.
+
+    A job's files are silent while their signature (inode, size, mtime of
+    each) stays the same between looks. The first look starts the clock,
+    so after a restart a peer is given a whole `claim_timeout` again.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[Path, tuple[tuple, float]] = {}
+
+    def silent_for(self, key: Path, signature: tuple, now: float) -> float:
+        """Seconds `key` has shown `signature`; 0 when it just changed (or is new)."""
+        seen = self._seen.get(key)
+        if seen is None or seen[0] != signature:
+            self._seen[key] = (signature, now)
+            return 0.0
+        return now - seen[1]
+
+    def forget(self, key: Path) -> None:
+        """Stop timing a job (taken over, or gone)."""
+        self._seen.pop(key, None)
 
 
 def subdirs(root: Path) -> list[Path]:
@@ -412,11 +484,13 @@ def drop_record(name: str, st: os.stat_result) -> dict[str, Any]:
     return {"name": name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _mtime(path: Path) -> float:
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is rewritten or replaced: inode, size, mtime."""
     try:
-        return os.stat(path).st_mtime
+        st = os.stat(path)
     except OSError:
-        return 0.0
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _remove_temp_files(directory: Path) -> None:

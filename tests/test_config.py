@@ -102,3 +102,9 @@ def test_a_model_table_has_served_names_and_its_own_engine_settings():
         assert "[models.qwen] max_model_lenn" in str(e) and "max_model_len" in str(e)
     else:
         raise AssertionError("a misspelt per-model key was accepted")
+
+
+def test_a_claim_timeout_of_fewer_than_three_heartbeats_is_refused():
+    with pytest.raises(ConfigError, match="claim_timeout = 10 is under 3 heartbeats"):
+        parse_config({"spool": {"claim_timeout": 10}, "heartbeat": {"seconds": 5}})
+    assert parse_config({"spool": {"claim_timeout": 15}, "heartbeat": {"seconds": 5}}).spool.claim_timeout == 15

@@ -8,8 +8,10 @@ from spoold.jobrunner import JobProgress
 def test_without_nvml_readings_are_absent_and_quiet(caplog):
     caplog.set_level(logging.INFO)
     reader = GpuReader()
-    if reader._nvml is not None:  # a machine with a GPU: readings are real numbers
-        for gpu in reader.read():
+    if reader._nvml is not None:  # a machine with NVML: at least one GPU, with real numbers
+        gpus = reader.read()
+        assert gpus, "NVML is there but gave no readings"
+        for gpu in gpus:
             assert 0 <= gpu["utilization_pct"] <= 100 and gpu["memory_total_bytes"] > 0
         return
     assert reader.read() == [] and reader.read() == []

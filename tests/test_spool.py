@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import time
 
 from spoold.config import SpoolSettings
 from spoold.spool import JobDir, Spool, is_drop_name
@@ -111,3 +112,44 @@ def test_a_job_id_that_is_taken_is_never_reused(tmp_path, monkeypatch):
     second = spool.claim_drop("same.jsonl")
     assert second.id != first.id
     assert first.input.read_text() == '{"first": 1}\n' and second.input.read_text() == '{"second": 2}\n'
+
+
+def test_a_peer_is_judged_by_its_files_changing_here_not_by_their_timestamps(tmp_path):
+    from spoold.spool import PeerClocks
+
+    spool, peer = make_spool(tmp_path), make_spool(tmp_path, "h2")
+    (peer.inbox / "p.jsonl").write_text("{}\n")
+    job = peer.claim_drop("p.jsonl")
+    future = time.time() + 100 * 365 * 86400  # a skewed clock, or a forged heartbeat
+    for path in (peer.host_dir / "heartbeat.json", job.heartbeat):
+        path.write_text("{}")
+        os.utime(path, (future, future))
+    clocks = PeerClocks()
+    assert spool.orphaned_jobs(0.05, clocks) == []  # the first look starts the clock
+    time.sleep(0.1)
+    assert [j.path for j, _ in spool.orphaned_jobs(0.05, clocks)] == [job.path]
+    job.heartbeat.write_text('{"beat": 2}')  # it beats again: alive
+    assert spool.orphaned_jobs(0.05, clocks) == []
+
+
+def test_a_late_write_of_the_old_owner_lands_nowhere_after_a_takeover(tmp_path):
+    spool, peer = make_spool(tmp_path), make_spool(tmp_path, "h2")
+    (peer.inbox / "p.jsonl").write_text("{}\n")
+    job = peer.claim_drop("p.jsonl")
+    job.output.write_text('{"line": 1}\n')
+    stuck = os.open(job.output, os.O_WRONLY | os.O_APPEND)  # the old owner's descriptor
+    taken = spool.take_over(job)
+    os.write(stuck, b'{"line": 2}\n')  # its write, stuck until after the takeover
+    os.close(stuck)
+    assert taken.output.read_text() == '{"line": 1}\n'
+
+
+def test_a_failed_drop_left_in_the_inbox_by_a_power_cut_fails_only_once(tmp_path):
+    spool = make_spool(tmp_path)
+    (spool.inbox / "moved.jsonl").write_text("{}\n")
+    os.link(spool.inbox / "moved.jsonl", tmp_path / "elsewhere")  # two links: it fails as not_regular
+    assert spool.claim_drop("moved.jsonl") is None
+    (failed,) = list(spool.failed.iterdir())
+    os.link(failed / "input.jsonl", spool.inbox / "moved.jsonl")  # the inbox entry a cut brought back
+    assert spool.claim_drop("moved.jsonl") is None
+    assert list(spool.failed.iterdir()) == [failed] and not (spool.inbox / "moved.jsonl").exists()

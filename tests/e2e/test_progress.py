@@ -34,8 +34,8 @@ def test_a_late_subscriber_gets_the_current_state_at_once(tmp_path):
     d = start(tmp_path, delay=0.02, heartbeat=30)  # heartbeats too rare to explain a quick answer
     try:
         drop(d.root, "late.jsonl", 2000)
-        wait_for(lambda: list(d.root.glob("processing/testhost/late-*/output.jsonl")), 10, "the job to start")
-        time.sleep(0.5)
+        out = wait_for(lambda: list(d.root.glob("processing/testhost/late-*/output.jsonl")), 10, "the job to start")
+        wait_for(lambda: complete_lines(out[0]) >= 20, 10, "the job well under way")  # then subscribe, late
         sub = Subscriber(d.endpoint)
         started = time.monotonic()
         wait_for(lambda: sub.of("spoold.job.progress") and sub.of("spoold.daemon.heartbeat"), 2,
@@ -74,6 +74,17 @@ def tmux(*args):
     return subprocess.run(["tmux", *args], capture_output=True, text=True, check=True).stdout
 
 
+def screen_showing(target: str, *words: str) -> str:
+    """The tmux pane's screen once it shows every one of `words` (the program has drawn it)."""
+    def drawn():
+        screen = tmux("capture-pane", "-p", "-t", target)
+        return screen if all(w in screen for w in words) else None
+    try:
+        return wait_for(drawn, 20, f"the screen to show {words}")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; it shows:\n{tmux('capture-pane', '-p', '-t', target)}") from None
+
+
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (make test installs it)")
 def test_watch_and_status_on_a_terminal_show_name_counts_and_eta(tmp_path):
     d = start(tmp_path, delay=0.05, inflight=4)
@@ -85,16 +96,10 @@ def test_watch_and_status_on_a_terminal_show_name_counts_and_eta(tmp_path):
         drop(d.root, "candidates.jsonl", 3000)
         out = wait_for(lambda: list(d.root.glob("processing/testhost/candidates-*/output.jsonl")), 10, "job")
         wait_for(lambda: complete_lines(out[0]) > 100, 20, "progress")
-        time.sleep(1.5)
-        screen = tmux("capture-pane", "-p", "-t", session)
-        assert "candidates.jsonl" in screen, screen
-        assert "/3000" in screen and "req/s" in screen and "ETA" in screen, screen
+        screen_showing(session, "candidates.jsonl", "/3000", "req/s", "ETA")
 
         tmux("new-window", "-t", session, f"{sys.executable} -m spoold status --config {config}; sleep 60")
-        time.sleep(2)
-        screen = tmux("capture-pane", "-p", "-t", f"{session}:1")
-        assert "processing (1):" in screen and "candidates-" in screen, screen
-        assert "/3000" in screen and "ETA" in screen and "heartbeat" in screen, screen
+        screen_showing(f"{session}:1", "processing (1):", "candidates-", "/3000", "ETA", "heartbeat")
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
         d.terminate()

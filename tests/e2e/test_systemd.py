@@ -188,9 +188,12 @@ def test_status_line_and_journal_while_a_job_runs(sd):
     drop(sd.fast_root, "scoring", 2500)
     out = running_output(sd.fast_root, "scoring")
     wait_for(lambda: complete_lines(out) > 200, 30, "progress")
-    time.sleep(0.5)
-    status = sd.run("systemctl", "status", "spoold", "--no-pager", check=False).stdout
-    assert "Status: \"scoring: " in status and "/2500 (" in status and "req/s" in status and "ETA" in status, status
+
+    def status_with_progress():
+        status = sd.run("systemctl", "status", "spoold", "--no-pager", check=False).stdout
+        return status if "Status: \"scoring: " in status and "/2500 (" in status else None
+    status = wait_for(status_with_progress, 10, "the progress line in systemctl status")
+    assert "req/s" in status and "ETA" in status, status
     job = finished(sd.fast_root, "scoring")
     journal = sd.journal("spoold")
     assert "claimed 'scoring.jsonl' as job" in journal and f"job {job.name} completed" in journal

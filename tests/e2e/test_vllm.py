@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -207,6 +206,13 @@ def test_daemon_threads_keep_off_the_cores_vllm_computes_on(spool):
         assert not mask & worker_cpus, f"daemon thread {tid} may run on the worker's CPUs {worker_cpus}: {mask}"
 
 
+def _beat(path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def test_three_kill9s_on_real_vllm_then_exactly_once(spool, tmp_path):
     """SIGKILL (engine processes too) mid-job, while the model loads, and mid-job again."""
     rows, output = running_job(spool, tmp_path, "crash", 3000, 300)
@@ -215,8 +221,10 @@ def test_three_kill9s_on_real_vllm_then_exactly_once(spool, tmp_path):
     assert partial < 3000, "the job finished before the kill; make it longer"
 
     spool["daemon"] = DaemonProcess(spool["config"], spool["log"]).start()
-    time.sleep(4)
-    spool["daemon"].kill9()  # 2: during recovery and model loading
+    beat = spool["root"] / "processing" / "testhost" / "heartbeat.json"
+    wait_for(lambda: _beat(beat).get("pid") == spool["daemon"].proc.pid and _beat(beat).get("state") == "loading",
+             60, "the restarted daemon loading its model")
+    spool["daemon"].kill9()  # 2: during recovery and model loading (its own heartbeat said so)
     assert complete_lines(output) == partial
 
     spool["daemon"] = DaemonProcess(spool["config"], spool["log"]).start()

@@ -56,6 +56,8 @@ def write_config(path: Path, root: Path, host: str = "testhost", *, delay: float
     `spool`, `engine` and `args` add keys to [spool], [engine] and
     [engine.args] (the double's knobs); `extra` adds sections at the end.
     """
+    if "claim_timeout" not in spool:  # rare heartbeats (3600 s) need a claim_timeout of 3 of them
+        spool += f"\nclaim_timeout = {max(600.0, 3 * heartbeat)}"
     path.write_text(f"""
 [spool]
 root = "{root}"

@@ -6,6 +6,7 @@ calls (EIO, ENOSPC, ESTALE), the way an LD_PRELOAD shim would into libc.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import replace
 import shutil
@@ -16,7 +17,7 @@ from pathlib import Path
 from spoold.jobrunner import MAX_CRASHES_PER_LINE, SUSPECT_WINDOW
 
 from ..helpers import Subscriber, read_jsonl, wait_for
-from .harness import (_reap, announced, job_of, durable_lines, make_drop, read_record, rebuild, run_until_idle,
+from .harness import (_reap, announced, check_job, job_of, durable_lines, make_drop, read_record, rebuild, run_until_idle,
                       save_result, snapshot, start, tail, verdict, write_config)
 
 
@@ -122,11 +123,12 @@ def test_drops_that_vanish_between_detection_and_claim(tmp_path):
     cfg = write_config(tmp_path / "c.toml", root)
     proc = start(cfg, tmp_path / "log")
     stop = threading.Event()
+    made: dict[str, object] = {}
 
     def ghosts():
         n = 0
         while not stop.is_set():
-            ghost = make_drop(root / "inbox", f"ghost{n}.jsonl", 2)
+            ghost = made[f"ghost{n}.jsonl"] = make_drop(root / "inbox", f"ghost{n}.jsonl", 2)
             (root / "inbox" / f"{ghost.name}.ready").touch()
             time.sleep(0.003 * (n % 7))
             for p in (root / "inbox" / ghost.name, root / "inbox" / f"{ghost.name}.ready"):
@@ -147,8 +149,9 @@ def test_drops_that_vanish_between_detection_and_claim(tmp_path):
     v = verdict(root, drops)
     v.problems = [p for p in v.problems if "ghost" not in p]
     ghosts_claimed = [p for p in (root / "outbox").iterdir() if p.name.startswith("ghost")]
-    for job in ghosts_claimed:  # a ghost claimed before it vanished is a whole job
-        assert (job / "batch.json").is_file()
+    for job in ghosts_claimed:  # a ghost claimed before it vanished is a whole job, run exactly once
+        check_job(job, made[json.loads((job / "batch.json").read_text())["input_file"]], v)
+    assert not list((root / "failed").glob("ghost*")), "a vanished drop became a failed job"
     save_result("Drops that vanish between detection and claim", 1, v)
     assert v.ok, v.problems[:5]
 
