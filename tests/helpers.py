@@ -171,9 +171,10 @@ class DaemonProcess:
         raise AssertionError(f"daemon not ready in {timeout}s:\n{self.log_tail()}")
 
     def kill9(self) -> None:
-        """SIGKILL the whole process group, engine processes included."""
+        """SIGKILL the whole process group, engine processes included; the daemon must die of it."""
+        assert self.proc.poll() is None, f"the daemon had already exited {self.proc.returncode}:\n{self.log_tail()}"
         os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
+        assert self.proc.wait() == -signal.SIGKILL, "the daemon ended before the SIGKILL landed"
 
     def terminate(self, timeout: float = 120) -> int:
         os.killpg(self.proc.pid, signal.SIGTERM)

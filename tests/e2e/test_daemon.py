@@ -65,6 +65,13 @@ def test_sigterm_is_a_warm_stop_and_the_job_resumes(tmp_path):
     check_exactly_once(job, {f"req-{i}" for i in range(2000)}, set())
 
 
+def _beat_pid(root) -> int | None:
+    try:
+        return json.loads((root / "processing" / "testhost" / "heartbeat.json").read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def test_repeated_kill9_loses_and_doubles_nothing(tmp_path):
     root = tmp_path / "spool"
     config = write_config(tmp_path / "c.toml", root, engine='max_inflight = 16\n[engine.args]\ndelay = 0.02')
@@ -76,8 +83,8 @@ def test_repeated_kill9_loses_and_doubles_nothing(tmp_path):
     kills = 0
     for attempt in range(8):
         d = DaemonProcess(config, tmp_path / "daemon.log").start()
-        if attempt % 2 == 0:  # early: during start, claim or validation
-            time.sleep(rng.uniform(0.1, 0.8))
+        if attempt % 2 == 0:  # early: as soon as it is up (recovery, claim, validation, the first lines)
+            wait_for(lambda: _beat_pid(root) == d.proc.pid, 10, "the daemon's first heartbeat")  # noqa: B023
         else:  # during engine work and group commit
             outputs = lambda: list((root / "processing" / "testhost").glob("*/output.jsonl"))
             wait_for(outputs, 10, "output.jsonl")

@@ -8,7 +8,7 @@ import signal
 import time
 
 from ..helpers import wait_for
-from .harness import _reap, idle, make_drop, save_result, start, tail, verdict, write_config
+from .harness import Verdict, _reap, check_job, idle, make_drop, save_result, start, tail, verdict, write_config
 
 
 def test_three_daemons_race_over_500_drops(tmp_path):
@@ -83,10 +83,11 @@ def test_another_hosts_batch_json_is_data_not_orders(tmp_path):
                   "models_done": 7, "request_counts": [], "errors": {}},
         "list": ["not", "an", "object"],
     }
+    made = {}
     for name, record in records.items():
         job = host / f"{name}-20260101T000000-00"
         job.mkdir(parents=True)
-        make_drop(job, "input.jsonl", 3, bad=False)
+        made[name] = make_drop(job, "input.jsonl", 3, bad=False)
         (job / "batch.json").write_text(json.dumps(record))
     proc = start(write_config(tmp_path / "c.toml", root), tmp_path / "log")
     try:
@@ -101,5 +102,9 @@ def test_another_hosts_batch_json_is_data_not_orders(tmp_path):
     assert evil["errors"][-1]["code"] == "bad_record" and "never loaded" in evil["errors"][-1]["message"]
     typed = json.loads((root / "failed" / "typed-20260101T000000-00" / "batch.json").read_text())
     assert typed["errors"][-1]["code"] == "bad_record"
-    # Not an object at all: the job starts again from validation and completes.
-    assert json.loads((root / "outbox" / "list-20260101T000000-00" / "batch.json").read_text())["status"] == "completed"
+    # Not an object at all: the job starts again from validation and completes, exactly once.
+    v = Verdict()
+    check_job(root / "outbox" / "list-20260101T000000-00", made["list"], v)
+    save_result("Job records from elsewhere: unconfigured model, wrong types, not an object", len(records), v,
+                "failed as bad_record, or run again; nothing loaded")
+    assert v.ok, v.problems[:5]
