@@ -51,9 +51,13 @@ def new_job_id(drop_name: str, now: float | None = None) -> str:
     spool never pick the same id for drops of one name in one second (and
     the job directory is made with O_EXCL semantics anyway, see new_job_dir).
     """
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", drop_name.removesuffix(".jsonl"))[:80].lstrip(".") or "batch"
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
-    return f"{stem}-{stamp}-{secrets.token_hex(8)}"
+    return f"{_job_stem(drop_name)}-{stamp}-{secrets.token_hex(8)}"
+
+
+def _job_stem(drop_name: str) -> str:
+    """The start of every job id made from a drop of this name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", drop_name.removesuffix(".jsonl"))[:80].lstrip(".") or "batch"
 
 
 @dataclass(frozen=True)
@@ -215,19 +219,25 @@ class Spool:
         The inbox entry goes (durably) instead of making a second failed job.
         Only jobs made from a drop of this name are looked at.
         """
-        stem = new_job_id(name).rsplit("-", 2)[0]
-        for job_dir in self.failed.glob(f"{glob.escape(stem)}-*"):
+        for job_dir in self.failed.glob(f"{glob.escape(_job_stem(name))}-*"):
             try:
                 held = os.lstat(job_dir / "input.jsonl")
             except OSError:
                 continue
-            if (held.st_dev, held.st_ino) == (st.st_dev, st.st_ino):
-                log.warning("inbox/%s is the drop failed job %s already holds (its move was cut short); "
-                            "removing it from the inbox", display_name(name), job_dir.name)
-                _unlink_durably(self.inbox / name)
-                _unlink_durably(self.inbox / (name + READY_SUFFIX))
+            if self._remove_if_held(name, st, held, job_dir.name):
                 return True
         return False
+
+    def _remove_if_held(self, name: str, st: os.stat_result, held: os.stat_result, job_id: str) -> bool:
+        """Remove inbox/NAME (and its .ready) durably if it is the very file (`st`) job `job_id`
+        holds (`held`): the one place a move that a power cut cut short is undone."""
+        if (st.st_dev, st.st_ino) != (held.st_dev, held.st_ino):
+            return False
+        log.warning("inbox/%s is the drop job %s already holds (its move was cut short by a crash or "
+                    "power cut); removing it from the inbox", display_name(name), job_id)
+        _unlink_durably(self.inbox / name)
+        _unlink_durably(self.inbox / (name + READY_SUFFIX))
+        return True
 
     def new_job_dir(self, parent: Path, drop_name: str) -> JobDir:
         """A new, empty job directory under `parent`, made durably; never one that exists.
@@ -319,12 +329,7 @@ class Spool:
         except FileNotFoundError:
             _unlink_durably(self.inbox / (name + READY_SUFFIX))
             return
-        if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
-            log.warning("inbox/%s is the drop job %s already claimed (its claim was cut short); "
-                        "removing it from the inbox", display_name(name), job.id)
-            os.unlink(self.inbox / name)
-            _unlink_quietly(self.inbox / (name + READY_SUFFIX))
-            fsync_dir(self.inbox)
+        self._remove_if_held(name, st, mine, job.id)
 
     def orphaned_jobs(self, claim_timeout: float, clocks: "PeerClocks") -> list[tuple[JobDir, float]]:
         """Jobs of other hosts whose files have not changed for `claim_timeout`, with how long.
