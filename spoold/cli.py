@@ -157,6 +157,7 @@ def setup_logging(verbose: bool = False) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import Daemon
     from .engine import EngineLoadError, load_engine
+    from .spool import check_results_group
 
     setup_logging(args.verbose)
 
@@ -169,6 +170,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return config
 
     config = read_config()
+    try:
+        check_results_group(config.spool.group)
+    except ValueError as e:
+        raise ConfigError(f"[spool] group: {e}") from None
     if not config.engine.model:
         raise ConfigError("[engine] model is not set: name a Hugging Face id, a local path "
                           "or an alias from [models]")

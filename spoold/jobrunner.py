@@ -188,6 +188,10 @@ class JobRunner:
         if self.batch.get("status") == "completed":
             self.spool.move_to_outbox(self.job)
             return "completed"
+        if self.batch.get("status") == "failed":  # a failure cut short before its move: finish it, unread
+            self.spool.move_to_failed(self.job)
+            self.progress.state = "failed"
+            return "failed"
         problem = self._record_problem()
         if problem:
             return self._fail(problem, "bad_record")

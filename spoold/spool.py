@@ -120,7 +120,7 @@ class Spool:
         self.outbox = self.root / "outbox"
         self.failed = self.root / "failed"
         self.file_mode = settings.file_mode
-        self.gid = grp.getgrnam(settings.group).gr_gid if settings.group else -1
+        self.gid = results_gid(settings.group)
         self._inbox_error: int | None = None
 
     def ensure_dirs(self) -> None:
@@ -170,7 +170,7 @@ class Spool:
             self.fail_drop(name, "not a regular file (symlinks and devices are never read)", "not_regular")
             return None
         if st.st_nlink != 1:
-            if self._already_failed(name, st):
+            if self._held_by_a_job(name, st):
                 return None
             # Another name for the same file (a hard link to something only
             # the daemon may read, or a path the submitter keeps writing
@@ -178,7 +178,8 @@ class Spool:
             self.fail_drop(name, f"the file has {st.st_nlink} hard links; submit a file of its own "
                                  "(copy it, do not `ln` it)", "not_regular")
             return None
-        job = self.new_job_dir(self.host_dir, name)
+        # Group `[spool] group`: its members may read the results in outbox/.
+        job = self.new_job_dir(self.host_dir, name, self.gid)
         batch = new_batch(job.id, display_name(name), self.settings.host_id)
         # How the drop looked when claimed: lets recover() tell a stale inbox
         # entry left by a power cut from a new drop of the same name; and
@@ -196,8 +197,17 @@ class Spool:
         return job
 
     def fail_drop(self, name: str, reason: str, code: str = "file_unreadable") -> JobDir | None:
-        """Move an unreadable drop to failed/<job-id>/ with a batch.json saying why."""
-        job = self.new_job_dir(self.failed, name)
+        """Move an unreadable drop to failed/<job-id>/ with a batch.json saying why.
+
+        The failed job is made whole under this host's processing/ (record,
+        then the drop) and published with one rename, as a finished job is:
+        a power cut never leaves a failed/ entry without its record, and a
+        job cut short there is finished by the runner (its status says
+        failed), never run. The directory is the daemon's alone (its own
+        group, not the results group): the drop may be another name for a
+        file no submitter may read, and must not become readable here.
+        """
+        job = self.new_job_dir(self.host_dir, name, os.getegid())
         batch = new_batch(job.id, display_name(name), self.settings.host_id)
         try:
             batch["drop"] = drop_record(name, os.lstat(self.inbox / name))
@@ -211,15 +221,17 @@ class Spool:
             pass
         _unlink_durably(self.inbox / (name + READY_SUFFIX))
         log.error("drop %s failed: %s", display_name(name), reason)
-        return job
+        return self.move_to_failed(job)
 
-    def _already_failed(self, name: str, st: os.stat_result) -> bool:
-        """A drop that is the very file a failed job holds: a power cut cut its move short.
+    def _held_by_a_job(self, name: str, st: os.stat_result) -> bool:
+        """A drop that is the very file a job holds, here or on any host: a power cut cut its move short.
 
-        The inbox entry goes (durably) instead of making a second failed job.
-        Only jobs made from a drop of this name are looked at.
+        The inbox entry goes (durably) instead of making a second job of the
+        drop (its two names would look like a hard link). Only jobs made from
+        a drop of this name are looked at.
         """
-        for job_dir in self.failed.glob(f"{glob.escape(_job_stem(name))}-*"):
+        pattern = f"{glob.escape(_job_stem(name))}-*"
+        for job_dir in [*self.processing.glob(f"*/{pattern}"), *self.failed.glob(pattern)]:
             try:
                 held = os.lstat(job_dir / "input.jsonl")
             except OSError:
@@ -239,8 +251,8 @@ class Spool:
         _unlink_durably(self.inbox / (name + READY_SUFFIX))
         return True
 
-    def new_job_dir(self, parent: Path, drop_name: str) -> JobDir:
-        """A new, empty job directory under `parent`, made durably; never one that exists.
+    def new_job_dir(self, parent: Path, drop_name: str, gid: int = -1) -> JobDir:
+        """A new, empty job directory under `parent` with group `gid`, made durably; never one that exists.
 
         A job id that is taken (another host, the same second, the same
         random bits) must not silently reuse a live job's directory: the
@@ -253,6 +265,8 @@ class Spool:
                 os.mkdir(job.path, 0o750)
             except FileExistsError:
                 continue
+            if gid != -1:
+                os.chown(job.path, -1, gid)
             fsync_dir(parent)
             return job
         raise FileExistsError(f"cannot make a new job directory under {parent}: every id tried exists")
@@ -403,8 +417,14 @@ class Spool:
         return JobDir(dest)
 
     def move_to_failed(self, job: JobDir) -> JobDir:
-        """Give up on a claimed job: its directory goes to failed/ as it is."""
+        """Give up on a claimed job: its directory goes to failed/, the daemon's alone.
+
+        A failed input is not a result: members of the results group may not
+        read it (it may be what an attacker hoped to get read, or someone's
+        data in a file the daemon could not make sense of).
+        """
         dest = self.failed / job.id
+        os.chown(job.path, -1, os.getegid())
         durable_rename(job.path, dest)
         return JobDir(dest)
 
@@ -431,6 +451,29 @@ class PeerClocks:
     def forget(self, key: Path) -> None:
         """Stop timing a job (taken over, or gone)."""
         self._seen.pop(key, None)
+
+
+def results_gid(group: str) -> int:
+    """The gid of `[spool] group` (-1: none set); ValueError naming the problem if it does not exist."""
+    if not group:
+        return -1
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(f"no group {group!r} on this host (create it, e.g. with the packaged "
+                         "spoold.sysusers, or unset it)") from None
+
+
+def check_results_group(group: str) -> None:
+    """Refuse to start as a daemon that could not give its job directories `group`.
+
+    Only root and members may chown to a group: otherwise every claim would
+    fail with EPERM.
+    """
+    gid = results_gid(group)
+    if gid != -1 and os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
+        raise ValueError(f"this daemon's user is not in group {group!r}, so it cannot make results "
+                         f"readable by it; add it (usermod -aG {group} <user>) and restart")
 
 
 def subdirs(root: Path) -> list[Path]:

@@ -23,6 +23,7 @@ import os
 import time
 from dataclasses import dataclass
 
+from .names import display_name
 from .spool import READY_SUFFIX, Spool, is_drop_name
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class _Seen:
     order: tuple[float, int]
     #: wall-clock time it was first seen, for the scheduler's max_wait
     seen_at: float
+    #: who owns it: only its owner's `.ready` marker counts
+    uid: int = -1
     #: found complete, and unchanged since
     complete: bool = False
 
@@ -220,7 +223,7 @@ class InboxWatcher:
     def _update(self, name: str, st: os.stat_result, now: float, wall: float) -> None:
         seen = self._seen.get(name)
         if seen is None:
-            self._seen[name] = _Seen(st.st_size, st.st_mtime_ns, now, (now, st.st_ctime_ns), wall)
+            self._seen[name] = _Seen(st.st_size, st.st_mtime_ns, now, (now, st.st_ctime_ns), wall, uid=st.st_uid)
             self._pending.add(name)
         elif (seen.size, seen.mtime_ns) != (st.st_size, st.st_mtime_ns):
             seen.size, seen.mtime_ns, seen.since = st.st_size, st.st_mtime_ns, now
@@ -239,9 +242,33 @@ class InboxWatcher:
         if hint is not None and seen.size > 0 and not hint.written:
             if hint.renamed or now - hint.created_at >= CREATE_GRACE_SECONDS:
                 return True
-        if name in self._ready:
+        if name in self._ready and self._marked_by_owner(name, seen):
             return True
         return now - seen.since >= self.settle_seconds
+
+    def _marked_by_owner(self, name: str, seen: _Seen) -> bool:
+        """Whether `NAME.jsonl.ready` was made by whoever owns the drop (or by root or this daemon).
+
+        Anyone who may write the inbox may create a marker: without this, one
+        submitter could force-claim another's half-written file. Someone
+        else's marker is removed, so it cannot squat the name the owner needs
+        (the sticky inbox would not let the owner replace it).
+        """
+        marker = self.spool.inbox / (name + READY_SUFFIX)
+        try:
+            uid = os.lstat(marker).st_uid
+        except OSError:
+            return False
+        if uid in (seen.uid, 0, os.geteuid()):
+            return True
+        log.warning("removing inbox/%s: made by uid %d, not by the drop's owner (uid %d)",
+                    display_name(marker.name), uid, seen.uid)
+        self._ready.discard(name)
+        try:
+            os.unlink(marker)
+        except OSError:
+            pass
+        return False
 
     def _forget_missing(self, present: set[str]) -> None:
         gone = [n for n in self._seen if n not in present]

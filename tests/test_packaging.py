@@ -56,6 +56,6 @@ def test_sysusers_and_tmpfiles_create_the_user_and_the_spool(tmp_path):
     subprocess.run(["systemd-tmpfiles", f"--root={root}", "--create", str(PACKAGING / "spoold.tmpfiles")],
                    check=True, capture_output=True)
     inbox = os.stat(root / "var/spool/spoold/inbox")
-    assert stat.S_IMODE(inbox.st_mode) == 0o2770
+    assert stat.S_IMODE(inbox.st_mode) == 0o3770  # setgid (drops keep the group), sticky (only their own)
     assert inbox.st_uid == int(users["spoold"][2]) and inbox.st_gid == int(groups["spoold-submit"][2])
     assert stat.S_IMODE(os.stat(root / "var/spool/spoold/processing").st_mode) == 0o750

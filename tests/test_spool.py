@@ -3,6 +3,8 @@ import os
 import shutil
 import time
 
+import pytest
+
 from spoold.config import SpoolSettings
 from spoold.spool import JobDir, Spool, is_drop_name
 
@@ -153,3 +155,43 @@ def test_a_failed_drop_left_in_the_inbox_by_a_power_cut_fails_only_once(tmp_path
     os.link(failed / "input.jsonl", spool.inbox / "moved.jsonl")  # the inbox entry a cut brought back
     assert spool.claim_drop("moved.jsonl") is None
     assert list(spool.failed.iterdir()) == [failed] and not (spool.inbox / "moved.jsonl").exists()
+
+
+def test_a_results_group_the_daemon_cannot_use_is_refused_with_what_to_do(monkeypatch):
+    import grp
+
+    from spoold.spool import check_results_group
+
+    with pytest.raises(ValueError, match="no group 'no-such-group-here'"):
+        check_results_group("no-such-group-here")
+    check_results_group("")  # none set: nothing to check
+    other = next(g for g in grp.getgrall() if g.gr_gid not in (0, os.getegid()))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # as an unprivileged daemon not in the group
+    monkeypatch.setattr(os, "getgroups", lambda: [])
+    with pytest.raises(ValueError, match=f"not in group '{other.gr_name}'.*usermod -aG"):
+        check_results_group(other.gr_name)
+    monkeypatch.setattr(os, "getgroups", lambda: [other.gr_gid])
+    check_results_group(other.gr_name)
+
+
+def test_job_directories_get_the_results_group_and_failed_ones_the_daemons(tmp_path):
+    import grp
+
+    group = next(g for g in grp.getgrall() if g.gr_gid != os.getegid())
+    if os.geteuid() != 0 and group.gr_gid not in os.getgroups():
+        pytest.skip("needs a group this user may chown to")
+    spool = Spool(SpoolSettings(root=tmp_path, host_id="h", group=group.gr_name))
+    spool.ensure_dirs()
+    (spool.inbox / "a.jsonl").write_text("{}\n")
+    job = spool.claim_drop("a.jsonl")
+    assert os.stat(job.path).st_gid == group.gr_gid
+    assert os.stat(spool.move_to_outbox(job).path).st_gid == group.gr_gid
+    os.chown(spool.failed, -1, group.gr_gid)
+    os.chmod(spool.failed, 0o2750)  # as packaged: setgid, so new entries would get the results group
+    os.symlink("/etc/hostname", spool.inbox / "l.jsonl")
+    spool.claim_drop("l.jsonl")
+    (refused,) = spool.failed.iterdir()
+    assert os.stat(refused).st_gid == os.getegid()
+    (spool.inbox / "b.jsonl").write_text("{}\n")
+    given_up = spool.move_to_failed(spool.claim_drop("b.jsonl"))
+    assert os.stat(given_up.path).st_gid == os.getegid()

@@ -2,6 +2,8 @@ import asyncio
 import os
 import time
 
+import pytest
+
 from spoold.config import SpoolSettings
 from spoold.spool import Spool
 from spoold.watcher import InboxWatcher
@@ -33,6 +35,22 @@ def test_ready_marker_and_ignored_names(tmp_path):
         (spool.inbox / name).write_text("{}\n")
     (spool.inbox / "b.jsonl.ready").touch()
     assert watcher.complete_drops() == ["b.jsonl"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="files of other owners need root")
+def test_only_the_drops_owner_can_mark_it_ready(tmp_path):
+    spool, watcher = make(tmp_path, settle=60)
+    drop, marker = spool.inbox / "theirs.jsonl", spool.inbox / "theirs.jsonl.ready"
+    drop.write_text("{}\n")
+    os.chown(drop, 1000, 1000)
+    marker.touch()
+    os.chown(marker, 1001, 1001)  # another submitter's marker: ignored, and removed so it cannot squat the name
+    assert watcher.complete_drops() == []
+    assert not marker.exists()
+    marker.touch()
+    os.chown(marker, 1000, 1000)
+    watcher._scanned_at = None  # the next ask rescans
+    assert watcher.complete_drops() == ["theirs.jsonl"]
 
 
 def test_inotify_rename_and_move_in_are_complete_at_once(tmp_path):

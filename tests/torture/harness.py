@@ -2,8 +2,9 @@
 
 The invariant (the promise spoold makes): every valid input line has exactly
 one result line across output.jsonl and errors.jsonl, every bad line exactly
-one error line, each drop is one job in outbox/ and nowhere else, and
-nothing is left in processing/.
+one error line, each drop is one job in outbox/ and nowhere else (a drop
+that cannot be read: one job in failed/ and nowhere else), and nothing is
+left in processing/.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class Drop:
     name: str
     valid_ids: set[str]
     bad_lines: set[int]
+    #: the error code of a drop that must end in failed/ (None: in outbox/)
+    fails_with: str | None = None
 
 
 def make_drop(directory: Path, name: str, n: int, bad: bool = True) -> Drop:
@@ -46,6 +49,19 @@ def make_drop(directory: Path, name: str, n: int, bad: bool = True) -> Drop:
         bad_lines = {at + 1, len(rows)}
     write_jsonl(directory / name, rows)
     return Drop(name, {f"{stem}-{i}" for i in range(n)}, bad_lines)
+
+
+def make_failing_drops(root: Path) -> list[Drop]:
+    """Two drops that must fail: one refused unread at claim (a hard link), one given up after it (gzip).
+
+    The hard link's other name is `root/keep/`, outside the spool's directories.
+    """
+    (root / "keep").mkdir()
+    write_jsonl(root / "keep" / "linked.jsonl", [chat_line(0)])
+    os.link(root / "keep" / "linked.jsonl", root / "inbox" / "linked.jsonl")
+    (root / "inbox" / "packed.jsonl").write_bytes(b"\x1f\x8b\x08\x00" + bytes(60))
+    return [Drop("linked.jsonl", set(), set(), fails_with="not_regular"),
+            Drop("packed.jsonl", set(), set(), fails_with="binary")]
 
 
 def write_config(path: Path, root: Path, host: str = "testhost", *, delay: float = 0.0,
@@ -219,21 +235,47 @@ def verdict(root: Path, drops: list[Drop]) -> Verdict:
     waiting = [p.name for p in _entries(root / "inbox") if p.name.endswith(".jsonl")]
     if waiting:
         v.problems.append(f"left in the inbox: {waiting}")
-    failed = _entries(root / "failed")
-    if failed:
-        v.problems.append(f"in failed/: {[p.name for p in failed]}")
-    jobs: dict[str, list[Path]] = {}
-    for job in _entries(root / "outbox"):
-        batch = json.loads((job / "batch.json").read_text())
-        jobs.setdefault(batch["input_file"], []).append(job)
+    jobs = _jobs_by_drop(root / "outbox")
+    failed = _jobs_by_drop(root / "failed")
     for drop in drops:
+        if drop.fails_with:
+            _check_failed(drop, failed.pop(drop.name, []), jobs.pop(drop.name, []), v)
+            continue
         found = jobs.get(drop.name, [])
         if len(found) != 1:
             v.problems.append(f"{drop.name}: {len(found)} jobs in outbox/")
             v.lost += len(drop.valid_ids) + len(drop.bad_lines) if not found else 0
             continue
         check_job(found[0], drop, v)
+    if failed:
+        v.problems.append(f"in failed/: {[p.name for found in failed.values() for p in found]}")
     return v
+
+
+def _jobs_by_drop(directory: Path) -> dict[str, list[Path]]:
+    jobs: dict[str, list[Path]] = {}
+    for job in _entries(directory):
+        try:
+            batch = json.loads((job / "batch.json").read_text())
+        except (OSError, ValueError):
+            batch = {"input_file": f"{job.name} (no readable batch.json)"}
+        jobs.setdefault(batch.get("drop", {}).get("name", batch["input_file"]), []).append(job)
+    return jobs
+
+
+def _check_failed(drop: Drop, failed: list[Path], finished: list[Path], v: Verdict) -> None:
+    """A drop that cannot be read: exactly one failed job, saying why, holding the drop; none finished."""
+    if len(failed) != 1 or finished:
+        v.problems.append(f"{drop.name}: {len(failed)} jobs in failed/, {len(finished)} in outbox/ "
+                          "(expected 1 and 0)")
+        return
+    batch = json.loads((failed[0] / "batch.json").read_text())
+    codes = [e.get("code") for e in batch.get("errors", [])]
+    if batch["status"] != "failed" or codes != [drop.fails_with]:
+        v.problems.append(f"{failed[0].name}: batch.json says {batch['status']} {codes}, "
+                          f"expected failed [{drop.fails_with}]")
+    if not (failed[0] / "input.jsonl").exists():
+        v.problems.append(f"{failed[0].name}: the failed drop's input.jsonl is gone")
 
 
 def check_job(job: Path, drop: Drop, v: Verdict) -> None:

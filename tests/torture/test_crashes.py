@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from .harness import (Drop, announced, durable_lines, make_drop, merge, read_record, rebuild,
+from .harness import (Drop, announced, durable_lines, make_drop, make_failing_drops, merge, read_record, rebuild,
                       run_to_crash, run_until_idle, save_result, snapshot, verdict, write_config)
 
 #: Two trials at a time: each is mostly a Python process starting up.
@@ -31,11 +32,22 @@ def small_spool(root: Path) -> list[Drop]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """One clean, recorded run of the small spool: its steps and what each made durable."""
-    base = tmp_path_factory.mktemp("reference")
+    return recorded_run(tmp_path_factory.mktemp("reference"), small_spool)
+
+
+@pytest.fixture(scope="module")
+def reference_with_failures(tmp_path_factory):
+    """The small spool plus two drops that must fail (one refused at claim, one given up after)."""
+    return recorded_run(tmp_path_factory.mktemp("reference-failing"),
+                        lambda root: small_spool(root) + make_failing_drops(root))
+
+
+def recorded_run(base: Path, make_spool) -> dict:
+    """Run the spool `make_spool` makes to idle under the recording wrapper."""
     template = base / "template"
-    drops = small_spool(template)
+    drops = make_spool(template)
     root = base / "spool"
-    shutil.copytree(template, root)
+    subprocess.run(["cp", "-a", str(template), str(root)], check=True)  # hard links stay links
     initial = snapshot(root)
     config = write_config(base / "c.toml", root, heartbeat=3600)
     record = base / "record.jsonl"
@@ -143,8 +155,13 @@ def _dir_lists(record: list[dict], i: int, ident: str) -> bool:
                for e in record[i + 1:])
 
 
-def test_power_cuts_lose_nothing_that_was_counted(reference, tmp_path):
-    """Rebuild the spool from only what was durable at 50 cut points, restart, check."""
+def test_power_cuts_lose_nothing_that_was_counted(reference_with_failures, tmp_path):
+    """Rebuild the spool from only what was durable at 50 cut points, restart, check.
+
+    Failed drops too: a cut inside a failure's moves must leave one failed
+    job, never two, never none, never the drop back in the inbox for good.
+    """
+    reference = reference_with_failures
     record = reference["record"]
     # After each rename too: a cut between a rename and its directory's fsync
     # is where an entry can survive in two places.
