@@ -238,14 +238,17 @@ def write_chart(reports: list[ModelReport], path: Path, reference: str) -> None:
 
 
 def write_report(reports: list[ModelReport], out: Path, reference: str, source: str) -> dict[str, Path]:
-    """report.md, report.json and report.png in `out`."""
+    """report.md, report.json and (with matplotlib, the `bench` extra) report.png in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     doc = {"input_file": source, "reference": reference,
            "models": [{k: v for k, v in asdict(r).items() if k != "answers"} for r in reports]}
     paths = {"json": out / "report.json", "markdown": out / "report.md", "png": out / "report.png"}
     paths["json"].write_text(json.dumps(doc, indent=2) + "\n")
     paths["markdown"].write_text(markdown_table(reports, reference) + "\n")
-    write_chart(reports, paths["png"], reference)
+    try:
+        write_chart(reports, paths["png"], reference)
+    except ImportError:  # the daemon does not need matplotlib; only this chart does
+        del paths["png"]
     return paths
 
 

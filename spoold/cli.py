@@ -261,7 +261,11 @@ def cmd_bench_models(args: argparse.Namespace) -> int:
     out = Path(args.out or time.strftime("bench-models-%Y%m%dT%H%M%S"))
     paths = write_report(reports, out, reference, args.file)
     print(markdown_table(reports, reference))
-    print(f"\nwrote {paths['markdown']}, {paths['json']} and {paths['png']}")
+    if "png" in paths:
+        print(f"\nwrote {paths['markdown']}, {paths['json']} and {paths['png']}")
+    else:
+        print(f"\nwrote {paths['markdown']} and {paths['json']}; for the chart, install matplotlib "
+              "(pip install 'spoold[bench]')")
     return 0
 
 

@@ -12,15 +12,11 @@ import dataclasses
 import difflib
 import os
 import socket
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - the project needs 3.11, tomli is the fallback
-    import tomli as tomllib
+import tomllib
 
 #: Where the daemon and every CLI verb look when `--config` is not given.
 DEFAULT_CONFIG_PATH = "/etc/spoold/spoold.toml"

@@ -27,7 +27,7 @@ from .jobrunner import EngineFailed, IncompleteJob, JobProgress, JobRunner, job_
 from .metrics import Metrics
 from .names import display_name
 from .notify import STOPPING_STATUS, Notifier
-from .spool import JobDir, PeerClocks, Spool, created_at
+from .spool import DropRefused, JobDir, PeerClocks, Spool, created_at
 from .scheduler import Candidate, in_order
 from .validation import ModelResolver, first_model
 from .watcher import InboxWatcher
@@ -57,6 +57,11 @@ LOOP_RESTART_SECONDS = 1.0
 #: While the model loads, systemd's start timeout is pushed this far ahead,
 #: every third of it: a load that makes no progress still times out in vLLM.
 LOAD_EXTEND_SECONDS = 60.0
+
+#: How long shutting the engine down may take at stop: an engine that hangs
+#: there must not hold the stop past systemd's TimeoutStopSec (90 s); its
+#: processes are then left to KillMode=mixed.
+ENGINE_CLOSE_SECONDS = 30.0
 
 
 class Daemon:
@@ -150,11 +155,18 @@ class Daemon:
                 task.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
             self._write_heartbeat()
-            await self.engine.close()
+            await self._close_engine()
             if self.events is not None:
                 await self.events.close()
             log.info("stopped")
         return self.exit_code
+
+    async def _close_engine(self) -> None:
+        try:
+            await asyncio.wait_for(self.engine.close(), ENGINE_CLOSE_SECONDS)
+        except asyncio.TimeoutError:
+            log.warning("the engine did not shut down within %gs; leaving its processes to systemd",
+                        ENGINE_CLOSE_SECONDS)
 
     def _recover(self) -> None:
         """Before READY: clean half-made claims and name the jobs this host will resume first."""
@@ -337,6 +349,14 @@ class Daemon:
         shown = display_name(name)
         try:
             job = self.spool.claim_drop(name)
+        except DropRefused as refused:
+            self.watcher.forget(name)
+            batch = refused.job.read_batch()
+            self._publish("spoold.job.failed", {"job": refused.job.id, "input_file": shown,
+                                                "errors": batch.get("errors", [])})
+            if self.metrics is not None:
+                self.metrics.jobs_finished.labels("failed").inc()
+            return None
         except OSError as e:
             await self._pause(f"cannot claim {shown}: {_describe(e)}")
             return None

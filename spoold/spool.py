@@ -108,6 +108,14 @@ class JobDir:
         return batch if isinstance(batch, dict) else {}
 
 
+class DropRefused(Exception):
+    """A drop was not claimed but failed at once (not a regular file, hard-linked): `job` is its failed job."""
+
+    def __init__(self, job: JobDir) -> None:
+        super().__init__(job.id)
+        self.job = job
+
+
 class Spool:
     """The directories of one spool root, seen from one host."""
 
@@ -159,7 +167,7 @@ class Spool:
         Returns None when another daemon (or the user) took the file first:
         only the daemon whose rename succeeded owns the job. A symlink or
         anything that is not a regular file is never followed; it goes to
-        failed/ with the reason.
+        failed/ with the reason, and DropRefused says so.
         """
         src = self.inbox / name
         try:
@@ -167,17 +175,16 @@ class Spool:
         except FileNotFoundError:
             return None
         if not stat.S_ISREG(st.st_mode):
-            self.fail_drop(name, "not a regular file (symlinks and devices are never read)", "not_regular")
-            return None
+            raise DropRefused(self.fail_drop(name, "not a regular file (symlinks and devices are never read)",
+                                             "not_regular"))
         if st.st_nlink != 1:
             if self._held_by_a_job(name, st):
                 return None
             # Another name for the same file (a hard link to something only
             # the daemon may read, or a path the submitter keeps writing
             # through) must never be read or claimed.
-            self.fail_drop(name, f"the file has {st.st_nlink} hard links; submit a file of its own "
-                                 "(copy it, do not `ln` it)", "not_regular")
-            return None
+            raise DropRefused(self.fail_drop(name, f"the file has {st.st_nlink} hard links; submit a file of "
+                                                   "its own (copy it, do not `ln` it)", "not_regular"))
         # Group `[spool] group`: its members may read the results in outbox/.
         job = self.new_job_dir(self.host_dir, name, self.gid)
         batch = new_batch(job.id, display_name(name), self.settings.host_id)
@@ -196,7 +203,7 @@ class Spool:
         _unlink_durably(self.inbox / (name + READY_SUFFIX))
         return job
 
-    def fail_drop(self, name: str, reason: str, code: str = "file_unreadable") -> JobDir | None:
+    def fail_drop(self, name: str, reason: str, code: str) -> JobDir:
         """Move an unreadable drop to failed/<job-id>/ with a batch.json saying why.
 
         The failed job is made whole under this host's processing/ (record,
@@ -513,7 +520,7 @@ def created_at(batch: dict[str, Any]) -> float:
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
 
 
-def mark_failed(batch: dict[str, Any], reason: str, code: str = "file_unreadable") -> None:
+def mark_failed(batch: dict[str, Any], reason: str, code: str) -> None:
     """Set a batch document to `failed`, recording the file-level reason."""
     batch["status"] = "failed"
     batch["failed_at"] = int(time.time())

@@ -123,11 +123,6 @@ class GroupCommitWriter:
         if self.failure:
             raise self.failure
 
-    @property
-    def pending(self) -> int:
-        """Lines added but not yet durable."""
-        return self._added - self._committed
-
     async def wait_pending_below(self, limit: int, limit_bytes: int | None = None) -> None:
         """Return once fewer than `limit` lines, and `limit_bytes` bytes, wait for their fsync
         (or the writer failed).

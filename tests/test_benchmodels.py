@@ -53,6 +53,18 @@ def test_a_report_from_two_models_table_equals_json_and_the_chart_is_a_png(tmp_p
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_without_matplotlib_the_report_is_the_table_and_json(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as where the `bench` extra is not installed
+    rows = [dict(chat_line(i), custom_id=f"c{i}") for i in range(3)]
+    reports = [asyncio.run(run_model("a", "org/a", rows, lambda m: EchoEngine(EngineSettings(model=m)), 2, 0.0))]
+    score_agreement(reports, rows, "a")
+    paths = write_report(reports, tmp_path, "a", "in.jsonl")
+    assert set(paths) == {"json", "markdown"} and not (tmp_path / "report.png").exists()
+    assert json.loads(paths["json"].read_text())["models"][0]["alias"] == "a"
+
+
 @needs_two_cpus
 def test_a_model_is_measured_with_the_daemons_cpu_placement():
     """On a CPU box the figures must be the daemon's: its threads keep off the engine's worker core."""

@@ -1,6 +1,7 @@
 """The daemon's own decisions, in-process with the engine double."""
 
 import asyncio
+import os
 
 from spoold import daemon as daemon_module
 from spoold.config import Config, EngineSettings, SpoolSettings
@@ -45,3 +46,35 @@ def test_a_background_loop_that_keeps_failing_stops_the_daemon_for_systemd(tmp_p
         return daemon._stop.is_set()
     assert asyncio.run(go()) is True
     assert daemon.exit_code == 1
+
+
+def test_a_drop_refused_at_claim_is_announced_as_failed(tmp_path):
+    class Events:
+        def __init__(self):
+            self.sent = []
+
+        def publish(self, topic, payload):
+            self.sent.append((topic, payload))
+
+    daemon = make_daemon(tmp_path)
+    daemon.events = Events()
+    daemon.spool.ensure_dirs()
+    (tmp_path / "elsewhere.jsonl").write_text("{}\n")
+    os.symlink(tmp_path / "elsewhere.jsonl", daemon.spool.inbox / "l.jsonl")
+    assert asyncio.run(daemon._claim("l.jsonl")) is None
+    ((topic, payload),) = daemon.events.sent
+    assert topic == "spoold.job.failed" and payload["input_file"] == "l.jsonl"
+    assert [e["code"] for e in payload["errors"]] == ["not_regular"]
+    assert (daemon.spool.failed / payload["job"] / "batch.json").exists()
+
+
+def test_an_engine_that_hangs_at_shutdown_does_not_hold_the_stop(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(daemon_module, "ENGINE_CLOSE_SECONDS", 0.05)
+    daemon = make_daemon(tmp_path)
+    hung = asyncio.Event()
+
+    async def close():
+        await hung.wait()  # never set: an engine stuck in its shutdown
+    daemon.engine.close = close
+    asyncio.run(daemon._close_engine())
+    assert "did not shut down within 0.05s" in caplog.text

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from spoold.config import SpoolSettings
-from spoold.spool import JobDir, Spool, is_drop_name
+from spoold.spool import DropRefused, JobDir, Spool, is_drop_name
 
 
 def make_spool(tmp_path, host="h1"):
@@ -49,8 +49,10 @@ def test_symlink_is_never_followed_and_goes_to_failed(tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("do not read")
     os.symlink(secret, spool.inbox / "evil.jsonl")
-    assert spool.claim_drop("evil.jsonl") is None
+    with pytest.raises(DropRefused) as refused:
+        spool.claim_drop("evil.jsonl")
     (failed,) = list(spool.failed.iterdir())
+    assert refused.value.job.path == failed
     batch = JobDir(failed).read_batch()
     assert batch["status"] == "failed" and "not a regular file" in batch["errors"][0]["message"]
     assert os.path.islink(failed / "input.jsonl")
@@ -150,7 +152,8 @@ def test_a_failed_drop_left_in_the_inbox_by_a_power_cut_fails_only_once(tmp_path
     spool = make_spool(tmp_path)
     (spool.inbox / "moved.jsonl").write_text("{}\n")
     os.link(spool.inbox / "moved.jsonl", tmp_path / "elsewhere")  # two links: it fails as not_regular
-    assert spool.claim_drop("moved.jsonl") is None
+    with pytest.raises(DropRefused):
+        spool.claim_drop("moved.jsonl")
     (failed,) = list(spool.failed.iterdir())
     os.link(failed / "input.jsonl", spool.inbox / "moved.jsonl")  # the inbox entry a cut brought back
     assert spool.claim_drop("moved.jsonl") is None
@@ -189,7 +192,8 @@ def test_job_directories_get_the_results_group_and_failed_ones_the_daemons(tmp_p
     os.chown(spool.failed, -1, group.gr_gid)
     os.chmod(spool.failed, 0o2750)  # as packaged: setgid, so new entries would get the results group
     os.symlink("/etc/hostname", spool.inbox / "l.jsonl")
-    spool.claim_drop("l.jsonl")
+    with pytest.raises(DropRefused):
+        spool.claim_drop("l.jsonl")
     (refused,) = spool.failed.iterdir()
     assert os.stat(refused).st_gid == os.getegid()
     (spool.inbox / "b.jsonl").write_text("{}\n")
