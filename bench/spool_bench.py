@@ -75,7 +75,7 @@ def fsync_rate(tmp: Path, n: int) -> dict:
     it at the interpreter's switch interval: groups come out few and large
     here. The write path below shows the grouping of a real job.
     """
-    from spoold.engine import EngineResult
+    from spoold.records import EngineResult
     from spoold.formats import Tally
     from spoold.writer import GroupCommitWriter
 

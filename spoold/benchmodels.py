@@ -27,9 +27,10 @@ from typing import Any
 from tqdm import tqdm
 
 from .cpus import CpuPlacement
-from .engine import Engine, EngineRequest, EngineResult
+from .engine import Engine
+from .records import EngineRequest, EngineResult
 from .gpu import GpuReader, process_tree_mib
-from .validation import LineValidator, ModelResolver, iter_lines
+from .validation import LineValidator, ModelResolver, Repeat, check_file
 
 log = logging.getLogger(__name__)
 
@@ -58,22 +59,29 @@ class ModelReport:
     answers: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
-def sample_requests(path: Path, resolver: ModelResolver, sample: int, seed: int = 0) -> list[dict]:
-    """Valid lines of `path` (a reservoir sample of `sample` of them when given), as raw objects."""
-    validator = LineValidator(resolver)
+def sample_requests(path: Path, resolver: ModelResolver, sample: int, seed: int = 0,
+                    max_line_bytes: int = 4 << 20) -> list[dict]:
+    """The lines of `path` the daemon would run (a reservoir sample of `sample` of them when given).
+
+    Judged by the daemon's own checks (validation.check_file): bad lines and
+    repeated custom_ids are left out, as the daemon would give them errors.
+    """
     rng = random.Random(seed)
-    chosen: list[dict] = []
+    requests: list[EngineRequest] = []
+    repeats: set[int] = set()
     seen = 0
     with open(path, "rb") as f:
-        for number, raw in iter_lines(f, 4 << 20):
-            if raw is None or not isinstance(validator.check(number, raw), EngineRequest):
-                continue
-            seen += 1
-            if not sample or len(chosen) < sample:
-                chosen.append(json.loads(raw))
-            elif (j := rng.randrange(seen)) < sample:
-                chosen[j] = json.loads(raw)
-    return chosen
+        for item in check_file(f, lambda finder: LineValidator(resolver, duplicates=finder), max_line_bytes):
+            if isinstance(item, Repeat):
+                repeats.add(item.request.line)
+            elif isinstance(item, EngineRequest):
+                seen += 1
+                if not sample or len(requests) < sample:
+                    requests.append(item)
+                elif (j := rng.randrange(seen)) < sample:
+                    requests[j] = item
+    return [{"custom_id": r.custom_id, "method": "POST", "url": r.url, "body": r.body}
+            for r in requests if r.line not in repeats]
 
 
 def expected_kind(body: dict) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, engine_settings_for
+from .lifecycle import NOT_SERVING
 from .spool import subdirs
 
 
@@ -55,6 +56,6 @@ def _loaded_on(processing: Path, fresh_seconds: float) -> dict[str, list[str]]:
         except (OSError, ValueError):
             continue
         fresh = time.time() - beat.get("ts", 0) < fresh_seconds
-        if fresh and beat.get("model") and beat.get("state") not in ("stopping", "starting", "loading"):
+        if fresh and beat.get("model") and beat.get("state") not in NOT_SERVING:
             loaded.setdefault(beat["model"], []).append(host.name)
     return loaded

@@ -1,6 +1,9 @@
-"""The daemon: wires spool, watcher, engine, job runner, heartbeat and notify together.
+"""The daemon: wires spool, watcher, engine, job runner and reporter together.
 
-One main loop owns all decisions. Signal handlers only record the signal;
+One main loop owns all decisions: what runs next, when to stop, pause,
+swap or replace the engine. The runner runs one job (and notices a cancel
+itself); the reporter tells the world (heartbeats, STATUS=, events,
+metrics) and measures stalls, which come back here as a verdict. Signal handlers only record the signal;
 the loop acts on it (gunicorn's arbiter): the first SIGTERM stops claiming,
 lets finished results reach disk and exits 0, leaving the job to resume on
 the next start; a second one cancels at once (rq's cold shutdown).
@@ -10,24 +13,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
-from pathlib import Path
 
 from .config import Config, ConfigError, engine_settings_for, reload_settings
 from .engine import Engine
 from .enginehost import MAX_RESTARTS, RESTART_WINDOW_SECONDS, EngineHost
 from .events import EventPublisher
 from .gpu import GpuReader
-from .heartbeat import heartbeat_document, status_line, write_heartbeat
-from .jobrunner import EngineFailed, IncompleteJob, JobProgress, JobRunner, job_fields, next_model
+from .heartbeat import status_line
+from .jobrecord import JobRecord
+from .jobrunner import EngineFailed, IncompleteJob, JobRunner, job_fields
+from .lifecycle import DaemonState, JobStatus, Outcome
 from .metrics import Metrics
 from .names import display_name
-from .notify import STOPPING_STATUS, Notifier
-from .spool import DropRefused, JobDir, PeerClocks, Spool, created_at
+from .notify import Notifier
+from .reporter import Reporter, Shown, Stall
+from .spool import DropRefused, JobDir, PeerClocks, Spool
 from .scheduler import Candidate, in_order
 from .validation import ModelResolver, first_model
 from .watcher import InboxWatcher
@@ -43,9 +48,6 @@ WRITE_RETRY_SECONDS = 5.0
 #: enough to find the loaded model's work, few enough that a pass over an
 #: inbox of 10,000 drops costs no more than over one of 64.
 SCHEDULE_WINDOW = 64
-
-#: How often the status line goes to the log as well as to systemd.
-LOG_PROGRESS_SECONDS = 30.0
 
 #: A background loop (heartbeat, progress, watchdog) that fails more than
 #: this often in LOOP_FAILURE_WINDOW_SECONDS stops the daemon for systemd.
@@ -81,8 +83,9 @@ class Daemon:
         self.watcher = InboxWatcher(self.spool, config.spool.settle_seconds, config.spool.poll_seconds)
         self.notifier = notifier or Notifier()
         self.gpus = gpus or GpuReader()
-        self.engines = EngineHost(engine, make_engine, self._publish, self.gpus)
-        self.state = "starting"
+        self.report = Reporter(config, self.spool, self.notifier, self.gpus, metrics, events)
+        self.engines = EngineHost(engine, make_engine, self.report.publish, self.gpus)
+        self.state = DaemonState.STARTING
         self.exit_code = 0
         self._stop: asyncio.Event | None = None
         self._signals = 0
@@ -90,15 +93,9 @@ class Daemon:
         self._current: JobRunner | None = None
         self._stuck: set[str] = set()
         self._queued = 0
-        self._last_log = 0.0
-        self._gpus: list[dict] = []
-        self._counted = (0, 0)
-        self._last_announced = -1
-        self._stalled = False
         self._hup: asyncio.Event | None = None
         #: why work is paused (a full or failing disk), shown in status and heartbeats
         self._paused: str | None = None
-        self._heartbeat_failures: list[str] = []
         #: set to end the current job early: a stop, or a hung engine
         self._job_stop: asyncio.Event | None = None
         self._engine_hung = False
@@ -136,7 +133,7 @@ class Daemon:
         self.spool.ensure_dirs()
         self._recover()
         if self.events is not None:
-            self.events.start(self._snapshot)
+            self.events.start(lambda: self.report.snapshot(self._shown()))
         loops = [asyncio.create_task(self._supervised(loop), name=loop.__name__)
                  for loop in (self._heartbeat_loop, self._progress_loop, self._watchdog_loop)]
         # Watch the inbox before saying "ready": a rename made the moment
@@ -148,7 +145,7 @@ class Daemon:
             if not self._stop.is_set():
                 await self._serve()
         finally:
-            self.state = "stopping"
+            self.state = DaemonState.STOPPING
             self.notifier.stopping()
             self.watcher.stop()
             for task in loops:
@@ -225,14 +222,14 @@ class Daemon:
 
     async def _start_engine(self) -> None:
         """Load the current engine, with the daemon's state, status line and READY=1 around it."""
-        self.state = "loading"
+        self.state = DaemonState.LOADING
         self._write_heartbeat()  # on disk (and in STATUS=) at once: a load can hold the loop for a while
         extender = asyncio.create_task(self._extend_start_timeout())
         try:
             await self.engines.load()
         finally:
             extender.cancel()
-        self.state = "idle"
+        self.state = DaemonState.IDLE
         self._write_heartbeat()  # a state change is on disk at once, not a period later
         self.notifier.ready(status_line(None, len(self.spool.inbox_entries()), self.gpus.read()))
         self._ready_sent = True
@@ -241,14 +238,14 @@ class Daemon:
         """Run this host's jobs and claim drops as they complete, oldest first, few model swaps."""
         while not self._stop.is_set():
             try:
-                job = await self._take_over_orphan() or await self._next_job()
+                chosen = await self._take_over_orphan() or await self._next_job()
             except OSError as e:  # EIO or ESTALE from the spool: pause and look again, never exit
                 await self._pause(f"cannot read the spool: {_describe(e)}")
                 continue
-            if job is None:
+            if chosen is None:
                 await self.watcher.wait()
                 continue
-            await self._run_job(job)
+            await self._run_job(chosen)
 
     async def _extend_start_timeout(self) -> None:
         if not self.notifier.active:
@@ -268,7 +265,7 @@ class Daemon:
         if interval is None:
             return
         while True:
-            if self._ready_sent and not self._stalled:
+            if self._ready_sent and not self.report.stalled:
                 self.notifier.watchdog()
             await asyncio.sleep(interval)
 
@@ -290,7 +287,7 @@ class Daemon:
                 log.warning("reload: %s changed; restart spoold to apply", ", ".join(needs_restart))
         self.notifier.send("READY=1")
 
-    async def _next_job(self) -> JobDir | None:
+    async def _next_job(self) -> "Claimed | None":
         """This host's jobs and the inbox's complete drops, in the scheduler's order; claims a drop."""
         own = [self._candidate(job) for job in self.spool.host_jobs() if job.id not in self._stuck]
         await self.watcher.refresh()
@@ -300,27 +297,32 @@ class Daemon:
         waiting = own + [Candidate(name, first_model(self.spool.inbox / name, self.resolver) if several else None,
                                    self.watcher.seen_at(name)) for name in drops[:SCHEDULE_WINDOW]]
         for choice in in_order(waiting, self.engine.model, self.config.models.max_wait_seconds, time.time()):
-            if isinstance(choice.item, JobDir):
+            if isinstance(choice.item, Claimed):
                 return choice.item
             job = await self._claim(choice.item)
             if job is not None or self._paused:
-                return job
+                return Claimed(job, None) if job is not None else None
         return None
 
     def _candidate(self, job: JobDir) -> Candidate:
-        """A claimed job for the scheduler: the model it needs next (from batch.json, or a
-        peek at a job not validated yet) and when it was claimed."""
-        batch = job.read_batch()
-        validating = batch.get("status", "validating") == "validating"
-        model = first_model(job.input, self.resolver) if validating else self._known(next_model(batch))
-        return Candidate(job, model, created_at(batch))
+        """A claimed job for the scheduler: the model it needs next (from its record, or a
+        peek at a job not validated yet) and when it was claimed. Its record is read here
+        once for the pass, and the runner reuses it."""
+        record, problem = read = job.read_record()
+        if problem:
+            model = None  # the runner fails it, on whatever model is loaded
+        elif record is None or record.status == JobStatus.VALIDATING:
+            model = first_model(job.input, self.resolver)
+        else:
+            model = self._known(record.next_model())
+        return Candidate(Claimed(job, read), model, record.created_at if record is not None else 0)
 
     def _known(self, model: object) -> str | None:
         """A model named in a batch.json, if it is a configured one; None (any will do) otherwise:
         the runner then fails a job whose record names another."""
         return model if isinstance(model, str) and model in self.resolver.known else None
 
-    async def _take_over_orphan(self) -> JobDir | None:
+    async def _take_over_orphan(self) -> "Claimed | None":
         """Adopt a job whose host stopped heartbeating for `[spool] claim_timeout`.
 
         Looked for every quarter of the timeout (at most every 30 s), before
@@ -339,7 +341,7 @@ class Daemon:
                 if job is not None:
                     log.warning("took over job %s from %s: nothing of it changed for %.0fs", job.id,
                                 orphan.path.parent.name, age, **job_fields(job.id))
-                    return job
+                    return Claimed(job, None)
         except OSError as e:
             log.error("cannot take over orphaned jobs: %s", _describe(e))
         return None
@@ -351,11 +353,10 @@ class Daemon:
             job = self.spool.claim_drop(name)
         except DropRefused as refused:
             self.watcher.forget(name)
-            batch = refused.job.read_batch()
-            self._publish("spoold.job.failed", {"job": refused.job.id, "input_file": shown,
-                                                "errors": batch.get("errors", [])})
-            if self.metrics is not None:
-                self.metrics.jobs_finished.labels("failed").inc()
+            record, _ = refused.job.read_record()
+            self.report.publish("spoold.job.failed", {"job": refused.job.id, "input_file": shown,
+                                                      "errors": record.errors if record else []})
+            self.report.job_finished(Outcome.FAILED)
             return None
         except OSError as e:
             await self._pause(f"cannot claim {shown}: {_describe(e)}")
@@ -363,13 +364,15 @@ class Daemon:
         self.watcher.forget(name)
         if job is not None:
             log.info("claimed '%s' as job %s", shown, job.id, **job_fields(job.id))
-            self._publish("spoold.job.claimed", {"job": job.id, "input_file": shown})
+            self.report.publish("spoold.job.claimed", {"job": job.id, "input_file": shown})
         return job
 
-    async def _run_job(self, job: JobDir) -> None:
+    async def _run_job(self, claimed: "Claimed") -> None:
+        job = claimed.job
+        read = claimed.record or job.read_record()
         # A job not validated yet runs on the loaded model first: validation
         # needs none, and the lines it has for this model run before a swap.
-        wanted = self._known(next_model(job.read_batch()))
+        wanted = self._known(read[0].next_model()) if read[0] is not None else None
         if wanted is not None and wanted != self.engine.model and not job.cancel_request.exists():
             await self._swap_engine(wanted)
             if self._stop.is_set():
@@ -377,25 +380,22 @@ class Daemon:
         self._job_stop = asyncio.Event()
         inflight = engine_settings_for(self.config, self.engine.model).inflight_limit  # [models.X] may set it
         runner = JobRunner(self.spool, job, self.engine, self.resolver, self.config.limits,
-                           inflight, self._job_stop, on_validated=self._validated)
+                           inflight, self._job_stop, on_validated=self.report.validated, record=read)
         self._current = runner
         self._paused = None  # trying again; a new failure pauses again
-        self._counted, self._last_announced, self._stalled = (0, 0), -1, False
-        self.state = "working"
+        self.report.job_started()
+        self.state = DaemonState.WORKING
         self._write_heartbeat()
-        outcome = "interrupted"
+        outcome = Outcome.INTERRUPTED
         try:
-            outcome = "interrupted" if job.cancel_request.exists() else await runner.run()
-            if outcome == "interrupted" and job.cancel_request.exists():
-                runner.finish_cancelled()
-                outcome = "cancelled"
-            elif outcome == "interrupted" and self._engine_hung:
+            outcome = await runner.run()
+            if outcome is Outcome.INTERRUPTED and self._engine_hung:
                 await self._restart_engine(f"job {job.id}: the engine made no progress for "
                                            f"{self.config.watchdog.restart_seconds:.0f}s")
-            elif outcome == "waiting":
+            elif outcome is Outcome.WAITING:
                 log.info("job %s: the lines for %s are done; next model: %s", job.id, self.engine.model,
-                         next_model(runner.batch), **job_fields(job.id))
-            elif outcome == "interrupted":
+                         runner.record.next_model(), **job_fields(job.id))
+            elif outcome is Outcome.INTERRUPTED:
                 log.info("job %s interrupted at %d/%d; it resumes on the next start",
                          job.id, runner.progress.done, runner.progress.total, **job_fields(job.id))
         except JobLost as e:
@@ -413,13 +413,11 @@ class Daemon:
                       **job_fields(job.id))
             self._stuck.add(job.id)
         finally:
-            self._stalled = False
-            self._announce_progress(force=True)
-            self._announce_end(runner, outcome)
+            self.report.job_ended(runner, outcome)
             self._current = None
             self._job_stop = None
-            if self.state == "working":
-                self.state = "idle"
+            if self.state == DaemonState.WORKING:
+                self.state = DaemonState.IDLE
             self._write_heartbeat()
 
     async def _pause(self, reason: str, job_id: str | None = None) -> None:
@@ -476,8 +474,8 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.swaps.inc()
         await self.engines.load_other(model, self._start_engine)
-        if self.state == "loading":  # the load failed part way
-            self.state = "idle"
+        if self.state == DaemonState.LOADING:  # the load failed part way
+            self.state = DaemonState.IDLE
 
     async def _sleep_unless_stopped(self, seconds: float) -> None:
         try:
@@ -485,113 +483,15 @@ class Daemon:
         except asyncio.TimeoutError:
             pass
 
-    # -- progress: events, metrics, stall detection ------------------------
+    # -- what the reporter is told, and its one verdict ---------------------
 
-    def _publish(self, topic: str, payload: dict) -> None:
-        if self.events is not None:
-            self.events.publish(topic, payload)
+    def _shown(self) -> Shown:
+        """What the daemon is doing, for the reporter."""
+        return Shown(self.state, self.engine.model, self._paused, self._current, self._queued,
+                     WRITE_RETRY_SECONDS)
 
-    def _validated(self, progress: JobProgress) -> None:
-        self._publish("spoold.job.validated", {"job": progress.job_id, "input_file": progress.input_file,
-                                               "total": progress.total, "bad": progress.failed})
-
-    def _announce_end(self, runner: JobRunner, outcome: str) -> None:
-        if outcome == "completed":
-            batch = runner.batch
-            self._publish("spoold.job.completed", {
-                "job": runner.job.id, "input_file": runner.progress.input_file,
-                "request_counts": batch["request_counts"], "usage": batch["usage"],
-                "timings": batch.get("timings", {})})
-        elif outcome == "cancelled":
-            self._publish("spoold.job.cancelled", {
-                "job": runner.job.id, "input_file": runner.progress.input_file,
-                "request_counts": runner.batch["request_counts"]})
-        elif outcome == "failed":
-            self._publish("spoold.job.failed", {"job": runner.job.id, "input_file": runner.progress.input_file,
-                                                "errors": runner.batch.get("errors", [])})
-        if self.metrics is not None and outcome in ("completed", "failed", "cancelled"):
-            self.metrics.jobs_finished.labels(outcome).inc()
-
-    async def _progress_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.events.progress_seconds)
-            self._announce_progress()
-
-    def _announce_progress(self, force: bool = False) -> None:
-        """Progress event (only when counts moved), metrics, and the stall check."""
-        if self._current is None:
-            return
-        progress = self._current.refresh()
-        if self._job_stop is not None and self._current.job.cancel_request.exists():
-            self._job_stop.set()  # `spoold cancel`: _run_job publishes what is done
-        if progress.state == "validating" and not force:
-            return  # no total yet: `spoold.job.validated` comes first
-        self._check_stall(progress)
-        self._update_metrics(progress)
-        if force or progress.done != self._last_announced:
-            self._last_announced = progress.done
-            self._publish("spoold.job.progress", {**progress.summary(), "gpus": self._gpus})
-
-    def _check_stall(self, progress: JobProgress) -> None:
-        idle_for = time.time() - progress.last_progress_at
-        stalled = progress.inflight > 0 and idle_for >= self.config.watchdog.stall_seconds
-        if stalled and not self._stalled:
-            log.error("job %s: %d requests in flight and no result for %.0fs: the engine looks stuck",
-                      progress.job_id, progress.inflight, idle_for)
-            self._publish("spoold.engine.stalled", {"job": progress.job_id, "inflight": progress.inflight,
-                                                    "seconds_without_progress": round(idle_for, 1)})
-        if stalled and idle_for >= self.config.watchdog.restart_seconds and not self._engine_hung:
-            self._engine_hung = True  # the job stops; _run_job then replaces the engine
-            if self._job_stop is not None:
-                self._job_stop.set()
-        self._stalled = stalled
-        if self.metrics is not None:
-            self.metrics.stalled.set(1 if stalled else 0)
-
-    def _update_metrics(self, progress: JobProgress) -> None:
-        m = self.metrics
-        if m is None:
-            return
-        new = (progress.completed - progress.completed_at_start, progress.failed - progress.failed_at_start)
-        m.requests.labels("completed").inc(max(0, new[0] - self._counted[0]))
-        m.requests.labels("failed").inc(max(0, new[1] - self._counted[1]))
-        self._counted = new
-        m.inflight.set(progress.inflight)
-        m.rate.set(progress.rate())
-        m.tokens_rate.set(progress.tokens_rate())
-        m.job_total.set(progress.total)
-        m.job_done.set(progress.done)
-        m.last_progress.set(progress.last_progress_at)
-
-    def _snapshot(self) -> list[tuple[str, dict]]:
-        """The current state, sent to a subscriber that has just connected."""
-        events = [("spoold.daemon.heartbeat", self._heartbeat_payload())]
-        if self._current is not None:
-            events.append(("spoold.job.progress", {**self._current.refresh().summary(), "gpus": self._gpus}))
-        return events
-
-    def _heartbeat_payload(self) -> dict:
-        job = self._current.progress.summary() if self._current else None
-        return {"state": self._shown_state, "model": self.engine.model,
-                "queued": self._queued, "job": job, "gpus": self._gpus}
-
-    @property
-    def _shown_state(self) -> str:
-        """The state heartbeats and events report: `stalled` overrides the rest."""
-        if self._paused:
-            return "paused"
-        return "stalled" if self._stalled else self.state
-
-    def _status_line(self, progress: JobProgress | None, gpus: list[dict]) -> str:
-        """The line for `systemctl status`: loading, a job's progress, or idle."""
-        if self.state in ("starting", "loading"):
-            return f"loading model {self.engine.model}"
-        if self.state == "stopping":
-            return STOPPING_STATUS
-        if self._paused:
-            return f"PAUSED: {self._paused}; retrying every {WRITE_RETRY_SECONDS:.0f}s"
-        line = status_line(progress, self._queued, gpus)
-        return f"STALLED: {line}" if self._stalled else line
+    def _write_heartbeat(self) -> None:
+        self.report.heartbeat(self._shown())
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -603,35 +503,29 @@ class Daemon:
             self._hup.clear()
             self._reload()
 
-    def _write_heartbeat(self) -> None:
-        """Heartbeat files, the systemd status line, and a periodic log line."""
-        progress = self._current.refresh() if self._current else None
-        gpus = self._gpus = self.gpus.read()
-        doc = heartbeat_document(self.config.spool.host_id, self._shown_state, progress, gpus)
-        doc["model"] = self.engine.model
-        paths = [self.spool.host_dir / "heartbeat.json"]
-        state_dir = self.config.spool.state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-        if state_dir:
-            paths.append(Path(state_dir) / "heartbeat.json")
-        if progress is not None and progress.state != "completed":
-            paths.append(self._current.job.heartbeat)
-        failures = write_heartbeat(paths, doc, self.spool.file_mode, self.spool.gid)
-        if failures != self._heartbeat_failures:  # once per change, not every beat
-            self._heartbeat_failures = failures
-            for failure in failures:
-                log.warning("cannot write heartbeat %s", failure)
-        line = self._status_line(progress, gpus)
-        self.notifier.status(line)
-        self._publish("spoold.daemon.heartbeat", self._heartbeat_payload())
-        if self.metrics is not None:
-            self.metrics.jobs.labels("queued").set(self._queued)
-            self.metrics.jobs.labels("processing").set(self.spool.count_host_jobs())
-            self.metrics.set_gpus(gpus)
-            self.metrics.write_textfile(self.config.metrics.textfile)
-        now = time.monotonic()
-        if progress is not None and now - self._last_log >= LOG_PROGRESS_SECONDS:
-            self._last_log = now
-            log.info("%s", line)
+    async def _progress_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.events.progress_seconds)
+            if self._current is not None:
+                self._act_on(self.report.progress(self._current))
+
+    def _act_on(self, stall: Stall) -> None:
+        """An engine hung past `[watchdog] restart_seconds` stops the job; `_run_job` then replaces it.
+
+        (A stall short of that only stops the watchdog pings: `_watchdog_loop`.)
+        """
+        if stall.hung and not self._engine_hung:
+            self._engine_hung = True
+            if self._job_stop is not None:
+                self._job_stop.set()
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A job of this host chosen to run, with its record as read for this pass (None: read it then)."""
+
+    job: JobDir
+    record: tuple[JobRecord | None, str | None] | None
 
 
 def _describe(error: BaseException) -> str:

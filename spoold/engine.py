@@ -9,35 +9,10 @@ from __future__ import annotations
 
 import importlib
 import json
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from .config import EngineSettings
-
-
-@dataclass(frozen=True, slots=True)
-class EngineRequest:
-    """One validated input line, ready for the engine."""
-
-    line: int
-    custom_id: str
-    url: str
-    body: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class EngineResult:
-    """What the engine answered for one request.
-
-    `body_json` is the response body already serialised by the serving
-    layer, so it is written as-is without a second round of JSON encoding.
-    A 4xx/5xx answer is a result too (status_code says so), not an exception.
-    """
-
-    status_code: int
-    body_json: str
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+from .records import EngineRequest, EngineResult
 
 
 class Engine(Protocol):

@@ -12,8 +12,7 @@ import json
 import random
 from dataclasses import dataclass
 
-from .engine import EngineResult
-from .validation import LineError
+from .records import EngineResult, LineError
 
 #: Ids only need to be unique, not secret: a generator seeded once from the
 #: OS is ~20x cheaper per line than a getrandom() call (secrets).

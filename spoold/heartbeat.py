@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .durable import replace_json
+from .lifecycle import ACTIVE, JobStatus
 
 
 def heartbeat_document(host: str, state: str, progress: Any | None, gpus: list[dict]) -> dict[str, Any]:
@@ -48,10 +49,10 @@ def status_line(progress: Any | None, queued: int, gpus: list[dict]) -> str:
     gpu = ""
     if gpus:
         gpu = " GPU " + "/".join(f"{g['utilization_pct']}%" for g in gpus)
-    if progress is None or progress.state not in ("validating", "in_progress", "finalizing"):
+    if progress is None or progress.state not in ACTIVE:
         return f"idle, {queued} queued{gpu}"
     name = progress.input_file.removesuffix(".jsonl") or progress.job_id
-    if progress.state == "validating":
+    if progress.state == JobStatus.VALIDATING:
         return f"{name}: validating{gpu}"
     total = progress.total or 1
     eta = progress.eta_seconds()

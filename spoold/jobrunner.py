@@ -11,12 +11,12 @@ ends with exactly one result, however many times this is interrupted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
 import os
 import re
-import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,11 +24,14 @@ from typing import IO, Any
 
 from .config import LimitsSettings
 from .duplicates import DuplicateFinder
-from .engine import Engine, EngineRequest
+from .engine import Engine
+from .lifecycle import JobStatus, Outcome
 from .names import display_name
-from .spool import JobDir, Spool, mark_failed, new_batch
-from .validation import (TICK, LineError, LineValidator, ModelResolver, binary_kind, iter_lines,
-                         repeated_requests, validate_stream)
+from .records import EngineRequest, LineError
+from .jobrecord import JobRecord
+from .spool import JobDir, Spool
+from .validation import (TICK, LineValidator, ModelResolver, Repeat, binary_kind, check_file, iter_lines,
+                         open_regular)
 from .writer import GroupCommitWriter, Recovered, recover_results
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,9 @@ DRAIN_POLL_SECONDS = 0.2
 #: twice the requests in flight). A GPU finishes a few hundred lines between
 #: two fsyncs; only a stalled disk reaches this.
 MAX_PENDING_RESULTS = 4096
+
+#: How often a running job looks for its cancel marker (`spoold cancel`).
+CANCEL_POLL_SECONDS = 0.2
 
 
 class EngineFailed(Exception):
@@ -86,7 +92,7 @@ class JobProgress:
 
     job_id: str
     input_file: str
-    state: str = "validating"
+    state: JobStatus = JobStatus.VALIDATING
     total: int = 0
     started: float = field(default_factory=time.monotonic)
     done_at_start: int = 0
@@ -154,44 +160,63 @@ def finished_id(raw: bytes) -> str | None:
         return None
 
 
-def next_model(batch: dict[str, Any]) -> str | None:
-    """The model a validated job needs next; None when any will do (or it is not validated yet)."""
-    done, models = batch.get("models_done"), batch.get("models")
-    done = done if isinstance(done, list) else []
-    return next((m for m in models if m not in done), None) if isinstance(models, dict) else None
-
-
 class JobRunner:
     """Runs one job to completion, or until asked to stop."""
 
     def __init__(self, spool: Spool, job: JobDir, engine: Engine, resolver: ModelResolver,
                  limits: LimitsSettings, inflight: int, stop: asyncio.Event,
-                 on_validated: Callable[[JobProgress], None] | None = None) -> None:
+                 on_validated: Callable[[JobProgress], None] | None = None,
+                 record: tuple[JobRecord | None, str | None] | None = None) -> None:
+        """`record`: the job's record as the daemon just read it (read here when not given)."""
         self.spool, self.job, self.engine = spool, job, engine
         self.resolver, self.limits, self.inflight_limit = resolver, limits, inflight
         self.stop = stop
         self.on_validated = on_validated
-        self.batch: dict[str, Any] = job.read_batch() or new_batch(job.id, job.input.name, spool.settings.host_id)
-        self.batch["host"] = spool.settings.host_id  # the host finishing it, after a takeover too
+        loaded, self._bad_record = record if record is not None else job.read_record()
+        self.record = loaded or JobRecord(job.id, _name_in(job.read_batch()), spool.settings.host_id)
+        self.record.id = job.id  # the directory's name is the job's id, whatever a record says
+        self.record.host = spool.settings.host_id  # the host finishing it, after a takeover too
         # Another host may have written this record: its name is shown only in display form.
-        name = self.batch.get("input_file")
-        self.progress = JobProgress(job.id, display_name(name if isinstance(name, str) else ""),
-                                    self.batch.get("status", "validating"))
+        self.progress = JobProgress(job.id, display_name(self.record.input_file), self.record.status)
         self._input: os.stat_result | None = None
         self._inflight_lines: set[int] = set()
         self._crashed_lines: set[int] = set()
         self._writer: GroupCommitWriter | None = None
         self._dispatch_started = 0.0
 
-    async def run(self) -> str:
-        """Process the job; return completed, failed, interrupted, or waiting (for its next model)."""
-        if self.batch.get("status") == "completed":
+    async def run(self) -> Outcome:
+        """Process the job until it is done, fails, is cancelled, waits for its next model or is stopped.
+
+        A cancel (`spoold cancel` leaves a marker in the job) is noticed here,
+        while the job runs or before it starts: the job stops and what is
+        done is published as a cancelled job.
+        """
+        if self.job.cancel_request.exists():
+            return self._finish_cancelled()
+        watch = asyncio.create_task(self._watch_for_cancel(), name=f"cancel:{self.job.id}")
+        try:
+            outcome = await self._run()
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+        if outcome is Outcome.INTERRUPTED and self.job.cancel_request.exists():
+            return self._finish_cancelled()
+        return outcome
+
+    async def _watch_for_cancel(self) -> None:
+        while not self.job.cancel_request.exists():
+            await asyncio.sleep(CANCEL_POLL_SECONDS)
+        self.stop.set()  # this run's stop: what is in flight settles, then run() cancels the job
+
+    async def _run(self) -> Outcome:
+        status = self.record.status
+        if status == JobStatus.COMPLETED:
             self.spool.move_to_outbox(self.job)
-            return "completed"
-        if self.batch.get("status") == "failed":  # a failure cut short before its move: finish it, unread
+            return Outcome.COMPLETED
+        if status == JobStatus.FAILED:  # a failure cut short before its move: finish it, unread
             self.spool.move_to_failed(self.job)
-            self.progress.state = "failed"
-            return "failed"
+            self.progress.state = JobStatus.FAILED
+            return Outcome.FAILED
         problem = self._record_problem()
         if problem:
             return self._fail(problem, "bad_record")
@@ -223,31 +248,30 @@ class JobRunner:
     def _record_problem(self) -> str | None:
         """What is wrong with a batch.json another host (or an older spoold) wrote, if anything.
 
-        Its `models` decide what gets loaded: only configured models may be,
-        so a record naming any other fails the job instead.
+        A field of the wrong type (JobRecord.load says which) fails the job.
+        So do its `models`, which decide what gets loaded, when they name one
+        that is not configured here.
         """
-        models = self.batch.get("models", {})
-        if not isinstance(models, dict) or not all(isinstance(n, int) for n in models.values()):
-            return "batch.json has a `models` that is not a table of line counts"
-        unknown = sorted(m for m in models if m not in self.resolver.known)
+        if self._bad_record:
+            return self._bad_record
+        unknown = sorted(m for m in self.record.models if m not in self.resolver.known)
         if unknown:
             return (f"batch.json names model(s) {', '.join(map(repr, unknown))} that are not configured "
                     "here ([models]); they are never loaded")
-        if not isinstance(self.batch.get("request_counts"), dict) or not isinstance(self.batch.get("errors"), list):
-            return "batch.json lacks `request_counts` or `errors` of the right type"
         return None
 
     def _open_input(self) -> IO[bytes]:
         """Open input.jsonl without following links; only a regular file with one name is read."""
         try:
-            fd = os.open(self.job.input, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            f = open_regular(self.job.input)
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise InputRejected("not_regular", "input.jsonl is a symlink; it is never followed") from None
+            if e.errno == errno.EINVAL:
+                raise InputRejected("not_regular", "input.jsonl is not a regular file") from None
             raise
-        f = os.fdopen(fd, "rb", buffering=1 << 20)
         try:
-            self._input = st = os.fstat(fd)
+            self._input = st = os.fstat(f.fileno())
             self._check_input(st)
             kind = binary_kind(f.peek(16)[:16])
             if kind is not None:
@@ -259,15 +283,13 @@ class JobRunner:
 
     def _check_input(self, st: os.stat_result) -> None:
         """Refuse what may not be read, and an input that changed since it was validated."""
-        if not stat.S_ISREG(st.st_mode):
-            raise InputRejected("not_regular", "input.jsonl is not a regular file")
         if st.st_nlink != 1:
             raise InputRejected("not_regular", f"input.jsonl has {st.st_nlink} hard links: another name "
                                                "for it is outside the spool; submit a file of its own")
         if self.limits.max_file_bytes and st.st_size > self.limits.max_file_bytes:
             raise InputRejected("too_big", f"file is {st.st_size} bytes, over [limits] max_file_bytes "
                                            f"({self.limits.max_file_bytes})")
-        validated = self.batch.get("input")
+        validated = self.record.input
         if isinstance(validated, dict) and (st.st_size, st.st_mtime_ns) != (validated.get("bytes"),
                                                                               validated.get("mtime_ns")):
             raise InputRejected("input_changed", _changed(validated.get("bytes"), st.st_size))
@@ -279,45 +301,44 @@ class JobRunner:
         if (st.st_size, st.st_mtime_ns) != (self._input.st_size, self._input.st_mtime_ns):
             raise InputRejected("input_changed", _changed(self._input.st_size, st.st_size))
 
-    async def _run_phases(self, f: IO[bytes], writer: GroupCommitWriter, recovered: Recovered) -> str:
+    async def _run_phases(self, f: IO[bytes], writer: GroupCommitWriter, recovered: Recovered) -> Outcome:
         try:
             return await self._run_passes(f, writer, recovered)
         except InputRejected as e:
             await writer.flush()  # what is done is kept: it goes to failed/ with the job
             return self._fail(str(e), e.code)
 
-    async def _run_passes(self, f: IO[bytes], writer: GroupCommitWriter, recovered: Recovered) -> str:
-        if self.batch["status"] == "validating":
+    async def _run_passes(self, f: IO[bytes], writer: GroupCommitWriter, recovered: Recovered) -> Outcome:
+        if self.record.status == JobStatus.VALIDATING:
             if not await self._validate(f, writer, recovered):
-                return "interrupted"
-            if self.batch["request_counts"]["total"] == 0:
+                return Outcome.INTERRUPTED
+            if self.record.request_counts.total == 0:
                 return self._fail("no request lines: the file is empty or only blank lines", "empty")
             f.seek(0)
-        self.progress.state = "in_progress"
-        self.progress.total = self.batch["request_counts"]["total"]
+        self.progress.state = JobStatus.IN_PROGRESS
+        self.progress.total = self.record.request_counts.total
         if not await self._dispatch(f, writer, recovered):
-            return "interrupted"
+            return Outcome.INTERRUPTED
         self._note_load_error()
         if self._models_left():
             # Lines for other models remain: the daemon loads the next one
             # and runs this job again; finished lines are skipped as on resume.
-            self.batch.setdefault("models_done", []).append(self.engine.model)
-            self.spool.write_batch(self.job, self.batch)
-            return "waiting"
+            self.record.model_done(self.engine.model)
+            self.spool.save(self.job, self.record)
+            return Outcome.WAITING
         self._check_unchanged(f)
         await self._finalize(writer)
-        return "completed"
+        return Outcome.COMPLETED
 
     def _models_left(self) -> list[str]:
-        done = set(self.batch.get("models_done", [])) | {self.engine.model}
-        return [m for m in self.batch.get("models", {}) if m not in done]
+        done = set(self.record.models_done) | {self.engine.model}
+        return [m for m in self.record.models if m not in done]
 
     def _note_load_error(self) -> None:
         """A model that failed to load answered its lines with 503s; batch.json says why."""
         reason = getattr(self.engine, "load_error", None)
-        if reason and not any(e.get("model") == self.engine.model for e in self.batch["errors"]):
-            self.batch["errors"].append({"code": "model_load_failed", "model": self.engine.model,
-                                         "message": f"model {self.engine.model} could not be loaded: {reason}"})
+        if reason:
+            self.record.note_model_load_failed(self.engine.model, reason)
 
     async def _validate(self, f: IO[bytes], writer: GroupCommitWriter, recovered: Recovered) -> bool:
         """Stream the file once: count lines, write an error for each bad one.
@@ -328,43 +349,29 @@ class JobRunner:
         total, first_valid, models = 0, None, {}
         end = self._input.st_size  # bytes appended after the claim are never read
         breather = _Breather()
-        with DuplicateFinder(self.job.path) as finder:
-            validator = self._validator(duplicates=finder)
-            for item in validate_stream(f, validator, self.limits.max_line_bytes, end, ticks=True):
+        checks = check_file(f, self._validator, self.limits.max_line_bytes, end, self.job.path, ticks=True)
+        with contextlib.closing(checks):
+            for item in checks:
                 if breather.due(item is None):
                     await asyncio.sleep(0)
                     if self.stop.is_set():
                         return False
-                if item is None:
-                    continue
-                total += 1
-                if isinstance(item, LineError):
+                if isinstance(item, Repeat):
+                    models[item.request.body["model"]] -= 1
+                    self._add_error(item.error, writer, recovered)
+                elif isinstance(item, LineError):
+                    total += 1
                     self._add_error(item, writer, recovered)
-                else:
+                elif item is not None:
+                    total += 1
                     first_valid = first_valid or item
                     models[item.body["model"]] = models.get(item.body["model"], 0) + 1
-            suspects = finder.suspects()
-        if len(suspects):
-            f.seek(0)
-            for pair in repeated_requests(f, suspects, self._validator(),
-                                          self.limits.max_line_bytes, ticks=True):
-                if breather.due(pair is None):
-                    await asyncio.sleep(0)
-                    if self.stop.is_set():
-                        return False
-                if pair is not None:
-                    models[pair[0].body["model"]] -= 1
-                    self._add_error(pair[1], writer, recovered)
         await writer.flush()
         self._check_unchanged(f)
-        self.batch["input"] = {"bytes": self._input.st_size, "mtime_ns": self._input.st_mtime_ns}
-        now = int(time.time())
-        self.batch.update(status="in_progress", in_progress_at=now,
-                          endpoint=first_valid.url if first_valid else None,
-                          model=first_valid.body["model"] if first_valid else self.resolver.served,
-                          models={model: count for model, count in models.items() if count})
-        self.batch["request_counts"]["total"] = total
-        self.spool.write_batch(self.job, self.batch)
+        self.record.validated(total, first_valid.url if first_valid else None,
+                              first_valid.body["model"] if first_valid else self.resolver.served,
+                              models, self._input)
+        self.spool.save(self.job, self.record)
         log.info("job %s validated: %d lines, %d bad", self.job.id, total, writer.tally.failed,
                  **job_fields(self.job.id))
         self.progress.total = total
@@ -404,7 +411,7 @@ class JobRunner:
             f.seek(0)
         lines = self._unfinished(f, writer, recovered, crashes, lambda n: n not in suspects)
         # No more workers than lines left: a one-line job must not start 2,048 of them.
-        left = self.batch["request_counts"]["total"] - writer.tally.done
+        left = self.record.request_counts.total - writer.tally.done
         return await self._run_lines(lines, max(1, min(self.inflight_limit, left)), writer)
 
     async def _run_lines(self, lines: Iterator[EngineRequest | None], inflight: int,
@@ -430,23 +437,16 @@ class JobRunner:
         return not self.stop.is_set()
 
     def _crash_counts(self) -> dict[int, int]:
-        """batch.json's `engine_crashes`: input line -> engine deaths it was in flight at.
-
-        Read defensively: another host may have written the record.
-        """
-        raw = self.batch.get("engine_crashes")
-        if not isinstance(raw, dict):
-            return {}
-        return {int(k): v for k, v in raw.items()
-                if isinstance(k, str) and k.isdigit() and isinstance(v, int) and v > 0}
+        """batch.json's `engine_crashes`: input line -> engine deaths it was in flight at."""
+        return self.record.crash_counts()
 
     def _record_crash(self) -> None:
         """Count an engine death against the lines it had in flight, durably, before the restart."""
         counts = self._crash_counts()
         for line in self._crashed_lines:
             counts[line] = counts.get(line, 0) + 1
-        self.batch["engine_crashes"] = {str(line): deaths for line, deaths in sorted(counts.items())}
-        self.spool.write_batch(self.job, self.batch)
+        self.record.note_crashes(counts)
+        self.spool.save(self.job, self.record)
         log.warning("job %s: the engine died with %d lines in flight (lines %s); they run again, %d at a "
                     "time, and a line in flight at %d deaths gets an engine_crashed error",
                     self.job.id, len(self._crashed_lines), _span(self._crashed_lines), SUSPECT_WINDOW,
@@ -538,43 +538,39 @@ class JobRunner:
 
     async def _finalize(self, writer: GroupCommitWriter) -> None:
         """Check every line has its result, write batch.json, publish to the outbox."""
-        tally, total = writer.tally, self.batch["request_counts"]["total"]
+        tally, total = writer.tally, self.record.request_counts.total
         if tally.done != total:
             raise IncompleteJob(f"job {self.job.id}: {total} lines but {tally.done} results; left in processing/")
-        self.progress.state = "finalizing"
+        self.progress.state = JobStatus.FINALIZING
         elapsed = max(time.monotonic() - self.progress.started, 1e-9)
-        now = int(time.time())
-        self.batch.update(status="completed", finalizing_at=now, completed_at=now,
-                          usage=tally.usage())
-        self.batch["request_counts"].update(completed=tally.completed, failed=tally.failed)
-        self.batch["timings"] = {
+        self.record.complete(tally.completed, tally.failed, tally.usage(), {
             "seconds": round(elapsed, 3),
             "requests_per_second": round((tally.done - self.progress.done_at_start) / elapsed, 3),
             "output_tokens_per_second": round(tally.output_tokens / elapsed, 3),
             "resumed": self.progress.done_at_start > 0,
             **self._engine_timings(writer),
-        }
-        self.spool.write_batch(self.job, self.batch)
+        })
+        self.spool.save(self.job, self.record)
         self.spool.move_to_outbox(self.job)
-        self.progress.state = "completed"
+        self.progress.state = JobStatus.COMPLETED
         log.info("job %s completed: %d ok, %d failed, %.1f req/s", self.job.id,
-                 tally.completed, tally.failed, self.batch["timings"]["requests_per_second"],
+                 tally.completed, tally.failed, self.record.timings["requests_per_second"],
                  **job_fields(self.job.id))
 
-    def finish_cancelled(self) -> None:
+    def _finish_cancelled(self) -> Outcome:
         """`spoold cancel`: publish what is done so far as a cancelled job.
 
         Lines that had no result yet get none; batch.json counts what has
         one, and the job goes to the outbox like a finished one.
         """
         tally = self._writer.tally if self._writer else recover_results(self.job.output, self.job.errors).tally
-        self.batch.update(status="cancelled", cancelled_at=int(time.time()), usage=tally.usage())
-        self.batch["request_counts"].update(completed=tally.completed, failed=tally.failed)
-        self.spool.write_batch(self.job, self.batch)
+        self.record.cancel(tally.completed, tally.failed, tally.usage())
+        self.spool.save(self.job, self.record)
         self.spool.move_to_outbox(self.job)
-        self.progress.state = "cancelled"
+        self.progress.state = JobStatus.CANCELLED
         log.info("job %s cancelled: %d of %d lines have a result", self.job.id, tally.done,
-                 self.batch["request_counts"]["total"], **job_fields(self.job.id))
+                 self.record.request_counts.total, **job_fields(self.job.id))
+        return Outcome.CANCELLED
 
     def _engine_timings(self, writer: GroupCommitWriter) -> dict[str, float]:
         """The engine phase of this run: first dispatch to last durable result."""
@@ -611,13 +607,19 @@ class JobRunner:
                 self.progress.last_progress_at = time.time()
         return self.progress
 
-    def _fail(self, reason: str, code: str) -> str:
+    def _fail(self, reason: str, code: str) -> Outcome:
         log.error("job %s failed: %s", self.job.id, reason, **job_fields(self.job.id))
-        mark_failed(self.batch, reason, code)
-        self.spool.write_batch(self.job, self.batch)
+        self.record.fail(reason, code)
+        self.spool.save(self.job, self.record)
         self.spool.move_to_failed(self.job)
-        self.progress.state = "failed"
-        return "failed"
+        self.progress.state = JobStatus.FAILED
+        return Outcome.FAILED
+
+
+def _name_in(doc: dict[str, Any]) -> str:
+    """The drop's name a record that could not be loaded still gives, for messages (else "")."""
+    name = doc.get("input_file")
+    return name if isinstance(name, str) else ""
 
 
 class _Breather:

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import SpoolSettings
-from .durable import (atomic_write_bytes, atomic_write_json, durable_mkdir, durable_rename, fsync_dir, hidden_temp,
+from .durable import (atomic_write_bytes, durable_mkdir, durable_rename, fsync_dir, hidden_temp,
                       write_all)
+from .jobrecord import JobRecord
 from .names import display_name
 
 log = logging.getLogger(__name__)
@@ -95,12 +96,16 @@ class JobDir:
         """Present when `spoold cancel` asked for this job to stop."""
         return self.path / "cancel.requested"
 
-    def read_batch(self) -> dict[str, Any]:
-        """The job's batch.json, or {} when it is missing, unreadable or not a JSON object.
+    def read_record(self) -> tuple[JobRecord | None, str | None]:
+        """The job's record; (None, None) when there is none to read, (None, why) when it is wrong.
 
-        {} makes the job start again from validation, which its result files
-        make safe: finished lines are found there and not run again.
+        See JobRecord.load: no record makes the job start again from
+        validation (its result files make that safe), a wrong one fails it.
         """
+        return JobRecord.load(self.batch)
+
+    def read_batch(self) -> dict[str, Any]:
+        """The job's batch.json as it is on disk, for showing it; {} when missing or not a JSON object."""
         try:
             batch = json.loads(self.batch.read_text())
         except (OSError, ValueError):
@@ -136,9 +141,9 @@ class Spool:
         for d in (self.inbox, self.host_dir, self.outbox, self.failed):
             durable_mkdir(d)
 
-    def write_batch(self, job: JobDir, batch: dict[str, Any]) -> None:
-        """Replace a job's batch.json atomically and durably."""
-        atomic_write_json(job.batch, batch, self.file_mode, self.gid)
+    def save(self, job: JobDir, record: JobRecord) -> None:
+        """Replace a job's batch.json atomically and durably, with the spool's mode and group."""
+        record.save(job.batch, self.file_mode, self.gid)
 
     # -- the inbox ---------------------------------------------------------
 
@@ -187,12 +192,10 @@ class Spool:
                                                    "its own (copy it, do not `ln` it)", "not_regular"))
         # Group `[spool] group`: its members may read the results in outbox/.
         job = self.new_job_dir(self.host_dir, name, self.gid)
-        batch = new_batch(job.id, display_name(name), self.settings.host_id)
         # How the drop looked when claimed: lets recover() tell a stale inbox
         # entry left by a power cut from a new drop of the same name; and
         # its name as it was, which `input_file` shows in display form.
-        batch["drop"] = drop_record(name, st)
-        self.write_batch(job, batch)
+        self.save(job, JobRecord(job.id, display_name(name), self.settings.host_id, drop=drop_record(name, st)))
         try:
             os.rename(src, job.input)
         except FileNotFoundError:
@@ -215,13 +218,13 @@ class Spool:
         file no submitter may read, and must not become readable here.
         """
         job = self.new_job_dir(self.host_dir, name, os.getegid())
-        batch = new_batch(job.id, display_name(name), self.settings.host_id)
+        record = JobRecord(job.id, display_name(name), self.settings.host_id)
         try:
-            batch["drop"] = drop_record(name, os.lstat(self.inbox / name))
+            record.drop = drop_record(name, os.lstat(self.inbox / name))
         except FileNotFoundError:
             pass
-        mark_failed(batch, reason, code)
-        self.write_batch(job, batch)
+        record.fail(reason, code)
+        self.save(job, record)
         try:
             durable_rename(self.inbox / name, job.input)
         except FileNotFoundError:
@@ -294,7 +297,7 @@ class Spool:
                 shutil.rmtree(job.path, ignore_errors=True)
                 continue
             jobs.append(job)
-        return sorted(jobs, key=lambda j: created_at(j.read_batch()))
+        return jobs
 
     def recover(self) -> list[JobDir]:
         """At start-up: undo what a power cut can leave half-moved; return this host's jobs.
@@ -322,7 +325,7 @@ class Spool:
             self._remove_stale_drop(job)
             self._remove_copies_under_other_hosts(job)
             jobs.append(job)
-        return jobs
+        return sorted(jobs, key=_claimed_at)
 
     def _remove_copies_under_other_hosts(self, job: JobDir) -> None:
         for host_dir in subdirs(self.processing):
@@ -340,9 +343,9 @@ class Spool:
         inode): a resubmission with `rsync -a` or `cp -p` has the same name,
         size and mtime, never the same inode, and stays.
         """
-        batch = job.read_batch()
-        seen = batch.get("drop")
-        name = seen.get("name", batch.get("input_file")) if isinstance(seen, dict) else None
+        record, _ = job.read_record()
+        seen = record.drop if record is not None else None
+        name = seen.get("name", record.input_file) if isinstance(seen, dict) else None
         if not isinstance(name, str) or "/" in name or not is_drop_name(name):
             return  # not a name this daemon could have claimed: another host's record is data
         try:
@@ -492,41 +495,9 @@ def subdirs(root: Path) -> list[Path]:
         return []
 
 
-def new_batch(job_id: str, input_file: str, host: str) -> dict[str, Any]:
-    """A fresh batch.json document, mirroring the OpenAI Batch object."""
-    return {
-        "id": job_id,
-        "object": "batch",
-        "input_file": input_file,
-        "endpoint": None,
-        "model": None,
-        "status": "validating",
-        "created_at": int(time.time()),
-        "in_progress_at": None,
-        "finalizing_at": None,
-        "completed_at": None,
-        "failed_at": None,
-        "cancelled_at": None,
-        "request_counts": {"total": 0, "completed": 0, "failed": 0},
-        "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0},
-        "host": host,
-        "errors": [],
-    }
-
-
-def created_at(batch: dict[str, Any]) -> float:
-    """When a job was claimed, from its batch.json; 0 when the record does not say (or says nonsense)."""
-    value = batch.get("created_at")
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
-
-
-def mark_failed(batch: dict[str, Any], reason: str, code: str) -> None:
-    """Set a batch document to `failed`, recording the file-level reason."""
-    batch["status"] = "failed"
-    batch["failed_at"] = int(time.time())
-    if not isinstance(batch.get("errors"), list):
-        batch["errors"] = []  # a record from elsewhere with nonsense there: the reason must still land
-    batch["errors"].append({"code": code, "message": reason})
+def _claimed_at(job: JobDir) -> float:
+    record, _ = job.read_record()
+    return record.created_at if record is not None else 0
 
 
 def drop_record(name: str, st: os.stat_result) -> dict[str, Any]:

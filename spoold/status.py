@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .lifecycle import DaemonState
 from .names import display_name
 from .spool import JobDir, Spool, is_drop_name, subdirs
 
@@ -63,7 +64,7 @@ def _processing(root: Path, stall_seconds: float) -> list[dict[str, Any]]:
                 "id": job.id,
                 "host": host_dir.name,
                 "input_file": _shown(batch.get("input_file")),
-                "status": "stalled" if stalled else (beat.get("state") or batch.get("status")),
+                "status": DaemonState.STALLED if stalled else (beat.get("state") or batch.get("status")),
                 "total": beat.get("total") or batch.get("request_counts", {}).get("total", 0),
                 "done": beat.get("done", 0),
                 "requests_per_second": beat.get("requests_per_second"),

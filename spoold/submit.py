@@ -17,7 +17,8 @@ from typing import IO
 from .config import LimitsSettings
 from .durable import fsync_dir, hidden_temp, rename_noreplace, write_all
 from .duplicates import DuplicateFinder
-from .validation import LineError, LineValidator, ModelResolver, repeated_requests, validate_stream
+from .records import LineError
+from .validation import LineValidator, ModelResolver, Repeat, check_file
 
 
 @dataclass
@@ -38,19 +39,18 @@ def validate_file(path: str, resolver: ModelResolver, limits: LimitsSettings,
     """Check every line of a file as the daemon would (after a `--model` rewrite)."""
     report = Report(path)
     max_line_bytes, max_tokens = limits.max_line_bytes, limits.max_output_tokens_per_line
-    with open(path, "rb") as f, DuplicateFinder() as finder:
-        validator = LineValidator(resolver, force_model, finder, max_tokens)
-        for item in validate_stream(f, validator, max_line_bytes):
+    def validator(finder: DuplicateFinder | None) -> LineValidator:
+        return LineValidator(resolver, force_model, finder, max_tokens)
+
+    with open(path, "rb") as f:
+        for item in check_file(f, validator, max_line_bytes):
+            if isinstance(item, Repeat):
+                report.errors.append(item.error)
+                continue
             report.lines += 1
             if isinstance(item, LineError):
                 report.errors.append(item)
-        suspects = finder.suspects()
-        if len(suspects):
-            f.seek(0)
-            repeats = repeated_requests(f, suspects, LineValidator(resolver, force_model, None, max_tokens),
-                                        max_line_bytes)
-            report.errors.extend(error for _, error in repeats)
-            report.errors.sort(key=lambda e: e.line)
+    report.errors.sort(key=lambda e: e.line)
     return report
 
 

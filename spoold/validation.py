@@ -9,27 +9,18 @@ which spills to disk, and confirmed by reading the few suspect lines again
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
 from .duplicates import DuplicateFinder
-from .engine import EngineRequest
+from .records import EngineRequest, LineError
 
 SUPPORTED_URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
-
-
-@dataclass(frozen=True, slots=True)
-class LineError:
-    """Why one input line cannot be run; becomes one line of errors.jsonl."""
-
-    line: int
-    custom_id: str | None
-    code: str
-    message: str
 
 
 class ModelResolver:
@@ -279,6 +270,52 @@ def repeated_requests(f: IO[bytes], suspects, validator: LineValidator, max_line
                                   f"custom_id {item.custom_id!r} appears earlier in the file, on line {first}")
 
 
+@dataclass(frozen=True, slots=True)
+class Repeat:
+    """A line that passed every check but repeats an earlier line's custom_id, with its error."""
+
+    request: EngineRequest
+    error: LineError
+
+
+def check_file(f: IO[bytes], validator: Callable[[DuplicateFinder | None], LineValidator], max_line_bytes: int,
+               end: int | None = None, spill_dir: str | os.PathLike | None = None,
+               ticks: bool = False) -> Iterator[EngineRequest | LineError | Repeat | None]:
+    """Every check the daemon makes on a file, in one pass plus a short second read of the repeats.
+
+    Yields one EngineRequest or LineError per request line in file order,
+    then a Repeat for each confirmed repeated custom_id (known only once the
+    whole file is read). `validator(finder)` makes the LineValidator: with a
+    DuplicateFinder for the first pass, with None for the second. With
+    `ticks`, None comes now and then while lines are skipped (see iter_lines).
+    Used by `spoold submit`/`validate`, the job runner and `bench-models`,
+    so all three judge a file the same way. Close it (contextlib.closing)
+    when it may be left part way.
+    """
+    with DuplicateFinder(spill_dir) as finder:
+        yield from validate_stream(f, validator(finder), max_line_bytes, end, ticks=ticks)
+        suspects = finder.suspects()
+    if len(suspects):
+        f.seek(0)
+        for pair in repeated_requests(f, suspects, validator(None), max_line_bytes, ticks=ticks):
+            yield None if pair is None else Repeat(*pair)
+
+
+def open_regular(path: str | os.PathLike) -> IO[bytes]:
+    """Open a file for reading only if it is a regular file, never through a symlink.
+
+    OSError otherwise: ELOOP for a symlink, EINVAL (naming the path) for a
+    FIFO, device or directory. O_NONBLOCK: opening a FIFO must not wait for
+    a writer.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    f = os.fdopen(fd, "rb", buffering=1 << 20)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+    return f
+
+
 #: How much of a drop the scheduler's model peek reads, at most.
 PEEK_BYTES = 64 * 1024
 
@@ -292,16 +329,10 @@ def first_model(path: str | os.PathLike, resolver: ModelResolver, lines: int = 2
     no configured model.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with open_regular(path) as f:
+            head = f.read(PEEK_BYTES)
     except OSError:
         return None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        try:
-            head = f.read(PEEK_BYTES)
-        except OSError:
-            return None
     for raw in head.removeprefix(UTF8_BOM).split(b"\n")[:lines]:
         try:
             body = json.loads(raw).get("body")

@@ -21,7 +21,8 @@ from argparse import Namespace
 from typing import Any
 
 from .config import EngineSettings
-from .engine import EngineDead, EngineRequest, EngineResult
+from .engine import EngineDead
+from .records import EngineRequest, EngineResult
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .durable import open_append, write_all
-from .engine import EngineResult
 from .formats import OUTPUT_ID, Tally, error_line, output_line
 from .lineset import LineSet
-from .validation import LineError
+from .records import EngineResult, LineError
 
 log = logging.getLogger(__name__)
 

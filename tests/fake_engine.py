@@ -20,7 +20,8 @@ import json
 import time
 
 from spoold.config import EngineSettings
-from spoold.engine import EngineDead, EngineRequest, EngineResult
+from spoold.engine import EngineDead
+from spoold.records import EngineRequest, EngineResult
 
 
 _BODY = ('{"id": "chatcmpl-%d", "object": "chat.completion", "created": %d, "model": %s, "choices": '

@@ -7,7 +7,7 @@ import os
 from spoold.benchmodels import (agrees, expected_kind, markdown_table, parse_answer, run_model, score_agreement,
                                 write_report)
 from spoold.config import EngineSettings
-from spoold.engine import EngineResult
+from spoold.records import EngineResult
 
 from .fake_engine import EchoEngine
 from .helpers import ALL_CPUS, chat_line, needs_two_cpus, start_bound_worker

@@ -57,12 +57,12 @@ def test_a_drop_refused_at_claim_is_announced_as_failed(tmp_path):
             self.sent.append((topic, payload))
 
     daemon = make_daemon(tmp_path)
-    daemon.events = Events()
+    daemon.report.events = Events()
     daemon.spool.ensure_dirs()
     (tmp_path / "elsewhere.jsonl").write_text("{}\n")
     os.symlink(tmp_path / "elsewhere.jsonl", daemon.spool.inbox / "l.jsonl")
     assert asyncio.run(daemon._claim("l.jsonl")) is None
-    ((topic, payload),) = daemon.events.sent
+    ((topic, payload),) = daemon.report.events.sent
     assert topic == "spoold.job.failed" and payload["input_file"] == "l.jsonl"
     assert [e["code"] for e in payload["errors"]] == ["not_regular"]
     assert (daemon.spool.failed / payload["job"] / "batch.json").exists()
@@ -78,3 +78,14 @@ def test_an_engine_that_hangs_at_shutdown_does_not_hold_the_stop(tmp_path, monke
     daemon.engine.close = close
     asyncio.run(daemon._close_engine())
     assert "did not shut down within 0.05s" in caplog.text
+
+
+def test_a_hung_engine_verdict_stops_the_job_once(tmp_path):
+    from spoold.reporter import Stall
+
+    daemon = make_daemon(tmp_path)
+    daemon._job_stop = asyncio.Event()
+    daemon._act_on(Stall(stalled=True))
+    assert not daemon._job_stop.is_set() and not daemon._engine_hung  # stalled only: the watchdog's business
+    daemon._act_on(Stall(stalled=True, hung=True))
+    assert daemon._job_stop.is_set() and daemon._engine_hung  # _run_job then replaces the engine

@@ -6,6 +6,7 @@ import pytest
 
 from spoold.config import EngineSettings, LimitsSettings, SpoolSettings
 from spoold.jobrunner import MAX_CRASHES_PER_LINE, SUSPECT_WINDOW, EngineFailed, JobRunner
+from spoold.lifecycle import Outcome
 from spoold.spool import JobDir, Spool
 from spoold.validation import ModelResolver
 
@@ -91,6 +92,34 @@ def test_stop_interrupts_and_a_rerun_finishes_exactly_once(tmp_path):
     check_exactly_once(spool.outbox / job.id, VALID, {51, 52})
 
 
+def test_a_cancel_stops_the_job_and_publishes_what_is_done_without_the_daemon(tmp_path):
+    rows = [chat_line(i) for i in range(2000)]  # some 5 s of work: the cancel lands long before the end
+    spool, job, engine = setup(tmp_path, rows, delay=0.01)
+
+    async def go():
+        runner = JobRunner(spool, job, engine, ModelResolver({}, "fake-model"), LimitsSettings(), 4,
+                           asyncio.Event())  # nobody else will ever set this stop
+        task = asyncio.create_task(runner.run())
+        while runner.refresh().done < 10:
+            await asyncio.sleep(0.01)
+        assert spool.request_cancel(job.id) is not None  # what `spoold cancel` does
+        return await task
+    assert asyncio.run(go()) == Outcome.CANCELLED
+    published = spool.outbox / job.id
+    batch = JobDir(published).read_batch()
+    assert batch["status"] == "cancelled" and batch["cancelled_at"]
+    done = len(read_jsonl(published / "output.jsonl")) + len(read_jsonl(published / "errors.jsonl"))
+    assert 10 <= done < 2000 and batch["request_counts"]["completed"] + batch["request_counts"]["failed"] == done
+
+
+def test_a_job_cancelled_before_it_runs_is_published_unrun(tmp_path):
+    spool, job, engine = setup(tmp_path, ROWS)
+    spool.request_cancel(job.id)
+    status, _ = run_job(spool, job, engine)
+    assert status is Outcome.CANCELLED and engine.handled == 0
+    assert JobDir(spool.outbox / job.id).read_batch()["status"] == "cancelled"
+
+
 def test_engine_failure_writes_nothing_for_the_failed_request(tmp_path):
     spool, job, engine = setup(tmp_path, ROWS, fail_on="req-20")
     with pytest.raises(EngineFailed):
@@ -155,7 +184,7 @@ def test_resume_mid_validation_never_runs_a_duplicate_of_a_finished_line(tmp_pat
 
 
 def test_resume_finds_finished_lines_by_the_line_number_in_their_ids(tmp_path):
-    from spoold.engine import EngineResult
+    from spoold.records import EngineResult
     from spoold.formats import output_line
 
     spool, job, engine = setup(tmp_path, ROWS)

@@ -1,13 +1,15 @@
 import io
 import json
+import os
 
-from spoold.engine import EngineRequest
 import numpy as np
+import pytest
 
 from spoold.duplicates import DuplicateFinder
-from spoold.validation import LineError, LineValidator, ModelResolver, repeated_requests, validate_stream
+from spoold.records import EngineRequest, LineError
+from spoold.validation import LineValidator, ModelResolver, repeated_requests, validate_stream
 
-from .helpers import chat_line
+from .helpers import chat_line, write_jsonl
 
 ALIASES = {"qwen3:4b": "Qwen/Qwen3-4B-Instruct-2507", "llama3.2:1b": "meta-llama/Llama-3.2-1B-Instruct"}
 
@@ -144,3 +146,32 @@ def test_a_line_that_asks_for_more_output_than_the_limit_is_an_error():
     wide = dict(chat_line(0, model=None), body={"messages": [], "max_tokens": 8192, "logprobs": True,
                                                   "top_logprobs": 20})
     assert isinstance(validator.check(2, json.dumps(wide).encode()), EngineRequest)
+
+
+def test_check_file_gives_each_line_its_verdict_then_the_repeats(tmp_path):
+    from spoold.validation import Repeat, check_file
+
+    path = write_jsonl(tmp_path / "in.jsonl", [chat_line(0), "not json", chat_line(1), chat_line(0)])
+    resolver = ModelResolver({}, "fake-model")
+    with open(path, "rb") as f:
+        items = list(check_file(f, lambda finder: LineValidator(resolver, duplicates=finder), 1 << 20))
+    assert [type(i).__name__ for i in items] == ["EngineRequest", "LineError", "EngineRequest", "EngineRequest",
+                                                 "Repeat"]
+    (repeat,) = [i for i in items if isinstance(i, Repeat)]
+    assert repeat.request.line == 4 and repeat.error.code == "duplicate_custom_id" and "line 1" in repeat.error.message
+
+
+def test_open_regular_never_follows_a_symlink_nor_opens_a_fifo(tmp_path):
+    import errno
+
+    from spoold.validation import open_regular
+
+    (tmp_path / "real").write_bytes(b"{}\n")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    os.mkfifo(tmp_path / "fifo")  # opening it for reading must not wait for a writer
+    with open_regular(tmp_path / "real") as f:
+        assert f.read() == b"{}\n"
+    for name, code in (("link", errno.ELOOP), ("fifo", errno.EINVAL)):
+        with pytest.raises(OSError) as e:
+            open_regular(tmp_path / name)
+        assert e.value.errno == code

@@ -4,9 +4,8 @@ import os
 
 import pytest
 
-from spoold.engine import EngineResult
+from spoold.records import EngineResult, LineError
 from spoold.formats import Tally
-from spoold.validation import LineError
 from spoold.writer import GroupCommitWriter, WriterFailed, recover_results
 
 OK = EngineResult(200, '{"usage": {"prompt_tokens": 3, "completion_tokens": 2}}', 3, 2)
@@ -78,3 +77,12 @@ def test_recovery_reads_vllm_style_bodies_and_never_cuts_an_odd_but_valid_line(t
     assert rec.tally.completed == 3 and rec.tally.failed == 1
     assert rec.tally.input_tokens == 42 and rec.tally.output_tokens == 16
     assert len((tmp_path / "output.jsonl").read_bytes().split(b"\n")) == 5  # nothing cut
+
+
+def test_the_write_path_needs_nothing_of_validation_nor_numpy():
+    import subprocess
+    import sys
+
+    probe = "import sys, spoold.writer; print('numpy' in sys.modules, 'spoold.validation' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

@@ -1,0 +1,227 @@
+"""A job's record, batch.json: the OpenAI Batch object plus spoold's own fields.
+
+One typed object per job, loaded once, saved whole (temp file, fsync,
+rename: `durable.atomic_write_json`), and changed only through its
+transitions, so every writer of batch.json (the runner, the spool, an API)
+says the same things the same way. A record another host (or another
+version) wrote is input, not truth: `load` checks every field's type and
+says what is wrong instead of raising, and keys it does not know are kept
+as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .durable import atomic_write_json
+from .lifecycle import JobStatus
+
+
+@dataclass
+class RequestCounts:
+    """`request_counts`: lines in the file, lines answered 2xx, lines with an error or non-2xx answer."""
+
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+
+
+def _usage() -> dict[str, int]:
+    return {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+
+
+@dataclass
+class JobRecord:
+    """batch.json of one job."""
+
+    id: str
+    input_file: str  # the drop's name in display form
+    host: str
+    status: JobStatus = JobStatus.VALIDATING
+    created_at: int = field(default_factory=lambda: int(time.time()))
+    endpoint: str | None = None
+    model: str | None = None
+    in_progress_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    cancelled_at: int | None = None
+    request_counts: RequestCounts = field(default_factory=RequestCounts)
+    usage: dict[str, int] = field(default_factory=_usage)
+    #: file-level problems: {"code", "message"} (and "model" for a model that failed to load)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, Any] | None = None
+    #: the drop as claimed: {name (as it was, losslessly), size, mtime_ns}
+    drop: dict[str, Any] | None = None
+    #: the input as validated: {bytes, mtime_ns}
+    input: dict[str, int] | None = None
+    #: model -> how many lines ask for it (after validation)
+    models: dict[str, int] = field(default_factory=dict)
+    #: models whose lines are done, in the order they ran
+    models_done: list[str] = field(default_factory=list)
+    #: input line (as a string) -> engine deaths it was in flight at
+    engine_crashes: dict[str, int] = field(default_factory=dict)
+    #: keys this version does not know, kept as they were
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # -- reading and writing ----------------------------------------------
+
+    @classmethod
+    def load(cls, path: Path) -> tuple["JobRecord | None", str | None]:
+        """The record at `path`, or (None, None) when there is none to read, or (None, why) when it is wrong.
+
+        No record (missing, torn, not an object) makes the job start again
+        from validation, which its result files make safe. A record of the
+        wrong shape is a job to fail with a reason, never a crash.
+        """
+        try:
+            doc = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            return None, None
+        if not isinstance(doc, dict):
+            return None, None
+        try:
+            return cls.from_doc(doc), None
+        except (TypeError, ValueError) as e:
+            return None, f"batch.json: {e}"
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> "JobRecord":
+        """A record from a parsed batch.json; TypeError or ValueError naming the first bad field."""
+        known = {f.name for f in fields(cls)} - {"extra"}
+        kwargs: dict[str, Any] = {"extra": {k: v for k, v in doc.items() if k not in known and k != "object"}}
+        for name in ("id", "input_file", "host"):
+            kwargs[name] = _typed(doc, name, str, "")
+        kwargs["status"] = _status(doc.get("status"))
+        for name in ("endpoint", "model"):
+            kwargs[name] = _typed(doc, name, (str, type(None)), None)
+        for name in ("created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at", "cancelled_at"):
+            kwargs[name] = _typed(doc, name, (int, float, type(None)), None)
+        kwargs["created_at"] = kwargs["created_at"] or 0
+        counts = _typed(doc, "request_counts", dict, {})
+        kwargs["request_counts"] = RequestCounts(**{k: _count(counts, k) for k in ("total", "completed", "failed")})
+        kwargs["usage"] = {**_usage(), **_ints(_typed(doc, "usage", dict, {}), "usage")}
+        kwargs["errors"] = _typed(doc, "errors", list, [])
+        if not all(isinstance(e, dict) for e in kwargs["errors"]):
+            raise TypeError("`errors` must be a list of objects")
+        for name in ("timings", "drop", "input"):
+            kwargs[name] = _typed(doc, name, (dict, type(None)), None)
+        kwargs["models"] = _ints(_typed(doc, "models", dict, {}), "models")
+        kwargs["models_done"] = _typed(doc, "models_done", list, [])
+        if not all(isinstance(m, str) for m in kwargs["models_done"]):
+            raise TypeError("`models_done` must be a list of model names")
+        kwargs["engine_crashes"] = {k: v for k, v in _ints(_typed(doc, "engine_crashes", dict, {}),
+                                                             "engine_crashes").items() if k.isdigit() and v > 0}
+        return cls(**kwargs)
+
+    def to_doc(self) -> dict[str, Any]:
+        """The batch.json document (the OpenAI Batch object's fields first)."""
+        doc: dict[str, Any] = {"id": self.id, "object": "batch"}
+        for f in fields(self):
+            if f.name in ("id", "extra"):
+                continue
+            value = getattr(self, f.name)
+            doc[f.name] = value.__dict__.copy() if isinstance(value, RequestCounts) else value
+        for name in ("timings", "drop", "input"):
+            if doc[name] is None:
+                del doc[name]  # spoold's own, written once known
+        for name in ("models", "models_done", "engine_crashes"):
+            if not doc[name]:
+                del doc[name]
+        return {**self.extra, **doc}
+
+    def save(self, path: Path, mode: int = 0o640, gid: int = -1) -> None:
+        """Replace batch.json atomically and durably."""
+        atomic_write_json(path, self.to_doc(), mode, gid)
+
+    # -- transitions --------------------------------------------------------
+
+    def validated(self, total: int, endpoint: str | None, model: str | None, models: dict[str, int],
+                  input_stat: os.stat_result) -> None:
+        """Validation is done: the job is in progress, with its line count and the models it needs."""
+        self.status, self.in_progress_at = JobStatus.IN_PROGRESS, int(time.time())
+        self.endpoint, self.model = endpoint, model
+        self.models = {name: count for name, count in models.items() if count}
+        self.request_counts.total = total
+        self.input = {"bytes": input_stat.st_size, "mtime_ns": input_stat.st_mtime_ns}
+
+    def model_done(self, model: str) -> None:
+        """The lines for `model` are done; the job waits for its next model."""
+        self.models_done.append(model)
+
+    def next_model(self) -> str | None:
+        """The model a validated job needs next; None when any will do (or it is not validated yet)."""
+        return next((m for m in self.models if m not in self.models_done), None)
+
+    def complete(self, completed: int, failed: int, usage: dict[str, int], timings: dict[str, Any]) -> None:
+        """Every line has its result: the job is completed."""
+        now = int(time.time())
+        self.status, self.finalizing_at, self.completed_at = JobStatus.COMPLETED, now, now
+        self._counted(completed, failed, usage)
+        self.timings = timings
+
+    def cancel(self, completed: int, failed: int, usage: dict[str, int]) -> None:
+        """`spoold cancel`: what is done so far is the job."""
+        self.status, self.cancelled_at = JobStatus.CANCELLED, int(time.time())
+        self._counted(completed, failed, usage)
+
+    def fail(self, reason: str, code: str) -> None:
+        """The file cannot be read or run: the job is failed, with the reason and its code."""
+        self.status, self.failed_at = JobStatus.FAILED, int(time.time())
+        self.errors.append({"code": code, "message": reason})
+
+    def note_model_load_failed(self, model: str, reason: str) -> None:
+        """A model that could not be loaded answered its lines with 503s; say why, once."""
+        if not any(e.get("model") == model for e in self.errors):
+            self.errors.append({"code": "model_load_failed", "model": model,
+                                "message": f"model {model} could not be loaded: {reason}"})
+
+    def crash_counts(self) -> dict[int, int]:
+        """Input line -> engine deaths it was in flight at."""
+        return {int(line): deaths for line, deaths in self.engine_crashes.items()}
+
+    def note_crashes(self, counts: dict[int, int]) -> None:
+        """Record the engine deaths each line was in flight at (saved before the engine restarts)."""
+        self.engine_crashes = {str(line): deaths for line, deaths in sorted(counts.items())}
+
+    def _counted(self, completed: int, failed: int, usage: dict[str, int]) -> None:
+        self.request_counts.completed, self.request_counts.failed = completed, failed
+        self.usage = usage
+
+
+def _status(value: object) -> JobStatus:
+    """A status read from batch.json; one this version does not know reads as not validated yet."""
+    try:
+        return JobStatus(value)
+    except ValueError:
+        return JobStatus.VALIDATING
+
+
+def _typed(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    value = doc.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f"`{key}` is {type(value).__name__}, not {_kind_name(kind)}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+
+
+def _ints(table: dict[str, Any], key: str) -> dict[str, int]:
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in table.values()):
+        raise TypeError(f"`{key}` must map names to whole numbers")
+    return dict(table)
+
+
+def _count(counts: dict[str, Any], key: str) -> int:
+    value = counts.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`request_counts.{key}` is {type(value).__name__}, not int")
+    return value
