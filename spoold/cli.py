@@ -342,7 +342,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from .watch import watch_bars, watch_json
+    from .viewer import watch_bars, watch_json
 
     endpoint = args.endpoint or _config(args).events.endpoint
     return watch_json(endpoint) if args.json else watch_bars(endpoint)

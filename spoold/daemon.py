@@ -1,4 +1,4 @@
-"""The daemon: wires spool, watcher, engine, job runner and reporter together.
+"""The daemon: wires spool, inbox tracker, engine, job runner and reporter together.
 
 One main loop owns all decisions: what runs next, when to stop, pause,
 swap or replace the engine. The runner runs one job (and notices a cancel
@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import Config, ConfigError, engine_settings_for, reload_settings
-from .engine import Engine
+from .engine import Engine, EngineDead
 from .enginehost import MAX_RESTARTS, RESTART_WINDOW_SECONDS, EngineHost
 from .events import EventPublisher
 from .gpu import GpuReader
 from .heartbeat import status_line
 from .jobrecord import JobRecord
-from .jobrunner import EngineFailed, IncompleteJob, JobRunner, job_fields
+from .jobrunner import IncompleteJob, JobRunner, job_fields
 from .lifecycle import DaemonState, JobStatus, Outcome
 from .metrics import Metrics
 from .names import display_name
@@ -35,7 +35,7 @@ from .reporter import Reporter, Shown, Stall
 from .spool import DropRefused, JobDir, PeerClocks, Spool
 from .scheduler import Candidate, in_order
 from .validation import ModelResolver, first_model
-from .watcher import InboxWatcher
+from .inbox import InboxTracker
 from .writer import JobLost, WriterFailed
 
 log = logging.getLogger(__name__)
@@ -80,11 +80,11 @@ class Daemon:
         self.events = events
         self.spool = Spool(config.spool)
         self.resolver = ModelResolver(config.models.aliases, config.engine.model)
-        self.watcher = InboxWatcher(self.spool, config.spool.settle_seconds, config.spool.poll_seconds)
+        self.inbox = InboxTracker(self.spool, config.spool.settle_seconds, config.spool.poll_seconds)
         self.notifier = notifier or Notifier()
         self.gpus = gpus or GpuReader()
         self.report = Reporter(config, self.spool, self.notifier, self.gpus, metrics, events)
-        self.engines = EngineHost(engine, make_engine, self.report.publish, self.gpus)
+        self.engine_host = EngineHost(engine, make_engine, self.report.publish, self.gpus)
         self.state = DaemonState.STARTING
         self.exit_code = 0
         self._stop: asyncio.Event | None = None
@@ -135,11 +135,11 @@ class Daemon:
         if self.events is not None:
             self.events.start(lambda: self.report.snapshot(self._shown()))
         loops = [asyncio.create_task(self._supervised(loop), name=loop.__name__)
-                 for loop in (self._heartbeat_loop, self._progress_loop, self._watchdog_loop)]
+                 for loop in (self._heartbeat_loop, self._progress_loop, self._systemd_watchdog_loop)]
         # Watch the inbox before saying "ready": a rename made the moment
         # READY (or the idle heartbeat) is seen must raise a hint, not wait
         # for the settle-and-poll path.
-        self.watcher.start()
+        self.inbox.start()
         try:
             await self._start_engine()
             if not self._stop.is_set():
@@ -147,11 +147,11 @@ class Daemon:
         finally:
             self.state = DaemonState.STOPPING
             self.notifier.stopping()
-            self.watcher.stop()
+            self.inbox.stop()
             for task in loops:
                 task.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
-            self._write_heartbeat()
+            await self._write_heartbeat()
             await self._close_engine()
             if self.events is not None:
                 await self.events.close()
@@ -197,7 +197,7 @@ class Daemon:
                                  loop.__name__, type(e).__name__, e, exc_info=True)
                     self.exit_code = 1
                     self._stop.set()
-                    self.watcher.wake()
+                    self.inbox.wake()
                     return
                 log.error("%s failed (%s: %s); restarting it", loop.__name__, type(e).__name__, e,
                           exc_info=True)
@@ -211,26 +211,26 @@ class Daemon:
             self._stop.set()
             if self._job_stop is not None:
                 self._job_stop.set()
-            self.watcher.wake()
+            self.inbox.wake()
         elif self._main_task is not None:
             self._main_task.cancel()
 
     @property
     def engine(self) -> Engine:
         """The engine loaded now (EngineHost swaps and replaces it)."""
-        return self.engines.engine
+        return self.engine_host.engine
 
     async def _start_engine(self) -> None:
         """Load the current engine, with the daemon's state, status line and READY=1 around it."""
         self.state = DaemonState.LOADING
-        self._write_heartbeat()  # on disk (and in STATUS=) at once: a load can hold the loop for a while
+        await self._write_heartbeat()  # on disk (and in STATUS=) at once: a load can hold the loop for a while
         extender = asyncio.create_task(self._extend_start_timeout())
         try:
-            await self.engines.load()
+            await self.engine_host.load()
         finally:
             extender.cancel()
         self.state = DaemonState.IDLE
-        self._write_heartbeat()  # a state change is on disk at once, not a period later
+        await self._write_heartbeat()  # a state change is on disk at once, not a period later
         self.notifier.ready(status_line(None, len(self.spool.inbox_entries()), self.gpus.read()))
         self._ready_sent = True
 
@@ -243,7 +243,7 @@ class Daemon:
                 await self._pause(f"cannot read the spool: {_describe(e)}")
                 continue
             if chosen is None:
-                await self.watcher.wait()
+                await self.inbox.wait()
                 continue
             await self._run_job(chosen)
 
@@ -254,7 +254,7 @@ class Daemon:
             self.notifier.extend_timeout(LOAD_EXTEND_SECONDS)
             await asyncio.sleep(LOAD_EXTEND_SECONDS / 3)
 
-    async def _watchdog_loop(self) -> None:
+    async def _systemd_watchdog_loop(self) -> None:
         """WATCHDOG=1 from the main loop, only while healthy: ready and not stalled.
 
         systemd arms the watchdog at READY=1; a stuck engine stops the pings
@@ -280,8 +280,9 @@ class Daemon:
             log.error("reload: %s; keeping the current settings", e)
         else:
             self.config, needs_restart = reload_settings(self.config, new)
-            self.watcher.settle_seconds = self.config.spool.settle_seconds
-            self.watcher.poll_seconds = self.config.spool.poll_seconds
+            self.report.config = self.config  # [watchdog] and [heartbeat] apply to what it measures
+            self.inbox.settle_seconds = self.config.spool.settle_seconds
+            self.inbox.poll_seconds = self.config.spool.poll_seconds
             log.info("reloaded settings (max_inflight applies from the next job)")
             if needs_restart:
                 log.warning("reload: %s changed; restart spoold to apply", ", ".join(needs_restart))
@@ -290,12 +291,12 @@ class Daemon:
     async def _next_job(self) -> "Claimed | None":
         """This host's jobs and the inbox's complete drops, in the scheduler's order; claims a drop."""
         own = [self._candidate(job) for job in self.spool.host_jobs() if job.id not in self._stuck]
-        await self.watcher.refresh()
-        drops = self.watcher.complete_drops()
+        await self.inbox.refresh()
+        drops = self.inbox.complete_drops()
         self._queued = len(drops)
         several = len(self.resolver.known) > 1  # only then is a peek at the drops worth it
         waiting = own + [Candidate(name, first_model(self.spool.inbox / name, self.resolver) if several else None,
-                                   self.watcher.seen_at(name)) for name in drops[:SCHEDULE_WINDOW]]
+                                   self.inbox.seen_at(name)) for name in drops[:SCHEDULE_WINDOW]]
         for choice in in_order(waiting, self.engine.model, self.config.models.max_wait_seconds, time.time()):
             if isinstance(choice.item, Claimed):
                 return choice.item
@@ -352,7 +353,7 @@ class Daemon:
         try:
             job = self.spool.claim_drop(name)
         except DropRefused as refused:
-            self.watcher.forget(name)
+            self.inbox.forget(name)
             record, _ = refused.job.read_record()
             self.report.publish("spoold.job.failed", {"job": refused.job.id, "input_file": shown,
                                                       "errors": record.errors if record else []})
@@ -361,7 +362,7 @@ class Daemon:
         except OSError as e:
             await self._pause(f"cannot claim {shown}: {_describe(e)}")
             return None
-        self.watcher.forget(name)
+        self.inbox.forget(name)
         if job is not None:
             log.info("claimed '%s' as job %s", shown, job.id, **job_fields(job.id))
             self.report.publish("spoold.job.claimed", {"job": job.id, "input_file": shown})
@@ -385,7 +386,7 @@ class Daemon:
         self._paused = None  # trying again; a new failure pauses again
         self.report.job_started()
         self.state = DaemonState.WORKING
-        self._write_heartbeat()
+        await self._write_heartbeat()
         outcome = Outcome.INTERRUPTED
         try:
             outcome = await runner.run()
@@ -405,7 +406,7 @@ class Daemon:
         except IncompleteJob as e:
             log.error("%s", e)
             self._stuck.add(job.id)
-        except EngineFailed as e:
+        except EngineDead as e:
             await self._restart_engine(str(e))
         except Exception as e:  # a bug or an I/O fault must not take the daemon down
             log.error("job %s stopped by an unexpected %s: %s; it stays in %s and is retried "
@@ -418,7 +419,7 @@ class Daemon:
             self._job_stop = None
             if self.state == DaemonState.WORKING:
                 self.state = DaemonState.IDLE
-            self._write_heartbeat()
+            await self._write_heartbeat()
 
     async def _pause(self, reason: str, job_id: str | None = None) -> None:
         """A full or failing disk: say so everywhere, wait, then let the loop try again.
@@ -430,7 +431,7 @@ class Daemon:
         self._paused = reason
         fields = job_fields(job_id) if job_id else {}
         log.error("%s; work paused, retrying in %.0fs", reason, WRITE_RETRY_SECONDS, **fields)
-        self._write_heartbeat()
+        await self._write_heartbeat()
         await self._sleep_unless_stopped(WRITE_RETRY_SECONDS)
         try:
             self.spool.ensure_dirs()
@@ -445,7 +446,7 @@ class Daemon:
         the daemon exit 1 instead, for systemd to restart the whole service.
         """
         self._engine_hung = False
-        if not self.engines.may_restart():
+        if not self.engine_host.may_restart():
             log.error("%s; more than %d engine restarts in %.0fs: exiting so the service restarts",
                       reason, MAX_RESTARTS, RESTART_WINDOW_SECONDS)
             self.exit_code = 1
@@ -453,7 +454,7 @@ class Daemon:
             return
         log.error("%s; starting a fresh engine (the requests in flight run again)", reason)
         try:
-            await self.engines.replace()
+            await self.engine_host.replace()
             await self._start_engine()
         except Exception as e:  # e.g. the dead engine's GPU memory is not free yet
             # An engine that never started must not answer lines (with errors):
@@ -470,10 +471,10 @@ class Daemon:
         other models' jobs.
         """
         log.info("swapping models: %s -> %s", self.engine.model, model)
-        await self.engines.unload()
+        await self.engine_host.unload()
         if self.metrics is not None:
             self.metrics.swaps.inc()
-        await self.engines.load_other(model, self._start_engine)
+        await self.engine_host.load_other(model, self._start_engine)
         if self.state == DaemonState.LOADING:  # the load failed part way
             self.state = DaemonState.IDLE
 
@@ -490,12 +491,12 @@ class Daemon:
         return Shown(self.state, self.engine.model, self._paused, self._current, self._queued,
                      WRITE_RETRY_SECONDS)
 
-    def _write_heartbeat(self) -> None:
-        self.report.heartbeat(self._shown())
+    async def _write_heartbeat(self) -> None:
+        await self.report.heartbeat(self._shown())
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            self._write_heartbeat()
+            await self._write_heartbeat()
             try:
                 await asyncio.wait_for(self._hup.wait(), timeout=self.config.heartbeat.seconds)
             except asyncio.TimeoutError:
@@ -512,7 +513,7 @@ class Daemon:
     def _act_on(self, stall: Stall) -> None:
         """An engine hung past `[watchdog] restart_seconds` stops the job; `_run_job` then replaces it.
 
-        (A stall short of that only stops the watchdog pings: `_watchdog_loop`.)
+        (A stall short of that only stops the watchdog pings: `_systemd_watchdog_loop`.)
         """
         if stall.hung and not self._engine_hung:
             self._engine_hung = True

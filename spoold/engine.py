@@ -32,10 +32,11 @@ class Engine(Protocol):
 
 
 class EngineDead(Exception):
-    """Raised by `handle` when the engine can run no request at all (its process died).
+    """The engine can run no request at all: its process died, or `handle` broke.
 
-    The job runner writes nothing for such a request; the daemon starts a
-    fresh engine and the request runs again.
+    Raised by `handle` (the adapter saw the engine die), and by the job
+    runner for any exception out of `handle`. Nothing is written for such a
+    request; the daemon starts a fresh engine and the request runs again.
     """
 
 

@@ -13,10 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,7 +22,7 @@ from typing import IO, Any
 
 from .config import LimitsSettings
 from .duplicates import DuplicateFinder
-from .engine import Engine
+from .engine import Engine, EngineDead
 from .lifecycle import JobStatus, Outcome
 from .names import display_name
 from .records import EngineRequest, LineError
@@ -60,14 +58,6 @@ MAX_PENDING_RESULTS = 4096
 
 #: How often a running job looks for its cancel marker (`spoold cancel`).
 CANCEL_POLL_SECONDS = 0.2
-
-
-class EngineFailed(Exception):
-    """The engine could not run a request at all (it died or broke).
-
-    Nothing is written for that request: it runs again once the engine has
-    been restarted, rather than turning every remaining line into an error.
-    """
 
 
 class InputRejected(Exception):
@@ -137,27 +127,6 @@ class JobProgress:
 def job_fields(job_id: str) -> dict[str, dict[str, str]]:
     """`extra=` for a log call about a job: a JOB_ID field in the journal."""
     return {"extra": {"JOB_ID": job_id}}
-
-
-_CUSTOM_ID = re.compile(rb'"custom_id"\s*:\s*"((?:[^"\\]|\\.)*)"')
-
-
-def finished_id(raw: bytes) -> str | None:
-    """A line's custom_id read without parsing the line, or None when unsure.
-
-    Only trusted when `"custom_id"` occurs once in the line: then it is the
-    top-level key (a string value followed by a colon can only be a key).
-    """
-    if raw.count(b'"custom_id"') != 1:
-        return None
-    m = _CUSTOM_ID.search(raw)
-    if m is None:
-        return None
-    value = m.group(1)
-    try:
-        return json.loads(b'"' + value + b'"') if b"\\" in value else value.decode()
-    except ValueError:
-        return None
 
 
 class JobRunner:
@@ -433,7 +402,9 @@ class JobRunner:
         await writer.flush()
         if failure:
             self._record_crash()
-            raise EngineFailed(f"job {self.job.id}: the engine failed: {failure[0]!r}") from failure[0]
+            # Nothing is written for that request: it runs again once the engine
+            # has been replaced, rather than turning every remaining line into an error.
+            raise EngineDead(f"job {self.job.id}: the engine failed: {failure[0]!r}") from failure[0]
         return not self.stop.is_set()
 
     def _crash_counts(self) -> dict[int, int]:
@@ -472,10 +443,8 @@ class JobRunner:
         Lines with a result are skipped by number before any parse: a resume
         at 600K of 1M lines must not re-validate 600K lines. Every error of
         the validation pass is in `recovered.error_lines` by now, duplicates
-        included, so this pass keeps no per-line state of its own.
-        `recovered.done_ids` holds only results whose line number is not
-        known (written before output ids carried it): those are matched by
-        custom_id. A line in flight at too many engine deaths gets its error here.
+        included, so this pass keeps no per-line state of its own. A line in
+        flight at too many engine deaths gets its error here.
         """
         validator = self._validator()
         for number, raw in iter_lines(f, self.limits.max_line_bytes, self._input.st_size, ticks=True):
@@ -485,8 +454,6 @@ class JobRunner:
             if number in recovered.error_lines or number in recovered.done_lines or raw is None:
                 continue
             if not wanted(number):
-                continue
-            if recovered.done_ids and finished_id(raw) in recovered.done_ids:
                 continue
             item = validator.check(number, raw)
             if isinstance(item, EngineRequest) and item.body["model"] != self.engine.model:
@@ -501,7 +468,7 @@ class JobRunner:
                 # leave the line without a result.
                 writer.add_error(item)
                 recovered.error_lines.add(number)
-            elif item.custom_id not in recovered.done_ids:
+            else:
                 yield item
 
     async def _work(self, lines: Iterator[EngineRequest], writer: GroupCommitWriter,

@@ -8,6 +8,7 @@ Never prompt or response text: only counts, names in display form, rates.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -73,6 +74,7 @@ class Reporter:
         self._last_announced = -1
         self._heartbeat_failures: list[str] = []
         self._last_log = 0.0
+        self._writing = asyncio.Lock()
 
     # -- events -----------------------------------------------------------
 
@@ -183,8 +185,13 @@ class Reporter:
         line = status_line(progress, shown.queued, self.readings)
         return f"STALLED: {line}" if self.stalled else line
 
-    def heartbeat(self, shown: Shown) -> None:
-        """Heartbeat files, the systemd status line, the heartbeat event, gauges, a periodic log line."""
+    async def heartbeat(self, shown: Shown) -> None:
+        """Heartbeat files, the systemd status line, the heartbeat event, gauges, a periodic log line.
+
+        The files are written in a thread: a spool on a slow or stuck NFS
+        server must not hold the event loop (and with it every request in
+        flight). One beat at a time, so an older one never lands last.
+        """
         runner = shown.runner
         progress = runner.refresh() if runner else None
         self.readings = self.gpus.read()
@@ -196,7 +203,11 @@ class Reporter:
             paths.append(Path(state_dir) / "heartbeat.json")
         if progress is not None and progress.state != JobStatus.COMPLETED:
             paths.append(runner.job.heartbeat)
-        failures = write_heartbeat(paths, doc, self.spool.file_mode, self.spool.gid)
+        if self.metrics is not None:
+            self.metrics.jobs.labels("queued").set(shown.queued)
+            self.metrics.set_gpus(self.readings)
+        async with self._writing:
+            failures = await asyncio.to_thread(self._write_files, paths, doc)
         if failures != self._heartbeat_failures:  # once per change, not every beat
             self._heartbeat_failures = failures
             for failure in failures:
@@ -204,15 +215,18 @@ class Reporter:
         line = self.status_line(shown, progress)
         self.notifier.status(line)
         self.publish("spoold.daemon.heartbeat", self._heartbeat_payload(shown))
-        self._update_gauges(shown)
         now = time.monotonic()
         if progress is not None and now - self._last_log >= LOG_PROGRESS_SECONDS:
             self._last_log = now
             log.info("%s", line)
 
-    def _update_gauges(self, shown: Shown) -> None:
+    def _write_files(self, paths: list[Path], doc: dict[str, Any]) -> list[str]:
+        """The beat's file work (heartbeats, the jobs gauge's directory count, the textfile): in a thread."""
+        failures = write_heartbeat(paths, doc, self.spool.file_mode, self.spool.gid)
         if self.metrics is not None:
-            self.metrics.jobs.labels("queued").set(shown.queued)
-            self.metrics.jobs.labels("processing").set(self.spool.count_host_jobs())
-            self.metrics.set_gpus(self.readings)
+            try:
+                self.metrics.jobs.labels("processing").set(self.spool.count_host_jobs())
+            except OSError as e:
+                failures.append(f"{self.spool.host_dir}: {e.strerror or e}")
             self.metrics.write_textfile(self.config.metrics.textfile)
+        return failures

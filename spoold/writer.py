@@ -213,15 +213,12 @@ class Recovered:
     """What a job's result files already hold after a restart.
 
     Input lines with a result, one bit each, so a restart at 600K of 1M
-    lines holds ~250 KB, not a set of 600K strings. `done_ids` is only for
-    output lines whose id does not carry their line number (written before
-    ids did): those are matched by custom_id.
+    lines holds ~250 KB, not a set of 600K strings.
     """
 
     tally: Tally = field(default_factory=Tally)
     done_lines: LineSet = field(default_factory=LineSet)
     error_lines: LineSet = field(default_factory=LineSet)
-    done_ids: set[str] = field(default_factory=set)
 
 
 def recover_results(output: Path, errors: Path) -> Recovered:
@@ -229,15 +226,21 @@ def recover_results(output: Path, errors: Path) -> Recovered:
 
     A line is finished when it is complete and parses; the first line that
     does not (a write cut short by a crash) is cut off with everything after
-    it, and those requests simply run again.
+    it, and those requests simply run again. An output line whose id names
+    no input line (`batch_req_<hex>_<N>`) is not this job's result: it is
+    left in place, and counted nowhere.
     """
     rec = Recovered()
-    for line, custom_id, status, prompt, completion in _read_complete(output, _parse_output_line):
-        if line:
-            rec.done_lines.add(line)
-        else:
-            rec.done_ids.add(custom_id)
+    foreign = 0
+    for line, _custom_id, status, prompt, completion in _read_complete(output, _parse_output_line):
+        if not line:
+            foreign += 1
+            continue
+        rec.done_lines.add(line)
         rec.tally.add(status, prompt, completion)
+    if foreign:
+        log.warning("%s: %d output lines name no input line (not written by spoold); they are not counted",
+                    output, foreign)
     for line in _read_complete(errors, _parse_error_line):
         rec.error_lines.add(line)
         rec.tally.failed += 1

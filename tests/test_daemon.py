@@ -89,3 +89,26 @@ def test_a_hung_engine_verdict_stops_the_job_once(tmp_path):
     assert not daemon._job_stop.is_set() and not daemon._engine_hung  # stalled only: the watchdog's business
     daemon._act_on(Stall(stalled=True, hung=True))
     assert daemon._job_stop.is_set() and daemon._engine_hung  # _run_job then replaces the engine
+
+
+def test_a_reload_changes_what_the_reporter_counts_as_a_stall(tmp_path):
+    import time
+    from dataclasses import replace
+
+    from spoold.config import WatchdogSettings
+    from spoold.jobrunner import JobProgress
+    from spoold.lifecycle import JobStatus
+
+    class Running:
+        progress = JobProgress("j", "a.jsonl", JobStatus.IN_PROGRESS, total=9, done=1, inflight=2,
+                               last_progress_at=time.time() - 30)
+
+        def refresh(self):
+            return self.progress
+
+    daemon = make_daemon(tmp_path)
+    daemon.spool.ensure_dirs()
+    assert not daemon.report.progress(Running()).stalled  # 30 s idle, stall_seconds 300
+    daemon.reload_config = lambda: replace(daemon.config, watchdog=WatchdogSettings(stall_seconds=10))
+    daemon._reload()  # SIGHUP
+    assert daemon.report.progress(Running()).stalled

@@ -5,8 +5,11 @@ import json
 import pytest
 
 from spoold.config import EngineSettings, LimitsSettings, SpoolSettings
-from spoold.jobrunner import MAX_CRASHES_PER_LINE, SUSPECT_WINDOW, EngineFailed, JobRunner
+from spoold.engine import EngineDead
+from spoold.jobrunner import MAX_CRASHES_PER_LINE, SUSPECT_WINDOW, JobRunner
+from spoold.formats import output_line
 from spoold.lifecycle import Outcome
+from spoold.records import EngineResult
 from spoold.spool import JobDir, Spool
 from spoold.validation import ModelResolver
 
@@ -60,12 +63,10 @@ def test_engine_4xx_is_an_output_line_counted_as_failed(tmp_path):
 def test_resume_after_a_crash_skips_finished_lines_and_cuts_the_torn_tail(tmp_path):
     spool, job, engine = setup(tmp_path, ROWS)
     # A previous run validated the file and finished ten lines, then died mid-write.
-    with open(job.output, "w") as f:
+    with open(job.output, "wb") as f:
         for i in range(10):
-            f.write(json.dumps({"id": "x", "custom_id": f"req-{i}",
-                                "response": {"status_code": 200, "request_id": "r", "body": {}},
-                                "error": None}) + "\n")
-        f.write('{"id": "x", "custom_id": "req-10", "resp')
+            f.write(output_line(i + 1, f"req-{i}", EngineResult(200, "{}")))
+        f.write(output_line(11, "req-10", EngineResult(200, "{}"))[:40])
     status, _ = run_job(spool, job, engine)
     assert status == "completed"
     assert engine.handled == 40
@@ -122,7 +123,7 @@ def test_a_job_cancelled_before_it_runs_is_published_unrun(tmp_path):
 
 def test_engine_failure_writes_nothing_for_the_failed_request(tmp_path):
     spool, job, engine = setup(tmp_path, ROWS, fail_on="req-20")
-    with pytest.raises(EngineFailed):
+    with pytest.raises(EngineDead):
         run_job(spool, job, engine)
     assert "req-20" not in {o["custom_id"] for o in read_jsonl(job.output)}
     assert job.path.exists()  # stays in processing/ to resume on a fresh engine
@@ -161,22 +162,12 @@ def test_a_symlinked_input_fails_the_job_without_reading_it(tmp_path):
     assert batch["status"] == "failed" and "symlink" in batch["errors"][0]["message"]
 
 
-def test_finished_id_reads_only_the_top_level_key():
-    from spoold.jobrunner import finished_id
-
-    assert finished_id(b'{"custom_id": "a\\"b", "body": {}}\n') == 'a"b'
-    assert finished_id(b'{"method": "POST", "custom_id":"plain"}') == "plain"
-    assert finished_id(b'{"custom_id": "a", "body": {"custom_id": "b"}}') is None  # ambiguous: full parse
-    assert finished_id(b'{"body": {"content": "\\"custom_id\\": \\"z\\""}}') is None
-
-
 def test_resume_mid_validation_never_runs_a_duplicate_of_a_finished_line(tmp_path):
     rows = [chat_line(i) for i in range(20)] + [chat_line(5), chat_line(6)]  # lines 21, 22 repeat done ids
     spool, job, engine = setup(tmp_path, rows)
-    with open(job.output, "w") as f:
+    with open(job.output, "wb") as f:
         for i in range(10):
-            f.write(json.dumps({"id": "x", "custom_id": f"req-{i}", "error": None,
-                                "response": {"status_code": 200, "request_id": "r", "body": {}}}) + "\n")
+            f.write(output_line(i + 1, f"req-{i}", EngineResult(200, "{}")))
     assert job.read_batch()["status"] == "validating"
     status, _ = run_job(spool, job, engine)
     assert status == "completed" and engine.handled == 10
@@ -184,9 +175,6 @@ def test_resume_mid_validation_never_runs_a_duplicate_of_a_finished_line(tmp_pat
 
 
 def test_resume_finds_finished_lines_by_the_line_number_in_their_ids(tmp_path):
-    from spoold.records import EngineResult
-    from spoold.formats import output_line
-
     spool, job, engine = setup(tmp_path, ROWS)
     with open(job.output, "wb") as f:  # lines 1-10 done, in the order they finished
         for line in (3, 1, 2, 10, 4, 5, 6, 9, 7, 8):
@@ -275,7 +263,7 @@ def test_a_line_in_flight_at_two_engine_deaths_gets_an_error_and_the_rest_run(tm
         try:
             status, _ = run_job(spool, JobDir(job.path), poisoned, inflight=16)
             break
-        except EngineFailed:
+        except EngineDead:
             deaths += 1
             assert deaths <= MAX_CRASHES_PER_LINE, "the poison line was run again after its deaths"
             assert "engine_crashes" in job.read_batch()  # recorded before the engine is replaced

@@ -1,5 +1,6 @@
 """The reporter measures and tells; its stall verdicts are what the daemon acts on."""
 
+import asyncio
 import time
 from dataclasses import replace
 
@@ -71,7 +72,7 @@ def test_a_heartbeat_is_on_disk_with_the_shown_state(tmp_path):
     import json
 
     report = make(tmp_path)
-    report.heartbeat(Shown(DaemonState.IDLE, "m", queued=3))
+    asyncio.run(report.heartbeat(Shown(DaemonState.IDLE, "m", queued=3)))
     beat = json.loads((tmp_path / "processing" / "h" / "heartbeat.json").read_text())
     assert beat["state"] == "idle" and beat["model"] == "m"
     ((topic, payload),) = report.events.sent

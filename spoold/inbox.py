@@ -61,7 +61,7 @@ class _Hint:
     written: bool = False
 
 
-class InboxWatcher:
+class InboxTracker:
     """Tracks the inbox and answers which drops are complete, first seen first.
 
     One full scan of the inbox every `poll_seconds` (off the event loop, in a
@@ -93,11 +93,11 @@ class InboxWatcher:
         from watchdog.observers.inotify import InotifyObserver
 
         self._loop = asyncio.get_running_loop()
-        watcher = self
+        tracker = self
 
         class _Handler(FileSystemEventHandler):
             def on_any_event(self, event):  # observer thread: hand over to the loop
-                watcher._loop.call_soon_threadsafe(watcher._on_event, event)
+                tracker._loop.call_soon_threadsafe(tracker._on_event, event)
 
         try:
             # Full events: a move in from another directory (`mv`) is then

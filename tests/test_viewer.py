@@ -3,7 +3,7 @@ import io
 from rich.console import Console
 from rich.progress import Progress
 
-from spoold.watch import JobBars, bar_columns
+from spoold.viewer import JobBars, bar_columns
 
 
 def test_names_that_look_like_markup_are_shown_as_they_are():

@@ -6,57 +6,57 @@ import pytest
 
 from spoold.config import SpoolSettings
 from spoold.spool import Spool
-from spoold.watcher import InboxWatcher
+from spoold.inbox import InboxTracker
 
 
 def make(tmp_path, settle=0.6):
     spool = Spool(SpoolSettings(root=tmp_path, host_id="h"))
     spool.ensure_dirs()
-    return spool, InboxWatcher(spool, settle_seconds=settle, poll_seconds=0.05)
+    return spool, InboxTracker(spool, settle_seconds=settle, poll_seconds=0.05)
 
 
 def test_in_place_write_waits_for_settle(tmp_path):
-    spool, watcher = make(tmp_path)
+    spool, tracker = make(tmp_path)
     (spool.inbox / "a.jsonl").write_text("{}\n")
-    assert watcher.complete_drops() == []
+    assert tracker.complete_drops() == []
     time.sleep(0.3)
     with open(spool.inbox / "a.jsonl", "a") as f:
         f.write("{}\n")  # still growing: the settle clock restarts
-    assert watcher.complete_drops() == []
+    assert tracker.complete_drops() == []
     time.sleep(0.4)
-    assert watcher.complete_drops() == []
+    assert tracker.complete_drops() == []
     time.sleep(0.3)
-    assert watcher.complete_drops() == ["a.jsonl"]
+    assert tracker.complete_drops() == ["a.jsonl"]
 
 
 def test_ready_marker_and_ignored_names(tmp_path):
-    spool, watcher = make(tmp_path, settle=60)
+    spool, tracker = make(tmp_path, settle=60)
     for name in ("b.jsonl", ".c.jsonl", "d.jsonl.part", "e.jsonl.tmp"):
         (spool.inbox / name).write_text("{}\n")
     (spool.inbox / "b.jsonl.ready").touch()
-    assert watcher.complete_drops() == ["b.jsonl"]
+    assert tracker.complete_drops() == ["b.jsonl"]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="files of other owners need root")
 def test_only_the_drops_owner_can_mark_it_ready(tmp_path):
-    spool, watcher = make(tmp_path, settle=60)
+    spool, tracker = make(tmp_path, settle=60)
     drop, marker = spool.inbox / "theirs.jsonl", spool.inbox / "theirs.jsonl.ready"
     drop.write_text("{}\n")
     os.chown(drop, 1000, 1000)
     marker.touch()
     os.chown(marker, 1001, 1001)  # another submitter's marker: ignored, and removed so it cannot squat the name
-    assert watcher.complete_drops() == []
+    assert tracker.complete_drops() == []
     assert not marker.exists()
     marker.touch()
     os.chown(marker, 1000, 1000)
-    watcher._scanned_at = None  # the next ask rescans
-    assert watcher.complete_drops() == ["theirs.jsonl"]
+    tracker._scanned_at = None  # the next ask rescans
+    assert tracker.complete_drops() == ["theirs.jsonl"]
 
 
 def test_inotify_rename_and_move_in_are_complete_at_once(tmp_path):
     async def go():
-        spool, watcher = make(tmp_path / "s", settle=60)
-        watcher.start()
+        spool, tracker = make(tmp_path / "s", settle=60)
+        tracker.start()
         try:
             tmp = spool.inbox / ".x.jsonl.tmp"
             tmp.write_text("{}\n")
@@ -68,22 +68,22 @@ def test_inotify_rename_and_move_in_are_complete_at_once(tmp_path):
             start = time.monotonic()
             found = []
             while time.monotonic() - start < 2 and len(found) < 2:
-                await watcher.wait()
-                found = watcher.complete_drops()
+                await tracker.wait()
+                found = tracker.complete_drops()
             return found
         finally:
-            watcher.stop()
+            tracker.stop()
     assert sorted(asyncio.run(go())) == ["x.jsonl", "y.jsonl"]
 
 
 def test_a_move_in_from_another_directory_is_a_rename_not_a_creation(tmp_path, monkeypatch):
     # A bare creation would wait out this grace in case a writer follows; a
     # move in (right after a claim moved another drop out) must not.
-    monkeypatch.setattr("spoold.watcher.CREATE_GRACE_SECONDS", 30)
+    monkeypatch.setattr("spoold.inbox.CREATE_GRACE_SECONDS", 30)
 
     async def go():
-        spool, watcher = make(tmp_path / "s", settle=60)
-        watcher.start()
+        spool, tracker = make(tmp_path / "s", settle=60)
+        tracker.start()
         try:
             (spool.inbox / "claimed.jsonl").write_text("{}\n")
             os.rename(spool.inbox / "claimed.jsonl", tmp_path / "claimed.jsonl")  # as a claim does
@@ -92,36 +92,36 @@ def test_a_move_in_from_another_directory_is_a_rename_not_a_creation(tmp_path, m
             os.rename(outside, spool.inbox / "y.jsonl")
             start = time.monotonic()
             while time.monotonic() - start < 5:
-                await watcher.wait()
-                if found := watcher.complete_drops():
+                await tracker.wait()
+                if found := tracker.complete_drops():
                     return found
             return []
         finally:
-            watcher.stop()
+            tracker.stop()
     assert asyncio.run(go()) == ["y.jsonl"]
 
 
 def test_the_queue_is_in_the_order_drops_were_seen_not_their_mtime(tmp_path):
-    spool, watcher = make(tmp_path, settle=0)
+    spool, tracker = make(tmp_path, settle=0)
     (spool.inbox / "first.jsonl").write_text("{}\n")
-    assert watcher.complete_drops() == ["first.jsonl"]
+    assert tracker.complete_drops() == ["first.jsonl"]
     (spool.inbox / "jumper.jsonl").write_text("{}\n")
     os.utime(spool.inbox / "jumper.jsonl", (0, 0))  # `touch -d 1970`: an mtime older than anything
     time.sleep(0.06)  # the next rescan is due (poll_seconds 0.05)
-    assert watcher.complete_drops() == ["first.jsonl", "jumper.jsonl"]
+    assert tracker.complete_drops() == ["first.jsonl", "jumper.jsonl"]
 
 
 def test_an_inbox_that_cannot_be_read_is_an_empty_one_until_it_can(tmp_path, monkeypatch):
     import errno
 
-    spool, watcher = make(tmp_path, settle=0)
+    spool, tracker = make(tmp_path, settle=0)
     (spool.inbox / "a.jsonl").write_text("{}\n")
     real_scandir = os.scandir
 
     def stale(path):
         raise OSError(errno.ESTALE, "Stale file handle", str(path))
     monkeypatch.setattr("spoold.spool.os.scandir", stale)  # an NFS server that restarted
-    assert watcher.complete_drops() == []
+    assert tracker.complete_drops() == []
     monkeypatch.setattr("spoold.spool.os.scandir", real_scandir)
     time.sleep(0.06)
-    assert watcher.complete_drops() == ["a.jsonl"]
+    assert tracker.complete_drops() == ["a.jsonl"]
