@@ -33,6 +33,7 @@ from .names import display_name
 from .notify import Notifier
 from .reporter import Reporter, Shown, Stall
 from .spool import DropRefused, JobDir, PeerClocks, Spool
+from .supervise import supervise
 from .scheduler import Candidate, in_order
 from .validation import ModelResolver, first_model
 from .inbox import InboxTracker
@@ -49,21 +50,9 @@ WRITE_RETRY_SECONDS = 5.0
 #: inbox of 10,000 drops costs no more than over one of 64.
 SCHEDULE_WINDOW = 64
 
-#: A background loop (heartbeat, progress, watchdog) that fails more than
-#: this often in LOOP_FAILURE_WINDOW_SECONDS stops the daemon for systemd.
-MAX_LOOP_FAILURES = 5
-LOOP_FAILURE_WINDOW_SECONDS = 60.0
-#: How long a failed background loop waits before it runs again.
-LOOP_RESTART_SECONDS = 1.0
-
 #: While the model loads, systemd's start timeout is pushed this far ahead,
 #: every third of it: a load that makes no progress still times out in vLLM.
 LOAD_EXTEND_SECONDS = 60.0
-
-#: How long shutting the engine down may take at stop: an engine that hangs
-#: there must not hold the stop past systemd's TimeoutStopSec (90 s); its
-#: processes are then left to KillMode=mixed.
-ENGINE_CLOSE_SECONDS = 30.0
 
 
 class Daemon:
@@ -152,18 +141,11 @@ class Daemon:
                 task.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
             await self._write_heartbeat()
-            await self._close_engine()
+            await self.engine_host.close()
             if self.events is not None:
                 await self.events.close()
             log.info("stopped")
         return self.exit_code
-
-    async def _close_engine(self) -> None:
-        try:
-            await asyncio.wait_for(self.engine.close(), ENGINE_CLOSE_SECONDS)
-        except asyncio.TimeoutError:
-            log.warning("the engine did not shut down within %gs; leaving its processes to systemd",
-                        ENGINE_CLOSE_SECONDS)
 
     def _recover(self) -> None:
         """Before READY: clean half-made claims and name the jobs this host will resume first."""
@@ -173,35 +155,11 @@ class Daemon:
                      len(pending), ", ".join(job.id for job in pending))
 
     async def _supervised(self, loop: Callable[[], Any]) -> None:
-        """Run a background loop for good: an exception is logged and counted, and the loop restarts.
-
-        A loop that died silently would leave a half-daemon: watchdog pings
-        going on while heartbeats stop (and peers take over a live host's
-        jobs). One that keeps failing stops the daemon instead, for systemd
-        to restart it.
-        """
-        failures: list[float] = []
-        while True:
-            try:
-                await loop()
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                now = time.monotonic()
-                failures = [t for t in failures if now - t < LOOP_FAILURE_WINDOW_SECONDS] + [now]
-                if self.metrics is not None:
-                    self.metrics.loop_failures.labels(loop.__name__.strip("_")).inc()
-                if len(failures) > MAX_LOOP_FAILURES:
-                    log.critical("%s keeps failing (%s: %s); exiting so the service restarts",
-                                 loop.__name__, type(e).__name__, e, exc_info=True)
-                    self.exit_code = 1
-                    self._stop.set()
-                    self.inbox.wake()
-                    return
-                log.error("%s failed (%s: %s); restarting it", loop.__name__, type(e).__name__, e,
-                          exc_info=True)
-                await asyncio.sleep(LOOP_RESTART_SECONDS)
+        """A background loop for good (supervise.py); one that keeps failing stops the daemon for systemd."""
+        if not await supervise(loop, self.metrics):
+            self.exit_code = 1
+            self._stop.set()
+            self.inbox.wake()
 
     def _on_signal(self, sig: int) -> None:
         """Record the signal; the main loop acts on it."""

@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 MAX_RESTARTS = 3
 RESTART_WINDOW_SECONDS = 600.0
 
-#: How long an engine gets to shut down (a dead or hung one may never).
+#: How long an engine gets to shut down (a dead or hung one may never): under
+#: systemd's TimeoutStopSec (90 s), so a stop is never held past it; what is
+#: left of the engine's processes then goes with KillMode=mixed.
 CLOSE_SECONDS = 60.0
 
 
@@ -73,6 +75,10 @@ class EngineHost:
         """Close the current engine and make a fresh one for the same model; not started yet."""
         await close_quietly(self.engine)
         self.engine = self.make_engine(self.model)
+
+    async def close(self) -> None:
+        """Shut the current engine down at stop, within CLOSE_SECONDS."""
+        await close_quietly(self.engine)
 
     async def unload(self) -> None:
         """Close the current engine for another model and publish what memory came back."""

@@ -3,7 +3,6 @@
 import asyncio
 import os
 
-from spoold import daemon as daemon_module
 from spoold.config import Config, EngineSettings, SpoolSettings
 from spoold.daemon import Daemon
 
@@ -17,7 +16,7 @@ def make_daemon(tmp_path) -> Daemon:
 
 
 def test_a_background_loop_that_fails_is_restarted(tmp_path, monkeypatch):
-    monkeypatch.setattr(daemon_module, "LOOP_RESTART_SECONDS", 0)
+    monkeypatch.setattr("spoold.supervise.RESTART_SECONDS", 0)
     daemon, runs = make_daemon(tmp_path), []
 
     async def flaky():
@@ -34,7 +33,7 @@ def test_a_background_loop_that_fails_is_restarted(tmp_path, monkeypatch):
 
 
 def test_a_background_loop_that_keeps_failing_stops_the_daemon_for_systemd(tmp_path, monkeypatch):
-    monkeypatch.setattr(daemon_module, "LOOP_RESTART_SECONDS", 0)
+    monkeypatch.setattr("spoold.supervise.RESTART_SECONDS", 0)
     daemon = make_daemon(tmp_path)
 
     async def broken():
@@ -69,15 +68,15 @@ def test_a_drop_refused_at_claim_is_announced_as_failed(tmp_path):
 
 
 def test_an_engine_that_hangs_at_shutdown_does_not_hold_the_stop(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(daemon_module, "ENGINE_CLOSE_SECONDS", 0.05)
+    monkeypatch.setattr("spoold.enginehost.CLOSE_SECONDS", 0.05)
     daemon = make_daemon(tmp_path)
     hung = asyncio.Event()
 
     async def close():
         await hung.wait()  # never set: an engine stuck in its shutdown
     daemon.engine.close = close
-    asyncio.run(daemon._close_engine())
-    assert "did not shut down within 0.05s" in caplog.text
+    asyncio.run(daemon.engine_host.close())
+    assert "did not shut down cleanly" in caplog.text
 
 
 def test_a_hung_engine_verdict_stops_the_job_once(tmp_path):
@@ -112,3 +111,45 @@ def test_a_reload_changes_what_the_reporter_counts_as_a_stall(tmp_path):
     daemon.reload_config = lambda: replace(daemon.config, watchdog=WatchdogSettings(stall_seconds=10))
     daemon._reload()  # SIGHUP
     assert daemon.report.progress(Running()).stalled
+
+
+def test_the_first_signal_is_a_warm_stop_the_second_a_cold_one(tmp_path):
+    import signal
+
+    daemon = make_daemon(tmp_path)
+
+    async def go():
+        daemon._stop, daemon._job_stop = asyncio.Event(), asyncio.Event()
+        daemon._main_task = asyncio.current_task()
+        daemon._on_signal(signal.SIGTERM)
+        warm = daemon._stop.is_set() and daemon._job_stop.is_set()
+        daemon._on_signal(signal.SIGTERM)
+        try:
+            await asyncio.sleep(10)  # the cancel lands here
+        except asyncio.CancelledError:
+            return warm, "cancelled"
+        return warm, "not cancelled"
+    assert asyncio.run(go()) == (True, "cancelled")
+
+
+def test_a_peers_job_silent_for_claim_timeout_is_taken_over_and_run_here(tmp_path, monkeypatch):
+    from spoold.spool import Spool
+
+    clock = [1000.0]
+    monkeypatch.setattr("spoold.spool.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("spoold.daemon.time.monotonic", lambda: clock[0])
+    config = Config(spool=SpoolSettings(root=tmp_path / "spool", host_id="h", claim_timeout=60),
+                    engine=EngineSettings(adapter="tests.fake_engine:EchoEngine", model="fake-model"))
+    daemon = Daemon(config, EchoEngine(config.engine))
+    peer = Spool(SpoolSettings(root=tmp_path / "spool", host_id="peer"))
+    peer.ensure_dirs()
+    (peer.inbox / "p.jsonl").write_text('{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", '
+                                         '"body": {"model": "fake-model", "messages": []}}\n')
+    job = peer.claim_drop("p.jsonl")
+    daemon.spool.ensure_dirs()
+    assert asyncio.run(daemon._take_over_orphan()) is None  # the first look starts the peer's clock
+    clock[0] += 30
+    assert asyncio.run(daemon._take_over_orphan()) is None  # silent 30 s of 60: still the peer's
+    clock[0] += 31
+    taken = asyncio.run(daemon._take_over_orphan())
+    assert taken is not None and taken.job.path == daemon.spool.host_dir / job.id and not job.path.exists()
