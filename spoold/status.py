@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +26,26 @@ def spool_status(spool: Spool, stall_seconds: float = 300.0) -> dict[str, Any]:
     """Queued, processing (every host) and recent finished/failed jobs.
 
     A job whose heartbeat shows requests in flight but no progress for
-    `stall_seconds` is marked `stalled`.
+    `stall_seconds` is marked `stalled`. What this user may not read (a
+    submitter may not look into processing/, see the README's "Who may read
+    what") is listed under `unreadable` instead of ending the command.
     """
-    return {
-        "queued": _queued(spool.inbox),
-        "processing": _processing(spool.processing, stall_seconds),
-        "finished": _recent(spool.outbox),
-        "failed": _recent(spool.failed),
+    unreadable: list[str] = []
+
+    def readable(section: str, read: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        try:
+            return read()
+        except PermissionError:
+            unreadable.append(section)
+            return []
+    status = {
+        "queued": readable("inbox", lambda: _queued(spool.inbox)),
+        "processing": readable("processing", lambda: _processing(spool.processing, stall_seconds)),
+        "finished": readable("outbox", lambda: _recent(spool.outbox)),
+        "failed": readable("failed", lambda: _recent(spool.failed)),
     }
+    status["unreadable"] = unreadable
+    return status
 
 
 def _queued(inbox: Path) -> list[dict[str, Any]]:
@@ -119,12 +132,18 @@ def render_status(status: dict[str, Any]) -> str:
     for key in ("finished", "failed"):
         lines.append(f"{key} (latest {RECENT}):")
         for j in status[key]:
+            if not j["status"]:  # a failed job's directory is the daemon's alone
+                lines.append(f"  {j['id']}: details not readable by this user")
+                continue
             counts = j["request_counts"] or {}
             why = f"  {j['errors'][0]['message']}" if key == "failed" and j["errors"] else ""
             lines.append(f"  {j['id']} {j['status']}: {counts.get('completed', 0)} ok, "
                          f"{counts.get('failed', 0)} failed of {counts.get('total', 0)}{why}")
         if not status[key]:
             lines.append("  -")
+    if status.get("unreadable"):
+        lines.append(f"not readable by this user: {', '.join(status['unreadable'])} (run as root, or as a "
+                     "member of the daemon's group, to see them)")
     return "\n".join(lines)
 
 
