@@ -186,7 +186,8 @@ def test_power_cuts_lose_nothing_that_was_counted(reference_with_failures, tmp_p
 
     with ThreadPoolExecutor(PARALLEL) as pool:
         total = merge(list(pool.map(trial, chosen)))
-    save_result("Power cut (only fsynced data and fsynced directory entries survive)", len(chosen), total)
+    save_result("Power cut (only fsynced data and fsynced directory entries survive)", len(chosen), total,
+                f"{len(record)} steps of a 4-drop run: 2 jobs, a hard link refused at claim, a gzip file given up")
     assert total.ok, total.problems[:5]
     assert len(chosen) >= 50
 
