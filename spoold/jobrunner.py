@@ -371,7 +371,7 @@ class JobRunner:
             log.info("job %s resumed, %d lines already done (found in %.2fs)", self.job.id,
                      self.progress.done_at_start, time.monotonic() - self.progress.started,
                      **job_fields(self.job.id))
-        crashes = self._crash_counts()
+        crashes = self.record.crash_counts()
         suspects = {line for line, deaths in crashes.items() if deaths < MAX_CRASHES_PER_LINE}
         if suspects:
             lines = self._unfinished(f, writer, recovered, crashes, lambda n: n in suspects)
@@ -407,13 +407,9 @@ class JobRunner:
             raise EngineDead(f"job {self.job.id}: the engine failed: {failure[0]!r}") from failure[0]
         return not self.stop.is_set()
 
-    def _crash_counts(self) -> dict[int, int]:
-        """batch.json's `engine_crashes`: input line -> engine deaths it was in flight at."""
-        return self.record.crash_counts()
-
     def _record_crash(self) -> None:
         """Count an engine death against the lines it had in flight, durably, before the restart."""
-        counts = self._crash_counts()
+        counts = self.record.crash_counts()
         for line in self._crashed_lines:
             counts[line] = counts.get(line, 0) + 1
         self.record.note_crashes(counts)
