@@ -28,6 +28,7 @@ from spoold.jobrunner import JobRunner
 from spoold.spool import Spool
 from spoold.submit import validate_file
 from spoold.validation import ModelResolver
+from spoold.window import FairWindow
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -57,7 +58,7 @@ def write_path(tmp: Path, n: int) -> dict:
 
     async def go():
         runner = JobRunner(spool, job, EchoEngine(EngineSettings(model="fake-model")), ModelResolver({}, "fake-model"),
-                           LimitsSettings(), 512, asyncio.Event())
+                           LimitsSettings(), FairWindow(512).join(job.id), asyncio.Event())
         await runner.run()
         return runner
     runner = asyncio.run(go())

@@ -40,6 +40,8 @@ class SpoolSettings:
     settle_seconds: float = 5.0
     poll_seconds: float = 2.0
     claim_timeout: float = 600.0
+    #: jobs of the loaded model that run at once, sharing the engine's in-flight window
+    max_active_jobs: int = 64
     file_mode: int = 0o640
     group: str = ""
     state_dir: str = ""
@@ -200,6 +202,9 @@ MIN_HEARTBEATS_PER_CLAIM_TIMEOUT = 3
 
 def _check_together(config: Config) -> None:
     """Settings that are fine alone but wrong together."""
+    if config.spool.max_active_jobs < 1:
+        raise ConfigError(f"[spool] max_active_jobs = {config.spool.max_active_jobs}: at least 1 job must "
+                          "be able to run (1 runs one job at a time)")
     least = MIN_HEARTBEATS_PER_CLAIM_TIMEOUT * config.heartbeat.seconds
     if config.spool.claim_timeout < least:
         raise ConfigError(f"[spool] claim_timeout = {config.spool.claim_timeout:g} is under "
@@ -302,7 +307,7 @@ def _unknown(label: str, key: str, known: dict[str, Any]) -> str:
 
 #: What SIGHUP can change without reloading the model, per section.
 RELOADABLE = {
-    "spool": ("settle_seconds", "poll_seconds", "claim_timeout"),
+    "spool": ("settle_seconds", "poll_seconds", "claim_timeout", "max_active_jobs"),
     "engine": ("max_inflight",),
     "models": ("max_wait_seconds", "gpu_hour_price"),
     "limits": ("max_line_bytes", "max_file_bytes", "max_output_tokens_per_line"),

@@ -1,12 +1,15 @@
 """The daemon: wires spool, inbox tracker, engine, job runner and reporter together.
 
 One main loop owns all decisions: what runs next, when to stop, pause,
-swap or replace the engine. The runner runs one job (and notices a cancel
-itself); the reporter tells the world (heartbeats, STATUS=, events,
-metrics) and measures stalls, which come back here as a verdict. Signal handlers only record the signal;
-the loop acts on it (gunicorn's arbiter): the first SIGTERM stops claiming,
-lets finished results reach disk and exits 0, leaving the job to resume on
-the next start; a second one cancels at once (rq's cold shutdown).
+swap or replace the engine. Every claimed job of the loaded model runs at
+once (up to `[spool] max_active_jobs`), each in its own JobRunner, sharing
+the engine's in-flight window fairly (window.py); the worklist finds and
+claims work; each runner notices its own cancel; the reporter tells the
+world (heartbeats, STATUS=, events, metrics) and measures stalls, which
+come back here as a verdict. Signal handlers only record the signal; the
+loop acts on it (gunicorn's arbiter): the first SIGTERM stops claiming, lets
+finished results reach disk and exits 0, leaving the jobs to resume on the
+next start; a second one cancels at once (rq's cold shutdown).
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,18 +27,18 @@ from .enginehost import MAX_RESTARTS, RESTART_WINDOW_SECONDS, EngineHost
 from .events import EventPublisher
 from .gpu import GpuReader
 from .heartbeat import status_line
-from .jobrecord import JobRecord
+from .inbox import InboxTracker
 from .jobrunner import IncompleteJob, JobRunner, job_fields
-from .lifecycle import DaemonState, JobStatus, Outcome
+from .lifecycle import DaemonState, Outcome
 from .metrics import Metrics
 from .names import display_name
 from .notify import Notifier
 from .reporter import Reporter, Shown, Stall
-from .spool import DropRefused, JobDir, PeerClocks, Spool
+from .spool import Spool
 from .supervise import supervise
-from .scheduler import Candidate, in_order
-from .validation import ModelResolver, first_model
-from .inbox import InboxTracker
+from .validation import ModelResolver
+from .window import FairWindow
+from .worklist import Claimed, WorkList, describe
 from .writer import JobLost, WriterFailed
 
 log = logging.getLogger(__name__)
@@ -44,11 +46,6 @@ log = logging.getLogger(__name__)
 #: How long to wait before retrying a job whose results could not be written
 #: (a full or failing disk): long enough not to spin, short enough to resume soon.
 WRITE_RETRY_SECONDS = 5.0
-
-#: How many complete drops (first seen first) one scheduling pass weighs:
-#: enough to find the loaded model's work, few enough that a pass over an
-#: inbox of 10,000 drops costs no more than over one of 64.
-SCHEDULE_WINDOW = 64
 
 #: While the model loads, systemd's start timeout is pushed this far ahead,
 #: every third of it: a load that makes no progress still times out in vLLM.
@@ -74,23 +71,22 @@ class Daemon:
         self.gpus = gpus or GpuReader()
         self.report = Reporter(config, self.spool, self.notifier, self.gpus, metrics, events)
         self.engine_host = EngineHost(engine, make_engine, self.report.publish, self.gpus)
+        self.work = WorkList(config, self.spool, self.inbox, self.resolver, self.report)
+        #: the engine's in-flight window, shared by the running jobs (a fresh one per engine)
+        self.window = FairWindow(self._inflight_limit())
         self.state = DaemonState.STARTING
         self.exit_code = 0
         self._stop: asyncio.Event | None = None
         self._signals = 0
         self._main_task: asyncio.Task | None = None
-        self._current: JobRunner | None = None
-        self._stuck: set[str] = set()
-        self._queued = 0
+        #: job id -> its run, in the order they started
+        self._running: dict[str, Running] = {}
         self._hup: asyncio.Event | None = None
         #: why work is paused (a full or failing disk), shown in status and heartbeats
         self._paused: str | None = None
-        #: set to end the current job early: a stop, or a hung engine
-        self._job_stop: asyncio.Event | None = None
-        self._engine_hung = False
+        #: why the engine must be replaced (it died, or hung past restart_seconds); None while healthy
+        self._trouble: str | None = None
         self._ready_sent = False
-        self._orphans_checked = 0.0
-        self._peer_clocks = PeerClocks()
 
     def run(self) -> int:
         """Run until stopped; returns the process exit code.
@@ -136,6 +132,8 @@ class Daemon:
         finally:
             self.state = DaemonState.STOPPING
             self.notifier.stopping()
+            self._stop_jobs()
+            await self._settle_jobs()
             self.inbox.stop()
             for task in loops:
                 task.cancel()
@@ -167,8 +165,7 @@ class Daemon:
         if self._signals == 1:
             log.info("%s: warm stop (finishing writes; send again to stop at once)", signal.Signals(sig).name)
             self._stop.set()
-            if self._job_stop is not None:
-                self._job_stop.set()
+            self._stop_jobs()
             self.inbox.wake()
         elif self._main_task is not None:
             self._main_task.cancel()
@@ -187,23 +184,36 @@ class Daemon:
             await self.engine_host.load()
         finally:
             extender.cancel()
+        self.window = FairWindow(self._inflight_limit())
         self.state = DaemonState.IDLE
         await self._write_heartbeat()  # a state change is on disk at once, not a period later
-        self.notifier.ready(status_line(None, len(self.spool.inbox_entries()), self.gpus.read()))
+        self.notifier.ready(status_line([], len(self.spool.inbox_entries()), self.gpus.read()))
         self._ready_sent = True
 
     async def _serve(self) -> None:
-        """Run this host's jobs and claim drops as they complete, oldest first, few model swaps."""
+        """Run this host's jobs and claim drops as they complete, oldest first, few model swaps.
+
+        Woken by the inbox (a drop, a poll) and by every job that ends.
+        """
         while not self._stop.is_set():
+            if self._trouble is not None:
+                await self._replace_engine()
+                continue
+            if self._paused is not None:
+                await self._pause()
+                continue
             try:
-                chosen = await self._take_over_orphan() or await self._next_job()
+                swap_to = await self._fill()
             except OSError as e:  # EIO or ESTALE from the spool: pause and look again, never exit
-                await self._pause(f"cannot read the spool: {_describe(e)}")
+                self._pause_for(f"cannot read the spool: {describe(e)}")
                 continue
-            if chosen is None:
-                await self.inbox.wait()
+            if swap_to is not None and not self._running:
+                await self._swap_engine(swap_to)
                 continue
-            await self._run_job(chosen)
+            await self.inbox.wait()
+
+    def _inflight_limit(self) -> int:
+        return engine_settings_for(self.config, self.engine.model).inflight_limit  # [models.X] may set it
 
     async def _extend_start_timeout(self) -> None:
         if not self.notifier.active:
@@ -238,172 +248,143 @@ class Daemon:
             log.error("reload: %s; keeping the current settings", e)
         else:
             self.config, needs_restart = reload_settings(self.config, new)
-            self.report.config = self.config  # [watchdog] and [heartbeat] apply to what it measures
+            self.report.config = self.work.config = self.config  # what they measure and look for
             self.inbox.settle_seconds = self.config.spool.settle_seconds
             self.inbox.poll_seconds = self.config.spool.poll_seconds
-            log.info("reloaded settings (max_inflight applies from the next job)")
+            self.window.capacity = self._inflight_limit()
+            log.info("reloaded settings (max_inflight applies to the jobs started from now on)")
             if needs_restart:
                 log.warning("reload: %s changed; restart spoold to apply", ", ".join(needs_restart))
         self.notifier.send("READY=1")
 
-    async def _next_job(self) -> "Claimed | None":
-        """This host's jobs and the inbox's complete drops, in the scheduler's order; claims a drop."""
-        own = [self._candidate(job) for job in self.spool.host_jobs() if job.id not in self._stuck]
-        await self.inbox.refresh()
-        drops = self.inbox.complete_drops()
-        self._queued = len(drops)
-        several = len(self.resolver.known) > 1  # only then is a peek at the drops worth it
-        waiting = own + [Candidate(name, first_model(self.spool.inbox / name, self.resolver) if several else None,
-                                   self.inbox.seen_at(name)) for name in drops[:SCHEDULE_WINDOW]]
-        for choice in in_order(waiting, self.engine.model, self.config.models.max_wait_seconds, time.time()):
-            if isinstance(choice.item, Claimed):
-                return choice.item
-            job = await self._claim(choice.item)
-            if job is not None or self._paused:
-                return Claimed(job, None) if job is not None else None
-        return None
+    # -- the jobs that run at once --------------------------------------------
 
-    def _candidate(self, job: JobDir) -> Candidate:
-        """A claimed job for the scheduler: the model it needs next (from its record, or a
-        peek at a job not validated yet) and when it was claimed. Its record is read here
-        once for the pass, and the runner reuses it."""
-        record, problem = read = job.read_record()
-        if problem:
-            model = None  # the runner fails it, on whatever model is loaded
-        elif record is None or record.status == JobStatus.VALIDATING:
-            model = first_model(job.input, self.resolver)
-        else:
-            model = self._known(record.next_model())
-        return Candidate(Claimed(job, read), model, record.created_at if record is not None else 0)
+    async def _fill(self) -> str | None:
+        """Start what may run now beside the running jobs, in the scheduler's order.
 
-    def _known(self, model: object) -> str | None:
-        """A model named in a batch.json, if it is a configured one; None (any will do) otherwise:
-        the runner then fails a job whose record names another."""
-        return model if isinstance(model, str) and model in self.resolver.known else None
-
-    async def _take_over_orphan(self) -> "Claimed | None":
-        """Adopt a job whose host stopped heartbeating for `[spool] claim_timeout`.
-
-        Looked for every quarter of the timeout (at most every 30 s), before
-        new drops: an orphan is older than anything in the inbox.
+        Only jobs of the loaded model run together. When the job whose turn
+        it is needs another model, nothing new starts: the model it names is
+        returned, and the loop swaps once the running jobs are done.
         """
-        timeout = self.config.spool.claim_timeout
-        now = time.monotonic()
-        if now - self._orphans_checked < min(max(timeout / 4, 0.5), 30.0):
-            return None
-        self._orphans_checked = now
-        try:
-            orphans = self.spool.orphaned_jobs(timeout, self._peer_clocks)
-            for orphan, age in orphans:
-                job = self.spool.take_over(orphan)
-                self._peer_clocks.forget(orphan.path)
-                if job is not None:
-                    log.warning("took over job %s from %s: nothing of it changed for %.0fs", job.id,
-                                orphan.path.parent.name, age, **job_fields(job.id))
-                    return Claimed(job, None)
-        except OSError as e:
-            log.error("cannot take over orphaned jobs: %s", _describe(e))
+        for claimed in self.work.take_over_orphans():
+            self._start(claimed)
+        loaded = self.engine.model
+        for rank, choice in enumerate(await self.work.in_order(loaded, set(self._running))):
+            if len(self._running) >= self.config.spool.max_active_jobs or self._paused:
+                return None
+            if choice.model not in (None, loaded):
+                if rank > 0:
+                    continue  # not its turn yet: the scheduler's starvation bound says when
+                if self.work.validated(choice):
+                    return choice.model
+                # Not validated yet: it runs on the loaded model first (validation
+                # needs none, and its lines for this model run before a swap).
+            claimed = choice.item if isinstance(choice.item, Claimed) else self._claim(choice.item)
+            if claimed is not None:
+                self._start(claimed)
         return None
 
-    async def _claim(self, name: str) -> JobDir | None:
-        """Claim one drop; None if another daemon was first or the disk refused."""
-        shown = display_name(name)
+    def _claim(self, name: str) -> Claimed | None:
         try:
-            job = self.spool.claim_drop(name)
-        except DropRefused as refused:
-            self.inbox.forget(name)
-            record, _ = refused.job.read_record()
-            self.report.publish("spoold.job.failed", {"job": refused.job.id, "input_file": shown,
-                                                      "errors": record.errors if record else []})
-            self.report.job_finished(Outcome.FAILED)
-            return None
+            return self.work.claim(name)
         except OSError as e:
-            await self._pause(f"cannot claim {shown}: {_describe(e)}")
+            self._pause_for(f"cannot claim {display_name(name)}: {describe(e)}")
             return None
-        self.inbox.forget(name)
-        if job is not None:
-            log.info("claimed '%s' as job %s", shown, job.id, **job_fields(job.id))
-            self.report.publish("spoold.job.claimed", {"job": job.id, "input_file": shown})
-        return job
 
-    async def _run_job(self, claimed: "Claimed") -> None:
-        job = claimed.job
-        read = claimed.record or job.read_record()
-        # A job not validated yet runs on the loaded model first: validation
-        # needs none, and the lines it has for this model run before a swap.
-        wanted = self._known(read[0].next_model()) if read[0] is not None else None
-        if wanted is not None and wanted != self.engine.model and not job.cancel_request.exists():
-            await self._swap_engine(wanted)
-            if self._stop.is_set():
-                return
-        self._job_stop = asyncio.Event()
-        inflight = engine_settings_for(self.config, self.engine.model).inflight_limit  # [models.X] may set it
-        runner = JobRunner(self.spool, job, self.engine, self.resolver, self.config.limits,
-                           inflight, self._job_stop, on_validated=self.report.validated, record=read)
-        self._current = runner
-        self._paused = None  # trying again; a new failure pauses again
-        self.report.job_started()
+    def _start(self, claimed: Claimed) -> None:
+        """Run one job beside the others, with its own stop and its share of the window."""
+        read = claimed.record or claimed.job.read_record()
+        record = read[0]
+        share = self.window.join(claimed.job.id, record.tenant if record else "", record.weight() if record else 1)
+        runner = JobRunner(self.spool, claimed.job, self.engine, self.resolver, self.config.limits, share,
+                           asyncio.Event(), on_validated=self.report.validated, record=read)
+        self.report.job_started(runner)
+        task = asyncio.create_task(self._run_job(runner), name=f"job:{claimed.job.id}")
+        self._running[claimed.job.id] = Running(runner, task)
         self.state = DaemonState.WORKING
-        await self._write_heartbeat()
+
+    async def _run_job(self, runner: JobRunner) -> None:
+        """One job's run, and what its end means: done, wait for a model, pause, replace the engine."""
+        job = runner.job
         outcome = Outcome.INTERRUPTED
         try:
             outcome = await runner.run()
-            if outcome is Outcome.INTERRUPTED and self._engine_hung:
-                await self._restart_engine(f"job {job.id}: the engine made no progress for "
-                                           f"{self.config.watchdog.restart_seconds:.0f}s")
-            elif outcome is Outcome.WAITING:
-                log.info("job %s: the lines for %s are done; next model: %s", job.id, self.engine.model,
+            if outcome is Outcome.WAITING:
+                log.info("job %s: the lines for %s are done; next model: %s", job.id, runner.engine.model,
                          runner.record.next_model(), **job_fields(job.id))
-            elif outcome is Outcome.INTERRUPTED:
+            elif outcome is Outcome.INTERRUPTED and not self._trouble:
                 log.info("job %s interrupted at %d/%d; it resumes on the next start",
                          job.id, runner.progress.done, runner.progress.total, **job_fields(job.id))
         except JobLost as e:
             log.warning("job %s is no longer this host's: %s; leaving it alone", job.id, e, **job_fields(job.id))
         except (WriterFailed, OSError) as e:
-            await self._pause(f"job {job.id}: {_describe(e)}", job.id)
+            self._pause_for(f"job {job.id}: {describe(e)}", job.id)
         except IncompleteJob as e:
             log.error("%s", e)
-            self._stuck.add(job.id)
+            self.work.stuck.add(job.id)
         except EngineDead as e:
-            await self._restart_engine(str(e))
+            self._engine_trouble(str(e))
         except Exception as e:  # a bug or an I/O fault must not take the daemon down
             log.error("job %s stopped by an unexpected %s: %s; it stays in %s and is retried "
                       "on the next start", job.id, type(e).__name__, e, job.path.parent, exc_info=True,
                       **job_fields(job.id))
-            self._stuck.add(job.id)
+            self.work.stuck.add(job.id)
         finally:
+            runner.share.leave()
             self.report.job_ended(runner, outcome)
-            self._current = None
-            self._job_stop = None
-            if self.state == DaemonState.WORKING:
+            del self._running[job.id]
+            if not self._running and self.state == DaemonState.WORKING:
                 self.state = DaemonState.IDLE
-            await self._write_heartbeat()
+            self.inbox.wake()  # a slot is free: the loop looks for more work
 
-    async def _pause(self, reason: str, job_id: str | None = None) -> None:
-        """A full or failing disk: say so everywhere, wait, then let the loop try again.
+    def _stop_jobs(self) -> None:
+        """Tell every running job to stop: what is in flight settles, what is durable stays."""
+        for running in self._running.values():
+            running.runner.stop.set()
+
+    async def _settle_jobs(self) -> None:
+        """Wait until every running job has stopped."""
+        await asyncio.gather(*(r.task for r in list(self._running.values())), return_exceptions=True)
+
+    def _engine_trouble(self, reason: str) -> None:
+        """The engine died or hangs: stop sending it anything, stop every job; the loop replaces it."""
+        if self._trouble is None:
+            self._trouble = reason
+            self.window.close()  # a request sent to it now would be lost, and blamed on its line
+            self._stop_jobs()
+            self.inbox.wake()
+
+    def _pause_for(self, reason: str, job_id: str | None = None) -> None:
+        """A full or failing disk: say so everywhere; the loop waits, then tries again.
 
         Nothing unpersisted was counted, nothing incomplete was published;
-        the retry resumes from what is on disk. Spool directories someone
-        removed are made again.
+        the retry resumes from what is on disk.
         """
-        self._paused = reason
-        fields = job_fields(job_id) if job_id else {}
-        log.error("%s; work paused, retrying in %.0fs", reason, WRITE_RETRY_SECONDS, **fields)
+        if self._paused is None:
+            fields = job_fields(job_id) if job_id else {}
+            log.error("%s; work paused, retrying in %.0fs", reason, WRITE_RETRY_SECONDS, **fields)
+            self._paused = reason
+            self.inbox.wake()
+
+    async def _pause(self) -> None:
+        """Start nothing for WRITE_RETRY_SECONDS; then make again the spool directories someone removed."""
         await self._write_heartbeat()
         await self._sleep_unless_stopped(WRITE_RETRY_SECONDS)
+        self._paused = None  # trying again; a new failure pauses again
         try:
             self.spool.ensure_dirs()
         except OSError as e:
-            log.error("cannot create the spool directories: %s", _describe(e))
+            log.error("cannot create the spool directories: %s", describe(e))
 
-    async def _restart_engine(self, reason: str) -> None:
-        """Replace a dead or hung engine in-process; the job resumes on the fresh one.
+    async def _replace_engine(self) -> None:
+        """Replace a dead or hung engine in-process, once every job has stopped; they resume on the fresh one.
 
         What was durable stays done; the requests that were in flight have no
         result line and simply run again. An engine that keeps failing makes
         the daemon exit 1 instead, for systemd to restart the whole service.
         """
-        self._engine_hung = False
+        await self._settle_jobs()
+        reason, self._trouble = self._trouble, None
         if not self.engine_host.may_restart():
             log.error("%s; more than %d engine restarts in %.0fs: exiting so the service restarts",
                       reason, MAX_RESTARTS, RESTART_WINDOW_SECONDS)
@@ -446,8 +427,8 @@ class Daemon:
 
     def _shown(self) -> Shown:
         """What the daemon is doing, for the reporter."""
-        return Shown(self.state, self.engine.model, self._paused, self._current, self._queued,
-                     WRITE_RETRY_SECONDS)
+        return Shown(self.state, self.engine.model, self._paused,
+                     tuple(r.runner for r in self._running.values()), self.work.queued, WRITE_RETRY_SECONDS)
 
     async def _write_heartbeat(self) -> None:
         await self.report.heartbeat(self._shown())
@@ -465,31 +446,21 @@ class Daemon:
     async def _progress_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.events.progress_seconds)
-            if self._current is not None:
-                self._act_on(self.report.progress(self._current))
+            for running in list(self._running.values()):
+                self._act_on(self.report.progress(running.runner))
 
     def _act_on(self, stall: Stall) -> None:
-        """An engine hung past `[watchdog] restart_seconds` stops the job; `_run_job` then replaces it.
+        """An engine hung past `[watchdog] restart_seconds` stops every job; the loop then replaces it.
 
         (A stall short of that only stops the watchdog pings: `_systemd_watchdog_loop`.)
         """
-        if stall.hung and not self._engine_hung:
-            self._engine_hung = True
-            if self._job_stop is not None:
-                self._job_stop.set()
+        if stall.hung:
+            self._engine_trouble(f"the engine made no progress for {self.config.watchdog.restart_seconds:.0f}s")
 
 
 @dataclass(frozen=True)
-class Claimed:
-    """A job of this host chosen to run, with its record as read for this pass (None: read it then)."""
+class Running:
+    """A job running now: its runner (progress, stop) and the task that runs it."""
 
-    job: JobDir
-    record: tuple[JobRecord | None, str | None] | None
-
-
-def _describe(error: BaseException) -> str:
-    """An I/O error as a person reads it: what failed, on which file."""
-    if isinstance(error, OSError) and error.strerror:
-        where = f" ({error.filename})" if error.filename else ""
-        return f"{error.strerror}{where}"
-    return str(error)
+    runner: JobRunner
+    task: asyncio.Task

@@ -1,4 +1,4 @@
-"""heartbeat.json: how the daemon and its current job are doing, on disk.
+"""heartbeat.json: how the daemon and its running jobs are doing, on disk.
 
 Replaced atomically every `[heartbeat] seconds` in the job directory and in
 the state directory, so `spoold status` (and other hosts sharing the spool)
@@ -16,17 +16,19 @@ from .durable import replace_json
 from .lifecycle import ACTIVE, JobStatus
 
 
-def heartbeat_document(host: str, state: str, progress: Any | None, gpus: list[dict]) -> dict[str, Any]:
-    """The heartbeat content: pid, host, state, and the job's counts, rate and ETA."""
-    doc: dict[str, Any] = {"pid": os.getpid(), "host": host, "state": state,
-                           "ts": round(time.time(), 3), "job": None, "gpus": gpus}
-    if progress is not None:
-        doc["job"] = progress.summary()
-    return doc
+def heartbeat_document(host: str, state: str, progresses: list[Any], gpus: list[dict]) -> dict[str, Any]:
+    """The heartbeat content: pid, host, state, and each running job's counts, rate and ETA.
+
+    `job` is the first (longest running) of `jobs`, for readers written
+    when a daemon ran one job at a time.
+    """
+    jobs = [progress.summary() for progress in progresses]
+    return {"pid": os.getpid(), "host": host, "state": state, "ts": round(time.time(), 3),
+            "job": jobs[0] if jobs else None, "jobs": jobs, "gpus": gpus}
 
 
-def write_heartbeat(paths: list[Path], doc: dict[str, Any], mode: int = 0o640, gid: int = -1) -> list[str]:
-    """Replace each heartbeat file atomically; returns what failed, e.g. on a full disk.
+def write_heartbeat(beats: list[tuple[Path, dict[str, Any]]], mode: int = 0o640, gid: int = -1) -> list[str]:
+    """Replace each heartbeat file atomically with its document; returns what failed, e.g. on a full disk.
 
     A heartbeat that cannot be written must never stop the work it reports
     on; a vanished directory (a job just published) is not a failure. Not
@@ -34,7 +36,7 @@ def write_heartbeat(paths: list[Path], doc: dict[str, Any], mode: int = 0o640, g
     loses one loses nothing (peers judge a host by beats it goes on writing).
     """
     failures = []
-    for path in paths:
+    for path, doc in beats:
         try:
             replace_json(path, doc, mode, gid)
         except FileNotFoundError:
@@ -44,13 +46,39 @@ def write_heartbeat(paths: list[Path], doc: dict[str, Any], mode: int = 0o640, g
     return failures
 
 
-def status_line(progress: Any | None, queued: int, gpus: list[dict]) -> str:
-    """The one line for `systemctl status`, e.g. `batch_5k: 1762/5000 (35%) 3.9 req/s ETA 14m`."""
+def status_line(progresses: list[Any], queued: int, gpus: list[dict]) -> str:
+    """The one line for `systemctl status`.
+
+    One job: `batch_5k: 1762/5000 (35%) 3.9 req/s ETA 14m`; several:
+    `3 jobs: 4210/170000 (2%), 37/50, 900/1000; 212 req/s` (the longest
+    running first; a line that grows too long ends in `...`).
+    """
     gpu = ""
     if gpus:
         gpu = " GPU " + "/".join(f"{g['utilization_pct']}%" for g in gpus)
-    if progress is None or progress.state not in ACTIVE:
+    active = [p for p in progresses if p.state in ACTIVE]
+    if not active:
         return f"idle, {queued} queued{gpu}"
+    if len(active) == 1:
+        return _one_job(active[0], gpu)
+    parts = [_counts(p) for p in active[:SHOWN_JOBS]] + (["..."] if len(active) > SHOWN_JOBS else [])
+    rate = sum(p.rate() for p in active)
+    return f"{len(active)} jobs: {', '.join(parts)}; {rate:.1f} req/s{gpu}"
+
+
+#: How many jobs the status line names one by one (systemd shows one line).
+SHOWN_JOBS = 4
+
+
+def _counts(progress: Any) -> str:
+    if progress.state == JobStatus.VALIDATING:
+        return "validating"
+    if progress.total >= 100:
+        return f"{progress.done}/{progress.total} ({100 * progress.done // progress.total}%)"
+    return f"{progress.done}/{progress.total}"
+
+
+def _one_job(progress: Any, gpu: str) -> str:
     name = progress.input_file.removesuffix(".jsonl") or progress.job_id
     if progress.state == JobStatus.VALIDATING:
         return f"{name}: validating{gpu}"

@@ -21,6 +21,10 @@ from typing import Any
 from .durable import atomic_write_json
 from .lifecycle import JobStatus
 
+#: The largest weight `priority` may give a job: one job can have at most this
+#: many times the share of a default one.
+MAX_PRIORITY = 100
+
 
 @dataclass
 class RequestCounts:
@@ -66,6 +70,10 @@ class JobRecord:
     models_done: list[str] = field(default_factory=list)
     #: input line (as a string) -> engine deaths it was in flight at
     engine_crashes: dict[str, int] = field(default_factory=dict)
+    #: the OpenAI Batch object's `metadata` (string pairs); `priority` there weights the job's share
+    metadata: dict[str, str] | None = None
+    #: who the job belongs to (an API key's name); "" for the filesystem's drops
+    tenant: str = ""
     #: keys this version does not know, kept as they were
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -115,6 +123,10 @@ class JobRecord:
         kwargs["models_done"] = _typed(doc, "models_done", list, [])
         if not all(isinstance(m, str) for m in kwargs["models_done"]):
             raise TypeError("`models_done` must be a list of model names")
+        kwargs["metadata"] = _typed(doc, "metadata", (dict, type(None)), None)
+        if kwargs["metadata"] and not all(isinstance(v, str) for v in kwargs["metadata"].values()):
+            raise TypeError("`metadata` must map names to strings")
+        kwargs["tenant"] = _typed(doc, "tenant", str, "")
         kwargs["engine_crashes"] = {k: v for k, v in _ints(_typed(doc, "engine_crashes", dict, {}),
                                                              "engine_crashes").items() if k.isdigit() and v > 0}
         return cls(**kwargs)
@@ -130,14 +142,27 @@ class JobRecord:
         for name in ("timings", "drop", "input"):
             if doc[name] is None:
                 del doc[name]  # spoold's own, written once known
-        for name in ("models", "models_done", "engine_crashes"):
+        for name in ("models", "models_done", "engine_crashes", "tenant"):
             if not doc[name]:
                 del doc[name]
+        if doc["metadata"] is None:
+            del doc["metadata"]
         return {**self.extra, **doc}
 
     def save(self, path: Path, mode: int = 0o640, gid: int = -1) -> None:
         """Replace batch.json atomically and durably."""
         atomic_write_json(path, self.to_doc(), mode, gid)
+
+    def weight(self) -> int:
+        """The job's weight in the engine's in-flight window: `priority` in its metadata (1-100), else 1.
+
+        Another host or a submitter wrote it: anything but a whole number in
+        range counts as the default.
+        """
+        text = (self.metadata or {}).get("priority", "")
+        if isinstance(text, str) and text.strip().isdigit():
+            return min(max(int(text), 1), MAX_PRIORITY)
+        return 1
 
     # -- transitions --------------------------------------------------------
 

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
 from .config import LimitsSettings
@@ -30,6 +30,7 @@ from .jobrecord import JobRecord
 from .spool import JobDir, Spool
 from .validation import (TICK, LineValidator, ModelResolver, Repeat, binary_kind, check_file, iter_lines,
                          open_regular)
+from .window import Share
 from .writer import GroupCommitWriter, Recovered, recover_results
 
 log = logging.getLogger(__name__)
@@ -133,12 +134,13 @@ class JobRunner:
     """Runs one job to completion, or until asked to stop."""
 
     def __init__(self, spool: Spool, job: JobDir, engine: Engine, resolver: ModelResolver,
-                 limits: LimitsSettings, inflight: int, stop: asyncio.Event,
+                 limits: LimitsSettings, share: Share, stop: asyncio.Event,
                  on_validated: Callable[[JobProgress], None] | None = None,
                  record: tuple[JobRecord | None, str | None] | None = None) -> None:
-        """`record`: the job's record as the daemon just read it (read here when not given)."""
+        """`share`: this run's part of the engine's in-flight window (other jobs may run beside
+        it); `record`: the job's record as the daemon just read it (read here when not given)."""
         self.spool, self.job, self.engine = spool, job, engine
-        self.resolver, self.limits, self.inflight_limit = resolver, limits, inflight
+        self.resolver, self.limits, self.share = resolver, limits, share
         self.stop = stop
         self.on_validated = on_validated
         loaded, self._bad_record = record if record is not None else job.read_record()
@@ -375,13 +377,14 @@ class JobRunner:
         suspects = {line for line, deaths in crashes.items() if deaths < MAX_CRASHES_PER_LINE}
         if suspects:
             lines = self._unfinished(f, writer, recovered, crashes, lambda n: n in suspects)
-            if not await self._run_lines(lines, min(SUSPECT_WINDOW, self.inflight_limit), writer):
-                return False
+            async with self.share.exclusive():  # a second death is then this job's lines' doing
+                if not await self._run_lines(lines, min(SUSPECT_WINDOW, self.share.capacity), writer):
+                    return False
             f.seek(0)
         lines = self._unfinished(f, writer, recovered, crashes, lambda n: n not in suspects)
         # No more workers than lines left: a one-line job must not start 2,048 of them.
         left = self.record.request_counts.total - writer.tally.done
-        return await self._run_lines(lines, max(1, min(self.inflight_limit, left)), writer)
+        return await self._run_lines(lines, max(1, min(self.share.capacity, left)), writer)
 
     async def _run_lines(self, lines: Iterator[EngineRequest | None], inflight: int,
                          writer: GroupCommitWriter) -> bool:
@@ -392,7 +395,7 @@ class JobRunner:
         without).
         """
         failure: list[BaseException] = []
-        max_pending = max(MAX_PENDING_RESULTS, 2 * self.inflight_limit)
+        max_pending = max(MAX_PENDING_RESULTS, 2 * self.share.capacity)
         workers = {asyncio.create_task(self._work(lines, writer, failure, max_pending))
                    for _ in range(inflight)}
         await self._drain(workers, failure)
@@ -479,12 +482,14 @@ class JobRunner:
                 await asyncio.sleep(0)
                 continue
             await writer.wait_pending_below(max_pending)
+            place = await self.share.acquire()  # other jobs' requests may hold the window
             if self.stop.is_set() or failure or writer.failure:
+                self.share.release()
                 return  # the line taken has no result yet: it runs on the next start
             self.progress.inflight += 1
             self._inflight_lines.add(item.line)
             try:
-                result = await self.engine.handle(item)
+                result = await self.engine.handle(replace(item, priority=place))
                 writer.add_result(item.line, item.custom_id, result)
             except asyncio.CancelledError:
                 raise
@@ -494,6 +499,7 @@ class JobRunner:
                 failure.append(e)
                 return
             finally:
+                self.share.release()
                 self.progress.inflight -= 1
                 self._inflight_lines.discard(item.line)
             if count % 256 == 0:

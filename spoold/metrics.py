@@ -28,19 +28,20 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.registry = registry
-        self.jobs = Gauge("spoold_jobs", "Jobs by state (queued, processing)", ["state"], registry=registry)
+        self.jobs = Gauge("spoold_jobs", "Jobs by state (queued: drops in the inbox; processing: this "
+                          "host's claimed jobs; running: those running now)", ["state"], registry=registry)
         self.jobs_finished = Counter("spoold_jobs_finished", "Jobs finished by this daemon, by outcome",
                                      ["status"], registry=registry)
         self.requests = Counter("spoold_requests", "Lines durably finished, by result",
                                 ["result"], registry=registry)
         self.inflight = Gauge("spoold_requests_inflight", "Requests handed to the engine, not yet answered",
                               registry=registry)
-        self.rate = Gauge("spoold_requests_per_second", "Durable lines per second in the current job",
+        self.rate = Gauge("spoold_requests_per_second", "Durable lines per second, over the running jobs",
                           registry=registry)
-        self.tokens_rate = Gauge("spoold_output_tokens_per_second", "Output tokens per second in the current job",
+        self.tokens_rate = Gauge("spoold_output_tokens_per_second", "Output tokens per second, over the running jobs",
                                  registry=registry)
-        self.job_total = Gauge("spoold_job_lines", "Lines of the current job", registry=registry)
-        self.job_done = Gauge("spoold_job_lines_done", "Lines of the current job with a durable result",
+        self.job_total = Gauge("spoold_job_lines", "Lines of the running jobs", registry=registry)
+        self.job_done = Gauge("spoold_job_lines_done", "Lines of the running jobs with a durable result",
                               registry=registry)
         self.last_progress = Gauge("spoold_last_progress_timestamp_seconds",
                                    "When the last result became durable", registry=registry)
@@ -50,7 +51,7 @@ class Metrics:
         self.loop_failures = Counter("spoold_loop_failures", "Background loops (heartbeat, progress, watchdog) "
                                      "that failed and were restarted", ["loop"], registry=registry)
         self.gpu = {key: Gauge(name, doc, ["gpu"], registry=registry) for key, (name, doc, _) in GPU_GAUGES.items()}
-        for state in ("queued", "processing"):
+        for state in ("queued", "processing", "running"):
             self.jobs.labels(state)
         for result in ("completed", "failed"):
             self.requests.labels(result)

@@ -18,6 +18,8 @@ class EngineRequest:
     custom_id: str
     url: str
     body: dict[str, Any]
+    #: its place in the engine's queue, lower first (window.py); spoold's own, never the submitter's
+    priority: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,7 +52,8 @@ class Shown:
     model: str
     #: why work is paused (a full or failing disk), or None
     paused: str | None = None
-    runner: "JobRunner | None" = None
+    #: the jobs running now, in the order they started
+    runners: "tuple[JobRunner, ...]" = ()
     #: how many complete drops wait in the inbox
     queued: int = 0
     #: how long a pause waits before the next try (for the status line)
@@ -68,10 +69,7 @@ class Reporter:
         self.gpus, self.metrics, self.events = gpus, metrics, events
         #: the last GPU readings (taken once per heartbeat, reused by progress events)
         self.readings: list[dict] = []
-        #: requests in flight and no result for `[watchdog] stall_seconds`, at the last look
-        self.stalled = False
-        self._counted = (0, 0)
-        self._last_announced = -1
+        self._jobs: dict[str, _Told] = {}
         self._heartbeat_failures: list[str] = []
         self._last_log = 0.0
         self._writing = asyncio.Lock()
@@ -88,15 +86,22 @@ class Reporter:
         self.publish("spoold.job.validated", {"job": progress.job_id, "input_file": progress.input_file,
                                               "total": progress.total, "bad": progress.failed})
 
-    def job_started(self) -> None:
+    @property
+    def stalled(self) -> bool:
+        """Some running job has requests in flight and no result for `[watchdog] stall_seconds`."""
+        return any(told.stalled for told in self._jobs.values())
+
+    def job_started(self, runner: "JobRunner") -> None:
         """A job (or the next run of one) starts: its counters start from what it has."""
-        self._counted, self._last_announced = (0, 0), -1
-        self.stalled = False
+        self._jobs[runner.job.id] = _Told()
 
     def job_ended(self, runner: "JobRunner", outcome: Outcome) -> None:
         """The last progress of a run, and the end of the job when the outcome is final."""
-        self.stalled = False
+        told = self._jobs.setdefault(runner.job.id, _Told())
+        told.stalled = False
         self.progress(runner, force=True)
+        del self._jobs[runner.job.id]
+        self._set_stalled_gauge()
         fields = {"job": runner.job.id, "input_file": runner.progress.input_file}
         record = runner.record
         counts = record.request_counts.__dict__.copy()
@@ -116,51 +121,62 @@ class Reporter:
             self.metrics.jobs_finished.labels(outcome).inc()
 
     def progress(self, runner: "JobRunner", force: bool = False) -> Stall:
-        """Progress event (only when counts moved), metrics, and the stall measurement."""
+        """One job's progress event (only when its counts moved), its request counts, its stall measurement."""
         progress = runner.refresh()
         if progress.state == JobStatus.VALIDATING and not force:
             return Stall()  # no total yet: `spoold.job.validated` comes first
-        stall = self._measure_stall(progress)
-        self._update_metrics(progress)
-        if force or progress.done != self._last_announced:
-            self._last_announced = progress.done
+        told = self._jobs.setdefault(progress.job_id, _Told())
+        stall = self._measure_stall(progress, told)
+        self._count_requests(progress, told)
+        if force or progress.done != told.announced:
+            told.announced = progress.done
             self.publish("spoold.job.progress", {**progress.summary(), "gpus": self.readings})
         return stall
 
-    def _measure_stall(self, progress: "JobProgress") -> Stall:
+    def _measure_stall(self, progress: "JobProgress", told: "_Told") -> Stall:
         idle_for = time.time() - progress.last_progress_at
         watchdog = self.config.watchdog
         stalled = progress.inflight > 0 and idle_for >= watchdog.stall_seconds
-        if stalled and not self.stalled:  # once, when it starts
+        if stalled and not told.stalled:  # once, when it starts
             log.error("job %s: %d requests in flight and no result for %.0fs: the engine looks stuck",
                       progress.job_id, progress.inflight, idle_for)
             self.publish("spoold.engine.stalled", {"job": progress.job_id, "inflight": progress.inflight,
                                                    "seconds_without_progress": round(idle_for, 1)})
-        self.stalled = stalled
-        if self.metrics is not None:
-            self.metrics.stalled.set(1 if stalled else 0)
+        told.stalled = stalled
+        self._set_stalled_gauge()
         return Stall(stalled, stalled and idle_for >= watchdog.restart_seconds)
 
-    def _update_metrics(self, progress: "JobProgress") -> None:
+    def _set_stalled_gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.stalled.set(1 if self.stalled else 0)
+
+    def _count_requests(self, progress: "JobProgress", told: "_Told") -> None:
+        """Add what this job made durable since the last look to the request counters."""
+        new = (progress.completed - progress.completed_at_start, progress.failed - progress.failed_at_start)
+        if self.metrics is not None:
+            self.metrics.requests.labels("completed").inc(max(0, new[0] - told.counted[0]))
+            self.metrics.requests.labels("failed").inc(max(0, new[1] - told.counted[1]))
+        told.counted = new
+
+    def _set_job_gauges(self, progresses: "list[JobProgress]") -> None:
+        """The gauges over every running job: in flight, rates, lines, the last progress."""
         m = self.metrics
         if m is None:
             return
-        new = (progress.completed - progress.completed_at_start, progress.failed - progress.failed_at_start)
-        m.requests.labels("completed").inc(max(0, new[0] - self._counted[0]))
-        m.requests.labels("failed").inc(max(0, new[1] - self._counted[1]))
-        self._counted = new
-        m.inflight.set(progress.inflight)
-        m.rate.set(progress.rate())
-        m.tokens_rate.set(progress.tokens_rate())
-        m.job_total.set(progress.total)
-        m.job_done.set(progress.done)
-        m.last_progress.set(progress.last_progress_at)
+        m.jobs.labels("running").set(len(progresses))
+        m.inflight.set(sum(p.inflight for p in progresses))
+        m.rate.set(sum(p.rate() for p in progresses))
+        m.tokens_rate.set(sum(p.tokens_rate() for p in progresses))
+        m.job_total.set(sum(p.total for p in progresses))
+        m.job_done.set(sum(p.done for p in progresses))
+        if progresses:
+            m.last_progress.set(max(p.last_progress_at for p in progresses))
 
     def snapshot(self, shown: Shown) -> list[tuple[str, dict]]:
         """The current state, sent to a subscriber that has just connected."""
         events = [("spoold.daemon.heartbeat", self._heartbeat_payload(shown))]
-        if shown.runner is not None:
-            events.append(("spoold.job.progress", {**shown.runner.refresh().summary(), "gpus": self.readings}))
+        for runner in shown.runners:
+            events.append(("spoold.job.progress", {**runner.refresh().summary(), "gpus": self.readings}))
         return events
 
     # -- heartbeats and the status line ------------------------------------
@@ -170,19 +186,19 @@ class Reporter:
         return shown_state(shown.state, bool(shown.paused), self.stalled)
 
     def _heartbeat_payload(self, shown: Shown) -> dict[str, Any]:
-        job = shown.runner.progress.summary() if shown.runner else None
+        jobs = [runner.progress.summary() for runner in shown.runners]
         return {"state": self.shown_state(shown), "model": shown.model, "queued": shown.queued,
-                "job": job, "gpus": self.readings}
+                "job": jobs[0] if jobs else None, "jobs": jobs, "gpus": self.readings}
 
-    def status_line(self, shown: Shown, progress: "JobProgress | None") -> str:
-        """The line for `systemctl status`: loading, a job's progress, paused, or idle."""
+    def status_line(self, shown: Shown, progresses: "list[JobProgress]") -> str:
+        """The line for `systemctl status`: loading, the jobs' progress, paused, or idle."""
         if shown.state in (DaemonState.STARTING, DaemonState.LOADING):
             return f"loading model {shown.model}"
         if shown.state == DaemonState.STOPPING:
             return STOPPING_STATUS
         if shown.paused:
             return f"PAUSED: {shown.paused}; retrying every {shown.retry_seconds:.0f}s"
-        line = status_line(progress, shown.queued, self.readings)
+        line = status_line(progresses, shown.queued, self.readings)
         return f"STALLED: {line}" if self.stalled else line
 
     async def heartbeat(self, shown: Shown) -> None:
@@ -192,37 +208,40 @@ class Reporter:
         server must not hold the event loop (and with it every request in
         flight). One beat at a time, so an older one never lands last.
         """
-        runner = shown.runner
-        progress = runner.refresh() if runner else None
+        progresses = [runner.refresh() for runner in shown.runners]
         self.readings = self.gpus.read()
-        doc = heartbeat_document(self.config.spool.host_id, self.shown_state(shown), progress, self.readings)
+        state = self.shown_state(shown)
+        doc = heartbeat_document(self.config.spool.host_id, state, progresses, self.readings)
         doc["model"] = shown.model
-        paths = [self.spool.host_dir / "heartbeat.json"]
+        beats = [(self.spool.host_dir / "heartbeat.json", doc)]
         state_dir = self.config.spool.state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0]
         if state_dir:
-            paths.append(Path(state_dir) / "heartbeat.json")
-        if progress is not None and progress.state != JobStatus.COMPLETED:
-            paths.append(runner.job.heartbeat)
+            beats.append((Path(state_dir) / "heartbeat.json", doc))
+        for runner, progress in zip(shown.runners, progresses):
+            if progress.state != JobStatus.COMPLETED:  # each job's own, naming only itself
+                job_doc = heartbeat_document(self.config.spool.host_id, state, [progress], self.readings)
+                beats.append((runner.job.heartbeat, {**job_doc, "model": shown.model}))
+        self._set_job_gauges(progresses)
         if self.metrics is not None:
             self.metrics.jobs.labels("queued").set(shown.queued)
             self.metrics.set_gpus(self.readings)
         async with self._writing:
-            failures = await asyncio.to_thread(self._write_files, paths, doc)
+            failures = await asyncio.to_thread(self._write_files, beats)
         if failures != self._heartbeat_failures:  # once per change, not every beat
             self._heartbeat_failures = failures
             for failure in failures:
                 log.warning("cannot write heartbeat %s", failure)
-        line = self.status_line(shown, progress)
+        line = self.status_line(shown, progresses)
         self.notifier.status(line)
         self.publish("spoold.daemon.heartbeat", self._heartbeat_payload(shown))
         now = time.monotonic()
-        if progress is not None and now - self._last_log >= LOG_PROGRESS_SECONDS:
+        if progresses and now - self._last_log >= LOG_PROGRESS_SECONDS:
             self._last_log = now
             log.info("%s", line)
 
-    def _write_files(self, paths: list[Path], doc: dict[str, Any]) -> list[str]:
+    def _write_files(self, beats: list[tuple[Path, dict[str, Any]]]) -> list[str]:
         """The beat's file work (heartbeats, the jobs gauge's directory count, the textfile): in a thread."""
-        failures = write_heartbeat(paths, doc, self.spool.file_mode, self.spool.gid)
+        failures = write_heartbeat(beats, self.spool.file_mode, self.spool.gid)
         if self.metrics is not None:
             try:
                 self.metrics.jobs.labels("processing").set(self.spool.count_host_jobs())
@@ -230,3 +249,12 @@ class Reporter:
                 failures.append(f"{self.spool.host_dir}: {e.strerror or e}")
             self.metrics.write_textfile(self.config.metrics.textfile)
         return failures
+
+
+@dataclass
+class _Told:
+    """What the reporter last said about one running job."""
+
+    counted: tuple[int, int] = (0, 0)
+    announced: int = -1
+    stalled: bool = False

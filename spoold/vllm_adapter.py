@@ -52,6 +52,9 @@ def build_vllm_args(settings: EngineSettings) -> Namespace:
         "tensor_parallel_size": settings.tensor_parallel_size,
         # A dropped file must never make the daemon run code from a repository.
         "trust_remote_code": False,
+        # Jobs running at once share the engine: each request's place in its
+        # queue comes from spoold's fair share (window.py), not arrival order.
+        "scheduling_policy": "priority",
     }
     if settings.max_model_len:
         ours["max_model_len"] = settings.max_model_len
@@ -76,6 +79,7 @@ class VllmEngine:
         self._stack = contextlib.AsyncExitStack()
         self._handlers: dict[str, Any] = {}
         self._client: Any = None
+        self._by_priority = False
 
     async def start(self) -> None:
         """Load the model and build vLLM's serving objects, as run-batch does."""
@@ -88,6 +92,7 @@ class VllmEngine:
         from vllm.usage.usage_lib import UsageContext
 
         args = build_vllm_args(self._settings)
+        self._by_priority = args.scheduling_policy == "priority"
         client = await self._stack.enter_async_context(
             build_async_engine_client(args, usage_context=UsageContext.OPENAI_BATCH_RUNNER)
         )
@@ -121,7 +126,10 @@ class VllmEngine:
         else:
             request_type, handler = entry
             try:
-                response = await handler(request_type.model_validate(request.body))
+                parsed = request_type.model_validate(request.body)
+                if self._by_priority:
+                    parsed.priority = request.priority  # a submitter's `priority` never jumps the queue
+                response = await handler(parsed)
             except Exception as e:  # vLLM's own mapping of exceptions to HTTP errors
                 self._raise_if_dead(e)
                 response = create_error_response(e)

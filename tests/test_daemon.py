@@ -60,7 +60,7 @@ def test_a_drop_refused_at_claim_is_announced_as_failed(tmp_path):
     daemon.spool.ensure_dirs()
     (tmp_path / "elsewhere.jsonl").write_text("{}\n")
     os.symlink(tmp_path / "elsewhere.jsonl", daemon.spool.inbox / "l.jsonl")
-    assert asyncio.run(daemon._claim("l.jsonl")) is None
+    assert daemon.work.claim("l.jsonl") is None
     ((topic, payload),) = daemon.report.events.sent
     assert topic == "spoold.job.failed" and payload["input_file"] == "l.jsonl"
     assert [e["code"] for e in payload["errors"]] == ["not_regular"]
@@ -79,15 +79,24 @@ def test_an_engine_that_hangs_at_shutdown_does_not_hold_the_stop(tmp_path, monke
     assert "did not shut down cleanly" in caplog.text
 
 
-def test_a_hung_engine_verdict_stops_the_job_once(tmp_path):
+def test_a_hung_engine_verdict_stops_every_job_and_sends_the_engine_nothing_more(tmp_path):
     from spoold.reporter import Stall
 
     daemon = make_daemon(tmp_path)
-    daemon._job_stop = asyncio.Event()
+    runners = [_Running() for _ in range(3)]
+    daemon._running = {str(i): r for i, r in enumerate(runners)}
     daemon._act_on(Stall(stalled=True))
-    assert not daemon._job_stop.is_set() and not daemon._engine_hung  # stalled only: the watchdog's business
+    assert not any(r.runner.stop.is_set() for r in runners) and daemon._trouble is None  # the watchdog's business
     daemon._act_on(Stall(stalled=True, hung=True))
-    assert daemon._job_stop.is_set() and daemon._engine_hung  # _run_job then replaces the engine
+    assert all(r.runner.stop.is_set() for r in runners) and daemon._trouble  # the loop then replaces the engine
+    assert not daemon.window._may_take(daemon.window.join("late"))  # nothing more goes to the hung engine
+
+
+class _Running:
+    """A running job as the daemon holds it, with only what a stop touches."""
+
+    def __init__(self):
+        self.runner = type("Runner", (), {"stop": asyncio.Event()})()
 
 
 def test_a_reload_changes_what_the_reporter_counts_as_a_stall(tmp_path):
@@ -119,10 +128,11 @@ def test_the_first_signal_is_a_warm_stop_the_second_a_cold_one(tmp_path):
     daemon = make_daemon(tmp_path)
 
     async def go():
-        daemon._stop, daemon._job_stop = asyncio.Event(), asyncio.Event()
+        daemon._stop, running = asyncio.Event(), _Running()
+        daemon._running = {"j": running}
         daemon._main_task = asyncio.current_task()
         daemon._on_signal(signal.SIGTERM)
-        warm = daemon._stop.is_set() and daemon._job_stop.is_set()
+        warm = daemon._stop.is_set() and running.runner.stop.is_set()
         daemon._on_signal(signal.SIGTERM)
         try:
             await asyncio.sleep(10)  # the cancel lands here
@@ -137,7 +147,7 @@ def test_a_peers_job_silent_for_claim_timeout_is_taken_over_and_run_here(tmp_pat
 
     clock = [1000.0]
     monkeypatch.setattr("spoold.spool.time.monotonic", lambda: clock[0])
-    monkeypatch.setattr("spoold.daemon.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("spoold.worklist.time.monotonic", lambda: clock[0])
     config = Config(spool=SpoolSettings(root=tmp_path / "spool", host_id="h", claim_timeout=60),
                     engine=EngineSettings(adapter="tests.fake_engine:EchoEngine", model="fake-model"))
     daemon = Daemon(config, EchoEngine(config.engine))
@@ -147,9 +157,9 @@ def test_a_peers_job_silent_for_claim_timeout_is_taken_over_and_run_here(tmp_pat
                                          '"body": {"model": "fake-model", "messages": []}}\n')
     job = peer.claim_drop("p.jsonl")
     daemon.spool.ensure_dirs()
-    assert asyncio.run(daemon._take_over_orphan()) is None  # the first look starts the peer's clock
+    assert daemon.work.take_over_orphans() == []  # the first look starts the peer's clock
     clock[0] += 30
-    assert asyncio.run(daemon._take_over_orphan()) is None  # silent 30 s of 60: still the peer's
+    assert daemon.work.take_over_orphans() == []  # silent 30 s of 60: still the peer's
     clock[0] += 31
-    taken = asyncio.run(daemon._take_over_orphan())
-    assert taken is not None and taken.job.path == daemon.spool.host_dir / job.id and not job.path.exists()
+    (taken,) = daemon.work.take_over_orphans()
+    assert taken.job.path == daemon.spool.host_dir / job.id and not job.path.exists()

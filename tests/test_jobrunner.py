@@ -12,6 +12,7 @@ from spoold.lifecycle import Outcome
 from spoold.records import EngineResult
 from spoold.spool import JobDir, Spool
 from spoold.validation import ModelResolver
+from spoold.window import FairWindow
 
 from .fake_engine import EchoEngine
 from .helpers import chat_line, check_exactly_once, read_jsonl, write_jsonl
@@ -29,7 +30,7 @@ def setup(tmp_path, rows, **engine_args):
 def run_job(spool, job, engine, stop=None, inflight=8):
     async def go():
         runner = JobRunner(spool, job, engine, ModelResolver({}, "fake-model"), LimitsSettings(),
-                           inflight, stop or asyncio.Event())
+                           FairWindow(inflight).join(job.id), stop or asyncio.Event())
         return await runner.run(), runner
     return asyncio.run(go())
 
@@ -78,7 +79,7 @@ def test_stop_interrupts_and_a_rerun_finishes_exactly_once(tmp_path):
 
     async def go():
         stop = asyncio.Event()
-        runner = JobRunner(spool, job, engine, ModelResolver({}, "fake-model"), LimitsSettings(), 4, stop)
+        runner = JobRunner(spool, job, engine, ModelResolver({}, "fake-model"), LimitsSettings(), FairWindow(4).join(job.id), stop)
         task = asyncio.create_task(runner.run())
         while runner.refresh().done < 10:
             await asyncio.sleep(0.01)
@@ -98,7 +99,7 @@ def test_a_cancel_stops_the_job_and_publishes_what_is_done_without_the_daemon(tm
     spool, job, engine = setup(tmp_path, rows, delay=0.01)
 
     async def go():
-        runner = JobRunner(spool, job, engine, ModelResolver({}, "fake-model"), LimitsSettings(), 4,
+        runner = JobRunner(spool, job, engine, ModelResolver({}, "fake-model"), LimitsSettings(), FairWindow(4).join(job.id),
                            asyncio.Event())  # nobody else will ever set this stop
         task = asyncio.create_task(runner.run())
         while runner.refresh().done < 10:
@@ -283,7 +284,8 @@ def test_an_input_appended_to_after_its_claim_fails_with_its_results_kept(tmp_pa
     spool, job, engine = setup(tmp_path / "2", ROWS)
 
     async def go():
-        runner = JobRunner(spool, job, engine, ModelResolver({}, "fake-model"), LimitsSettings(), 8, asyncio.Event())
+        runner = JobRunner(spool, job, engine, ModelResolver({}, "fake-model"), LimitsSettings(), FairWindow(8).join(job.id),
+                           asyncio.Event())
         task = asyncio.create_task(runner.run())
         while runner.progress.state == "validating" or runner.refresh().done < 5:
             await asyncio.sleep(0.001)
@@ -331,7 +333,8 @@ def test_blank_lines_by_the_million_never_hold_the_event_loop(tmp_path):
     inside: set[int] = set()  # read offsets seen from another task, strictly inside the blank lines
 
     async def go():
-        runner = JobRunner(spool, job, engine, ModelResolver({}, "fake-model"), LimitsSettings(), 8, asyncio.Event())
+        runner = JobRunner(spool, job, engine, ModelResolver({}, "fake-model"), LimitsSettings(), FairWindow(8).join(job.id),
+                           asyncio.Event())
         task = asyncio.create_task(runner.run())
         while not task.done():
             await asyncio.sleep(0)  # a turn the runner let the loop have

@@ -60,12 +60,12 @@ def test_a_stall_shows_in_the_state_and_the_status_line_a_pause_wins(tmp_path):
     report = make(tmp_path, stall=1)
     runner = Running(progress(5))
     report.progress(runner)
-    shown = Shown(DaemonState.WORKING, "m", runner=runner, queued=2, retry_seconds=5)
+    shown = Shown(DaemonState.WORKING, "m", runners=(runner,), queued=2, retry_seconds=5)
     assert report.shown_state(shown) is DaemonState.STALLED
-    assert report.status_line(shown, runner.progress).startswith("STALLED: a: 3/10")
+    assert report.status_line(shown, [runner.progress]).startswith("STALLED: a: 3/10")
     paused = replace(shown, paused="No space left on device")
     assert report.shown_state(paused) is DaemonState.PAUSED
-    assert report.status_line(paused, runner.progress) == "PAUSED: No space left on device; retrying every 5s"
+    assert report.status_line(paused, [runner.progress]) == "PAUSED: No space left on device; retrying every 5s"
 
 
 def test_a_heartbeat_is_on_disk_with_the_shown_state(tmp_path):

@@ -113,6 +113,34 @@ def test_completions_endpoint(spool, tmp_path):
         Completion.model_validate(o["response"]["body"])
 
 
+def test_fifty_one_line_drops_run_beside_a_500_line_drop_on_one_engine(spool, tmp_path):
+    sub = Subscriber(spool["events"])
+    try:
+        big = [chat(i) for i in range(500)]
+        drop(spool["root"], tmp_path, "beside-big.jsonl", big)
+        smalls = {f"beside-{i}.jsonl": [chat(1000 + i)] for i in range(50)}
+        for name, rows in smalls.items():
+            drop(spool["root"], tmp_path, name, rows)
+        jobs = {name: finished(spool["root"], name) for name in ["beside-big.jsonl", *smalls]}
+        wait_for(lambda: len(sub.of("spoold.job.completed")) >= 51, 10, "the completed events")
+        order = [p["input_file"] for p in sub.of("spoold.job.completed")]
+        together = max(len(p.get("jobs") or []) for p in sub.of("spoold.daemon.heartbeat"))
+    finally:
+        sub.close()
+    for name, rows in {"beside-big.jsonl": big, **smalls}.items():
+        check_exactly_once(jobs[name], {r["custom_id"] for r in rows}, set())
+        outputs = read_jsonl(jobs[name] / "output.jsonl")
+        for o in outputs:
+            assert o["response"]["status_code"] == 200
+            ChatCompletion.model_validate(o["response"]["body"])
+        batch = json.loads((jobs[name] / "batch.json").read_text())
+        assert batch["request_counts"] == {"total": len(rows), "completed": len(rows), "failed": 0}
+        assert batch["usage"]["output_tokens"] == sum(o["response"]["body"]["usage"]["completion_tokens"]
+                                                      for o in outputs)
+    assert together >= 2, "the jobs ran one at a time"
+    assert order.index("beside-big.jsonl") >= 25, f"only {order.index('beside-big.jsonl')} small drops beat it"
+
+
 def check_event_stream(subscriber, job_id, batch):
     """A real SUB followed the job from claimed to completed, in order, with no gaps."""
     seqs = [p["seq"] for _, p in subscriber.events]

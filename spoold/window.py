@@ -1,0 +1,204 @@
+"""The engine's in-flight window, shared fairly by the jobs that run at once.
+
+`[engine] max_inflight` requests may be in the engine at a time, whichever
+jobs they come from. Each running job holds a `Share` and asks it for a slot
+before every request. While slots are free a request goes at once (one
+job alone uses the whole window, as before); when jobs compete, each freed
+slot goes to the tenant with the fewest requests in flight, and within it
+to the job with the fewest per unit of weight. So a 10-line batch dropped
+behind a 170,000-line one gets half the window at once and finishes in
+about its own work time, and one tenant's many jobs share what one job of
+another tenant gets.
+
+The window alone is not enough: vLLM queues what it cannot run yet, first
+come first served, so a small job's requests would still wait behind every
+request a big job already handed over. So each grant also says where the
+request belongs in the engine's queue (start-time fair queueing): each job
+carries a virtual clock that advances by its tenant's job count over its
+weight per request, and a job that joins (or comes back from idle) starts
+at the oldest tag still in the engine. vLLM's priority scheduling
+(`scheduling_policy = "priority"`, lower first) then serves the small job's
+lines next, and two big jobs alternate.
+
+Leaf module: asyncio only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections import deque
+from collections.abc import AsyncIterator
+
+
+#: Queue places per request of a job with weight 1 alone in its tenant: room
+#: for weights up to MAX_PRIORITY (jobrecord) in whole numbers.
+PLACE_STEP = 100
+
+
+class FairWindow:
+    """`capacity` request slots, granted by tenant first, then by job weight."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        #: requests in the engine now, over all shares
+        self.inflight = 0
+        self._shares: list[Share] = []
+        #: tenant -> its requests in the engine now
+        self._tenants: dict[str, int] = {}
+        #: tenant -> how many of its jobs hold a share
+        self._tenant_jobs: dict[str, int] = {}
+        self._waiting = 0
+        self._closed = False
+        #: while set, only this share is granted slots (a job pinning down a poison line)
+        self._only: Share | None = None
+        self._exclusive = asyncio.Lock()
+        self._others_drained = asyncio.Event()
+        self._order = itertools.count()
+        self._last_tag = 0.0
+
+    def join(self, name: str, tenant: str = "", weight: float = 1.0) -> "Share":
+        """A share for one job run; `leave()` it when the run ends."""
+        share = Share(self, name, tenant, max(weight, 1e-3), next(self._order))
+        share.tag = self._oldest_tag()
+        self._shares.append(share)
+        self._tenants.setdefault(tenant, 0)
+        self._tenant_jobs[tenant] = self._tenant_jobs.get(tenant, 0) + 1
+        return share
+
+    def close(self) -> None:
+        """Grant nothing more: the engine died or hangs, and what is sent to it now is lost."""
+        self._closed = True
+
+    @property
+    def jobs(self) -> int:
+        """How many job runs hold a share."""
+        return len(self._shares)
+
+    def _may_take(self, share: "Share") -> bool:
+        return (self.inflight < self.capacity and not self._closed
+                and (self._only is None or self._only is share))
+
+    def _take(self, share: "Share") -> int:
+        """Count the slot as `share`'s; returns the request's place in the engine's queue."""
+        if share.inflight == 0:  # back from idle: no credit for the time it sent nothing
+            share.tag = max(share.tag, self._oldest_tag())
+        self.inflight += 1
+        share.inflight += 1
+        self._tenants[share.tenant] += 1
+        place = share.tag
+        share.tag += PLACE_STEP * self._tenant_jobs[share.tenant] / share.weight
+        return int(place)
+
+    def _oldest_tag(self) -> float:
+        """About the oldest place of a request in the engine now (each share's last `inflight` grants)."""
+        busy = [s.tag - s.inflight * PLACE_STEP * self._tenant_jobs[s.tenant] / s.weight
+                for s in self._shares if s.inflight]
+        if busy:
+            return min(busy)
+        return max([s.tag for s in self._shares] + [self._last_tag])
+
+    def _give_back(self, share: "Share") -> None:
+        self.inflight -= 1
+        share.inflight -= 1
+        self._tenants[share.tenant] -= 1
+        if self._only is not None and self.inflight == self._only.inflight:
+            self._others_drained.set()
+        self._grant()
+
+    def _grant(self) -> None:
+        """Hand free slots to waiting shares, the least served first."""
+        while self._waiting and self.inflight < self.capacity and not self._closed:
+            share = self._next_share()
+            if share is None:
+                return
+            waiter = share.waiters.popleft()
+            self._waiting -= 1
+            if waiter.done():  # cancelled while it waited
+                continue
+            waiter.set_result(self._take(share))
+
+    def _next_share(self) -> "Share | None":
+        eligible = [s for s in self._shares if s.waiters and (self._only is None or s is self._only)]
+        if not eligible:
+            return None
+        return min(eligible, key=lambda s: (self._tenants[s.tenant], s.inflight / s.weight, s.order))
+
+    def _leave(self, share: "Share") -> None:
+        self._waiting -= len(share.waiters)
+        for waiter in share.waiters:
+            waiter.cancel()
+        share.waiters.clear()
+        self._shares.remove(share)
+        self._last_tag = max(self._last_tag, share.tag)
+        self._tenant_jobs[share.tenant] -= 1
+        if not self._tenant_jobs[share.tenant]:
+            del self._tenant_jobs[share.tenant]
+            self._tenants.pop(share.tenant, None)
+        self._grant()
+
+
+class Share:
+    """One job run's claim on the window."""
+
+    def __init__(self, window: FairWindow, name: str, tenant: str, weight: float, order: int) -> None:
+        self.window, self.name, self.tenant, self.weight, self.order = window, name, tenant, weight, order
+        #: this job's requests in the engine now
+        self.inflight = 0
+        #: the queue place its next request gets (its virtual clock)
+        self.tag = 0.0
+        self.waiters: deque[asyncio.Future] = deque()
+
+    @property
+    def capacity(self) -> int:
+        """The whole window's size: the most this job may use when it runs alone."""
+        return self.window.capacity
+
+    async def acquire(self) -> int:
+        """Wait for a slot; returns the request's place in the engine's queue (lower goes first).
+
+        A cancelled wait takes none.
+        """
+        w = self.window
+        if not w._waiting and w._may_take(self):
+            return w._take(self)
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        w._waiting += 1
+        w._grant()
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # granted just as it was cancelled: give it back
+            raise
+
+    def release(self) -> None:
+        """The request this slot was for is answered (or abandoned)."""
+        self.window._give_back(self)
+
+    def leave(self) -> None:
+        """The job run ended: its waiting requests are dropped and its weight no longer counts."""
+        self.window._leave(self)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """Run alone: wait until no other job has a request in the engine, and grant others
+        nothing until the block ends.
+
+        For the lines an engine died with: when they run again, a second death
+        must be blamed on this job's lines only, never on another job's lines
+        that happened to be in flight.
+        """
+        w = self.window
+        async with w._exclusive:
+            w._only = self
+            w._others_drained.clear()
+            try:
+                if w.inflight > self.inflight:
+                    await w._others_drained.wait()
+                yield
+            finally:
+                w._only = None
+                w._grant()

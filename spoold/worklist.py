@@ -1,0 +1,148 @@
+"""What this daemon could run next: its own claimed jobs, orphans of dead peers, the inbox's drops.
+
+The worklist looks at the spool and puts what it finds in the scheduler's
+order; it claims a drop or takes over an orphan when the daemon's loop
+asks it to. It decides nothing about when to run, swap or stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from .config import Config
+from .jobrecord import JobRecord
+from .jobrunner import job_fields
+from .lifecycle import JobStatus, Outcome
+from .names import display_name
+from .inbox import InboxTracker
+from .reporter import Reporter
+from .scheduler import Candidate, in_order
+from .spool import DropRefused, JobDir, PeerClocks, Spool
+from .validation import ModelResolver, first_model
+
+log = logging.getLogger(__name__)
+
+#: How many complete drops (first seen first) one scheduling pass weighs:
+#: enough to find the loaded model's work, few enough that a pass over an
+#: inbox of 10,000 drops costs no more than over one of 64.
+SCHEDULE_WINDOW = 64
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A job of this host chosen to run, with its record as read for this pass (None: read it then)."""
+
+    job: JobDir
+    record: tuple[JobRecord | None, str | None] | None
+
+
+class WorkList:
+    """This host's jobs and the complete drops, as scheduler candidates; claims and takeovers."""
+
+    def __init__(self, config: Config, spool: Spool, inbox: InboxTracker, resolver: ModelResolver,
+                 report: Reporter) -> None:
+        self.config, self.spool, self.inbox, self.resolver, self.report = config, spool, inbox, resolver, report
+        #: jobs that failed in a way a retry in this process cannot mend (left for the next start)
+        self.stuck: set[str] = set()
+        #: complete drops in the inbox at the last look
+        self.queued = 0
+        self._orphans_checked = 0.0
+        self._peer_clocks = PeerClocks()
+
+    async def in_order(self, loaded: str, running: set[str]) -> list[Candidate]:
+        """Every job of this host not running now and the first complete drops, in the order to try them.
+
+        A candidate's `item` is a `Claimed` job or a drop's name; its `model`
+        is what it needs next (None: any will do).
+        """
+        own = [self._candidate(job) for job in self.spool.host_jobs()
+               if job.id not in running and job.id not in self.stuck]
+        await self.inbox.refresh()
+        drops = self.inbox.complete_drops()
+        self.queued = len(drops)
+        several = len(self.resolver.known) > 1  # only then is a peek at the drops worth it
+        waiting = own + [Candidate(name, first_model(self.spool.inbox / name, self.resolver) if several else None,
+                                   self.inbox.seen_at(name)) for name in drops[:SCHEDULE_WINDOW]]
+        return in_order(waiting, loaded, self.config.models.max_wait_seconds, time.time())
+
+    def _candidate(self, job: JobDir) -> Candidate:
+        """A claimed job for the scheduler: the model it needs next (from its record, or a
+        peek at a job not validated yet) and when it was claimed. Its record is read here
+        once for the pass, and the runner reuses it."""
+        record, problem = read = job.read_record()
+        if problem or job.cancel_request.exists():
+            model = None  # the runner fails or cancels it, on whatever model is loaded
+        elif record is None or record.status == JobStatus.VALIDATING:
+            model = first_model(job.input, self.resolver)
+        else:
+            model = self.known(record.next_model())
+        return Candidate(Claimed(job, read), model, record.created_at if record is not None else 0)
+
+    @staticmethod
+    def validated(candidate: Candidate) -> bool:
+        """Whether the candidate is a claimed job past validation, whose record names the model it needs."""
+        item = candidate.item
+        if not isinstance(item, Claimed) or item.record is None or item.record[0] is None:
+            return False
+        return item.record[0].status != JobStatus.VALIDATING
+
+    def known(self, model: object) -> str | None:
+        """A model named in a batch.json, if it is a configured one; None (any will do) otherwise:
+        the runner then fails a job whose record names another."""
+        return model if isinstance(model, str) and model in self.resolver.known else None
+
+    def take_over_orphans(self) -> list[Claimed]:
+        """Adopt the jobs whose host stopped heartbeating for `[spool] claim_timeout`.
+
+        Looked for every quarter of the timeout (at most every 30 s), before
+        new drops: an orphan is older than anything in the inbox.
+        """
+        timeout = self.config.spool.claim_timeout
+        now = time.monotonic()
+        if now - self._orphans_checked < min(max(timeout / 4, 0.5), 30.0):
+            return []
+        self._orphans_checked = now
+        adopted = []
+        try:
+            for orphan, age in self.spool.orphaned_jobs(timeout, self._peer_clocks):
+                job = self.spool.take_over(orphan)
+                self._peer_clocks.forget(orphan.path)
+                if job is not None:
+                    log.warning("took over job %s from %s: nothing of it changed for %.0fs", job.id,
+                                orphan.path.parent.name, age, **job_fields(job.id))
+                    adopted.append(Claimed(job, None))
+        except OSError as e:
+            log.error("cannot take over orphaned jobs: %s", describe(e))
+        return adopted
+
+    def claim(self, name: str) -> Claimed | None:
+        """Claim one drop; None if another daemon was first or it was refused (and failed).
+
+        An OSError (a full or failing disk) goes up: the daemon pauses.
+        """
+        shown = display_name(name)
+        try:
+            job = self.spool.claim_drop(name)
+        except DropRefused as refused:
+            self.inbox.forget(name)
+            record, _ = refused.job.read_record()
+            self.report.publish("spoold.job.failed", {"job": refused.job.id, "input_file": shown,
+                                                      "errors": record.errors if record else []})
+            self.report.job_finished(Outcome.FAILED)
+            return None
+        self.inbox.forget(name)
+        if job is None:
+            return None
+        log.info("claimed '%s' as job %s", shown, job.id, **job_fields(job.id))
+        self.report.publish("spoold.job.claimed", {"job": job.id, "input_file": shown})
+        return Claimed(job, None)
+
+
+def describe(error: BaseException) -> str:
+    """An I/O error as a person reads it: what failed, on which file."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{error.strerror}{where}"
+    return str(error)

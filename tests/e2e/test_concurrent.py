@@ -1,0 +1,105 @@
+"""Many jobs at once in one `spoold run`, with the fast engine double: fair share, crashes, cancel."""
+
+import json
+import os
+import subprocess
+import sys
+
+from ..helpers import (REPO, DaemonProcess, Subscriber, chat_line, check_exactly_once, complete_lines,
+                       outbox_jobs, wait_for, write_config, write_jsonl)
+
+
+def config_for(tmp_path, delay, inflight=16):
+    return write_config(tmp_path / "c.toml", tmp_path / "spool",
+                        engine=f"max_inflight = {inflight}\n[engine.args]\ndelay = {delay}")
+
+
+def drop(root, tmp_path, name, n):
+    """Rename an n-line drop into the inbox (complete at once); its custom_ids name the drop."""
+    write_jsonl(tmp_path / name, [dict(chat_line(i), custom_id=f"{name}-{i}") for i in range(n)])
+    os.rename(tmp_path / name, root / "inbox" / name)
+    return {f"{name}-{i}" for i in range(n)}
+
+
+def by_name(root):
+    """Outbox job directories by the drop's name."""
+    return {json.loads((job / "batch.json").read_text())["input_file"]: job for job in outbox_jobs(root)}
+
+
+def running(root):
+    """This host's job directories that have results on disk now."""
+    return [p.parent for p in (root / "processing" / "testhost").glob("*/output.jsonl") if complete_lines(p) > 0]
+
+
+def test_small_drops_behind_a_large_one_finish_before_it_each_exactly_once(tmp_path):
+    root = tmp_path / "spool"
+    d = DaemonProcess(config_for(tmp_path, delay=0.01), tmp_path / "daemon.log").start()
+    d.wait_ready(root, timeout=60)
+    sub = Subscriber(f"ipc://{tmp_path}/events.sock")
+    try:
+        want = {"large.jsonl": drop(root, tmp_path, "large.jsonl", 6000)}  # about 4 s alone at 16 in flight
+        wait_for(lambda: running(root), 10, "the large job's first results")
+        for i in range(200):
+            want[f"small{i}.jsonl"] = drop(root, tmp_path, f"small{i}.jsonl", 1 + i % 3)
+        wait_for(lambda: len(outbox_jobs(root)) == 201, 120, "every job in the outbox")
+        completed = wait_for(lambda: len(sub.of("spoold.job.completed")) == 201 and sub.of("spoold.job.completed"),
+                             10, "every completed event")
+    finally:
+        d.terminate()
+        sub.close()
+    jobs = by_name(root)
+    for name, ids in want.items():
+        check_exactly_once(jobs[name], ids, set())
+    order = [event["input_file"] for event in completed]
+    assert order[-1] == "large.jsonl", f"the large job finished before {200 - order.index('large.jsonl')} small ones"
+
+
+def test_kill9_with_five_jobs_running_then_all_five_resume_together_and_finish_exactly_once(tmp_path):
+    root = tmp_path / "spool"
+    config = config_for(tmp_path, delay=0.02)
+    d = DaemonProcess(config, tmp_path / "daemon.log").start()
+    d.wait_ready(root, timeout=60)
+    want = {f"j{i}.jsonl": drop(root, tmp_path, f"j{i}.jsonl", 400) for i in range(5)}
+    wait_for(lambda: len(running(root)) == 5, 20, "five jobs with results")
+    d.kill9()
+    d = DaemonProcess(config, tmp_path / "daemon.log").start()
+    try:
+        beat = root / "processing" / "testhost" / "heartbeat.json"
+        wait_for(lambda: len(_read(beat).get("jobs") or []) == 5, 30, "all five resumed at once")
+        wait_for(lambda: len(outbox_jobs(root)) == 5, 120, "the five jobs in the outbox")
+    finally:
+        d.terminate()
+    jobs = by_name(root)
+    for name, ids in want.items():
+        check_exactly_once(jobs[name], ids, set())
+        assert json.loads((jobs[name] / "batch.json").read_text())["timings"]["resumed"] is True
+
+
+def test_cancelling_one_of_three_running_jobs_leaves_the_others_alone(tmp_path):
+    root = tmp_path / "spool"
+    config = config_for(tmp_path, delay=0.02)
+    d = DaemonProcess(config, tmp_path / "daemon.log").start()
+    d.wait_ready(root, timeout=60)
+    try:
+        want = {f"c{i}.jsonl": drop(root, tmp_path, f"c{i}.jsonl", 600) for i in range(3)}
+        wait_for(lambda: len(running(root)) == 3, 20, "three jobs with results")
+        victim = next(job for job in running(root) if job.name.startswith("c1-"))
+        done = subprocess.run([sys.executable, "-m", "spoold", "cancel", victim.name, "--config", str(config)],
+                              capture_output=True, text=True, cwd=REPO)
+        assert done.returncode == 0, done.stderr
+        wait_for(lambda: len(outbox_jobs(root)) == 3, 120, "the three jobs in the outbox")
+    finally:
+        d.terminate()
+    jobs = by_name(root)
+    cancelled = json.loads((jobs["c1.jsonl"] / "batch.json").read_text())
+    assert cancelled["status"] == "cancelled" and cancelled["request_counts"]["completed"] < 600
+    for name in ("c0.jsonl", "c2.jsonl"):
+        check_exactly_once(jobs[name], want[name], set())
+        assert json.loads((jobs[name] / "batch.json").read_text())["status"] == "completed"
+
+
+def _read(path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

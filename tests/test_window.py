@@ -1,0 +1,196 @@
+"""The shared in-flight window: one job alone uses all of it; jobs that compete get fair shares."""
+
+import asyncio
+
+import pytest
+
+from spoold.window import FairWindow
+
+
+async def hold(share, n):
+    """Take n slots of `share` (each acquire must be granted at once)."""
+    for _ in range(n):
+        await asyncio.wait_for(share.acquire(), 1)
+
+
+async def contend(window, shares, rounds):
+    """Every share keeps `capacity` workers asking for slots; the oldest request is answered
+    each round, and its slot goes to whoever the window picks.
+
+    Returns how many slots each share was granted (the first share's workers
+    start first, so it alone fills the window before the others ask).
+    """
+    got = {s.name: 0 for s in shares}
+    held = []
+
+    async def worker(share):
+        while True:
+            await share.acquire()
+            got[share.name] += 1
+            answered = asyncio.Event()
+            held.append((share, answered))
+            await answered.wait()
+
+    workers = [asyncio.create_task(worker(s)) for s in shares for _ in range(window.capacity)]
+    for _ in range(3):
+        await asyncio.sleep(0)
+    for _ in range(rounds):
+        share, answered = held.pop(0)
+        share.release()
+        answered.set()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert window.inflight <= window.capacity
+    for task in workers:
+        task.cancel()
+    await asyncio.gather(*workers, return_exceptions=True)
+    return got
+
+
+def test_one_job_alone_gets_the_whole_window_and_no_more():
+    async def go():
+        window = FairWindow(4)
+        share = window.join("big")
+        await hold(share, 4)
+        late = asyncio.create_task(share.acquire())
+        await asyncio.sleep(0.01)
+        assert not late.done() and window.inflight == 4
+        share.release()
+        await asyncio.wait_for(late, 1)
+        assert window.inflight == 4
+    asyncio.run(go())
+
+
+def test_a_small_job_beside_a_big_one_gets_half_the_window_at_once():
+    async def go():
+        window = FairWindow(8)
+        big, small = window.join("big"), window.join("small")
+        got = await contend(window, [big, small], rounds=4)
+        # the big job filled the window first; the first 4 slots it freed went to the small one
+        assert got == {"big": 8, "small": 4} and (big.inflight, small.inflight) == (4, 4), got
+    asyncio.run(go())
+
+
+def test_two_equal_jobs_share_the_window_evenly_over_time():
+    async def go():
+        window = FairWindow(8)
+        a, b = window.join("a"), window.join("b")
+        got = await contend(window, [a, b], rounds=400)
+        assert abs(got["a"] - got["b"]) <= 8, got
+    asyncio.run(go())
+
+
+def test_weight_divides_the_window_in_proportion():
+    async def go():
+        window = FairWindow(12)
+        heavy, light = window.join("heavy", weight=3), window.join("light", weight=1)
+        got = await contend(window, [heavy, light], rounds=400)
+        assert 2.5 < got["heavy"] / got["light"] < 3.5, got
+    asyncio.run(go())
+
+
+def test_tenants_share_first_then_their_jobs():
+    async def go():
+        window = FairWindow(8)
+        one = window.join("alice-only", tenant="alice")
+        many = [window.join(f"bob-{i}", tenant="bob") for i in range(4)]
+        got = await contend(window, [one, *many], rounds=400)
+        bob = sum(got[s.name] for s in many)
+        assert 0.8 < got["alice-only"] / bob < 1.25, got  # bob's four jobs together get what alice's one gets
+    asyncio.run(go())
+
+
+def test_an_exclusive_run_waits_for_the_others_and_holds_them_off():
+    async def go():
+        window = FairWindow(8)
+        other, suspect = window.join("other"), window.join("suspect")
+        await hold(other, 3)
+        entered = asyncio.Event()
+
+        async def alone():
+            async with suspect.exclusive():
+                entered.set()
+                await hold(suspect, 2)
+                assert window.inflight == 2  # nobody else's line is in the engine now
+                later = asyncio.create_task(other.acquire())
+                await asyncio.sleep(0.01)
+                assert not later.done()  # held off while the suspects run
+                suspect.release()
+                suspect.release()
+            await asyncio.wait_for(later, 1)
+
+        task = asyncio.create_task(alone())
+        await asyncio.sleep(0.01)
+        assert not entered.is_set()  # the other job still has requests in the engine
+        for _ in range(3):
+            other.release()
+        await asyncio.wait_for(task, 1)
+    asyncio.run(go())
+
+
+def test_a_cancelled_wait_takes_no_slot_and_a_closed_window_grants_nothing():
+    async def go():
+        window = FairWindow(1)
+        a, b = window.join("a"), window.join("b")
+        await hold(a, 1)
+        waiting = asyncio.create_task(b.acquire())
+        await asyncio.sleep(0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        a.release()
+        assert window.inflight == 0
+        await hold(a, 1)
+        a.release()
+        window.close()  # the engine died: nothing more may be sent to it
+        late = asyncio.create_task(a.acquire())
+        await asyncio.sleep(0.01)
+        assert not late.done() and window.inflight == 0
+        late.cancel()
+    asyncio.run(go())
+
+
+def test_a_job_that_leaves_frees_its_weight_for_the_others():
+    async def go():
+        window = FairWindow(4)
+        a, b = window.join("a"), window.join("b")
+        await hold(a, 4)
+        waiting = asyncio.create_task(b.acquire())
+        await asyncio.sleep(0)
+        b.leave()  # its run ended (stopped) while it waited
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        for _ in range(4):
+            a.release()
+        await hold(a, 4)
+        assert window.jobs == 1
+    asyncio.run(go())
+
+
+def test_a_job_that_joins_late_gets_places_ahead_of_what_the_engine_already_queues():
+    async def go():
+        window = FairWindow(500)
+        big = window.join("big")
+        queued = [await big.acquire() for _ in range(500)]  # handed over; the engine runs a few at a time
+        small = window.join("small")
+        for _ in range(10):
+            big.release()  # answered
+        places = [await asyncio.wait_for(small.acquire(), 1) for _ in range(10)]
+        still_queued = queued[10:]
+        assert max(places) < still_queued[len(still_queued) // 10]  # ahead of nearly all the big job's
+        assert queued == sorted(queued) and places == sorted(places)
+    asyncio.run(go())
+
+
+def test_two_busy_jobs_get_interleaved_places_and_weight_spaces_them():
+    async def go():
+        window = FairWindow(1000)
+        a, b, heavy = window.join("a"), window.join("b"), window.join("heavy", weight=4)
+        pa = [await a.acquire() for _ in range(40)]
+        pb = [await b.acquire() for _ in range(40)]
+        ph = [await heavy.acquire() for _ in range(40)]
+        merged = sorted([(p, "a") for p in pa] + [(p, "b") for p in pb] + [(p, "h") for p in ph])
+        first = [who for _, who in merged[:60]]
+        assert abs(first.count("a") - first.count("b")) <= 1  # a and b alternate
+        assert first.count("h") >= 3 * first.count("a") - 4  # weight 4: four places for each of a's
+    asyncio.run(go())
