@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="NAME",
                    help="set every line's body.model to NAME (e.g. an alias from [models])")
     p.add_argument("--strict", action="store_true", help="refuse a file that has any bad line")
+    p.add_argument("--priority", type=_priority, metavar="N",
+                   help="the batch's weight, 1-100 (default 1): while several batches run, one of "
+                        "priority N gets N times the engine share of a default one")
     p.set_defaults(func=cmd_submit)
 
     p = verbs.add_parser("validate", parents=[common], help="check batch files line by line",
@@ -298,6 +301,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_BAD_INPUT if bad else EXIT_OK
 
 
+def _priority(text: str) -> int:
+    """`--priority`: a whole number from 1 to MAX_PRIORITY, or a usage error saying so."""
+    from .jobrecord import MAX_PRIORITY
+
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_PRIORITY):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to {MAX_PRIORITY}")
+    return int(text)
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from .spool import Spool
     from .submit import submit_file, validate_file
@@ -322,7 +334,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 if args.strict:
                     status = EXIT_BAD_INPUT
                     continue
-            dest = submit_file(path, inbox, args.model, config.limits.max_line_bytes)
+            metadata = {"priority": str(args.priority)} if args.priority else None
+            dest = submit_file(path, inbox, args.model, config.limits.max_line_bytes, metadata)
         except OSError as e:
             print(f"{path}: cannot submit: {e.strerror or e}", file=sys.stderr)
             status = EXIT_BAD_INPUT

@@ -268,27 +268,33 @@ class Daemon:
         """
         for claimed in self.work.take_over_orphans():
             self._start(claimed)
-        loaded = self.engine.model
+        loaded, swap_to, chosen = self.engine.model, None, []
+        free = self.config.spool.max_active_jobs - len(self._running)
         for rank, choice in enumerate(await self.work.in_order(loaded, set(self._running))):
-            if len(self._running) >= self.config.spool.max_active_jobs or self._paused:
-                return None
+            if len(chosen) >= free or self._paused:
+                break
             if choice.model not in (None, loaded):
                 if rank > 0:
                     continue  # not its turn yet: the scheduler's starvation bound says when
                 if self.work.validated(choice):
-                    return choice.model
+                    swap_to = choice.model
+                    break
                 # Not validated yet: it runs on the loaded model first (validation
                 # needs none, and its lines for this model run before a swap).
-            claimed = choice.item if isinstance(choice.item, Claimed) else self._claim(choice.item)
+            chosen.append(choice.item)
+        # Drops are claimed together: each claim's fsyncs wait on the disk, not on the others.
+        for claimed in await asyncio.gather(*(self._claim(item) for item in chosen)):
             if claimed is not None:
                 self._start(claimed)
-        return None
+        return swap_to
 
-    def _claim(self, name: str) -> Claimed | None:
+    async def _claim(self, item: Claimed | str) -> Claimed | None:
+        if isinstance(item, Claimed):
+            return item
         try:
-            return self.work.claim(name)
+            return await self.work.claim(item)
         except OSError as e:
-            self._pause_for(f"cannot claim {display_name(name)}: {describe(e)}")
+            self._pause_for(f"cannot claim {display_name(item)}: {describe(e)}")
             return None
 
     def _start(self, claimed: Claimed) -> None:

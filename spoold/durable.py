@@ -7,6 +7,7 @@ its parent directory has been fsynced, so every helper here does both halves.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import errno
@@ -14,9 +15,33 @@ import functools
 import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+
+async def finish_in_thread(step: Callable[..., Any], *args: Any) -> Any:
+    """`step(*args)` in a worker thread, awaited to its end even if the caller is cancelled meanwhile.
+
+    Off the event loop, one job's fsyncs overlap other jobs' (the disk
+    commits concurrent fsyncs together) instead of stalling all of them.
+    A durable step once begun is finished, as it was when it blocked the
+    loop: a cancel waits for it, then goes on up.
+    """
+    work = asyncio.ensure_future(asyncio.to_thread(step, *args))
+    cancelled = False
+    while not work.done():
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            cancelled = True
+        except BaseException:
+            break  # the step failed: work.result() raises its error below
+    if cancelled:
+        if not work.cancelled():
+            work.exception()  # retrieved, so asyncio does not log it: the cancel is what goes up
+        raise asyncio.CancelledError
+    return work.result()
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -25,6 +25,31 @@ from .lifecycle import JobStatus
 #: many times the share of a default one.
 MAX_PRIORITY = 100
 
+#: OpenAI's limits on a batch's `metadata`: pairs, characters per key, per value.
+MAX_METADATA_PAIRS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512
+
+
+def check_metadata(value: Any) -> dict[str, str]:
+    """`value` as a batch's `metadata`, within OpenAI's limits; ValueError saying what is wrong.
+
+    Every submitter's metadata passes here (a `.ready` marker, and the API's
+    `metadata`), so a job's weight comes only from a `priority` it checked.
+    """
+    if not isinstance(value, dict):
+        raise ValueError(f"metadata must be a JSON object, not {type(value).__name__}")
+    if len(value) > MAX_METADATA_PAIRS:
+        raise ValueError(f"metadata has {len(value)} pairs; at most {MAX_METADATA_PAIRS} are allowed")
+    for key, text in value.items():
+        if len(key) > MAX_METADATA_KEY_CHARS:
+            raise ValueError(f"metadata key {key[:MAX_METADATA_KEY_CHARS]!r}... is longer than "
+                             f"{MAX_METADATA_KEY_CHARS} characters")
+        if not isinstance(text, str) or len(text) > MAX_METADATA_VALUE_CHARS:
+            raise ValueError(f"metadata {key!r} must be a string of at most {MAX_METADATA_VALUE_CHARS} characters")
+    priority = value.get("priority")
+    if priority is not None and not (priority.isascii() and priority.isdigit() and 1 <= int(priority) <= MAX_PRIORITY):
+        raise ValueError(f"metadata priority {priority[:20]!r} must be a whole number from 1 to {MAX_PRIORITY}")
+    return dict(value)
+
 
 @dataclass
 class RequestCounts:

@@ -22,6 +22,7 @@ from typing import IO, Any
 
 from .config import LimitsSettings
 from .duplicates import DuplicateFinder
+from .durable import finish_in_thread
 from .engine import Engine, EngineDead
 from .lifecycle import JobStatus, Outcome
 from .names import display_name
@@ -163,7 +164,7 @@ class JobRunner:
         done is published as a cancelled job.
         """
         if self.job.cancel_request.exists():
-            return self._finish_cancelled()
+            return await self._finish_cancelled()
         watch = asyncio.create_task(self._watch_for_cancel(), name=f"cancel:{self.job.id}")
         try:
             outcome = await self._run()
@@ -171,7 +172,7 @@ class JobRunner:
             watch.cancel()
             await asyncio.gather(watch, return_exceptions=True)
         if outcome is Outcome.INTERRUPTED and self.job.cancel_request.exists():
-            return self._finish_cancelled()
+            return await self._finish_cancelled()
         return outcome
 
     async def _watch_for_cancel(self) -> None:
@@ -182,19 +183,19 @@ class JobRunner:
     async def _run(self) -> Outcome:
         status = self.record.status
         if status == JobStatus.COMPLETED:
-            self.spool.move_to_outbox(self.job)
+            await finish_in_thread(self.spool.move_to_outbox, self.job)
             return Outcome.COMPLETED
         if status == JobStatus.FAILED:  # a failure cut short before its move: finish it, unread
-            self.spool.move_to_failed(self.job)
+            await finish_in_thread(self.spool.move_to_failed, self.job)
             self.progress.state = JobStatus.FAILED
             return Outcome.FAILED
         problem = self._record_problem()
         if problem:
-            return self._fail(problem, "bad_record")
+            return await self._fail(problem, "bad_record")
         try:
             f = self._open_input()
         except InputRejected as e:
-            return self._fail(str(e), e.code)
+            return await self._fail(str(e), e.code)
         # Any other OSError (EIO, ESTALE on NFS, a full disk) may pass: it
         # goes up to the daemon, which retries the job later.
         recovered = recover_results(self.job.output, self.job.errors)
@@ -277,14 +278,14 @@ class JobRunner:
             return await self._run_passes(f, writer, recovered)
         except InputRejected as e:
             await writer.flush()  # what is done is kept: it goes to failed/ with the job
-            return self._fail(str(e), e.code)
+            return await self._fail(str(e), e.code)
 
     async def _run_passes(self, f: IO[bytes], writer: GroupCommitWriter, recovered: Recovered) -> Outcome:
         if self.record.status == JobStatus.VALIDATING:
             if not await self._validate(f, writer, recovered):
                 return Outcome.INTERRUPTED
             if self.record.request_counts.total == 0:
-                return self._fail("no request lines: the file is empty or only blank lines", "empty")
+                return await self._fail("no request lines: the file is empty or only blank lines", "empty")
             f.seek(0)
         self.progress.state = JobStatus.IN_PROGRESS
         self.progress.total = self.record.request_counts.total
@@ -295,7 +296,7 @@ class JobRunner:
             # Lines for other models remain: the daemon loads the next one
             # and runs this job again; finished lines are skipped as on resume.
             self.record.model_done(self.engine.model)
-            self.spool.save(self.job, self.record)
+            await self._save()
             return Outcome.WAITING
         self._check_unchanged(f)
         await self._finalize(writer)
@@ -342,7 +343,7 @@ class JobRunner:
         self.record.validated(total, first_valid.url if first_valid else None,
                               first_valid.body["model"] if first_valid else self.resolver.served,
                               models, self._input)
-        self.spool.save(self.job, self.record)
+        await self._save()
         log.info("job %s validated: %d lines, %d bad", self.job.id, total, writer.tally.failed,
                  **job_fields(self.job.id))
         self.progress.total = total
@@ -404,19 +405,19 @@ class JobRunner:
                 raise worker.exception()  # reading the input failed (EIO, ESTALE): the daemon retries the job
         await writer.flush()
         if failure:
-            self._record_crash()
+            await self._record_crash()
             # Nothing is written for that request: it runs again once the engine
             # has been replaced, rather than turning every remaining line into an error.
             raise EngineDead(f"job {self.job.id}: the engine failed: {failure[0]!r}") from failure[0]
         return not self.stop.is_set()
 
-    def _record_crash(self) -> None:
+    async def _record_crash(self) -> None:
         """Count an engine death against the lines it had in flight, durably, before the restart."""
         counts = self.record.crash_counts()
         for line in self._crashed_lines:
             counts[line] = counts.get(line, 0) + 1
         self.record.note_crashes(counts)
-        self.spool.save(self.job, self.record)
+        await self._save()
         log.warning("job %s: the engine died with %d lines in flight (lines %s); they run again, %d at a "
                     "time, and a line in flight at %d deaths gets an engine_crashed error",
                     self.job.id, len(self._crashed_lines), _span(self._crashed_lines), SUSPECT_WINDOW,
@@ -519,14 +520,14 @@ class JobRunner:
             "resumed": self.progress.done_at_start > 0,
             **self._engine_timings(writer),
         })
-        self.spool.save(self.job, self.record)
-        self.spool.move_to_outbox(self.job)
+        await self._save()
+        await finish_in_thread(self.spool.move_to_outbox, self.job)
         self.progress.state = JobStatus.COMPLETED
         log.info("job %s completed: %d ok, %d failed, %.1f req/s", self.job.id,
                  tally.completed, tally.failed, self.record.timings["requests_per_second"],
                  **job_fields(self.job.id))
 
-    def _finish_cancelled(self) -> Outcome:
+    async def _finish_cancelled(self) -> Outcome:
         """`spoold cancel`: publish what is done so far as a cancelled job.
 
         Lines that had no result yet get none; batch.json counts what has
@@ -534,8 +535,8 @@ class JobRunner:
         """
         tally = self._writer.tally if self._writer else recover_results(self.job.output, self.job.errors).tally
         self.record.cancel(tally.completed, tally.failed, tally.usage())
-        self.spool.save(self.job, self.record)
-        self.spool.move_to_outbox(self.job)
+        await self._save()
+        await finish_in_thread(self.spool.move_to_outbox, self.job)
         self.progress.state = JobStatus.CANCELLED
         log.info("job %s cancelled: %d of %d lines have a result", self.job.id, tally.done,
                  self.record.request_counts.total, **job_fields(self.job.id))
@@ -561,6 +562,14 @@ class JobRunner:
             writer.close()
             self._sync_progress()
 
+    async def _save(self) -> None:
+        """batch.json, durably, in a thread (durable.finish_in_thread).
+
+        The document is made here, on the loop: a thread never reads the
+        record while the loop changes it.
+        """
+        await finish_in_thread(self.spool.save_doc, self.job, self.record.to_doc())
+
     def _sync_progress(self) -> None:
         if self._writer is not None:
             tally = self._writer.tally
@@ -576,11 +585,11 @@ class JobRunner:
                 self.progress.last_progress_at = time.time()
         return self.progress
 
-    def _fail(self, reason: str, code: str) -> Outcome:
+    async def _fail(self, reason: str, code: str) -> Outcome:
         log.error("job %s failed: %s", self.job.id, reason, **job_fields(self.job.id))
         self.record.fail(reason, code)
-        self.spool.save(self.job, self.record)
-        self.spool.move_to_failed(self.job)
+        await self._save()
+        await finish_in_thread(self.spool.move_to_failed, self.job)
         self.progress.state = JobStatus.FAILED
         return Outcome.FAILED
 

@@ -17,22 +17,23 @@ import re
 import secrets
 import shutil
 import stat
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import SpoolSettings
-from .durable import (atomic_write_bytes, durable_mkdir, durable_rename, fsync_dir, hidden_temp,
-                      write_all)
+from .durable import (atomic_write_bytes, atomic_write_json, durable_mkdir, durable_rename, fsync_dir,
+                      hidden_temp, write_all)
 from .jobrecord import JobRecord
 from .names import display_name
+from .readymarker import READY_SUFFIX, read_metadata
 
 log = logging.getLogger(__name__)
 
 #: Suffixes of files still being written by some tool; never claimed.
 IGNORED_SUFFIXES = (".tmp", ".part", "~")
-READY_SUFFIX = ".ready"
 
 
 def is_drop_name(name: str) -> bool:
@@ -134,6 +135,13 @@ class Spool:
         self.failed = self.root / "failed"
         self.file_mode = settings.file_mode
         self.gid = results_gid(settings.group)
+        #: Held from a rename between the spool's shared directories (inbox,
+        #: this host's, outbox/, failed/) until both are fsynced, and by every
+        #: other change to them. Jobs run these steps in threads, at once: an
+        #: fsync of the source directory by another in between would make the
+        #: removal durable before the arrival, and a power cut there would
+        #: lose the drop or the job. (A job's own directory needs no lock.)
+        self._moves = threading.RLock()
         self._inbox_error: int | None = None
 
     def ensure_dirs(self) -> None:
@@ -144,6 +152,10 @@ class Spool:
     def save(self, job: JobDir, record: JobRecord) -> None:
         """Replace a job's batch.json atomically and durably, with the spool's mode and group."""
         record.save(job.batch, self.file_mode, self.gid)
+
+    def save_doc(self, job: JobDir, doc: dict[str, Any]) -> None:
+        """`save` for a record already made into its document (`JobRecord.to_doc`)."""
+        atomic_write_json(job.batch, doc, self.file_mode, self.gid)
 
     # -- the inbox ---------------------------------------------------------
 
@@ -195,15 +207,17 @@ class Spool:
         # How the drop looked when claimed: lets recover() tell a stale inbox
         # entry left by a power cut from a new drop of the same name; and
         # its name as it was, which `input_file` shows in display form.
-        self.save(job, JobRecord(job.id, display_name(name), self.settings.host_id, drop=drop_record(name, st)))
-        try:
-            os.rename(src, job.input)
-        except FileNotFoundError:
-            shutil.rmtree(job.path, ignore_errors=True)
-            return None
-        fsync_dir(job.path)
-        fsync_dir(self.inbox)
-        _unlink_durably(self.inbox / (name + READY_SUFFIX))
+        self.save(job, JobRecord(job.id, display_name(name), self.settings.host_id, drop=drop_record(name, st),
+                                 metadata=read_metadata(self.inbox / (name + READY_SUFFIX), st.st_uid)))
+        with self._moves:
+            try:
+                os.rename(src, job.input)
+            except FileNotFoundError:
+                shutil.rmtree(job.path, ignore_errors=True)
+                return None
+            fsync_dir(job.path)
+            fsync_dir(self.inbox)
+            _unlink_durably(self.inbox / (name + READY_SUFFIX))
         return job
 
     def fail_drop(self, name: str, reason: str, code: str) -> JobDir:
@@ -225,11 +239,12 @@ class Spool:
             pass
         record.fail(reason, code)
         self.save(job, record)
-        try:
-            durable_rename(self.inbox / name, job.input)
-        except FileNotFoundError:
-            pass
-        _unlink_durably(self.inbox / (name + READY_SUFFIX))
+        with self._moves:
+            try:
+                durable_rename(self.inbox / name, job.input)
+            except FileNotFoundError:
+                pass
+            _unlink_durably(self.inbox / (name + READY_SUFFIX))
         log.error("drop %s failed: %s", display_name(name), reason)
         return self.move_to_failed(job)
 
@@ -257,8 +272,9 @@ class Spool:
             return False
         log.warning("inbox/%s is the drop job %s already holds (its move was cut short by a crash or "
                     "power cut); removing it from the inbox", display_name(name), job_id)
-        _unlink_durably(self.inbox / name)
-        _unlink_durably(self.inbox / (name + READY_SUFFIX))
+        with self._moves:
+            _unlink_durably(self.inbox / name)
+            _unlink_durably(self.inbox / (name + READY_SUFFIX))
         return True
 
     def new_job_dir(self, parent: Path, drop_name: str, gid: int = -1) -> JobDir:
@@ -268,17 +284,18 @@ class Spool:
         random bits) must not silently reuse a live job's directory: the
         mkdir fails and a fresh id is tried.
         """
-        durable_mkdir(parent)
-        for _ in range(8):
-            job = JobDir(parent / new_job_id(drop_name))
-            try:
-                os.mkdir(job.path, 0o750)
-            except FileExistsError:
-                continue
-            if gid != -1:
-                os.chown(job.path, -1, gid)
-            fsync_dir(parent)
-            return job
+        with self._moves:
+            durable_mkdir(parent)
+            for _ in range(8):
+                job = JobDir(parent / new_job_id(drop_name))
+                try:
+                    os.mkdir(job.path, 0o750)
+                except FileExistsError:
+                    continue
+                if gid != -1:
+                    os.chown(job.path, -1, gid)
+                fsync_dir(parent)
+                return job
         raise FileExistsError(f"cannot make a new job directory under {parent}: every id tried exists")
 
     # -- jobs of this host -------------------------------------------------
@@ -388,7 +405,8 @@ class Spool:
         """
         dest = self.host_dir / job.id
         try:
-            durable_rename(job.path, dest)
+            with self._moves:
+                durable_rename(job.path, dest)
         except FileNotFoundError:
             return None
         taken = JobDir(dest)
@@ -423,7 +441,8 @@ class Spool:
     def move_to_outbox(self, job: JobDir) -> JobDir:
         """Publish a finished job: one directory rename into outbox/, made durable."""
         dest = self.outbox / job.id
-        durable_rename(job.path, dest)
+        with self._moves:
+            durable_rename(job.path, dest)
         return JobDir(dest)
 
     def move_to_failed(self, job: JobDir) -> JobDir:
@@ -435,7 +454,8 @@ class Spool:
         """
         dest = self.failed / job.id
         os.chown(job.path, -1, os.getegid())
-        durable_rename(job.path, dest)
+        with self._moves:
+            durable_rename(job.path, dest)
         return JobDir(dest)
 
 

@@ -17,6 +17,7 @@ from typing import IO
 from .config import LimitsSettings
 from .durable import fsync_dir, hidden_temp, rename_noreplace, write_all
 from .duplicates import DuplicateFinder
+from .readymarker import publish_with_metadata
 from .records import LineError
 from .validation import LineValidator, ModelResolver, Repeat, check_file
 
@@ -84,11 +85,14 @@ def _with_model(raw: bytes, model: str) -> bytes:
     return raw
 
 
-def submit_file(path: str, inbox: Path, model: str | None = None, max_line_bytes: int = 0) -> Path:
+def submit_file(path: str, inbox: Path, model: str | None = None, max_line_bytes: int = 0,
+                metadata: dict[str, str] | None = None) -> Path:
     """Copy a file into the inbox atomically; return its name there.
 
     An existing drop of the same name is never overwritten, not even one
     that appears while this copy is made: a numbered name is chosen instead.
+    `metadata` (e.g. {"priority": "5"}) goes into the drop's `.ready`
+    marker, made before the drop appears (readymarker).
     """
     src = Path(path)
     with hidden_temp(inbox, src.name) as (fd, tmp):
@@ -104,7 +108,10 @@ def submit_file(path: str, inbox: Path, model: str | None = None, max_line_bytes
     while True:
         dest = inbox / (name if n == 1 else f"{stem}-{n}.jsonl")
         try:
-            rename_noreplace(tmp, dest)
+            if metadata:
+                publish_with_metadata(tmp, dest, metadata)
+            else:
+                rename_noreplace(tmp, dest)
         except FileExistsError:
             n += 1
             continue

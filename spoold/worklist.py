@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from .config import Config
+from .durable import finish_in_thread
 from .jobrecord import JobRecord
 from .jobrunner import job_fields
 from .lifecycle import JobStatus, Outcome
@@ -117,14 +118,15 @@ class WorkList:
             log.error("cannot take over orphaned jobs: %s", describe(e))
         return adopted
 
-    def claim(self, name: str) -> Claimed | None:
+    async def claim(self, name: str) -> Claimed | None:
         """Claim one drop; None if another daemon was first or it was refused (and failed).
 
+        The claim's fsyncs run in a thread, beside the running jobs' work.
         An OSError (a full or failing disk) goes up: the daemon pauses.
         """
         shown = display_name(name)
         try:
-            job = self.spool.claim_drop(name)
+            job = await finish_in_thread(self.spool.claim_drop, name)
         except DropRefused as refused:
             self.inbox.forget(name)
             record, _ = refused.job.read_record()

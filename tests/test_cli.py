@@ -67,6 +67,25 @@ def test_submit_model_rewrites_every_line_atomically(tmp_path):
     assert sorted(p.name for p in (root / "inbox").iterdir()) == ["scores-2.jsonl", "scores.jsonl"]
 
 
+def test_submit_priority_travels_in_the_ready_marker_to_the_claimed_job(tmp_path):
+    from spoold.config import SpoolSettings
+    from spoold.spool import Spool
+
+    root = tmp_path / "spool"
+    (root / "inbox").mkdir(parents=True)
+    config = write_config(tmp_path / "c.toml", root)
+    src = write_jsonl(tmp_path / "urgent.jsonl", [chat_line(1)])
+    for _ in range(2):
+        assert spoold("submit", str(src), "--priority", "7", config=config).returncode == 0
+    assert sorted(p.name for p in (root / "inbox").iterdir()) == [
+        "urgent-2.jsonl", "urgent-2.jsonl.ready", "urgent.jsonl", "urgent.jsonl.ready"]
+    job = Spool(SpoolSettings(root=root, host_id="h")).claim_drop("urgent-2.jsonl")
+    assert job.read_record()[0].weight() == 7
+    for bad in ("0", "101", "high"):
+        result = spoold("submit", str(src), "--priority", bad, config=config)
+        assert result.returncode == 2 and "not a whole number from 1 to 100" in result.stderr
+
+
 def test_submit_rejects_an_unknown_model(tmp_path):
     root = tmp_path / "spool"
     (root / "inbox").mkdir(parents=True)

@@ -60,7 +60,7 @@ def test_a_drop_refused_at_claim_is_announced_as_failed(tmp_path):
     daemon.spool.ensure_dirs()
     (tmp_path / "elsewhere.jsonl").write_text("{}\n")
     os.symlink(tmp_path / "elsewhere.jsonl", daemon.spool.inbox / "l.jsonl")
-    assert daemon.work.claim("l.jsonl") is None
+    assert asyncio.run(daemon.work.claim("l.jsonl")) is None
     ((topic, payload),) = daemon.report.events.sent
     assert topic == "spoold.job.failed" and payload["input_file"] == "l.jsonl"
     assert [e["code"] for e in payload["errors"]] == ["not_regular"]

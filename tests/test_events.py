@@ -46,7 +46,9 @@ def test_seq_snapshot_on_subscribe_and_sends_never_block(tmp_path):
     assert events[0][1]["host"] == "h" and {"seq", "ts"} <= set(events[0][1])
     seqs = [p["seq"] for _, p in events]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
-    assert elapsed < 5, f"50k sends took {elapsed:.1f}s"
+    # A send that blocked would wait for the stuck subscriber forever; the
+    # bound only turns that hang into a failure (speed is not asserted here).
+    assert elapsed < 60, f"50k sends took {elapsed:.1f}s"
     assert mode & 0o007 == 0, oct(mode)  # no access for others
 
 

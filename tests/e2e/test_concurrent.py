@@ -59,7 +59,8 @@ def test_kill9_with_five_jobs_running_then_all_five_resume_together_and_finish_e
     config = config_for(tmp_path, delay=0.02)
     d = DaemonProcess(config, tmp_path / "daemon.log").start()
     d.wait_ready(root, timeout=60)
-    want = {f"j{i}.jsonl": drop(root, tmp_path, f"j{i}.jsonl", 400) for i in range(5)}
+    # Long enough (about 2 s alone) that none ends before the fifth is claimed.
+    want = {f"j{i}.jsonl": drop(root, tmp_path, f"j{i}.jsonl", 1500) for i in range(5)}
     wait_for(lambda: len(running(root)) == 5, 20, "five jobs with results")
     d.kill9()
     d = DaemonProcess(config, tmp_path / "daemon.log").start()
@@ -81,7 +82,7 @@ def test_cancelling_one_of_three_running_jobs_leaves_the_others_alone(tmp_path):
     d = DaemonProcess(config, tmp_path / "daemon.log").start()
     d.wait_ready(root, timeout=60)
     try:
-        want = {f"c{i}.jsonl": drop(root, tmp_path, f"c{i}.jsonl", 600) for i in range(3)}
+        want = {f"c{i}.jsonl": drop(root, tmp_path, f"c{i}.jsonl", 1500) for i in range(3)}
         wait_for(lambda: len(running(root)) == 3, 20, "three jobs with results")
         victim = next(job for job in running(root) if job.name.startswith("c1-"))
         done = subprocess.run([sys.executable, "-m", "spoold", "cancel", victim.name, "--config", str(config)],
@@ -92,10 +93,38 @@ def test_cancelling_one_of_three_running_jobs_leaves_the_others_alone(tmp_path):
         d.terminate()
     jobs = by_name(root)
     cancelled = json.loads((jobs["c1.jsonl"] / "batch.json").read_text())
-    assert cancelled["status"] == "cancelled" and cancelled["request_counts"]["completed"] < 600
+    assert cancelled["status"] == "cancelled" and 0 < cancelled["request_counts"]["completed"] < 1500
     for name in ("c0.jsonl", "c2.jsonl"):
         check_exactly_once(jobs[name], want[name], set())
         assert json.loads((jobs[name] / "batch.json").read_text())["status"] == "completed"
+
+
+def test_a_batch_submitted_with_priority_overtakes_one_that_started_first(tmp_path):
+    root = tmp_path / "spool"
+    config = config_for(tmp_path, delay=0.02)
+    d = DaemonProcess(config, tmp_path / "daemon.log").start()
+    d.wait_ready(root, timeout=60)
+    sub = Subscriber(f"ipc://{tmp_path}/events.sock")
+    try:
+        want = {"first.jsonl": drop(root, tmp_path, "first.jsonl", 1500)}
+        wait_for(lambda: any(complete_lines(job / "output.jsonl") >= 100 for job in running(root)), 20,
+                 "the first job well under way")
+        write_jsonl(tmp_path / "urgent.jsonl", [dict(chat_line(i), custom_id=f"urgent-{i}") for i in range(1500)])
+        want["urgent.jsonl"] = {f"urgent-{i}" for i in range(1500)}
+        done = subprocess.run([sys.executable, "-m", "spoold", "submit", str(tmp_path / "urgent.jsonl"),
+                               "--priority", "10", "--config", str(config)], capture_output=True, text=True, cwd=REPO)
+        assert done.returncode == 0, done.stderr
+        completed = wait_for(lambda: len(sub.of("spoold.job.completed")) == 2 and sub.of("spoold.job.completed"),
+                             120, "both jobs completed")
+    finally:
+        d.terminate()
+        sub.close()
+    # Equal shares would let the job with a head start finish first.
+    assert [event["input_file"] for event in completed] == ["urgent.jsonl", "first.jsonl"]
+    jobs = by_name(root)
+    for name, ids in want.items():
+        check_exactly_once(jobs[name], ids, set())
+    assert json.loads((jobs["urgent.jsonl"] / "batch.json").read_text())["metadata"] == {"priority": "10"}
 
 
 def _read(path):

@@ -1,0 +1,164 @@
+"""Many batches at once on one daemon and one real engine (vLLM, the tiny model).
+
+    .venv/bin/python -m bench.concurrency_bench [--requests 2000] [--rounds 3] [--big 5000] [--tries 10]
+
+Three measurements, as a user would see them (drop to outbox):
+- many small against one big: N one-line drops, then one N-line drop, alternating,
+  requests/s of each and the median ratio (small / big);
+- head of line: a 10-line drop on an idle daemon, then the same beside a running
+  `--big`-line job; p50/p95 of its drop-to-outbox time, and their ratio;
+- fairness: one `--big`-line job and twenty 100-line jobs dropped together; the
+  small jobs' share of the requests completed in each second while both have
+  work, against the 20/21 that equal per-job shares give (drops are all one
+  tenant; per-tenant shares come with API keys).
+Writes bench/concurrency_results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from spoold.tinymodel import build_tiny_model
+
+from .run import Spoold, machine
+from .workloads import default_rows, write_workload
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Drops:
+    """Stage drops as ignored dotfiles, then rename them in; watch the outbox for them."""
+
+    def __init__(self, daemon: Spoold, model: str, tmp: Path) -> None:
+        self.daemon, self.model, self.tmp, self.count = daemon, model, tmp, 0
+
+    def stage(self, lines: int) -> tuple[str, Path]:
+        self.count += 1
+        name = f"d{self.count}"
+        rows = [dict(r, custom_id=f"{name}-{i}") for i, r in enumerate(default_rows(lines, self.model))]
+        staged = self.daemon.root / "inbox" / f".{name}.jsonl.tmp"
+        write_workload(staged, rows)
+        return name, staged
+
+    def publish(self, staged: list[tuple[str, Path]]) -> float:
+        started = time.monotonic()
+        for name, path in staged:
+            os.rename(path, self.daemon.root / "inbox" / f"{name}.jsonl")
+        return started
+
+    def finished(self, names: set[str]) -> set[str]:
+        done = {entry.split("-", 1)[0] for entry in os.listdir(self.daemon.root / "outbox")}
+        return names & done
+
+    def time(self, staged: list[tuple[str, Path]]) -> float:
+        """Seconds from publishing `staged` to the last of them in the outbox."""
+        started = self.publish(staged)
+        return self.wait({name for name, _ in staged}) - started
+
+    def wait(self, names: set[str], timeout: float = 1800) -> float:
+        deadline = time.monotonic() + timeout
+        while self.finished(names) != names:
+            if self.daemon.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("spoold exited or took too long:\n" + self.daemon.log.read_text()[-3000:])
+            time.sleep(0.02)
+        return time.monotonic()
+
+
+def small_vs_big(drops: Drops, n: int, rounds: int) -> dict:
+    pairs = []
+    for _ in range(rounds):
+        smalls = [drops.stage(1) for _ in range(n)]
+        small_s = drops.time(smalls)
+        big_s = drops.time([drops.stage(n)])
+        pairs.append({"small_rps": n / small_s, "big_rps": n / big_s, "ratio": big_s / small_s})
+        print(f"  {n} one-line drops {n / small_s:.1f} req/s, one {n}-line drop {n / big_s:.1f} req/s", flush=True)
+    return {"rounds": pairs, "median_ratio": statistics.median(p["ratio"] for p in pairs)}
+
+
+def head_of_line(drops: Drops, big_lines: int, tries: int) -> dict:
+    def ten_line_times() -> list[float]:
+        times = []
+        for _ in range(tries):
+            times.append(drops.time([drops.stage(10)]))
+        return times
+
+    idle = ten_line_times()
+    big = [drops.stage(big_lines)]
+    drops.publish(big)
+    time.sleep(3)  # the big job is claimed, validated and has filled the engine's queue
+    busy = ten_line_times()
+    still_running = not drops.finished({big[0][0]})
+    drops.wait({big[0][0]})
+    p = lambda xs, q: statistics.quantiles(xs, n=20)[q] if len(xs) > 1 else xs[0]  # noqa: E731
+    result = {"idle_p50_s": statistics.median(idle), "idle_p95_s": p(idle, 18),
+              "busy_p50_s": statistics.median(busy), "busy_p95_s": p(busy, 18),
+              "big_still_running_after": still_running}
+    result["p50_ratio"] = result["busy_p50_s"] / result["idle_p50_s"]
+    result["p95_ratio"] = result["busy_p95_s"] / result["idle_p95_s"]
+    return result
+
+
+def fairness(drops: Drops, big_lines: int) -> dict:
+    big = drops.stage(big_lines)
+    smalls = [drops.stage(100) for _ in range(20)]
+    processing = drops.daemon.root / "processing" / "bench"
+    drops.publish([big, *smalls])
+    small_names = {name for name, _ in smalls}
+    samples, last = [], None
+    while drops.finished(small_names) != small_names:
+        counts = {"big": 0, "small": 0}
+        for name in [big[0], *small_names]:
+            out = list(processing.glob(f"{name}-*/output.jsonl")) + list(
+                (drops.daemon.root / "outbox").glob(f"{name}-*/output.jsonl"))
+            lines = sum(1 for _ in open(out[0])) if out else 0
+            counts["big" if name == big[0] else "small"] += lines
+        if last is not None:
+            got = {k: counts[k] - last[k] for k in counts}
+            if sum(got.values()):
+                samples.append(got["small"] / sum(got.values()))
+        last = counts
+        time.sleep(1)
+    drops.wait({big[0]})
+    both = samples[1:-1] or samples  # the first and last seconds hold claims and the end
+    # Drops are all one tenant, so shares are per job: the twenty get 20/21.
+    # Tenants (API keys, per tenant first) are the window's, tests/test_window.py.
+    expected = len(smalls) / (len(smalls) + 1)
+    return {"small_share_per_second": [round(s, 3) for s in samples], "expected_small_share": round(expected, 3),
+            "median_small_share": statistics.median(both) if both else None,
+            "seconds_within_10_percent": sum(abs(s - expected) <= 0.1 for s in both) / len(both) if both else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--big", type=int, default=5000, help="lines of the running job (head of line, fairness)")
+    parser.add_argument("--tries", type=int, default=10)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="spoold-bench-") as tmp:
+        model = build_tiny_model(REPO / ".cache" / "tiny-llama")
+        daemon = Spoold(model, Path(tmp))
+        drops = Drops(daemon, str(model), Path(tmp))
+        try:
+            print("many small drops against one big one:", flush=True)
+            report = {"machine": machine(), "small_vs_big": small_vs_big(drops, args.requests, args.rounds)}
+            print("head of line:", flush=True)
+            report["head_of_line"] = head_of_line(drops, args.big, args.tries)
+            print(json.dumps(report["head_of_line"], indent=1), flush=True)
+            print("fairness:", flush=True)
+            report["fairness"] = fairness(drops, args.big)
+            print(json.dumps(report["fairness"]), flush=True)
+        finally:
+            daemon.close()
+    (REPO / "bench" / "concurrency_results.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(f"median ratio (big / small drop time): {report['small_vs_big']['median_ratio']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
