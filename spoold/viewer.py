@@ -104,9 +104,16 @@ class JobBars:
             counts = payload["request_counts"]
             note = (f"completed {name}: {counts['completed']} ok, {counts['failed']} failed "
                     f"of {counts['total']}")
+            self._remove(progress, payload.get("job"))
+        elif topic == "spoold.job.cancelled":
+            counts = payload["request_counts"]
+            done = counts["completed"] + counts["failed"]
+            note = f"cancelled {name}: {done} of {counts['total']} lines have a result"
+            self._remove(progress, payload.get("job"))
         elif topic == "spoold.job.failed":
             errors = payload.get("errors") or [{"message": "unknown"}]
             note = f"FAILED {name}: {errors[0]['message']}"
+            self._remove(progress, payload.get("job"))
         elif topic == "spoold.engine.stalled":
             note = f"STALLED: job {payload['job']} has {payload['inflight']} requests and no result for " \
                    f"{payload['seconds_without_progress']:.0f}s"
@@ -117,9 +124,16 @@ class JobBars:
         elif topic == "spoold.daemon.heartbeat" and payload.get("state") != self.daemon_state:
             self.daemon_state = payload.get("state", "")
             note = f"{payload['host']}: {self.daemon_state}, {payload.get('queued', 0)} queued"
-            if payload.get("job"):
-                self._update(progress, {**payload["job"], "gpus": payload.get("gpus", [])})
+        if topic == "spoold.daemon.heartbeat":
+            for job in payload.get("jobs") or ([payload["job"]] if payload.get("job") else []):
+                self._update(progress, {**job, "gpus": payload.get("gpus", [])})
         return note
+
+    def _remove(self, progress, job: Any) -> None:
+        """A job that ended leaves the bars (its note stays above them): many small jobs must not pile up."""
+        task = self.tasks.pop(job, None)
+        if task is not None:
+            progress.remove_task(task)
 
     def _gap(self, seq: int | None) -> str | None:
         note = None

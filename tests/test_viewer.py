@@ -18,3 +18,25 @@ def test_names_that_look_like_markup_are_shown_as_they_are():
     text = out.getvalue()
     assert "claimed [/x].jsonl as j1" in text
     assert "[bold]a\\x0ab.jsonl [in_progress]" in text
+
+
+def test_every_running_job_gets_a_bar_and_an_ended_one_leaves_them():
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=200)
+    bars = JobBars()
+    jobs = [{"job": f"j{i}", "input_file": f"b{i}.jsonl", "state": "in_progress", "total": 10, "done": i}
+            for i in range(3)]
+    with Progress(*bar_columns(), console=console, auto_refresh=False) as progress:
+        bars.show(progress, "spoold.daemon.heartbeat", {"seq": 1, "host": "h", "state": "working", "jobs": jobs})
+        assert [t.description for t in progress.tasks] == [f"b{i}.jsonl [in_progress]" for i in range(3)]
+        counts = {"total": 10, "completed": 4, "failed": 1}
+        bars.show(progress, "spoold.job.completed", {"seq": 2, "job": "j0", "input_file": "b0.jsonl",
+                                                     "request_counts": counts})
+        bars.show(progress, "spoold.job.cancelled", {"seq": 3, "job": "j1", "input_file": "b1.jsonl",
+                                                     "request_counts": counts})
+        bars.show(progress, "spoold.job.failed", {"seq": 4, "job": "j2", "input_file": "b2.jsonl",
+                                                  "errors": [{"message": "not JSONL"}]})
+        assert progress.tasks == []
+    text = out.getvalue()
+    assert "completed b0.jsonl: 4 ok, 1 failed of 10" in text
+    assert "cancelled b1.jsonl: 5 of 10 lines have a result" in text and "FAILED b2.jsonl: not JSONL" in text
