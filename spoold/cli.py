@@ -303,11 +303,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _priority(text: str) -> int:
     """`--priority`: a whole number from 1 to MAX_PRIORITY, or a usage error saying so."""
-    from .jobrecord import MAX_PRIORITY
+    from .jobrecord import MAX_PRIORITY, parse_priority
 
-    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_PRIORITY):
+    priority = parse_priority(text)
+    if priority is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to {MAX_PRIORITY}")
-    return int(text)
+    return priority
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 from .names import display_name
+from .readymarker import may_mark
 from .spool import READY_SUFFIX, Spool, is_drop_name
 
 log = logging.getLogger(__name__)
@@ -249,8 +250,7 @@ class InboxTracker:
     def _marked_by_owner(self, name: str, seen: _Seen) -> bool:
         """Whether `NAME.jsonl.ready` was made by whoever owns the drop (or by root or this daemon).
 
-        Anyone who may write the inbox may create a marker: without this, one
-        submitter could force-claim another's half-written file. Someone
+        Who counts is `readymarker.may_mark`'s rule. Someone
         else's marker is removed, so it cannot squat the name the owner needs
         (the sticky inbox would not let the owner replace it).
         """
@@ -259,7 +259,7 @@ class InboxTracker:
             uid = os.lstat(marker).st_uid
         except OSError:
             return False
-        if uid in (seen.uid, 0, os.geteuid()):
+        if may_mark(uid, seen.uid):
             return True
         log.warning("removing inbox/%s: made by uid %d, not by the drop's owner (uid %d)",
                     display_name(marker.name), uid, seen.uid)

@@ -29,6 +29,13 @@ MAX_PRIORITY = 100
 MAX_METADATA_PAIRS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512
 
 
+def parse_priority(text: str) -> int | None:
+    """`text` as a priority a submitter may ask for: a whole number 1-MAX_PRIORITY in ASCII digits, else None."""
+    if text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_PRIORITY:
+        return int(text)
+    return None
+
+
 def check_metadata(value: Any) -> dict[str, str]:
     """`value` as a batch's `metadata`, within OpenAI's limits; ValueError saying what is wrong.
 
@@ -46,7 +53,7 @@ def check_metadata(value: Any) -> dict[str, str]:
         if not isinstance(text, str) or len(text) > MAX_METADATA_VALUE_CHARS:
             raise ValueError(f"metadata {key!r} must be a string of at most {MAX_METADATA_VALUE_CHARS} characters")
     priority = value.get("priority")
-    if priority is not None and not (priority.isascii() and priority.isdigit() and 1 <= int(priority) <= MAX_PRIORITY):
+    if priority is not None and parse_priority(priority) is None:
         raise ValueError(f"metadata priority {priority[:20]!r} must be a whole number from 1 to {MAX_PRIORITY}")
     return dict(value)
 

@@ -34,6 +34,15 @@ READY_SUFFIX = ".ready"
 MAX_MARKER_BYTES = 16 * 1024
 
 
+def may_mark(marker_uid: int, drop_uid: int) -> bool:
+    """Whether a marker made by `marker_uid` counts for a drop of `drop_uid`: the owner's, root's or the daemon's.
+
+    Anyone who may write the inbox may create a marker: without this, one
+    submitter could force-claim another's half-written file, or set its priority.
+    """
+    return marker_uid in (drop_uid, 0, os.geteuid())
+
+
 def read_metadata(marker: Path, owner_uid: int) -> dict[str, str] | None:
     """The metadata in the marker `marker` of a drop owned by `owner_uid`; None when it holds none.
 
@@ -50,7 +59,7 @@ def read_metadata(marker: Path, owner_uid: int) -> dict[str, str] | None:
         return None
     except OSError as e:
         return _ignored(marker, f"cannot read it ({e.strerror or e})")
-    if uid not in (owner_uid, 0, os.geteuid()):
+    if not may_mark(uid, owner_uid):
         return _ignored(marker, f"made by uid {uid}, not by the drop's owner (uid {owner_uid})")
     if not data.strip():
         return None

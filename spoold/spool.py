@@ -151,7 +151,7 @@ class Spool:
 
     def save(self, job: JobDir, record: JobRecord) -> None:
         """Replace a job's batch.json atomically and durably, with the spool's mode and group."""
-        record.save(job.batch, self.file_mode, self.gid)
+        self.save_doc(job, record.to_doc())
 
     def save_doc(self, job: JobDir, doc: dict[str, Any]) -> None:
         """`save` for a record already made into its document (`JobRecord.to_doc`)."""
