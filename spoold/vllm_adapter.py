@@ -13,6 +13,7 @@ module and nowhere else.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import json
@@ -130,6 +131,7 @@ class VllmEngine:
                 if self._by_priority:
                     parsed.priority = request.priority  # a submitter's `priority` never jumps the queue
                 response = await handler(parsed)
+                _raise_if_cancelled()
             except Exception as e:  # vLLM's own mapping of exceptions to HTTP errors
                 self._raise_if_dead(e)
                 response = create_error_response(e)
@@ -193,6 +195,19 @@ class _AdapterType:
 
     def model_validate(self, value: Any) -> Any:
         return self._adapter.validate_python(value)
+
+
+def _raise_if_cancelled() -> None:
+    """Go on with a cancel the serving layer swallowed: a cancelled request is never a result.
+
+    vLLM's handlers answer a cancel with a 400 "Client disconnected" (an HTTP
+    client that left gets no reply anyway); here the cancel is spoold's own
+    (the engine died, or a cold stop), and that 400 written down would be a
+    finished line that never ran. The line must run again instead.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _to_result(response: Any) -> EngineResult:
