@@ -2,11 +2,12 @@
 
 One main loop owns all decisions: what runs next, when to stop, pause,
 swap or replace the engine. Every claimed job of the loaded model runs at
-once (up to `[spool] max_active_jobs`), each in its own JobRunner, sharing
-the engine's in-flight window fairly (window.py); the worklist finds and
-claims work; each runner notices its own cancel; the reporter tells the
-world (heartbeats, STATUS=, events, metrics) and measures stalls, which
-come back here as a verdict. Signal handlers only record the signal; the
+once (up to `[spool] max_active_jobs`, runningjobs.py), sharing the
+engine's in-flight window fairly; the worklist finds and claims work; each
+runner notices its own cancel; the reporter tells the world (heartbeats,
+STATUS=, events, metrics). What others notice comes back here as a verdict
+to act on: a stall from the reporter, a job's end (a failing disk, a dead
+engine) from the running jobs. Signal handlers only record the signal; the
 loop acts on it (gunicorn's arbiter): the first SIGTERM stops claiming, lets
 finished results reach disk and exits 0, leaving the jobs to resume on the
 next start; a second one cancels at once (rq's cold shutdown).
@@ -18,28 +19,26 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from .config import Config, ConfigError, engine_settings_for, reload_settings
-from .engine import Engine, EngineDead
+from .engine import Engine
 from .enginehost import MAX_RESTARTS, RESTART_WINDOW_SECONDS, EngineHost
 from .events import EventPublisher
 from .gpu import GpuReader
 from .heartbeat import status_line
 from .inbox import InboxTracker
-from .jobrunner import IncompleteJob, JobRunner, job_fields
-from .lifecycle import DaemonState, Outcome
+from .jobrunner import job_fields
+from .lifecycle import DaemonState
 from .metrics import Metrics
 from .names import display_name
 from .notify import Notifier
 from .reporter import Reporter, Shown, Stall
+from .runningjobs import JobEnd, RunningJobs, Trouble
 from .spool import Spool
 from .supervise import supervise
 from .validation import ModelResolver
-from .window import FairWindow
 from .worklist import Claimed, WorkList, describe
-from .writer import JobLost, WriterFailed
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +71,13 @@ class Daemon:
         self.report = Reporter(config, self.spool, self.notifier, self.gpus, metrics, events)
         self.engine_host = EngineHost(engine, make_engine, self.report.publish, self.gpus)
         self.work = WorkList(config, self.spool, self.inbox, self.resolver, self.report)
-        #: the engine's in-flight window, shared by the running jobs (a fresh one per engine)
-        self.window = FairWindow(self._inflight_limit())
+        self.jobs = RunningJobs(self.spool, self.resolver, config.limits, self.report, self._job_ended,
+                                self._inflight_limit())
         self.state = DaemonState.STARTING
         self.exit_code = 0
         self._stop: asyncio.Event | None = None
         self._signals = 0
         self._main_task: asyncio.Task | None = None
-        #: job id -> its run, in the order they started
-        self._running: dict[str, Running] = {}
         self._hup: asyncio.Event | None = None
         #: why work is paused (a full or failing disk), shown in status and heartbeats
         self._paused: str | None = None
@@ -132,8 +129,8 @@ class Daemon:
         finally:
             self.state = DaemonState.STOPPING
             self.notifier.stopping()
-            self._stop_jobs()
-            await self._settle_jobs()
+            self.jobs.stop_all()
+            await self.jobs.settle()
             self.inbox.stop()
             for task in loops:
                 task.cancel()
@@ -165,7 +162,7 @@ class Daemon:
         if self._signals == 1:
             log.info("%s: warm stop (finishing writes; send again to stop at once)", signal.Signals(sig).name)
             self._stop.set()
-            self._stop_jobs()
+            self.jobs.stop_all()
             self.inbox.wake()
         elif self._main_task is not None:
             self._main_task.cancel()
@@ -179,12 +176,12 @@ class Daemon:
         """Load the current engine, with the daemon's state, status line and READY=1 around it."""
         self.state = DaemonState.LOADING
         await self._write_heartbeat()  # on disk (and in STATUS=) at once: a load can hold the loop for a while
-        extender = asyncio.create_task(self._extend_start_timeout())
+        extender = asyncio.create_task(self.notifier.keep_extending_timeout(LOAD_EXTEND_SECONDS))
         try:
             await self.engine_host.load()
         finally:
             extender.cancel()
-        self.window = FairWindow(self._inflight_limit())
+        self.jobs.new_window(self._inflight_limit())
         self.state = DaemonState.IDLE
         await self._write_heartbeat()  # a state change is on disk at once, not a period later
         self.notifier.ready(status_line([], len(self.spool.inbox_entries()), self.gpus.read()))
@@ -207,35 +204,13 @@ class Daemon:
             except OSError as e:  # EIO or ESTALE from the spool: pause and look again, never exit
                 self._pause_for(f"cannot read the spool: {describe(e)}")
                 continue
-            if swap_to is not None and not self._running:
+            if swap_to is not None and not self.jobs:
                 await self._swap_engine(swap_to)
                 continue
             await self.inbox.wait()
 
     def _inflight_limit(self) -> int:
         return engine_settings_for(self.config, self.engine.model).inflight_limit  # [models.X] may set it
-
-    async def _extend_start_timeout(self) -> None:
-        if not self.notifier.active:
-            return
-        while True:
-            self.notifier.extend_timeout(LOAD_EXTEND_SECONDS)
-            await asyncio.sleep(LOAD_EXTEND_SECONDS / 3)
-
-    async def _systemd_watchdog_loop(self) -> None:
-        """WATCHDOG=1 from the main loop, only while healthy: ready and not stalled.
-
-        systemd arms the watchdog at READY=1; a stuck engine stops the pings
-        and systemd restarts the service, which resumes the job. (A fresh
-        engine loading after a crash of the old one keeps the pings going.)
-        """
-        interval = self.notifier.watchdog_interval()
-        if interval is None:
-            return
-        while True:
-            if self._ready_sent and not self.report.stalled:
-                self.notifier.watchdog()
-            await asyncio.sleep(interval)
 
     def _reload(self) -> None:
         """SIGHUP: apply the settings that can change without reloading the model."""
@@ -251,7 +226,7 @@ class Daemon:
             self.report.config = self.work.config = self.config  # what they measure and look for
             self.inbox.settle_seconds = self.config.spool.settle_seconds
             self.inbox.poll_seconds = self.config.spool.poll_seconds
-            self.window.capacity = self._inflight_limit()
+            self.jobs.window.capacity = self._inflight_limit()
             log.info("reloaded settings (max_inflight applies to the jobs started from now on)")
             if needs_restart:
                 log.warning("reload: %s changed; restart spoold to apply", ", ".join(needs_restart))
@@ -269,8 +244,8 @@ class Daemon:
         for claimed in self.work.take_over_orphans():
             self._start(claimed)
         loaded, swap_to, chosen = self.engine.model, None, []
-        free = self.config.spool.max_active_jobs - len(self._running)
-        for rank, choice in enumerate(await self.work.in_order(loaded, set(self._running))):
+        free = self.config.spool.max_active_jobs - len(self.jobs)
+        for rank, choice in enumerate(await self.work.in_order(loaded, self.jobs.ids())):
             if len(chosen) >= free or self._paused:
                 break
             if choice.model not in (None, loaded):
@@ -298,66 +273,27 @@ class Daemon:
             return None
 
     def _start(self, claimed: Claimed) -> None:
-        """Run one job beside the others, with its own stop and its share of the window."""
-        read = claimed.record or claimed.job.read_record()
-        record = read[0]
-        share = self.window.join(claimed.job.id, record.tenant if record else "", record.weight() if record else 1)
-        runner = JobRunner(self.spool, claimed.job, self.engine, self.resolver, self.config.limits, share,
-                           asyncio.Event(), on_validated=self.report.validated, record=read)
-        self.report.job_started(runner)
-        task = asyncio.create_task(self._run_job(runner), name=f"job:{claimed.job.id}")
-        self._running[claimed.job.id] = Running(runner, task)
+        self.jobs.start(claimed, self.engine)
         self.state = DaemonState.WORKING
 
-    async def _run_job(self, runner: JobRunner) -> None:
-        """One job's run, and what its end means: done, wait for a model, pause, replace the engine."""
-        job = runner.job
-        outcome = Outcome.INTERRUPTED
-        try:
-            outcome = await runner.run()
-            if outcome is Outcome.WAITING:
-                log.info("job %s: the lines for %s are done; next model: %s", job.id, runner.engine.model,
-                         runner.record.next_model(), **job_fields(job.id))
-            elif outcome is Outcome.INTERRUPTED and not self._trouble:
-                log.info("job %s interrupted at %d/%d; it resumes on the next start",
-                         job.id, runner.progress.done, runner.progress.total, **job_fields(job.id))
-        except JobLost as e:
-            log.warning("job %s is no longer this host's: %s; leaving it alone", job.id, e, **job_fields(job.id))
-        except (WriterFailed, OSError) as e:
-            self._pause_for(f"job {job.id}: {describe(e)}", job.id)
-        except IncompleteJob as e:
-            log.error("%s", e)
-            self.work.stuck.add(job.id)
-        except EngineDead as e:
-            self._engine_trouble(str(e))
-        except Exception as e:  # a bug or an I/O fault must not take the daemon down
-            log.error("job %s stopped by an unexpected %s: %s; it stays in %s and is retried "
-                      "on the next start", job.id, type(e).__name__, e, job.path.parent, exc_info=True,
-                      **job_fields(job.id))
-            self.work.stuck.add(job.id)
-        finally:
-            runner.share.leave()
-            self.report.job_ended(runner, outcome)
-            del self._running[job.id]
-            if not self._running and self.state == DaemonState.WORKING:
-                self.state = DaemonState.IDLE
-            self.inbox.wake()  # a slot is free: the loop looks for more work
-
-    def _stop_jobs(self) -> None:
-        """Tell every running job to stop: what is in flight settles, what is durable stays."""
-        for running in self._running.values():
-            running.runner.stop.set()
-
-    async def _settle_jobs(self) -> None:
-        """Wait until every running job has stopped."""
-        await asyncio.gather(*(r.task for r in list(self._running.values())), return_exceptions=True)
+    def _job_ended(self, end: JobEnd) -> None:
+        """A job's run is over: act on what its end asks, then look for more work (a slot is free)."""
+        if end.trouble is Trouble.DISK:
+            self._pause_for(end.reason, end.job_id)
+        elif end.trouble is Trouble.ENGINE:
+            self._engine_trouble(end.reason)
+        elif end.trouble is Trouble.STUCK:
+            self.work.stuck.add(end.job_id)  # not picked again until the next start
+        if not self.jobs and self.state == DaemonState.WORKING:
+            self.state = DaemonState.IDLE
+        self.inbox.wake()
 
     def _engine_trouble(self, reason: str) -> None:
         """The engine died or hangs: stop sending it anything, stop every job; the loop replaces it."""
         if self._trouble is None:
             self._trouble = reason
-            self.window.close()  # a request sent to it now would be lost, and blamed on its line
-            self._stop_jobs()
+            self.jobs.window.close()  # a request sent to it now would be lost, and blamed on its line
+            self.jobs.stop_all()
             self.inbox.wake()
 
     def _pause_for(self, reason: str, job_id: str | None = None) -> None:
@@ -389,7 +325,7 @@ class Daemon:
         result line and simply run again. An engine that keeps failing makes
         the daemon exit 1 instead, for systemd to restart the whole service.
         """
-        await self._settle_jobs()
+        await self.jobs.settle()
         reason, self._trouble = self._trouble, None
         if not self.engine_host.may_restart():
             log.error("%s; more than %d engine restarts in %.0fs: exiting so the service restarts",
@@ -433,8 +369,8 @@ class Daemon:
 
     def _shown(self) -> Shown:
         """What the daemon is doing, for the reporter."""
-        return Shown(self.state, self.engine.model, self._paused,
-                     tuple(r.runner for r in self._running.values()), self.work.queued, WRITE_RETRY_SECONDS)
+        return Shown(self.state, self.engine.model, self._paused, self.jobs.runners(), self.work.queued,
+                     WRITE_RETRY_SECONDS)
 
     async def _write_heartbeat(self) -> None:
         await self.report.heartbeat(self._shown())
@@ -449,11 +385,14 @@ class Daemon:
             self._hup.clear()
             self._reload()
 
+    async def _systemd_watchdog_loop(self) -> None:
+        await self.report.systemd_watchdog_loop(lambda: self._ready_sent)
+
     async def _progress_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.events.progress_seconds)
-            for running in list(self._running.values()):
-                self._act_on(self.report.progress(running.runner))
+            for runner in self.jobs.runners():
+                self._act_on(self.report.progress(runner))
 
     def _act_on(self, stall: Stall) -> None:
         """An engine hung past `[watchdog] restart_seconds` stops every job; the loop then replaces it.
@@ -463,10 +402,3 @@ class Daemon:
         if stall.hung:
             self._engine_trouble(f"the engine made no progress for {self.config.watchdog.restart_seconds:.0f}s")
 
-
-@dataclass(frozen=True)
-class Running:
-    """A job running now: its runner (progress, stop) and the task that runs it."""
-
-    runner: JobRunner
-    task: asyncio.Task

@@ -72,7 +72,7 @@ SHOWN_JOBS = 4
 
 def _counts(progress: Any) -> str:
     if progress.state == JobStatus.VALIDATING:
-        return "validating"
+        return JobStatus.VALIDATING.value
     if progress.total >= 100:
         return f"{progress.done}/{progress.total} ({100 * progress.done // progress.total}%)"
     return f"{progress.done}/{progress.total}"

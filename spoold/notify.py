@@ -7,6 +7,7 @@ the way gunicorn's systemd module behaves.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -83,6 +84,17 @@ class Notifier:
     def extend_timeout(self, seconds: float) -> None:
         """Ask for more start (or stop) time: a big model is still loading."""
         self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}")
+
+    async def keep_extending_timeout(self, seconds: float) -> None:
+        """Push the start timeout `seconds` ahead every third of it, until cancelled (a model loading).
+
+        A load that makes no progress still times out, in vLLM itself.
+        """
+        if not self.active:
+            return
+        while True:
+            self.extend_timeout(seconds)
+            await asyncio.sleep(seconds / 3)
 
     def reloading(self) -> None:
         """A SIGHUP reload has begun (READY=1 follows when it is done)."""

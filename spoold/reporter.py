@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -90,6 +91,21 @@ class Reporter:
     def stalled(self) -> bool:
         """Some running job has requests in flight and no result for `[watchdog] stall_seconds`."""
         return any(told.stalled for told in self._jobs.values())
+
+    async def systemd_watchdog_loop(self, ready: Callable[[], bool]) -> None:
+        """WATCHDOG=1 while healthy: `ready()` and no job stalled.
+
+        systemd arms the watchdog at READY=1; a stuck engine stops the pings
+        and systemd restarts the service, which resumes the job. (A fresh
+        engine loading after a crash of the old one keeps the pings going.)
+        """
+        interval = self.notifier.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            if ready() and not self.stalled:
+                self.notifier.watchdog()
+            await asyncio.sleep(interval)
 
     def job_started(self, runner: "JobRunner") -> None:
         """A job (or the next run of one) starts: its counters start from what it has."""

@@ -72,6 +72,11 @@ class FairWindow:
         self._closed = True
 
     @property
+    def closed(self) -> bool:
+        """Whether the window was closed on a dead or hung engine."""
+        return self._closed
+
+    @property
     def jobs(self) -> int:
         """How many job runs hold a share."""
         return len(self._shares)

@@ -84,12 +84,12 @@ def test_a_hung_engine_verdict_stops_every_job_and_sends_the_engine_nothing_more
 
     daemon = make_daemon(tmp_path)
     runners = [_Running() for _ in range(3)]
-    daemon._running = {str(i): r for i, r in enumerate(runners)}
+    daemon.jobs._running = {str(i): r for i, r in enumerate(runners)}
     daemon._act_on(Stall(stalled=True))
     assert not any(r.runner.stop.is_set() for r in runners) and daemon._trouble is None  # the watchdog's business
     daemon._act_on(Stall(stalled=True, hung=True))
     assert all(r.runner.stop.is_set() for r in runners) and daemon._trouble  # the loop then replaces the engine
-    assert not daemon.window._may_take(daemon.window.join("late"))  # nothing more goes to the hung engine
+    assert not daemon.jobs.window._may_take(daemon.jobs.window.join("late"))  # nothing more goes to the hung engine
 
 
 class _Running:
@@ -129,7 +129,7 @@ def test_the_first_signal_is_a_warm_stop_the_second_a_cold_one(tmp_path):
 
     async def go():
         daemon._stop, running = asyncio.Event(), _Running()
-        daemon._running = {"j": running}
+        daemon.jobs._running = {"j": running}
         daemon._main_task = asyncio.current_task()
         daemon._on_signal(signal.SIGTERM)
         warm = daemon._stop.is_set() and running.runner.stop.is_set()
