@@ -5,6 +5,7 @@
     spoold validate FILE...         per-line report; exit 1 if any line is bad
     spoold status [--json]          queued, processing and finished jobs
     spoold watch [--json]           live progress bars from the event feed
+    spoold api [--listen]           the OpenAI-compatible HTTP API over the spool
     spoold demo                     the whole pipeline on a tiny local model
 
 Every verb takes `--config PATH` (default /etc/spoold/spoold.toml or
@@ -124,6 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="price of a GPU-hour for the cost column (default [models] gpu_hour_price)")
     p.set_defaults(func=cmd_bench_models)
 
+    p = verbs.add_parser("api", parents=[common], help="serve the OpenAI Files API over the spool (HTTP)",
+                         description="Serve the OpenAI-compatible HTTP API at [api] listen (default "
+                                     "127.0.0.1:8090): point the `openai` SDK's base_url at "
+                                     "http://HOST:PORT/v1. Keys come from [api] keys_file (NAME:KEY[:admin] "
+                                     "per line, reread on SIGHUP); without one, loopback only.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--listen", metavar="HOST:PORT", help="override [api] listen (HOST:PORT or a socket path)")
+    p.set_defaults(func=cmd_api)
+
     p = verbs.add_parser("demo", parents=[common], help="run a sample batch on a tiny local model",
                          description="Build a tiny random-weight model, start the daemon on a "
                                      "temporary spool, submit a sample batch and show the results. "
@@ -199,6 +209,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"[events] endpoint {config.events.endpoint!r}: {e}") from None
     return Daemon(config, engine, metrics=metrics, events=events, reload_config=read_config,
                   make_engine=make_engine).run()
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    from .apiserver import serve
+
+    setup_logging(args.verbose)
+    config = _config(args)
+    if args.listen is not None:
+        config = replace(config, api=replace(config.api, listen=args.listen))
+    return serve(config)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:

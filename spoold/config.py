@@ -138,6 +138,17 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class ApiSettings:
+    """`[api]`: the OpenAI-compatible HTTP API (`spoold api`)."""
+
+    #: HOST:PORT, or the path of a unix socket
+    listen: str = "127.0.0.1:8090"
+    #: `NAME:KEY[:admin]` per line; without it the API serves loopback only, as the one tenant `local`
+    keys_file: str = "/etc/spoold/api-keys"
+    max_upload_bytes: int = 2 * 1024 ** 3
+
+
+@dataclass(frozen=True)
 class Config:
     """All of spoold's settings, one frozen section per TOML table."""
 
@@ -149,6 +160,7 @@ class Config:
     watchdog: WatchdogSettings = field(default_factory=WatchdogSettings)
     events: EventsSettings = field(default_factory=EventsSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
 
 
 def config_path(cli_value: str | None) -> str:

@@ -24,8 +24,10 @@ def test_systemd_analyze_verify_passes(tmp_path):
     units.mkdir()
     shutil.copy(PACKAGING / "spoold.service", units / "spoold.service")
     shutil.copy(PACKAGING / "spoold@.service", units / "spoold@0.service")
+    shutil.copy(PACKAGING / "spoold-api.service", units / "spoold-api.service")
     script = (f"mount --make-rprivate / && mount -t overlay overlay -o lowerdir={bin_dir}:/usr/bin /usr/bin && "
-              f"systemd-analyze verify {units / 'spoold.service'} {units / 'spoold@0.service'}")
+              f"systemd-analyze verify {units / 'spoold.service'} {units / 'spoold@0.service'} "
+              f"{units / 'spoold-api.service'}")
     result = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True)
     if result.returncode != 0 and "unshare failed" in result.stderr:
         pytest.skip(f"mount namespaces not permitted: {result.stderr.strip()}")
@@ -40,6 +42,10 @@ def test_units_have_what_a_notify_service_needs():
                  "ExecReload=/bin/kill -HUP $MAINPID"):
         assert line in unit
     assert "DynamicUser" not in unit
+    api = (PACKAGING / "spoold-api.service").read_text()
+    for line in ("ExecStart=/usr/bin/spoold api ", "User=spoold", "ReadWritePaths=/var/spool/spoold",
+                 "ProtectSystem=strict", "NoNewPrivileges=yes", "Restart=on-failure"):
+        assert line in api
     instance = (PACKAGING / "spoold@.service").read_text()
     assert "Environment=CUDA_VISIBLE_DEVICES=%i" in instance and "--host-id %H-gpu%i" in instance
 

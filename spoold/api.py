@@ -1,0 +1,190 @@
+"""`spoold api`: the OpenAI Files API (and the model list) over the spool, on FastAPI.
+
+The official `openai` SDK works against it unchanged: objects, list pages
+and errors are shaped as the OpenAI API returns them (`FileObject`,
+`FileDeleted`, `{"error": {message, type, param, code}}` with the status
+codes the SDK maps to its exceptions). The server reads and writes the
+spool only; the daemon stays the one thing that runs jobs. Every key is a
+tenant (apikeys.py): another tenant's file is 404, not 403, so ids cannot
+be probed. Nothing here logs a key or a line of a file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from openai.types import FileDeleted, Model
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .apikeys import LOCAL, ApiKeys, Tenant
+from .config import Config
+from .filestore import PURPOSES, FileStore, StoredFile, UploadTooLarge
+from .multipart import FormError, UploadForm
+
+log = logging.getLogger(__name__)
+
+#: OpenAI's page size bounds for `GET /v1/files`.
+MAX_FILES_PAGE = 10_000
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape; `status` is the HTTP status the SDK maps to an exception."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def response(self) -> JSONResponse:
+        """The error as the body OpenAI sends."""
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+def create_app(config: Config, keys: ApiKeys | None) -> FastAPI:
+    """The API over `config`'s spool; `keys` None means one tenant, `local` (loopback only: see `serve`)."""
+    app = FastAPI(title="spoold", summary="The OpenAI Files and Batches API over a spoold spool",
+                  docs_url=None, redoc_url=None, redirect_slashes=False)
+    app.state.keys = keys
+    files = FileStore(config.spool.root, config.spool.file_mode)
+    files.ensure_dir()
+    upload_limit = min(config.api.max_upload_bytes, config.limits.max_file_bytes)
+    _add_error_handlers(app)
+
+    def tenant(request: Request) -> Tenant:
+        """The caller, from `Authorization: Bearer KEY`; 401 without a key the API knows."""
+        if app.state.keys is None:
+            return Tenant(LOCAL, admin=True)
+        header = request.headers.get("authorization", "")
+        scheme, _, presented = header.partition(" ")
+        found = app.state.keys.tenant(presented.strip()) if scheme.lower() == "bearer" else None
+        if found is None:
+            message = "Incorrect API key provided." if presented else "You didn't provide an API key."
+            raise ApiError(401, message, code="invalid_api_key")
+        return found
+
+    def owned_file(file_id: str, who: Tenant) -> StoredFile:
+        stored = files.get(file_id, who.name)
+        if stored is None:
+            raise ApiError(404, f"No such File object: {_shown_id(file_id)}", param="id")
+        return stored
+
+    @app.post("/v1/files")
+    async def create_file(request: Request, who: Tenant = Depends(tenant)) -> dict[str, Any]:
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > upload_limit + 64 * 1024:
+            raise ApiError(413, f"The file is larger than this server's {upload_limit}-byte limit.",
+                           param="file")
+        try:
+            form = UploadForm(request)
+            with files.new(who.name, upload_limit) as upload:
+                async for chunk in form.file_chunks():
+                    upload.write(chunk)
+                if form.filename is None:
+                    raise ApiError(400, "Send the file as the multipart field 'file'.", param="file")
+                if form.fields.get("purpose") not in PURPOSES:
+                    raise ApiError(400, f"'purpose' must be one of {list(PURPOSES)}: spoold serves batches.",
+                                   param="purpose")
+                stored = await upload.commit(form.filename, form.fields["purpose"])
+        except UploadTooLarge as e:
+            raise ApiError(413, f"{str(e).capitalize()}.", param="file") from None
+        except FormError as e:
+            raise ApiError(400, str(e), param=e.param) from None
+        except OSError as e:  # a full or failing spool disk: nothing was kept, and the client may retry
+            log.error("an upload by %s could not be stored: %s", who.name, e.strerror or e)
+            raise ApiError(503, f"The server could not store the file ({e.strerror or 'I/O error'}); "
+                                "try again later.", kind="server_error") from None
+        log.info("file %s uploaded by %s: %d bytes", stored.id, who.name, stored.bytes)
+        return _shown(stored.file_object())
+
+    @app.get("/v1/files")
+    async def list_files(purpose: str | None = None, limit: int = MAX_FILES_PAGE, after: str | None = None,
+                         order: str = "desc", who: Tenant = Depends(tenant)) -> dict[str, Any]:
+        if order not in ("asc", "desc"):
+            raise ApiError(400, "'order' must be 'asc' or 'desc'.", param="order")
+        if not 1 <= limit <= MAX_FILES_PAGE:
+            raise ApiError(400, f"'limit' must be between 1 and {MAX_FILES_PAGE}.", param="limit")
+        found = await asyncio.to_thread(files.list, who.name, purpose)
+        if order == "asc":
+            found.reverse()
+        return cursor_page([_shown(f.file_object()) for f in found], after, limit)
+
+    @app.get("/v1/files/{file_id}")
+    async def retrieve_file(file_id: str, who: Tenant = Depends(tenant)) -> dict[str, Any]:
+        return _shown(owned_file(file_id, who).file_object())
+
+    @app.get("/v1/files/{file_id}/content")
+    async def file_content(file_id: str, who: Tenant = Depends(tenant)) -> FileResponse:
+        stored = owned_file(file_id, who)
+        return FileResponse(files.content_path(stored), media_type="application/octet-stream",
+                            filename=stored.filename or None)
+
+    @app.delete("/v1/files/{file_id}")
+    async def delete_file(file_id: str, who: Tenant = Depends(tenant)) -> dict[str, Any]:
+        stored = owned_file(file_id, who)
+        await asyncio.to_thread(files.delete, stored)
+        log.info("file %s deleted by %s", stored.id, who.name)
+        return _shown(FileDeleted(id=stored.id, object="file", deleted=True))
+
+    @app.get("/v1/models")
+    async def list_models(who: Tenant = Depends(tenant)) -> dict[str, Any]:
+        names = dict.fromkeys([config.engine.model, *config.models.aliases, *config.models.aliases.values()])
+        return {"object": "list", "data": [_shown(Model(id=name, object="model", created=0, owned_by="spoold"))
+                                           for name in names if name]}
+
+    return app
+
+
+def cursor_page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
+    """One page of `items` after the one whose id is `after`, as OpenAI's cursor pages look.
+
+    An `after` that names no item (deleted meanwhile, or another tenant's)
+    starts from the beginning rather than leaking whether it exists.
+    """
+    ids = [item["id"] for item in items]
+    start = ids.index(after) + 1 if after in ids else 0
+    page = items[start:start + limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": start + limit < len(items)}
+
+
+def _shown(obj: BaseModel) -> dict[str, Any]:
+    """An `openai` type as the JSON the API answers (every field, nulls too, as OpenAI sends them)."""
+    return obj.model_dump(mode="json")
+
+
+def _shown_id(value: str) -> str:
+    """An id from a request as it may be echoed back: short, printable (it is the client's own)."""
+    shown = "".join(c if c.isprintable() else "?" for c in value[:64])
+    return repr(shown + ("..." if len(value) > 64 else ""))
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape; never a bare 500 with a traceback."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {}
+        param = str(first.get("loc", ["", ""])[-1]) or None
+        return ApiError(400, f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return ApiError(error.status_code, str(error.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.error("%s %s failed: %s", request.method, request.url.path, type(error).__name__, exc_info=True)
+        return ApiError(500, "The server had an error while processing your request.", kind="server_error").response()
+

@@ -1,0 +1,157 @@
+"""Uploaded files of the HTTP API, kept in the spool: `files/<file-id>/{content,file.json}`.
+
+An upload streams to a hidden directory (never held in memory), is
+fsynced with its record, and appears by one rename, so a file is either
+all there or not there at all: an upload over the limit, a client that
+goes away part way and a crash all leave nothing a reader can see. The
+record is the OpenAI `FileObject` plus its owner. Ids are random and are
+checked against a strict pattern before they touch a path, so no id a
+client sends can name anything outside `files/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from openai.types import FileObject
+
+from .durable import atomic_write_json, durable_mkdir, durable_rename, fsync_dir, write_all
+
+#: `file-` and 24 random characters, as OpenAI's ids look; nothing else is ever a file id.
+FILE_ID = re.compile(r"file-[A-Za-z0-9]{24}")
+#: What a file may be uploaded for; spoold serves batches only.
+PURPOSES = ("batch",)
+#: The longest file name kept in a record (OpenAI keeps the client's name; it is only ever data here).
+MAX_FILENAME_CHARS = 255
+
+
+class UploadTooLarge(Exception):
+    """The upload passed `[api] max_upload_bytes` (or `[limits] max_file_bytes`)."""
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """One uploaded file: the `FileObject` fields, and whose it is."""
+
+    id: str
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    owner: str
+    expires_at: int | None = None
+
+    def file_object(self) -> FileObject:
+        """The file as the OpenAI API shows it."""
+        return FileObject(id=self.id, object="file", bytes=self.bytes, created_at=self.created_at,
+                          filename=self.filename, purpose=self.purpose, status="processed",
+                          expires_at=self.expires_at)
+
+
+def new_file_id() -> str:
+    """A fresh random file id (143 bits: never guessed, never reused)."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+    return "file-" + "".join(secrets.choice(alphabet) for _ in range(24))
+
+
+class FileStore:
+    """The API's files under one spool root."""
+
+    def __init__(self, root: Path, file_mode: int = 0o640, gid: int = -1) -> None:
+        self.dir = Path(root) / "files"
+        self.file_mode, self.gid = file_mode, gid
+
+    def ensure_dir(self) -> None:
+        """Create `files/` if it is missing."""
+        durable_mkdir(self.dir)
+
+    @contextlib.contextmanager
+    def new(self, owner: str, limit: int) -> Iterator["NewFile"]:
+        """A file being uploaded, in a hidden directory; gone again unless `commit()`ed inside the block."""
+        upload = NewFile(self, owner, limit)
+        try:
+            yield upload
+        finally:
+            upload.discard()
+
+    def get(self, file_id: str, owner: str | None) -> StoredFile | None:
+        """The file `file_id` if it exists and is `owner`'s (any owner's for None); else None."""
+        if not FILE_ID.fullmatch(file_id):
+            return None
+        try:
+            doc = json.loads((self.dir / file_id / "file.json").read_text())
+            stored = StoredFile(**doc)
+        except (OSError, ValueError, TypeError):
+            return None
+        return stored if owner is None or stored.owner == owner else None
+
+    def content_path(self, stored: StoredFile) -> Path:
+        """Where a stored file's bytes are."""
+        return self.dir / stored.id / "content"
+
+    def list(self, owner: str, purpose: str | None = None) -> list[StoredFile]:
+        """`owner`'s files (of `purpose`), newest first; ties by id, so pages never skip or repeat one."""
+        try:
+            names = [n for n in os.listdir(self.dir) if FILE_ID.fullmatch(n)]
+        except FileNotFoundError:
+            return []
+        found = [f for f in (self.get(n, owner) for n in names) if f and (purpose is None or f.purpose == purpose)]
+        return sorted(found, key=lambda f: (f.created_at, f.id), reverse=True)
+
+    def delete(self, stored: StoredFile) -> None:
+        """Remove a stored file: first out of sight (one rename), then its bytes."""
+        doomed = self.dir / f".{stored.id}.deleted"
+        os.rename(self.dir / stored.id, doomed)
+        fsync_dir(self.dir)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+class NewFile:
+    """An upload on its way in: `write` each chunk as it arrives, then `commit` it into sight."""
+
+    def __init__(self, store: FileStore, owner: str, limit: int) -> None:
+        self.store, self.owner, self.limit = store, owner, limit
+        self.id = new_file_id()
+        self.size = 0
+        self._tmp = store.dir / f".{self.id}.tmp"
+        os.mkdir(self._tmp, 0o750)
+        self._fd: int | None = os.open(self._tmp / "content", os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                                       store.file_mode)
+        if store.gid >= 0:
+            os.fchown(self._fd, -1, store.gid)
+
+    def write(self, chunk: bytes) -> None:
+        """Append one chunk; UploadTooLarge once the file passes the limit."""
+        self.size += len(chunk)
+        if self.size > self.limit:
+            raise UploadTooLarge(f"the file is larger than the {self.limit}-byte limit")
+        write_all(self._fd, chunk)
+
+    async def commit(self, filename: str, purpose: str) -> StoredFile:
+        """Make the file durable with its record, then visible by one rename (off the event loop)."""
+        stored = StoredFile(self.id, self.size, int(time.time()), filename[:MAX_FILENAME_CHARS], purpose, self.owner)
+        await asyncio.to_thread(self._publish, stored)
+        return stored
+
+    def _publish(self, stored: StoredFile) -> None:
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        atomic_write_json(self._tmp / "file.json", asdict(stored), self.store.file_mode, self.store.gid)
+        durable_rename(self._tmp, self.store.dir / stored.id)
+
+    def discard(self) -> None:
+        """Remove what is left of an upload that was not committed (nothing, once it was)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        shutil.rmtree(self._tmp, ignore_errors=True)
