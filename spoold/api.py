@@ -89,6 +89,8 @@ def create_app(config: Config, keys: ApiKeys | None) -> FastAPI:
                     upload.write(chunk)
                 if form.filename is None:
                     raise ApiError(400, "Send the file as the multipart field 'file'.", param="file")
+                if not form.file_complete:
+                    raise ApiError(400, "The upload ended before the end of the file part.", param="file")
                 if form.fields.get("purpose") not in PURPOSES:
                     raise ApiError(400, f"'purpose' must be one of {list(PURPOSES)}: spoold serves batches.",
                                    param="purpose")

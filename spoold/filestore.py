@@ -83,8 +83,8 @@ class FileStore:
         finally:
             upload.discard()
 
-    def get(self, file_id: str, owner: str | None) -> StoredFile | None:
-        """The file `file_id` if it exists and is `owner`'s (any owner's for None); else None."""
+    def get(self, file_id: str, owner: str) -> StoredFile | None:
+        """The file `file_id` if it exists and is `owner`'s; else None (the same None either way)."""
         if not FILE_ID.fullmatch(file_id):
             return None
         try:
@@ -92,7 +92,7 @@ class FileStore:
             stored = StoredFile(**doc)
         except (OSError, ValueError, TypeError):
             return None
-        return stored if owner is None or stored.owner == owner else None
+        return stored if stored.owner == owner else None
 
     def content_path(self, stored: StoredFile) -> Path:
         """Where a stored file's bytes are."""

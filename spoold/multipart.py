@@ -40,6 +40,8 @@ class UploadForm:
         self.fields: dict[str, str] = {}
         #: the client's name for the file part; None until (unless) one is seen
         self.filename: str | None = None
+        #: whether the file part reached its closing boundary (a body cut short never does)
+        self.file_complete = False
         self._parser = MultipartParser(params[b"boundary"], {
             "on_part_begin": self._part_begin, "on_header_field": self._header_field,
             "on_header_value": self._header_value, "on_header_end": self._header_end,
@@ -108,6 +110,8 @@ class UploadForm:
             raise FormError(f"The form field {self._name[:64]!r} is too long.", self._name[:64] or None)
 
     def _part_end(self) -> None:
-        if not self._in_file and self._name:
+        if self._in_file:
+            self.file_complete = True
+        elif self._name:
             self.fields[self._name] = self._value.decode("utf-8", "replace")
         self._in_file = False

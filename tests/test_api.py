@@ -134,6 +134,10 @@ def test_a_wrong_purpose_or_a_form_without_a_file_is_400_and_leaves_nothing(api)
     no_file = httpx.post(f"{api.url}/files", data={"purpose": "batch"}, files={"other": ("x", b"1")},
                          headers={"Authorization": f"Bearer {ALICE}"})
     assert no_file.status_code == 400 and no_file.json()["error"]["param"] == "file"
+    cut_short = _multipart({"purpose": "batch"}, b"{}\n").removesuffix(b"\r\n--b0undary--\r\n")
+    unfinished = httpx.post(f"{api.url}/files", content=cut_short, headers={
+        "Authorization": f"Bearer {ALICE}", "Content-Type": "multipart/form-data; boundary=b0undary"})
+    assert unfinished.status_code == 400 and unfinished.json()["error"]["param"] == "file"
     not_a_form = httpx.post(f"{api.url}/files", content=BATCH, headers={"Authorization": f"Bearer {ALICE}"})
     assert not_a_form.status_code == 400
     assert {f.id for f in alice.files.list()} == before and leftovers(api.root) == []
