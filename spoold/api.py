@@ -1,10 +1,10 @@
-"""`spoold api`: the OpenAI Files API (and the model list) over the spool, on FastAPI.
+"""`spoold api`: the OpenAI Files and Batches API (and the model list) over the spool, on FastAPI.
 
 The official `openai` SDK works against it unchanged: objects, list pages
 and errors are shaped as the OpenAI API returns them (`FileObject`,
 `FileDeleted`, `{"error": {message, type, param, code}}` with the status
 codes the SDK maps to its exceptions). The server reads and writes the
-spool only; the daemon stays the one thing that runs jobs. Every key is a
+spool only (batches.py); the daemon stays the one thing that runs jobs. Every key is a
 tenant (apikeys.py): another tenant's file is 404, not 403, so ids cannot
 be probed. Nothing here logs a key or a line of a file.
 """
@@ -13,24 +13,43 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from openai.types import FileDeleted, Model
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .apibatch import ApiBatch
 from .apikeys import LOCAL, ApiKeys, Tenant
+from .batches import BatchStore, CannotCancel, window_seconds
 from .config import Config
+from .jobrecord import check_metadata
+from .spool import Spool
+from .validation import SUPPORTED_URLS
 from .filestore import PURPOSES, FileStore, StoredFile, UploadTooLarge
 from .multipart import FormError, UploadForm
 
 log = logging.getLogger(__name__)
 
-#: OpenAI's page size bounds for `GET /v1/files`.
+T = TypeVar("T")
+
+#: OpenAI's page size bounds for `GET /v1/files` and `GET /v1/batches`.
 MAX_FILES_PAGE = 10_000
+MAX_BATCHES_PAGE = 100
+
+
+class BatchCreate(BaseModel):
+    """The body of `POST /v1/batches`, as the SDK sends it."""
+
+    model_config = ConfigDict(extra="forbid")  # e.g. output_expires_after: refused, not silently ignored
+
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    metadata: dict[str, Any] | None = None
 
 
 class ApiError(Exception):
@@ -55,6 +74,7 @@ def create_app(config: Config, keys: ApiKeys | None) -> FastAPI:
     app.state.keys = keys
     files = FileStore(config.spool.root, config.spool.file_mode)
     files.ensure_dir()
+    batches = BatchStore(Spool(config.spool), files)
     upload_limit = min(config.api.max_upload_bytes, config.limits.max_file_bytes)
     _add_error_handlers(app)
 
@@ -99,10 +119,8 @@ def create_app(config: Config, keys: ApiKeys | None) -> FastAPI:
             raise ApiError(413, f"{str(e).capitalize()}.", param="file") from None
         except FormError as e:
             raise ApiError(400, str(e), param=e.param) from None
-        except OSError as e:  # a full or failing spool disk: nothing was kept, and the client may retry
-            log.error("an upload by %s could not be stored: %s", who.name, e.strerror or e)
-            raise ApiError(503, f"The server could not store the file ({e.strerror or 'I/O error'}); "
-                                "try again later.", kind="server_error") from None
+        except OSError as e:
+            raise _unavailable("store the file", who, e) from None
         log.info("file %s uploaded by %s: %d bytes", stored.id, who.name, stored.bytes)
         return _shown(stored.file_object())
 
@@ -116,7 +134,8 @@ def create_app(config: Config, keys: ApiKeys | None) -> FastAPI:
         found = await asyncio.to_thread(files.list, who.name, purpose)
         if order == "asc":
             found.reverse()
-        return cursor_page([_shown(f.file_object()) for f in found], after, limit)
+        page, more = page_of(found, after, limit)
+        return list_object([_shown(f.file_object()) for f in page], more)
 
     @app.get("/v1/files/{file_id}")
     async def retrieve_file(file_id: str, who: Tenant = Depends(tenant)) -> dict[str, Any]:
@@ -135,6 +154,58 @@ def create_app(config: Config, keys: ApiKeys | None) -> FastAPI:
         log.info("file %s deleted by %s", stored.id, who.name)
         return _shown(FileDeleted(id=stored.id, object="file", deleted=True))
 
+    @app.post("/v1/batches")
+    async def create_batch(body: BatchCreate, who: Tenant = Depends(tenant)) -> dict[str, Any]:
+        source = files.get(body.input_file_id, who.name)
+        if source is None or source.purpose != "batch":
+            raise ApiError(404, f"No such File object: {_shown_id(body.input_file_id)}", param="input_file_id")
+        if body.endpoint not in SUPPORTED_URLS:
+            raise ApiError(400, f"'endpoint' must be one of {list(SUPPORTED_URLS)}.", param="endpoint")
+        try:
+            window_seconds(body.completion_window)
+            metadata = check_metadata(body.metadata) if body.metadata is not None else None
+        except ValueError as e:
+            param = "completion_window" if "completion_window" in str(e) else "metadata"
+            raise ApiError(400, f"{str(e)[0].upper()}{str(e)[1:]}.", param=param) from None
+        try:
+            batch = await asyncio.to_thread(batches.create, who.name, source, body.endpoint,
+                                            body.completion_window, metadata)
+        except OSError as e:
+            raise _unavailable("queue the batch", who, e) from None
+        log.info("batch %s created by %s from %s", batch.id, who.name, source.id)
+        return _shown(await asyncio.to_thread(batches.batch_object, batch))
+
+    def owned_batch(batch_id: str, who: Tenant) -> ApiBatch:
+        batch = batches.get(batch_id, who.name)
+        if batch is None:
+            raise ApiError(404, f"No such Batch object: {_shown_id(batch_id)}", param="batch_id")
+        return batch
+
+    @app.get("/v1/batches/{batch_id}")
+    async def retrieve_batch(batch_id: str, who: Tenant = Depends(tenant)) -> dict[str, Any]:
+        return _shown(await asyncio.to_thread(batches.batch_object, owned_batch(batch_id, who)))
+
+    @app.get("/v1/batches")
+    async def list_batches(limit: int = 20, after: str | None = None,
+                           who: Tenant = Depends(tenant)) -> dict[str, Any]:
+        if not 1 <= limit <= MAX_BATCHES_PAGE:
+            raise ApiError(400, f"'limit' must be between 1 and {MAX_BATCHES_PAGE}.", param="limit")
+
+        def page() -> dict[str, Any]:
+            found, more = page_of(batches.list(who.name), after, limit)
+            return list_object([_shown(batches.batch_object(b)) for b in found], more)
+        return await asyncio.to_thread(page)
+
+    @app.post("/v1/batches/{batch_id}/cancel")
+    async def cancel_batch(batch_id: str, who: Tenant = Depends(tenant)) -> dict[str, Any]:
+        batch = owned_batch(batch_id, who)
+        try:
+            await asyncio.to_thread(batches.cancel, batch)
+        except CannotCancel as e:
+            raise ApiError(409, str(e), param="batch_id") from None
+        log.info("batch %s: cancel asked by %s", batch.id, who.name)
+        return _shown(await asyncio.to_thread(batches.batch_object, batch))
+
     @app.get("/v1/models")
     async def list_models(who: Tenant = Depends(tenant)) -> dict[str, Any]:
         names = dict.fromkeys([config.engine.model, *config.models.aliases, *config.models.aliases.values()])
@@ -144,17 +215,28 @@ def create_app(config: Config, keys: ApiKeys | None) -> FastAPI:
     return app
 
 
-def cursor_page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
-    """One page of `items` after the one whose id is `after`, as OpenAI's cursor pages look.
+def page_of(items: list[T], after: str | None, limit: int) -> tuple[list[T], bool]:
+    """The `limit` items after the one whose id is `after`, and whether more follow (OpenAI's cursor pages).
 
     An `after` that names no item (deleted meanwhile, or another tenant's)
     starts from the beginning rather than leaking whether it exists.
     """
-    ids = [item["id"] for item in items]
+    ids = [item.id for item in items]
     start = ids.index(after) + 1 if after in ids else 0
-    page = items[start:start + limit]
-    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None, "has_more": start + limit < len(items)}
+    return items[start:start + limit], start + limit < len(items)
+
+
+def list_object(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    """A list page as OpenAI sends it: `data`, `first_id`, `last_id`, `has_more`."""
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": has_more}
+
+
+def _unavailable(doing: str, who: Tenant, error: OSError) -> ApiError:
+    """A full or failing spool disk: nothing was kept, and the client may try again (503)."""
+    log.error("could not %s for %s: %s", doing, who.name, error.strerror or error)
+    return ApiError(503, f"The server could not {doing} ({error.strerror or 'I/O error'}); try again later.",
+                    kind="server_error")
 
 
 def _shown(obj: BaseModel) -> dict[str, Any]:

@@ -16,14 +16,14 @@ import contextlib
 import json
 import os
 import re
-import secrets
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from openai.types import FileObject
 
+from .apibatch import random_id
 from .durable import atomic_write_json, durable_mkdir, durable_rename, fsync_dir, write_all
 
 #: `file-` and 24 random characters, as OpenAI's ids look; nothing else is ever a file id.
@@ -49,6 +49,8 @@ class StoredFile:
     purpose: str
     owner: str
     expires_at: int | None = None
+    #: a batch's results (`outbox/<batch-id>/output.jsonl`), relative to the spool; None for an upload
+    result_of: str | None = None
 
     def file_object(self) -> FileObject:
         """The file as the OpenAI API shows it."""
@@ -57,17 +59,12 @@ class StoredFile:
                           expires_at=self.expires_at)
 
 
-def new_file_id() -> str:
-    """A fresh random file id (143 bits: never guessed, never reused)."""
-    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
-    return "file-" + "".join(secrets.choice(alphabet) for _ in range(24))
-
-
 class FileStore:
     """The API's files under one spool root."""
 
     def __init__(self, root: Path, file_mode: int = 0o640, gid: int = -1) -> None:
-        self.dir = Path(root) / "files"
+        self.root = Path(root)
+        self.dir = self.root / "files"
         self.file_mode, self.gid = file_mode, gid
 
     def ensure_dir(self) -> None:
@@ -90,13 +87,29 @@ class FileStore:
         try:
             doc = json.loads((self.dir / file_id / "file.json").read_text())
             stored = StoredFile(**doc)
+            if stored.result_of is not None:  # there once the batch is finished, with its size then
+                stored = replace(stored, bytes=os.stat(self.content_path(stored)).st_size)
         except (OSError, ValueError, TypeError):
             return None
         return stored if stored.owner == owner else None
 
     def content_path(self, stored: StoredFile) -> Path:
         """Where a stored file's bytes are."""
+        if stored.result_of is not None:
+            return self.root / stored.result_of
         return self.dir / stored.id / "content"
+
+    def add_result(self, file_id: str, owner: str, filename: str, result_of: str) -> None:
+        """Name a batch's result file before it exists (`purpose` batch_output): it shows once it does."""
+        stored = StoredFile(file_id, 0, int(time.time()), filename, "batch_output", owner, result_of=result_of)
+        tmp = self.dir / f".{file_id}.tmp"
+        os.mkdir(tmp, 0o750)
+        try:
+            atomic_write_json(tmp / "file.json", asdict(stored), self.file_mode, self.gid)
+            durable_rename(tmp, self.dir / file_id)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def list(self, owner: str, purpose: str | None = None) -> list[StoredFile]:
         """`owner`'s files (of `purpose`), newest first; ties by id, so pages never skip or repeat one."""
@@ -120,7 +133,7 @@ class NewFile:
 
     def __init__(self, store: FileStore, owner: str, limit: int) -> None:
         self.store, self.owner, self.limit = store, owner, limit
-        self.id = new_file_id()
+        self.id = random_id("file-")
         self.size = 0
         self._tmp = store.dir / f".{self.id}.tmp"
         os.mkdir(self._tmp, 0o750)

@@ -58,6 +58,10 @@ def check_metadata(value: Any) -> dict[str, str]:
     return dict(value)
 
 
+#: The API's own fields of a batch made through it (absent for the filesystem's drops).
+API_FIELDS = ("input_file_id", "output_file_id", "error_file_id", "completion_window", "expires_at")
+
+
 @dataclass
 class RequestCounts:
     """`request_counts`: lines in the file, lines answered 2xx, lines with an error or non-2xx answer."""
@@ -106,6 +110,12 @@ class JobRecord:
     metadata: dict[str, str] | None = None
     #: who the job belongs to (an API key's name); "" for the filesystem's drops
     tenant: str = ""
+    #: a batch made through the API: the Batch object's own fields (apibatch.py), None for drops
+    input_file_id: str | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    completion_window: str | None = None
+    expires_at: int | None = None
     #: keys this version does not know, kept as they were
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -159,6 +169,8 @@ class JobRecord:
         if kwargs["metadata"] and not all(isinstance(v, str) for v in kwargs["metadata"].values()):
             raise TypeError("`metadata` must map names to strings")
         kwargs["tenant"] = _typed(doc, "tenant", str, "")
+        for name in API_FIELDS:
+            kwargs[name] = _typed(doc, name, (int, type(None)) if name == "expires_at" else (str, type(None)), None)
         kwargs["engine_crashes"] = {k: v for k, v in _ints(_typed(doc, "engine_crashes", dict, {}),
                                                              "engine_crashes").items() if k.isdigit() and v > 0}
         return cls(**kwargs)
@@ -177,8 +189,9 @@ class JobRecord:
         for name in ("models", "models_done", "engine_crashes", "tenant"):
             if not doc[name]:
                 del doc[name]
-        if doc["metadata"] is None:
-            del doc["metadata"]
+        for name in ("metadata", *API_FIELDS):
+            if doc[name] is None:
+                del doc[name]
         return {**self.extra, **doc}
 
     def save(self, path: Path, mode: int = 0o640, gid: int = -1) -> None:

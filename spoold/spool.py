@@ -26,7 +26,8 @@ from typing import Any
 from .config import SpoolSettings
 from .durable import (atomic_write_bytes, atomic_write_json, durable_mkdir, durable_rename, fsync_dir,
                       hidden_temp, write_all)
-from .jobrecord import JobRecord
+from .apibatch import read_api_batch
+from .jobrecord import API_FIELDS, JobRecord
 from .names import display_name
 from .readymarker import READY_SUFFIX, read_metadata
 
@@ -133,6 +134,8 @@ class Spool:
         self.host_dir = self.processing / settings.host_id
         self.outbox = self.root / "outbox"
         self.failed = self.root / "failed"
+        #: the API's records of the batches it created (apibatch.py)
+        self.batches = self.root / "batches"
         self.file_mode = settings.file_mode
         self.gid = results_gid(settings.group)
         #: Held from a rename between the spool's shared directories (inbox,
@@ -202,13 +205,23 @@ class Spool:
             # through) must never be read or claimed.
             raise DropRefused(self.fail_drop(name, f"the file has {st.st_nlink} hard links; submit a file of "
                                                    "its own (copy it, do not `ln` it)", "not_regular"))
+        # A batch made through the API keeps its id, owner and request: its
+        # record is the API's own (batches/), and so must the drop be (the API
+        # runs as the daemon's user), or a submitter could drop a file under
+        # a batch's name and run it as that batch's owner.
+        api = read_api_batch(self.batches, name.removesuffix(".jsonl")) if st.st_uid in (0, os.geteuid()) else None
         # Group `[spool] group`: its members may read the results in outbox/.
-        job = self.new_job_dir(self.host_dir, name, self.gid)
+        job = self.new_job_dir(self.host_dir, name, self.gid, api.id if api else None)
         # How the drop looked when claimed: lets recover() tell a stale inbox
         # entry left by a power cut from a new drop of the same name; and
         # its name as it was, which `input_file` shows in display form.
-        self.save(job, JobRecord(job.id, display_name(name), self.settings.host_id, drop=drop_record(name, st),
-                                 metadata=read_metadata(self.inbox / (name + READY_SUFFIX), st.st_uid)))
+        record = JobRecord(job.id, display_name(name), self.settings.host_id, drop=drop_record(name, st),
+                           metadata=read_metadata(self.inbox / (name + READY_SUFFIX), st.st_uid))
+        if api is not None:
+            record.metadata, record.tenant = api.metadata, api.owner
+            for key in API_FIELDS:
+                setattr(record, key, getattr(api, key))
+        self.save(job, record)
         with self._moves:
             try:
                 os.rename(src, job.input)
@@ -277,17 +290,18 @@ class Spool:
             _unlink_durably(self.inbox / (name + READY_SUFFIX))
         return True
 
-    def new_job_dir(self, parent: Path, drop_name: str, gid: int = -1) -> JobDir:
+    def new_job_dir(self, parent: Path, drop_name: str, gid: int = -1, wanted_id: str | None = None) -> JobDir:
         """A new, empty job directory under `parent` with group `gid`, made durably; never one that exists.
 
         A job id that is taken (another host, the same second, the same
         random bits) must not silently reuse a live job's directory: the
-        mkdir fails and a fresh id is tried.
+        mkdir fails and a fresh id is tried. `wanted_id` (an API batch's id)
+        is tried first.
         """
         with self._moves:
             durable_mkdir(parent)
-            for _ in range(8):
-                job = JobDir(parent / new_job_id(drop_name))
+            for attempt in range(8):
+                job = JobDir(parent / (wanted_id if wanted_id and not attempt else new_job_id(drop_name)))
                 try:
                     os.mkdir(job.path, 0o750)
                 except FileExistsError:

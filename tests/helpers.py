@@ -270,3 +270,29 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
 
 def outbox_jobs(root: Path) -> list[Path]:
     return sorted(p for p in (root / "outbox").glob("*") if p.is_dir())
+
+
+class ApiServer:
+    """`spoold api`'s app served by uvicorn in a thread, on a free loopback port."""
+
+    def __init__(self, config, keys) -> None:
+        import uvicorn
+
+        from spoold.api import create_app
+
+        self.server = uvicorn.Server(uvicorn.Config(create_app(config, keys), host="127.0.0.1", port=0,
+                                                    log_config=None, lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_for(lambda: self.server.started, 30, "the API server to start")
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/v1"
+
+    def client(self, key: str):
+        import openai
+
+        return openai.OpenAI(base_url=self.url, api_key=key, max_retries=0)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)

@@ -2,42 +2,19 @@
 
 import json
 import socket
-import threading
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
-from spoold.api import create_app
 from spoold.apikeys import ApiKeys, Tenant
 from spoold.apiserver import is_loopback, listen_address, load_keys
 from spoold.config import ApiSettings, Config, ConfigError, EngineSettings, LimitsSettings, SpoolSettings
 
-from .helpers import chat_line, wait_for
+from .helpers import ApiServer, chat_line, wait_for
 
 ALICE, BOB = "alice-key-0123456789abcdef", "bob-key-0123456789abcdef00"
 BATCH = "".join(json.dumps(chat_line(i)) + "\n" for i in range(3)).encode()
-
-
-class Server:
-    """`create_app` served by uvicorn in a thread, on a free loopback port."""
-
-    def __init__(self, config: Config, keys: ApiKeys | None) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(create_app(config, keys), host="127.0.0.1", port=0,
-                                                    log_config=None, lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        wait_for(lambda: self.server.started, 30, "the API server to start")
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}/v1"
-
-    def client(self, key: str) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url, api_key=key, max_retries=0)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +24,7 @@ def api(tmp_path_factory):
                     engine=EngineSettings(model="Qwen/Qwen3-4B-Instruct-2507"),
                     api=ApiSettings(max_upload_bytes=64 * 1024))
     keys = ApiKeys({ALICE: Tenant("alice"), BOB: Tenant("bob")})
-    server = Server(config, keys)
+    server = ApiServer(config, keys)
     server.root = root
     yield server
     server.stop()
@@ -205,7 +182,7 @@ def test_a_bad_keys_line_is_named_and_the_key_never_shown(tmp_path, line, says):
 
 def test_an_upload_never_exceeds_the_files_limit_of_limits(tmp_path):
     config = Config(spool=SpoolSettings(root=tmp_path, host_id="h"), limits=LimitsSettings(max_file_bytes=100))
-    server = Server(config, None)
+    server = ApiServer(config, None)
     try:
         with pytest.raises(openai.APIStatusError) as refused:
             server.client("unused").files.create(file=("a.jsonl", BATCH * 20), purpose="batch")

@@ -199,3 +199,40 @@ def test_job_directories_get_the_results_group_and_failed_ones_the_daemons(tmp_p
     (spool.inbox / "b.jsonl").write_text("{}\n")
     given_up = spool.move_to_failed(spool.claim_drop("b.jsonl"))
     assert os.stat(given_up.path).st_gid == os.getegid()
+
+
+def _api_batch(spool, batch_id="batch_" + "A" * 24):
+    from spoold.apibatch import ApiBatch
+
+    spool.batches.mkdir()
+    ApiBatch(batch_id, "alice", "file-" + "F" * 24, "/v1/chat/completions", "24h", 1, 86401,
+             "file-" + "O" * 24, "file-" + "E" * 24, {"priority": "7"}).save(spool.batches)
+    (spool.inbox / f"{batch_id}.jsonl").write_text('{"custom_id": "a"}\n')
+    return batch_id
+
+
+def test_a_drop_the_api_made_becomes_the_job_of_its_batch_id_owner_and_request(tmp_path):
+    spool = make_spool(tmp_path)
+    batch_id = _api_batch(spool)
+    job = spool.claim_drop(f"{batch_id}.jsonl")
+    record = job.read_record()[0]
+    assert job.id == batch_id and record.tenant == "alice" and record.weight() == 7
+    assert (record.input_file_id, record.output_file_id, record.completion_window, record.expires_at) == (
+        "file-" + "F" * 24, "file-" + "O" * 24, "24h", 86401)
+
+
+def test_a_submitters_drop_under_a_batchs_name_is_an_ordinary_job_of_nobody(tmp_path):
+    spool = make_spool(tmp_path)
+    batch_id = _api_batch(spool)
+    os.chown(spool.inbox / f"{batch_id}.jsonl", 12345, 12345)  # someone else's file
+    job = spool.claim_drop(f"{batch_id}.jsonl")
+    record = job.read_record()[0]
+    assert job.id != batch_id and record.tenant == "" and record.input_file_id is None and record.weight() == 1
+
+
+def test_a_batch_record_someone_else_wrote_is_not_believed(tmp_path):
+    spool = make_spool(tmp_path)
+    batch_id = _api_batch(spool)
+    os.chown(spool.batches / f"{batch_id}.json", 12345, 12345)
+    job = spool.claim_drop(f"{batch_id}.jsonl")
+    assert job.id != batch_id and job.read_record()[0].tenant == ""

@@ -103,6 +103,35 @@ def test_chat_batch_with_bad_lines_ends_in_the_outbox(spool, tmp_path):
             assert len(text) < 8 or text not in log
 
 
+def test_a_batch_through_the_openai_sdk_runs_on_real_vllm(spool):
+    from spoold.config import load_config
+
+    from ..helpers import ApiServer
+
+    api = ApiServer(load_config(spool["config"]), None)  # loopback, no keys: the one tenant "local"
+    try:
+        client = api.client("unused")
+        rows = [chat(i) for i in range(40)] + ["{not json"]
+        source = client.files.create(file=("sdk.jsonl", "".join(
+            (r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows).encode()), purpose="batch")
+        made = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
+                                     completion_window="24h", metadata={"run": "e2e"})
+        done = wait_for(lambda: (b := client.batches.retrieve(made.id)).status == "completed" and b, 180,
+                        "the SDK's batch to complete", interval=0.5)
+        output = [json.loads(line) for line in client.files.content(done.output_file_id).text.splitlines()]
+        errors = [json.loads(line) for line in client.files.content(done.error_file_id).text.splitlines()]
+        assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (
+            41, sum(o["response"]["status_code"] == 200 for o in output), len(errors) + sum(
+                o["response"]["status_code"] != 200 for o in output))
+        assert sorted(o["custom_id"] for o in output) == sorted(r["custom_id"] for r in rows[:40])
+        for o in output:
+            ChatCompletion.model_validate(o["response"]["body"])
+        assert done.metadata == {"run": "e2e"} and done.model == spool["served"]
+        assert made.id in [b.id for b in client.batches.list()]
+    finally:
+        api.stop()
+
+
 def test_completions_endpoint(spool, tmp_path):
     rows = [{"custom_id": f"p-{i}", "method": "POST", "url": "/v1/completions",
              "body": {"model": "tiny", "prompt": f"Ticket {i}:", "max_tokens": 6}} for i in range(20)]

@@ -1,0 +1,184 @@
+"""The API's batches: each one a drop in the inbox, its Batch object read back from the spool.
+
+Creating a batch writes its record (`batches/<id>.json`, apibatch.py),
+names its result files, and then puts a copy of the input file into the
+inbox as `<batch-id>.jsonl` by one rename: from there it is an ordinary
+drop, claimed by whichever daemon gets it first, under the batch's id.
+The API runs no job and keeps no state of its own beyond the record: a
+batch's status, counts and errors are read from wherever its job
+directory is (processing/<host>/, outbox/, failed/), so the API can be
+restarted, or run beside others on one spool, at any moment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from openai.types import Batch
+
+from .apibatch import ApiBatch, drop_name, random_id, read_api_batch
+from .durable import durable_mkdir, fsync_dir, hidden_temp, rename_noreplace, write_all
+from .filestore import FileStore, StoredFile
+from .jobrecord import JobRecord
+from .lifecycle import ACTIVE, JobStatus
+from .spool import JobDir, Spool, subdirs
+
+#: `completion_window`: OpenAI's "24h", or any number of hours or days up to 30 days.
+WINDOW = re.compile(r"([1-9][0-9]{0,3})([hd])")
+MAX_WINDOW_SECONDS = 30 * 86400
+#: Statuses a batch never leaves.
+FINISHED = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED})
+
+
+class CannotCancel(Exception):
+    """The batch has already finished; the message says how."""
+
+
+def window_seconds(window: str) -> int:
+    """`completion_window` in seconds; ValueError saying what is accepted."""
+    match = WINDOW.fullmatch(window)
+    seconds = int(match[1]) * (3600 if match[2] == "h" else 86400) if match else 0
+    if not 0 < seconds <= MAX_WINDOW_SECONDS:
+        raise ValueError(f"completion_window {window[:20]!r} must be hours or days, such as \"24h\" or \"7d\", "
+                         "up to 30 days")
+    return seconds
+
+
+class BatchStore:
+    """The batches made through the API on one spool."""
+
+    def __init__(self, spool: Spool, files: FileStore) -> None:
+        self.spool, self.files = spool, files
+        self.dir = spool.batches
+
+    def create(self, owner: str, source: StoredFile, endpoint: str, window: str,
+               metadata: dict[str, str] | None) -> ApiBatch:
+        """Record the batch, then drop a copy of its input into the inbox (blocking: run it in a thread)."""
+        now = int(time.time())
+        batch = ApiBatch(random_id("batch_"), owner, source.id, endpoint, window, now, now + window_seconds(window),
+                         random_id("file-"), random_id("file-"), metadata)
+        durable_mkdir(self.dir)
+        durable_mkdir(self.spool.inbox)  # made by tmpfiles or the daemon; missing only on a spool never run
+        name = drop_name(batch.id)
+        with open(self.files.content_path(source), "rb") as src, \
+                hidden_temp(self.spool.inbox, name, self.spool.file_mode) as (fd, tmp):
+            while chunk := src.read(1 << 20):
+                write_all(fd, chunk)
+        try:
+            batch.save(self.dir, self.spool.file_mode)
+            for file_id, result in ((batch.output_file_id, "output.jsonl"), (batch.error_file_id, "errors.jsonl")):
+                self.files.add_result(file_id, owner, f"{batch.id}_{result}", f"outbox/{batch.id}/{result}")
+            rename_noreplace(tmp, self.spool.inbox / name)  # from here on, any daemon may claim it
+            fsync_dir(self.spool.inbox)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return batch
+
+    def get(self, batch_id: str, owner: str) -> ApiBatch | None:
+        """`owner`'s batch `batch_id`, or None (no such batch, or another's: the same None)."""
+        batch = read_api_batch(self.dir, batch_id)
+        return batch if batch is not None and batch.owner == owner else None
+
+    def list(self, owner: str) -> list[ApiBatch]:
+        """`owner`'s batches, newest first; ties by id, so pages never skip or repeat one."""
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return []
+        found = [b for b in (self.get(n.removesuffix(".json"), owner) for n in names if n.endswith(".json")) if b]
+        return sorted(found, key=lambda b: (b.created_at, b.id), reverse=True)
+
+    def batch_object(self, batch: ApiBatch) -> Batch:
+        """The Batch object as OpenAI shows it, from wherever its job is now."""
+        job, where = self._locate(batch.id)
+        fields: dict[str, Any] = {
+            "id": batch.id, "object": "batch", "endpoint": batch.endpoint, "input_file_id": batch.input_file_id,
+            "completion_window": batch.completion_window, "created_at": batch.created_at,
+            "expires_at": batch.expires_at, "metadata": batch.metadata,
+            "status": JobStatus.CANCELLED if batch.cancelled_at else JobStatus.VALIDATING,
+            "cancelled_at": batch.cancelled_at}
+        record = JobRecord.load(job.batch)[0] if job is not None else None
+        if record is not None:
+            fields.update(_from_record(record, job, where))
+        return Batch(**fields)
+
+    def cancel(self, batch: ApiBatch) -> None:
+        """Withdraw a batch no daemon has claimed yet, or ask the daemon running it to stop it.
+
+        CannotCancel for a batch that has already finished.
+        """
+        job, where = self._locate(batch.id)
+        if job is None and not batch.cancelled_at:
+            if self._withdraw(batch):
+                return
+            job, where = self._locate(batch.id)  # claimed while we looked
+        record = JobRecord.load(job.batch)[0] if job is not None else None
+        status = JobStatus.CANCELLED if batch.cancelled_at else record.status if record else JobStatus.VALIDATING
+        if where == "processing" and status not in FINISHED:
+            self.spool.request_cancel(batch.id)
+            return
+        raise CannotCancel(f"Cannot cancel a batch with status '{status}'.")
+
+    def _withdraw(self, batch: ApiBatch) -> bool:
+        """Take the batch's drop back out of the inbox before a daemon claims it: one rename decides."""
+        drop = self.spool.inbox / drop_name(batch.id)
+        withdrawn = self.spool.inbox / f".{drop.name}.withdrawn.tmp"
+        try:
+            os.rename(drop, withdrawn)
+        except FileNotFoundError:
+            return False
+        batch.cancelled_at = int(time.time())
+        batch.save(self.dir, self.spool.file_mode)
+        withdrawn.unlink()
+        fsync_dir(self.spool.inbox)
+        return True
+
+    def _locate(self, batch_id: str) -> tuple[JobDir | None, str]:
+        """The batch's job directory and which part of the spool holds it; (None, "") before its claim."""
+        for _ in range(2):  # a job moves from processing/ to outbox/ by one rename: look twice
+            for where, parent in (("outbox", self.spool.outbox), ("failed", self.spool.failed)):
+                if (parent / batch_id).is_dir():
+                    return JobDir(parent / batch_id), where
+            for host in subdirs(self.spool.processing):
+                if (host / batch_id).is_dir():
+                    return JobDir(host / batch_id), "processing"
+        return None, ""
+
+
+def _from_record(record: JobRecord, job: JobDir, where: str) -> dict[str, Any]:
+    """The Batch fields a job's batch.json (and, while it runs, its heartbeat) says."""
+    fields: dict[str, Any] = {
+        "status": record.status, "model": record.model, "in_progress_at": record.in_progress_at,
+        "finalizing_at": record.finalizing_at, "completed_at": record.completed_at,
+        "failed_at": record.failed_at, "cancelled_at": record.cancelled_at,
+        "request_counts": record.request_counts.__dict__.copy(),
+        "errors": {"object": "list", "data": [{"code": e.get("code"), "message": e.get("message"),
+                                               "line": None, "param": None} for e in record.errors]}
+        if record.errors else None}
+    if where == "processing":
+        fields["request_counts"] = _live_counts(job) or fields["request_counts"]
+        if record.status == JobStatus.COMPLETED:  # its move to outbox/ is the last step: results not there yet
+            fields["status"] = JobStatus.FINALIZING
+        if job.cancel_request.exists() and record.status in (*ACTIVE, JobStatus.CANCELLED):
+            fields["status"] = JobStatus.CANCELLING
+            fields["cancelling_at"] = int(job.cancel_request.stat().st_mtime)
+    if where == "outbox":
+        for key, path in (("output_file_id", job.output), ("error_file_id", job.errors)):
+            if path.exists() and path.stat().st_size:
+                fields[key] = getattr(record, key)
+    return fields
+
+
+def _live_counts(job: JobDir) -> dict[str, int] | None:
+    """A running job's counts from its heartbeat (batch.json has them only at the end)."""
+    try:
+        progress = json.loads(Path(job.heartbeat).read_text())["job"]
+        return {key: int(progress[key]) for key in ("total", "completed", "failed")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

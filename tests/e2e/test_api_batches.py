@@ -1,0 +1,116 @@
+"""Batches through the real `openai` SDK: `spoold api` and `spoold run` (engine double) on one spool."""
+
+import json
+
+import openai
+import pytest
+from openai.types.chat import ChatCompletion
+
+from spoold.apikeys import ApiKeys, Tenant
+from spoold.config import load_config
+
+from ..helpers import ApiServer, DaemonProcess, chat_line, wait_for, write_config
+
+ALICE, BOB = "alice-key-0123456789abcdef", "bob-key-0123456789abcdef00"
+
+
+def jsonl(rows) -> bytes:
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows).encode()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("batches")
+    root = tmp / "spool"
+    # A slow engine (4 requests at a time, 5 ms each) so a long batch is still running when it is cancelled.
+    config = write_config(tmp / "c.toml", root, engine="max_inflight = 4\n[engine.args]\ndelay = 0.005")
+    daemon = DaemonProcess(config, tmp / "daemon.log").start()
+    daemon.wait_ready(root, timeout=120)
+    api = ApiServer(load_config(config), ApiKeys({ALICE: Tenant("alice"), BOB: Tenant("bob")}))
+    yield {"root": root, "api": api, "daemon": daemon}
+    api.stop()
+    daemon.terminate()
+
+
+def finished(client, batch_id, timeout=60):
+    return wait_for(lambda: (b := client.batches.retrieve(batch_id)).status in ("completed", "failed", "cancelled")
+                    and b, timeout, f"batch {batch_id} to finish", interval=0.1)
+
+
+def test_a_batch_runs_to_completed_and_its_results_download_through_the_sdk(setup):
+    alice = setup["api"].client(ALICE)
+    rows = [chat_line(i) for i in range(5)] + ["{not json", {**chat_line(9), "url": "/v1/images"}]
+    source = alice.files.create(file=("scores.jsonl", jsonl(rows)), purpose="batch")
+    made = alice.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
+                                completion_window="24h", metadata={"project": "ranking", "priority": "3"})
+    assert made.id.startswith("batch_") and made.status in ("validating", "in_progress", "completed")
+    assert made.input_file_id == source.id and made.expires_at == made.created_at + 86400
+    done = finished(alice, made.id)
+    assert done.status == "completed" and done.metadata == {"project": "ranking", "priority": "3"}
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (7, 5, 2)
+    assert done.completed_at and done.in_progress_at and done.model == "fake-model"
+    output = [json.loads(line) for line in alice.files.content(done.output_file_id).text.splitlines()]
+    assert sorted(o["custom_id"] for o in output) == [f"req-{i}" for i in range(5)]
+    for o in output:
+        ChatCompletion.model_validate(o["response"]["body"])
+    errors = [json.loads(line) for line in alice.files.content(done.error_file_id).text.splitlines()]
+    assert sorted(e["error"]["line"] for e in errors) == [6, 7]
+    # The job is the batch: its directory and batch.json carry the batch's id and owner.
+    record = json.loads((setup["root"] / "outbox" / made.id / "batch.json").read_text())
+    assert record["id"] == made.id and record["tenant"] == "alice" and record["input_file_id"] == source.id
+    outputs = [f for f in alice.files.list() if f.purpose == "batch_output"]
+    assert {done.output_file_id, done.error_file_id} <= {f.id for f in outputs}
+
+
+def test_a_running_batch_cancelled_through_the_sdk_keeps_what_was_done(setup):
+    alice = setup["api"].client(ALICE)
+    source = alice.files.create(file=("long.jsonl", jsonl([chat_line(i) for i in range(3000)])), purpose="batch")
+    made = alice.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
+    def running_with(n):
+        counts = alice.batches.retrieve(made.id).request_counts
+        return counts is not None and counts.completed >= n
+    wait_for(lambda: running_with(50), 60, "live counts from the running job")
+    asked = alice.batches.cancel(made.id)
+    assert asked.status in ("cancelling", "cancelled")
+    done = finished(alice, made.id)
+    assert done.status == "cancelled" and done.cancelled_at
+    counts = done.request_counts
+    assert 50 <= counts.completed < 3000 and counts.total == 3000
+    output = alice.files.content(done.output_file_id).text.splitlines()
+    assert len(output) == counts.completed + counts.failed  # every finished line is there, once
+    assert len({json.loads(line)["custom_id"] for line in output}) == len(output)
+    with pytest.raises(openai.ConflictError):
+        alice.batches.cancel(made.id)
+
+
+def test_another_tenant_cannot_see_cancel_or_use_a_batch_or_its_file(setup):
+    alice, bob = setup["api"].client(ALICE), setup["api"].client(BOB)
+    source = alice.files.create(file=("mine.jsonl", jsonl([chat_line(0)])), purpose="batch")
+    made = alice.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
+    for call in (bob.batches.retrieve, bob.batches.cancel):
+        with pytest.raises(openai.NotFoundError):
+            call(made.id)
+    with pytest.raises(openai.NotFoundError):
+        bob.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert made.id not in [b.id for b in bob.batches.list()]
+    done = finished(alice, made.id)
+    assert done.status == "completed", done
+    with pytest.raises(openai.NotFoundError):
+        bob.files.content(done.output_file_id)
+
+
+def test_kill9_of_the_daemon_mid_batch_the_client_keeps_polling_and_gets_every_line_once(setup, tmp_path):
+    alice, daemon = setup["api"].client(ALICE), setup["daemon"]
+    rows = [chat_line(i) for i in range(2000)]
+    source = alice.files.create(file=("resumed.jsonl", jsonl(rows)), purpose="batch")
+    made = alice.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
+    job = setup["root"] / "processing" / "testhost" / made.id
+    wait_for(lambda: (job / "output.jsonl").exists() and (job / "output.jsonl").stat().st_size > 10_000, 60,
+             "the batch to be part done")
+    daemon.kill9()
+    assert alice.batches.retrieve(made.id).status == "in_progress"  # the API answers while the daemon is down
+    daemon.start()
+    done = finished(alice, made.id, timeout=120)
+    assert done.status == "completed" and done.request_counts.completed == 2000
+    ids = [json.loads(line)["custom_id"] for line in alice.files.content(done.output_file_id).text.splitlines()]
+    assert sorted(ids) == sorted(r["custom_id"] for r in rows)  # every line exactly once across the kill

@@ -1,0 +1,100 @@
+"""The Batches API with no daemon running: queued batches, paging, cancel before a claim, bad requests."""
+
+import json
+
+import openai
+import pytest
+
+from spoold.apibatch import read_api_batch
+from spoold.apikeys import ApiKeys, Tenant
+from spoold.batches import window_seconds
+from spoold.config import Config, SpoolSettings
+
+from .helpers import ApiServer, chat_line
+
+KEY = "carol-key-0123456789abcdef"
+BATCH = (json.dumps(chat_line(0)) + "\n").encode()
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    root = tmp_path_factory.mktemp("spool")
+    server = ApiServer(Config(spool=SpoolSettings(root=root, host_id="h")), ApiKeys({KEY: Tenant("carol")}))
+    server.root = root
+    yield server
+    server.stop()
+
+
+def create(client, **overrides):
+    source = client.files.create(file=("b.jsonl", BATCH), purpose="batch")
+    args = {"input_file_id": source.id, "endpoint": "/v1/chat/completions", "completion_window": "24h", **overrides}
+    return client.batches.create(**args)
+
+
+def queued(root) -> list[str]:
+    return sorted(p.name for p in (root / "inbox").iterdir())
+
+
+def test_a_new_batch_is_a_drop_named_by_its_id_and_validating_until_a_daemon_claims_it(api):
+    made = create(api.client(KEY))
+    assert made.status == "validating" and made.request_counts is None and made.output_file_id is None
+    assert f"{made.id}.jsonl" in queued(api.root)
+    assert (api.root / "inbox" / f"{made.id}.jsonl").read_bytes() == BATCH
+    assert read_api_batch(api.root / "batches", made.id).owner == "carol"
+    assert api.client(KEY).batches.retrieve(made.id) == made
+
+
+def test_the_sdk_pages_through_every_batch_once_newest_first(api):
+    client = api.client(KEY)
+    made = [create(client).id for _ in range(5)]
+    first = client.batches.list(limit=2)
+    assert len(first.data) == 2 and first.has_more and first.first_id == first.data[0].id
+    walked = [b.id for b in client.batches.list(limit=2)]
+    assert set(made) <= set(walked) and len(walked) == len(set(walked))
+    created = [client.batches.retrieve(i).created_at for i in walked]
+    assert created == sorted(created, reverse=True)
+
+
+def test_a_batch_cancelled_before_any_claim_is_withdrawn_from_the_inbox(api):
+    client = api.client(KEY)
+    made = create(client)
+    cancelled = client.batches.cancel(made.id)
+    assert cancelled.status == "cancelled" and cancelled.cancelled_at
+    assert f"{made.id}.jsonl" not in queued(api.root) and not any(n.startswith(".") for n in queued(api.root))
+    assert client.batches.retrieve(made.id).status == "cancelled"
+    with pytest.raises(openai.ConflictError):
+        client.batches.cancel(made.id)
+
+
+@pytest.mark.parametrize("overrides, param", [
+    ({"input_file_id": "file-" + "Z" * 24}, "input_file_id"),
+    ({"input_file_id": "../../etc/passwd"}, "input_file_id"),
+    ({"endpoint": "/v1/images/generations"}, "endpoint"),
+    ({"completion_window": "2w"}, "completion_window"),
+    ({"completion_window": "0h"}, "completion_window"),
+    ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+    ({"metadata": {"note": "x" * 513}}, "metadata"),
+    ({"metadata": {"priority": "1000"}}, "metadata"),
+    ({"extra_body": {"output_expires_after": {"anchor": "created_at", "seconds": 3600}}}, "output_expires_after"),
+])
+def test_a_bad_batch_request_is_a_clear_error_and_queues_nothing(api, overrides, param):
+    client = api.client(KEY)
+    before = (queued(api.root), sorted(p.name for p in (api.root / "batches").iterdir()))
+    with pytest.raises((openai.BadRequestError, openai.NotFoundError)) as refused:
+        create(client, **overrides)
+    assert refused.value.body["param"] == param and refused.value.body["message"]
+    assert (queued(api.root), sorted(p.name for p in (api.root / "batches").iterdir())) == before
+
+
+def test_malformed_batch_ids_are_not_found(api):
+    client = api.client(KEY)
+    for bad in ("batch_../../x", "batch_" + "a" * 300, "../batches/x", "batch_ÄÖÜäöüßéèêëàâîïôûçñ12"):
+        with pytest.raises(openai.NotFoundError):
+            client.batches.retrieve(bad)
+
+
+def test_completion_windows_in_hours_or_days():
+    assert window_seconds("24h") == 86400 and window_seconds("7d") == 7 * 86400
+    for bad in ("24", "h", "31d", "-1h", "1.5h", "24H"):
+        with pytest.raises(ValueError, match="completion_window"):
+            window_seconds(bad)
