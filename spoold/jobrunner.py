@@ -214,7 +214,9 @@ class JobRunner:
             await self._settle_writer(writer, commit_task)
 
     def _validator(self, duplicates: DuplicateFinder | None = None) -> LineValidator:
-        return LineValidator(self.resolver, duplicates=duplicates,
+        # An API batch names its endpoint up front (as OpenAI's does); a drop's lines may mix them.
+        endpoint = self.record.endpoint if self.record.input_file_id is not None else None
+        return LineValidator(self.resolver, duplicates=duplicates, endpoint=endpoint,
                              max_output_tokens=self.limits.max_output_tokens_per_line)
 
     def _record_problem(self) -> str | None:
@@ -340,7 +342,7 @@ class JobRunner:
                     models[item.body["model"]] = models.get(item.body["model"], 0) + 1
         await writer.flush()
         self._check_unchanged(f)
-        self.record.validated(total, first_valid.url if first_valid else None,
+        self.record.validated(total, first_valid.url if first_valid else self.record.endpoint,
                               first_valid.body["model"] if first_valid else self.resolver.served,
                               models, self._input)
         await self._save()

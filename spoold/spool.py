@@ -218,7 +218,7 @@ class Spool:
         record = JobRecord(job.id, display_name(name), self.settings.host_id, drop=drop_record(name, st),
                            metadata=read_metadata(self.inbox / (name + READY_SUFFIX), st.st_uid))
         if api is not None:
-            record.metadata, record.tenant = api.metadata, api.owner
+            record.metadata, record.tenant, record.endpoint = api.metadata, api.owner, api.endpoint
             for key in API_FIELDS:
                 setattr(record, key, getattr(api, key))
         self.save(job, record)

@@ -88,11 +88,13 @@ class LineValidator:
     """
 
     def __init__(self, resolver: ModelResolver, force_model: str | None = None,
-                 duplicates: DuplicateFinder | None = None, max_output_tokens: int = 0) -> None:
+                 duplicates: DuplicateFinder | None = None, max_output_tokens: int = 0,
+                 endpoint: str | None = None) -> None:
         self.resolver = resolver
         self.force_model = force_model  # what `spoold submit --model` will write
         self.duplicates = duplicates
         self.max_output_tokens = max_output_tokens  # [limits] max_output_tokens_per_line; 0 = none
+        self.endpoint = endpoint  # an API batch's `endpoint`: every line's `url` must be it
 
     def check(self, line: int, raw: bytes) -> EngineRequest | LineError:
         """Validate one line on its own; the request has its `model` resolved."""
@@ -126,6 +128,9 @@ class LineValidator:
         url = obj.get("url")
         if url not in SUPPORTED_URLS:
             return LineError(line, custom_id, "unsupported_url", f"`url` {url!r} is not one of {', '.join(SUPPORTED_URLS)}")
+        if self.endpoint is not None and url != self.endpoint:
+            return LineError(line, custom_id, "url_mismatch", f"`url` {url!r} is not this batch's endpoint "
+                                                             f"{self.endpoint!r}")
         body = obj.get("body")
         if not isinstance(body, dict):
             return LineError(line, custom_id, "invalid_body", "`body` must be a JSON object")

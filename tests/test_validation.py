@@ -175,3 +175,15 @@ def test_open_regular_never_follows_a_symlink_nor_opens_a_fifo(tmp_path):
         with pytest.raises(OSError) as e:
             open_regular(tmp_path / name)
         assert e.value.errno == code
+
+
+def test_an_api_batchs_lines_must_all_ask_for_its_endpoint():
+    validator = LineValidator(ModelResolver(ALIASES, "qwen3:4b"), endpoint="/v1/chat/completions")
+    line = chat_line(1, model="qwen3:4b")
+    assert isinstance(validator.check(1, json.dumps(line).encode()), EngineRequest)
+    error = validator.check(2, json.dumps({**line, "url": "/v1/completions"}).encode())
+    assert isinstance(error, LineError) and error.code == "url_mismatch" and "/v1/chat/completions" in error.message
+    # A drop names no endpoint: its lines may mix them.
+    assert isinstance(LineValidator(ModelResolver(ALIASES, "qwen3:4b")).check(
+        2, json.dumps({**line, "url": "/v1/completions", "body": {"model": "qwen3:4b", "prompt": "x"}}).encode()),
+        EngineRequest)

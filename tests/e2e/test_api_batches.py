@@ -39,7 +39,8 @@ def finished(client, batch_id, timeout=60):
 
 def test_a_batch_runs_to_completed_and_its_results_download_through_the_sdk(setup):
     alice = setup["api"].client(ALICE)
-    rows = [chat_line(i) for i in range(5)] + ["{not json", {**chat_line(9), "url": "/v1/images"}]
+    rows = [chat_line(i) for i in range(5)] + ["{not json", {**chat_line(9), "url": "/v1/images"},
+                                                {**chat_line(8), "url": "/v1/completions"}]
     source = alice.files.create(file=("scores.jsonl", jsonl(rows)), purpose="batch")
     made = alice.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
                                 completion_window="24h", metadata={"project": "ranking", "priority": "3"})
@@ -47,14 +48,15 @@ def test_a_batch_runs_to_completed_and_its_results_download_through_the_sdk(setu
     assert made.input_file_id == source.id and made.expires_at == made.created_at + 86400
     done = finished(alice, made.id)
     assert done.status == "completed" and done.metadata == {"project": "ranking", "priority": "3"}
-    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (7, 5, 2)
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (8, 5, 3)
     assert done.completed_at and done.in_progress_at and done.model == "fake-model"
     output = [json.loads(line) for line in alice.files.content(done.output_file_id).text.splitlines()]
     assert sorted(o["custom_id"] for o in output) == [f"req-{i}" for i in range(5)]
     for o in output:
         ChatCompletion.model_validate(o["response"]["body"])
     errors = [json.loads(line) for line in alice.files.content(done.error_file_id).text.splitlines()]
-    assert sorted(e["error"]["line"] for e in errors) == [6, 7]
+    assert sorted(e["error"]["line"] for e in errors) == [6, 7, 8]
+    assert [e["error"]["code"] for e in errors if e["error"]["line"] == 8] == ["url_mismatch"]  # as OpenAI: one endpoint
     # The job is the batch: its directory and batch.json carry the batch's id and owner.
     record = json.loads((setup["root"] / "outbox" / made.id / "batch.json").read_text())
     assert record["id"] == made.id and record["tenant"] == "alice" and record["input_file_id"] == source.id
@@ -114,3 +116,49 @@ def test_kill9_of_the_daemon_mid_batch_the_client_keeps_polling_and_gets_every_l
     assert done.status == "completed" and done.request_counts.completed == 2000
     ids = [json.loads(line)["custom_id"] for line in alice.files.content(done.output_file_id).text.splitlines()]
     assert sorted(ids) == sorted(r["custom_id"] for r in rows)  # every line exactly once across the kill
+
+
+def test_kill9_of_the_api_mid_batch_loses_nothing_a_new_api_process_answers_for_it(setup, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from ..helpers import REPO, free_port
+
+    keys = tmp_path / "keys"
+    keys.write_text(f"alice:{ALICE}\n")
+    port = free_port()
+    config = tmp_path / "api.toml"
+    config.write_text(f'[spool]\nroot = "{setup["root"]}"\nhost_id = "api"\n'
+                      f'[api]\nlisten = "127.0.0.1:{port}"\nkeys_file = "{keys}"\n')
+
+    def start_api():
+        proc = subprocess.Popen([sys.executable, "-m", "spoold", "api", "--config", str(config)], cwd=REPO,
+                                env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=ALICE, max_retries=0)
+        wait_for(lambda: _answers(client), 60, "spoold api to listen")
+        return proc, client
+
+    proc, client = start_api()
+    source = client.files.create(file=("k.jsonl", jsonl([chat_line(i) for i in range(1000)])), purpose="batch")
+    made = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
+    proc.kill()
+    assert proc.wait() == -9
+    proc, client = start_api()
+    try:
+        done = finished(client, made.id, timeout=120)
+        assert done.status == "completed" and done.request_counts.completed == 1000
+        lines = client.files.content(done.output_file_id).text.splitlines()
+        assert len({json.loads(line)["custom_id"] for line in lines}) == len(lines) == 1000
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _answers(client) -> bool:
+    try:
+        client.models.list()
+        return True
+    except openai.APIConnectionError:
+        return False
