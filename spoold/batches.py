@@ -156,7 +156,7 @@ def _from_record(record: JobRecord, job: JobDir, where: str) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "status": record.status, "model": record.model, "in_progress_at": record.in_progress_at,
         "finalizing_at": record.finalizing_at, "completed_at": record.completed_at,
-        "failed_at": record.failed_at, "cancelled_at": record.cancelled_at,
+        "failed_at": record.failed_at, "cancelled_at": record.cancelled_at, "expired_at": record.expired_at,
         "request_counts": record.request_counts.__dict__.copy(),
         "errors": {"object": "list", "data": [{"code": e.get("code"), "message": e.get("message"),
                                                "line": None, "param": None} for e in record.errors]}

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .durable import atomic_write_json
-from .lifecycle import JobStatus
+from .lifecycle import ACTIVE, JobStatus
 
 #: The largest weight `priority` may give a job: one job can have at most this
 #: many times the share of a default one.
@@ -91,6 +91,7 @@ class JobRecord:
     completed_at: int | None = None
     failed_at: int | None = None
     cancelled_at: int | None = None
+    expired_at: int | None = None
     request_counts: RequestCounts = field(default_factory=RequestCounts)
     usage: dict[str, int] = field(default_factory=_usage)
     #: file-level problems: {"code", "message"} (and "model" for a model that failed to load)
@@ -150,7 +151,8 @@ class JobRecord:
         kwargs["status"] = _status(doc.get("status"))
         for name in ("endpoint", "model"):
             kwargs[name] = _typed(doc, name, (str, type(None)), None)
-        for name in ("created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at", "cancelled_at"):
+        for name in ("created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at", "cancelled_at",
+                     "expired_at"):
             kwargs[name] = _typed(doc, name, (int, float, type(None)), None)
         kwargs["created_at"] = kwargs["created_at"] or 0
         counts = _typed(doc, "request_counts", dict, {})
@@ -189,7 +191,7 @@ class JobRecord:
         for name in ("models", "models_done", "engine_crashes", "tenant"):
             if not doc[name]:
                 del doc[name]
-        for name in ("metadata", *API_FIELDS):
+        for name in ("metadata", "expired_at", *API_FIELDS):
             if doc[name] is None:
                 del doc[name]
         return {**self.extra, **doc}
@@ -238,6 +240,15 @@ class JobRecord:
     def cancel(self, completed: int, failed: int, usage: dict[str, int]) -> None:
         """`spoold cancel`: what is done so far is the job."""
         self.status, self.cancelled_at = JobStatus.CANCELLED, int(time.time())
+        self._counted(completed, failed, usage)
+
+    def expired(self) -> bool:
+        """Whether a job still being worked on has passed its `expires_at` (an API batch's window)."""
+        return self.expires_at is not None and self.status in ACTIVE and time.time() >= self.expires_at
+
+    def expire(self, completed: int, failed: int, usage: dict[str, int]) -> None:
+        """`expires_at` passed first: what is done stays, every other line has a `batch_expired` error."""
+        self.status, self.expired_at = JobStatus.EXPIRED, int(time.time())
         self._counted(completed, failed, usage)
 
     def fail(self, reason: str, code: str) -> None:

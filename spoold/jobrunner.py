@@ -60,6 +60,8 @@ MAX_PENDING_RESULTS = 4096
 
 #: How often a running job looks for its cancel marker (`spoold cancel`).
 CANCEL_POLL_SECONDS = 0.2
+#: `batch_expired` errors written between two flushes when a batch expires.
+EXPIRED_FLUSH_LINES = 8192
 
 
 class InputRejected(Exception):
@@ -155,13 +157,17 @@ class JobRunner:
         self._crashed_lines: set[int] = set()
         self._writer: GroupCommitWriter | None = None
         self._dispatch_started = 0.0
+        #: the window passed: the run stops, and its unfinished lines get `batch_expired`
+        self._expiring = False
 
     async def run(self) -> Outcome:
-        """Process the job until it is done, fails, is cancelled, waits for its next model or is stopped.
+        """Process the job until it is done, fails, is cancelled or expires, waits for its next model or is stopped.
 
         A cancel (`spoold cancel` leaves a marker in the job) is noticed here,
         while the job runs or before it starts: the job stops and what is
-        done is published as a cancelled job.
+        done is published as a cancelled job. So is the end of an API
+        batch's window (`expires_at`), once its lines are validated: every
+        line without a result then gets a `batch_expired` error.
         """
         if self.job.cancel_request.exists():
             return await self._finish_cancelled()
@@ -173,12 +179,20 @@ class JobRunner:
             await asyncio.gather(watch, return_exceptions=True)
         if outcome is Outcome.INTERRUPTED and self.job.cancel_request.exists():
             return await self._finish_cancelled()
+        if outcome is Outcome.INTERRUPTED and self._expiring:
+            return await self._finish_expired()
         return outcome
 
     async def _watch_for_cancel(self) -> None:
-        while not self.job.cancel_request.exists():
+        while not self.job.cancel_request.exists() and not self._expiry_due():
             await asyncio.sleep(CANCEL_POLL_SECONDS)
-        self.stop.set()  # this run's stop: what is in flight settles, then run() cancels the job
+        self.stop.set()  # this run's stop: what is in flight settles, then run() cancels or expires the job
+
+    def _expiry_due(self) -> bool:
+        """The batch's window has passed and its lines are validated (so each unfinished one is known)."""
+        if self.record.status == JobStatus.IN_PROGRESS and self.record.expired():
+            self._expiring = True
+        return self._expiring
 
     async def _run(self) -> Outcome:
         status = self.record.status
@@ -291,6 +305,8 @@ class JobRunner:
             f.seek(0)
         self.progress.state = JobStatus.IN_PROGRESS
         self.progress.total = self.record.request_counts.total
+        if self._expiry_due():  # before a line is sent (after a restart past the window, say)
+            return Outcome.INTERRUPTED
         if not await self._dispatch(f, writer, recovered):
             return Outcome.INTERRUPTED
         self._note_load_error()
@@ -543,6 +559,48 @@ class JobRunner:
         log.info("job %s cancelled: %d of %d lines have a result", self.job.id, tally.done,
                  self.record.request_counts.total, **job_fields(self.job.id))
         return Outcome.CANCELLED
+
+    async def _finish_expired(self) -> Outcome:
+        """The window passed first: each valid line without a result gets a `batch_expired` error.
+
+        The lines are validated (every bad one has its error already), so
+        the unfinished ones are exactly the lines with nothing in either
+        file; then the job is published as expired, like a finished one.
+        """
+        recovered = recover_results(self.job.output, self.job.errors)
+        writer = GroupCommitWriter(self.job.output, self.job.errors, recovered.tally,
+                                   self.spool.file_mode, self.spool.gid)
+        self._writer = writer
+        commit_task = asyncio.create_task(writer.run(), name=f"commit:{self.job.id}")
+        try:
+            with self._open_input() as f:
+                await self._write_expired(f, writer, recovered)
+        except InputRejected as e:
+            return await self._fail(str(e), e.code)
+        finally:
+            await self._settle_writer(writer, commit_task)
+        tally = writer.tally
+        self.record.expire(tally.completed, tally.failed, tally.usage())
+        await self._save()
+        await finish_in_thread(self.spool.move_to_outbox, self.job)
+        self.progress.state = JobStatus.EXPIRED
+        log.info("job %s expired: %d of %d lines had a result", self.job.id, tally.completed,
+                 self.record.request_counts.total, **job_fields(self.job.id))
+        return Outcome.EXPIRED
+
+    async def _write_expired(self, f: IO[bytes], writer: GroupCommitWriter, recovered: Recovered) -> None:
+        validator, written = self._validator(), 0
+        for number, raw in iter_lines(f, self.limits.max_line_bytes, self._input.st_size):
+            if raw is None or number in recovered.done_lines or number in recovered.error_lines:
+                continue  # a result, or an error from validation (too long, bad, repeated)
+            item = validator.check(number, raw)
+            custom_id = item.custom_id if isinstance(item, (EngineRequest, LineError)) else None
+            writer.add_error(LineError(number, custom_id, "batch_expired",
+                                       "the batch's completion window ended before this line ran"))
+            written += 1
+            if written % EXPIRED_FLUSH_LINES == 0:
+                await writer.flush()  # bounded memory, and the loop breathes
+        await writer.flush()
 
     def _engine_timings(self, writer: GroupCommitWriter) -> dict[str, float]:
         """The engine phase of this run: first dispatch to last durable result."""

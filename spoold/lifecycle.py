@@ -34,12 +34,13 @@ class Outcome(StrEnum):
     COMPLETED = "completed"  # in outbox/
     FAILED = "failed"  # in failed/
     CANCELLED = "cancelled"  # `spoold cancel`: in outbox/ with what was done
+    EXPIRED = "expired"  # `expires_at` passed first: in outbox/, every unfinished line a `batch_expired` error
     INTERRUPTED = "interrupted"  # stopped (a stop, a hung engine): it resumes later
     WAITING = "waiting"  # this model's lines are done; it waits for its next model
 
 
 #: Outcomes that end a job for good (counted in spoold_jobs_finished_total).
-FINAL = frozenset({Outcome.COMPLETED, Outcome.FAILED, Outcome.CANCELLED})
+FINAL = frozenset({Outcome.COMPLETED, Outcome.FAILED, Outcome.CANCELLED, Outcome.EXPIRED})
 
 
 class DaemonState(StrEnum):

@@ -126,6 +126,8 @@ class Reporter:
                                                   "timings": record.timings or {}})
         elif outcome is Outcome.CANCELLED:
             self.publish("spoold.job.cancelled", {**fields, "request_counts": counts})
+        elif outcome is Outcome.EXPIRED:
+            self.publish("spoold.job.expired", {**fields, "request_counts": counts})
         elif outcome is Outcome.FAILED:
             self.publish("spoold.job.failed", {**fields, "errors": record.errors})
         if outcome in FINAL:

@@ -354,3 +354,44 @@ def test_a_sparse_terabyte_fails_as_too_big_before_it_is_read(tmp_path):
     assert status == "failed"
     error = json.loads((spool.failed / job.id / "batch.json").read_text())["errors"][-1]
     assert error["code"] == "too_big" and "max_file_bytes" in error["message"]
+
+
+def _with_window(job, expires_at):
+    """The job as an API batch whose window ends at `expires_at`."""
+    record = job.read_record()[0]
+    record.input_file_id, record.completion_window, record.expires_at = "file-" + "F" * 24, "1h", int(expires_at)
+    record.save(job.batch)
+
+
+def test_a_batch_past_its_window_is_expired_with_an_error_for_every_line_that_never_ran(tmp_path):
+    import time
+
+    spool, job, engine = setup(tmp_path, ROWS)
+    _with_window(job, time.time() - 1)  # e.g. the daemon was down when the window ended
+    status, _ = run_job(spool, job, engine)
+    assert status == "expired" and engine.handled == 0
+    done = spool.outbox / job.id
+    check_exactly_once(done, set(), set(range(1, 53)))  # nothing ran: every line has exactly one error
+    errors = {e["error"]["line"]: e["error"]["code"] for e in read_jsonl(done / "errors.jsonl")}
+    assert errors == {**{n: "batch_expired" for n in range(1, 51)}, 51: "invalid_json", 52: "duplicate_custom_id"}
+    batch = json.loads((done / "batch.json").read_text())
+    assert batch["status"] == "expired" and batch["expired_at"]
+    assert batch["request_counts"] == {"total": 52, "completed": 0, "failed": 52}
+
+
+def test_a_batch_whose_window_ends_mid_run_keeps_what_ran_and_expires_the_rest_once(tmp_path):
+    import time
+
+    rows = [chat_line(i) for i in range(3000)]
+    spool, job, engine = setup(tmp_path, rows, delay=0.002)
+    _with_window(job, time.time() + 1)
+    status, _ = run_job(spool, job, engine, inflight=2)
+    assert status == "expired"
+    done = spool.outbox / job.id
+    outputs, errors = read_jsonl(done / "output.jsonl"), read_jsonl(done / "errors.jsonl")
+    ran = {o["custom_id"] for o in outputs}
+    expired = {e["custom_id"] for e in errors if e["error"]["code"] == "batch_expired"}
+    assert ran and expired and not ran & expired and ran | expired == {r["custom_id"] for r in rows}
+    assert len(outputs) == len(ran) and len(errors) == len(expired)  # none twice
+    batch = json.loads((done / "batch.json").read_text())
+    assert batch["request_counts"] == {"total": 3000, "completed": len(ran), "failed": len(expired)}

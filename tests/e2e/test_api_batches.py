@@ -33,8 +33,9 @@ def setup(tmp_path_factory):
 
 
 def finished(client, batch_id, timeout=60):
-    return wait_for(lambda: (b := client.batches.retrieve(batch_id)).status in ("completed", "failed", "cancelled")
-                    and b, timeout, f"batch {batch_id} to finish", interval=0.1)
+    final = ("completed", "failed", "cancelled", "expired")
+    return wait_for(lambda: (b := client.batches.retrieve(batch_id)).status in final and b, timeout,
+                    f"batch {batch_id} to finish", interval=0.1)
 
 
 def test_a_batch_runs_to_completed_and_its_results_download_through_the_sdk(setup):
@@ -162,3 +163,33 @@ def _answers(client) -> bool:
         return True
     except openai.APIConnectionError:
         return False
+
+
+def test_a_batch_whose_window_ends_is_expired_with_batch_expired_for_exactly_the_unfinished_lines(setup):
+    import os
+    import signal
+    import time
+
+    from spoold.apibatch import read_api_batch
+
+    alice, daemon, root = setup["api"].client(ALICE), setup["daemon"], setup["root"]
+    rows = [chat_line(i) for i in range(3000)]
+    source = alice.files.create(file=("late.jsonl", jsonl(rows)), purpose="batch")
+    os.kill(daemon.proc.pid, signal.SIGSTOP)  # queued, not claimed, while its window is cut short
+    try:
+        made = alice.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
+                                    completion_window="1h")
+        record = read_api_batch(root / "batches", made.id)
+        record.expires_at = int(time.time()) + 2  # a window of seconds: the API takes hours at least
+        record.save(root / "batches")
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+    done = finished(alice, made.id, timeout=60)
+    assert done.status == "expired" and done.expired_at
+    outputs = [json.loads(x) for x in alice.files.content(done.output_file_id).text.splitlines()]
+    errors = [json.loads(x) for x in alice.files.content(done.error_file_id).text.splitlines()]
+    ran, expired = {o["custom_id"] for o in outputs}, {e["custom_id"] for e in errors}
+    assert ran and expired and not ran & expired and ran | expired == {r["custom_id"] for r in rows}
+    assert len(outputs) == len(ran) and len(errors) == len(expired)
+    assert {e["error"]["code"] for e in errors} == {"batch_expired"}
+    assert (done.request_counts.completed, done.request_counts.failed) == (len(ran), len(expired))
