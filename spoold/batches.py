@@ -103,6 +103,14 @@ class BatchStore:
             "expires_at": batch.expires_at, "metadata": batch.metadata,
             "status": JobStatus.CANCELLED if batch.cancelled_at else JobStatus.VALIDATING,
             "cancelled_at": batch.cancelled_at}
+        if job is None and not batch.cancelled_at and not (self.spool.inbox / drop_name(batch.id)).exists():
+            job, where = self._locate(batch.id)  # claimed since we looked; else withdrawn, or never queued
+            if job is None and self._withdrawn(batch).exists():
+                fields["status"] = JobStatus.CANCELLING
+            elif job is None:
+                fields.update(status=JobStatus.FAILED, failed_at=batch.created_at, errors={"object": "list", "data": [
+                    {"code": "not_queued", "message": "the API stopped before the batch's input reached the inbox; "
+                                                      "create the batch again", "line": None, "param": None}]})
         record = JobRecord.load(job.batch)[0] if job is not None else None
         if record is not None:
             fields.update(_from_record(record, job, where))
@@ -127,8 +135,7 @@ class BatchStore:
 
     def _withdraw(self, batch: ApiBatch) -> bool:
         """Take the batch's drop back out of the inbox before a daemon claims it: one rename decides."""
-        drop = self.spool.inbox / drop_name(batch.id)
-        withdrawn = self.spool.inbox / f".{drop.name}.withdrawn.tmp"
+        drop, withdrawn = self.spool.inbox / drop_name(batch.id), self._withdrawn(batch)
         try:
             os.rename(drop, withdrawn)
         except FileNotFoundError:
@@ -138,6 +145,10 @@ class BatchStore:
         withdrawn.unlink()
         fsync_dir(self.spool.inbox)
         return True
+
+    def _withdrawn(self, batch: ApiBatch) -> Path:
+        """Where a batch's drop is while it is being withdrawn (hidden: no daemon looks at it)."""
+        return self.spool.inbox / f".{drop_name(batch.id)}.withdrawn.tmp"
 
     def _locate(self, batch_id: str) -> tuple[JobDir | None, str]:
         """The batch's job directory and which part of the spool holds it; (None, "") before its claim."""

@@ -98,3 +98,11 @@ def test_completion_windows_in_hours_or_days():
     for bad in ("24", "h", "31d", "-1h", "1.5h", "24H"):
         with pytest.raises(ValueError, match="completion_window"):
             window_seconds(bad)
+
+
+def test_a_batch_whose_input_never_reached_the_inbox_is_failed_not_validating_forever(api):
+    client = api.client(KEY)
+    made = create(client)
+    (api.root / "inbox" / f"{made.id}.jsonl").unlink()  # as if the API had stopped between record and rename
+    shown = client.batches.retrieve(made.id)
+    assert shown.status == "failed" and shown.errors.data[0].code == "not_queued"
