@@ -196,9 +196,10 @@ class JobRunner:
 
     async def _run(self) -> Outcome:
         status = self.record.status
-        if status == JobStatus.COMPLETED:
+        if status in (JobStatus.COMPLETED, JobStatus.EXPIRED):  # finished, but a crash cut its move short
             await finish_in_thread(self.spool.move_to_outbox, self.job)
-            return Outcome.COMPLETED
+            self.progress.state = status
+            return Outcome(status.value)
         if status == JobStatus.FAILED:  # a failure cut short before its move: finish it, unread
             await finish_in_thread(self.spool.move_to_failed, self.job)
             self.progress.state = JobStatus.FAILED

@@ -395,3 +395,16 @@ def test_a_batch_whose_window_ends_mid_run_keeps_what_ran_and_expires_the_rest_o
     assert len(outputs) == len(ran) and len(errors) == len(expired)  # none twice
     batch = json.loads((done / "batch.json").read_text())
     assert batch["request_counts"] == {"total": 3000, "completed": len(ran), "failed": len(expired)}
+
+
+def test_an_expired_batch_whose_move_a_crash_cut_short_is_published_expired_not_run_again(tmp_path):
+    import time
+
+    spool, job, engine = setup(tmp_path, ROWS)
+    _with_window(job, time.time() - 1)
+    record = job.read_record()[0]
+    record.expire(0, 52, record.usage)  # saved as expired; the crash came before the move to outbox/
+    record.save(job.batch)
+    status, _ = run_job(spool, job, engine)
+    assert status == "expired" and engine.handled == 0
+    assert json.loads((spool.outbox / job.id / "batch.json").read_text())["status"] == "expired"
