@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="price of a GPU-hour for the cost column (default [models] gpu_hour_price)")
     p.set_defaults(func=cmd_bench_models)
 
-    p = verbs.add_parser("api", parents=[common], help="serve the OpenAI Files API over the spool (HTTP)",
+    p = verbs.add_parser("api", parents=[common], help="serve the OpenAI Files and Batches API over the spool (HTTP)",
                          description="Serve the OpenAI-compatible HTTP API at [api] listen (default "
                                      "127.0.0.1:8090): point the `openai` SDK's base_url at "
                                      "http://HOST:PORT/v1. Keys come from [api] keys_file (NAME:KEY[:admin] "
