@@ -105,11 +105,15 @@ class FileStore:
         tmp = self.dir / f".{file_id}.tmp"
         os.mkdir(tmp, 0o750)
         try:
-            atomic_write_json(tmp / "file.json", asdict(stored), self.file_mode, self.gid)
-            durable_rename(tmp, self.dir / file_id)
+            self.publish(tmp, stored)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def publish(self, tmp: Path, stored: StoredFile) -> None:
+        """Write a file's record into its hidden directory `tmp`, then rename that into sight, durably."""
+        atomic_write_json(tmp / "file.json", asdict(stored), self.file_mode, self.gid)
+        durable_rename(tmp, self.dir / stored.id)
 
     def list(self, owner: str, purpose: str | None = None) -> list[StoredFile]:
         """`owner`'s files (of `purpose`), newest first; ties by id, so pages never skip or repeat one."""
@@ -159,8 +163,7 @@ class NewFile:
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None
-        atomic_write_json(self._tmp / "file.json", asdict(stored), self.store.file_mode, self.store.gid)
-        durable_rename(self._tmp, self.store.dir / stored.id)
+        self.store.publish(self._tmp, stored)
 
     def discard(self) -> None:
         """Remove what is left of an upload that was not committed (nothing, once it was)."""

@@ -214,19 +214,23 @@ class JobRunner:
         # Any other OSError (EIO, ESTALE on NFS, a full disk) may pass: it
         # goes up to the daemon, which retries the job later.
         recovered = recover_results(self.job.output, self.job.errors)
-        writer = GroupCommitWriter(self.job.output, self.job.errors, recovered.tally,
-                                   self.spool.file_mode, self.spool.gid)
-        self._writer = writer
         tally = recovered.tally
         self.progress.done = self.progress.done_at_start = tally.done
         self.progress.completed = self.progress.completed_at_start = tally.completed
         self.progress.failed = self.progress.failed_at_start = tally.failed
-        commit_task = asyncio.create_task(writer.run(), name=f"commit:{self.job.id}")
+        writer, commit_task = self._start_writer(recovered)
         try:
             with f:
                 return await self._run_phases(f, writer, recovered)
         finally:
             await self._settle_writer(writer, commit_task)
+
+    def _start_writer(self, recovered: Recovered) -> tuple[GroupCommitWriter, asyncio.Task]:
+        """The job's group-commit writer, going on from what is on disk, and the task that commits for it."""
+        writer = GroupCommitWriter(self.job.output, self.job.errors, recovered.tally,
+                                   self.spool.file_mode, self.spool.gid)
+        self._writer = writer
+        return writer, asyncio.create_task(writer.run(), name=f"commit:{self.job.id}")
 
     def _validator(self, duplicates: DuplicateFinder | None = None) -> LineValidator:
         # An API batch names its endpoint up front (as OpenAI's does); a drop's lines may mix them.
@@ -554,9 +558,7 @@ class JobRunner:
         """
         tally = self._writer.tally if self._writer else recover_results(self.job.output, self.job.errors).tally
         self.record.cancel(tally.completed, tally.failed, tally.usage())
-        await self._save()
-        await finish_in_thread(self.spool.move_to_outbox, self.job)
-        self.progress.state = JobStatus.CANCELLED
+        await self._publish()
         log.info("job %s cancelled: %d of %d lines have a result", self.job.id, tally.done,
                  self.record.request_counts.total, **job_fields(self.job.id))
         return Outcome.CANCELLED
@@ -569,10 +571,7 @@ class JobRunner:
         file; then the job is published as expired, like a finished one.
         """
         recovered = recover_results(self.job.output, self.job.errors)
-        writer = GroupCommitWriter(self.job.output, self.job.errors, recovered.tally,
-                                   self.spool.file_mode, self.spool.gid)
-        self._writer = writer
-        commit_task = asyncio.create_task(writer.run(), name=f"commit:{self.job.id}")
+        writer, commit_task = self._start_writer(recovered)
         try:
             with self._open_input() as f:
                 await self._write_expired(f, writer, recovered)
@@ -582,9 +581,7 @@ class JobRunner:
             await self._settle_writer(writer, commit_task)
         tally = writer.tally
         self.record.expire(tally.completed, tally.failed, tally.usage())
-        await self._save()
-        await finish_in_thread(self.spool.move_to_outbox, self.job)
-        self.progress.state = JobStatus.EXPIRED
+        await self._publish()
         log.info("job %s expired: %d of %d lines had a result", self.job.id, tally.completed,
                  self.record.request_counts.total, **job_fields(self.job.id))
         return Outcome.EXPIRED
@@ -594,14 +591,19 @@ class JobRunner:
         for number, raw in iter_lines(f, self.limits.max_line_bytes, self._input.st_size):
             if raw is None or number in recovered.done_lines or number in recovered.error_lines:
                 continue  # a result, or an error from validation (too long, bad, repeated)
-            item = validator.check(number, raw)
-            custom_id = item.custom_id if isinstance(item, (EngineRequest, LineError)) else None
+            custom_id = validator.check(number, raw).custom_id  # a request, or an error naming it
             writer.add_error(LineError(number, custom_id, "batch_expired",
                                        "the batch's completion window ended before this line ran"))
             written += 1
             if written % EXPIRED_FLUSH_LINES == 0:
                 await writer.flush()  # bounded memory, and the loop breathes
         await writer.flush()
+
+    async def _publish(self) -> None:
+        """The record's end (cancelled, expired), durably, then the job into outbox/ by one rename."""
+        await self._save()
+        await finish_in_thread(self.spool.move_to_outbox, self.job)
+        self.progress.state = self.record.status
 
     def _engine_timings(self, writer: GroupCommitWriter) -> dict[str, float]:
         """The engine phase of this run: first dispatch to last durable result."""
