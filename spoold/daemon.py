@@ -16,6 +16,7 @@ next start; a second one cancels at once (rq's cold shutdown).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from typing import Any
 
 from .config import Config, ConfigError, engine_settings_for, reload_settings
 from .engine import Engine
-from .enginehost import MAX_RESTARTS, RESTART_WINDOW_SECONDS, EngineHost
+from .enginehost import EngineHost
 from .events import EventPublisher
 from .gpu import GpuReader
 from .heartbeat import status_line
@@ -36,7 +37,7 @@ from .notify import Notifier
 from .reporter import Reporter, Shown, Stall
 from .runningjobs import JobEnd, RunningJobs, Trouble
 from .spool import Spool
-from .supervise import supervise
+from .supervise import run_event_loop, supervise
 from .validation import ModelResolver
 from .worklist import Claimed, WorkList, describe
 
@@ -45,10 +46,6 @@ log = logging.getLogger(__name__)
 #: How long to wait before retrying a job whose results could not be written
 #: (a full or failing disk): long enough not to spin, short enough to resume soon.
 WRITE_RETRY_SECONDS = 5.0
-
-#: While the model loads, systemd's start timeout is pushed this far ahead,
-#: every third of it: a load that makes no progress still times out in vLLM.
-LOAD_EXTEND_SECONDS = 60.0
 
 
 class Daemon:
@@ -78,7 +75,6 @@ class Daemon:
         self._stop: asyncio.Event | None = None
         self._signals = 0
         self._main_task: asyncio.Task | None = None
-        self._hup: asyncio.Event | None = None
         #: why work is paused (a full or failing disk), shown in status and heartbeats
         self._paused: str | None = None
         #: why the engine must be replaced (it died, or hung past restart_seconds); None while healthy
@@ -86,38 +82,24 @@ class Daemon:
         self._ready_sent = False
 
     def run(self) -> int:
-        """Run until stopped; returns the process exit code.
-
-        On uvloop when it is installed (it comes with vLLM, whose own server
-        uses it): the serving layer's per-request work runs on this loop, and
-        a cheaper loop leaves more CPU to the engine.
-        """
-        try:
-            import uvloop
-        except ImportError:
-            uvloop = None
-        try:
-            if uvloop is not None:
-                return uvloop.run(self._main())
-            return asyncio.run(self._main())
-        except asyncio.CancelledError:
-            log.warning("cold stop: in-flight work abandoned, it resumes on the next start")
-            return 0
+        """Run until stopped; returns the process exit code."""
+        return run_event_loop(self._main)
 
     async def _main(self) -> int:
         self._stop = asyncio.Event()
-        self._hup = asyncio.Event()
         self._main_task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        loop.add_signal_handler(signal.SIGHUP, self._hup.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
         self.spool.ensure_dirs()
-        self._recover()
+        self.work.recover()
         if self.events is not None:
             self.events.start(lambda: self.report.snapshot(self._shown()))
-        loops = [asyncio.create_task(self._supervised(loop), name=loop.__name__)
-                 for loop in (self._heartbeat_loop, self._progress_loop, self._systemd_watchdog_loop)]
+        background = {"heartbeat_loop": lambda: self.report.heartbeat_loop(self._shown),
+                      "progress_loop": lambda: self.report.progress_loop(self.jobs.runners, self._act_on),
+                      "systemd_watchdog_loop": lambda: self.report.systemd_watchdog_loop(lambda: self._ready_sent)}
+        loops = [asyncio.create_task(self._supervised(run, name), name=name) for name, run in background.items()]
         # Watch the inbox before saying "ready": a rename made the moment
         # READY (or the idle heartbeat) is seen must raise a hint, not wait
         # for the settle-and-poll path.
@@ -142,16 +124,9 @@ class Daemon:
             log.info("stopped")
         return self.exit_code
 
-    def _recover(self) -> None:
-        """Before READY: clean half-made claims and name the jobs this host will resume first."""
-        pending = self.spool.recover()
-        if pending:
-            log.info("%d unfinished job(s) of this host will be resumed first: %s",
-                     len(pending), ", ".join(job.id for job in pending))
-
-    async def _supervised(self, loop: Callable[[], Any]) -> None:
+    async def _supervised(self, loop: Callable[[], Any], name: str | None = None) -> None:
         """A background loop for good (supervise.py); one that keeps failing stops the daemon for systemd."""
-        if not await supervise(loop, self.metrics):
+        if not await supervise(loop, self.metrics, name):
             self.exit_code = 1
             self._stop.set()
             self.inbox.wake()
@@ -176,7 +151,7 @@ class Daemon:
         """Load the current engine, with the daemon's state, status line and READY=1 around it."""
         self.state = DaemonState.LOADING
         await self._write_heartbeat()  # on disk (and in STATUS=) at once: a load can hold the loop for a while
-        extender = asyncio.create_task(self.notifier.keep_extending_timeout(LOAD_EXTEND_SECONDS))
+        extender = asyncio.create_task(self.notifier.keep_extending_timeout())
         try:
             await self.engine_host.load()
         finally:
@@ -218,11 +193,10 @@ class Daemon:
             return
         self.notifier.reloading()
         try:
-            new = self.reload_config()
+            self.config, needs_restart = reload_settings(self.config, self.reload_config())
         except ConfigError as e:
             log.error("reload: %s; keeping the current settings", e)
         else:
-            self.config, needs_restart = reload_settings(self.config, new)
             self.report.config = self.work.config = self.config  # what they measure and look for
             self.inbox.settle_seconds = self.config.spool.settle_seconds
             self.inbox.poll_seconds = self.config.spool.poll_seconds
@@ -235,28 +209,13 @@ class Daemon:
     # -- the jobs that run at once --------------------------------------------
 
     async def _fill(self) -> str | None:
-        """Start what may run now beside the running jobs, in the scheduler's order.
-
-        Only jobs of the loaded model run together. When the job whose turn
-        it is needs another model, nothing new starts: the model it names is
-        returned, and the loop swaps once the running jobs are done.
-        """
+        """Start what may run now beside the running jobs; returns the model to swap to once they end."""
         for claimed in self.work.take_over_orphans():
             self._start(claimed)
-        loaded, swap_to, chosen = self.engine.model, None, []
-        free = self.config.spool.max_active_jobs - len(self.jobs)
-        for rank, choice in enumerate(await self.work.in_order(loaded, self.jobs.ids())):
-            if len(chosen) >= free or self._paused:
-                break
-            if choice.model not in (None, loaded):
-                if rank > 0:
-                    continue  # not its turn yet: the scheduler's starvation bound says when
-                if self.work.validated(choice):
-                    swap_to = choice.model
-                    break
-                # Not validated yet: it runs on the loaded model first (validation
-                # needs none, and its lines for this model run before a swap).
-            chosen.append(choice.item)
+        chosen, swap_to = await self.work.next_round(self.engine.model, self.jobs.ids(),
+                                                    self.config.spool.max_active_jobs - len(self.jobs))
+        if self._paused:
+            return None
         # Drops are claimed together: each claim's fsyncs wait on the disk, not on the others.
         for claimed in await asyncio.gather(*(self._claim(item) for item in chosen)):
             if claimed is not None:
@@ -311,7 +270,8 @@ class Daemon:
     async def _pause(self) -> None:
         """Start nothing for WRITE_RETRY_SECONDS; then make again the spool directories someone removed."""
         await self._write_heartbeat()
-        await self._sleep_unless_stopped(WRITE_RETRY_SECONDS)
+        with contextlib.suppress(asyncio.TimeoutError):  # a stop ends the wait
+            await asyncio.wait_for(self._stop.wait(), timeout=WRITE_RETRY_SECONDS)
         self._paused = None  # trying again; a new failure pauses again
         try:
             self.spool.ensure_dirs()
@@ -327,20 +287,7 @@ class Daemon:
         """
         await self.jobs.settle()
         reason, self._trouble = self._trouble, None
-        if not self.engine_host.may_restart():
-            log.error("%s; more than %d engine restarts in %.0fs: exiting so the service restarts",
-                      reason, MAX_RESTARTS, RESTART_WINDOW_SECONDS)
-            self.exit_code = 1
-            self._stop.set()
-            return
-        log.error("%s; starting a fresh engine (the requests in flight run again)", reason)
-        try:
-            await self.engine_host.replace()
-            await self._start_engine()
-        except Exception as e:  # e.g. the dead engine's GPU memory is not free yet
-            # An engine that never started must not answer lines (with errors):
-            # a whole new process, started by systemd, is the next best try.
-            log.error("the fresh engine failed to start: %s; exiting so the service restarts", e, exc_info=True)
+        if not await self.engine_host.restart(reason, self._start_engine):
             self.exit_code = 1
             self._stop.set()
 
@@ -351,19 +298,11 @@ class Daemon:
         lines get 503 results naming why, and the daemon goes on with the
         other models' jobs.
         """
-        log.info("swapping models: %s -> %s", self.engine.model, model)
-        await self.engine_host.unload()
         if self.metrics is not None:
             self.metrics.swaps.inc()
-        await self.engine_host.load_other(model, self._start_engine)
+        await self.engine_host.swap(model, self._start_engine)
         if self.state == DaemonState.LOADING:  # the load failed part way
             self.state = DaemonState.IDLE
-
-    async def _sleep_unless_stopped(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
-        except asyncio.TimeoutError:
-            pass
 
     # -- what the reporter is told, and its one verdict ---------------------
 
@@ -375,29 +314,10 @@ class Daemon:
     async def _write_heartbeat(self) -> None:
         await self.report.heartbeat(self._shown())
 
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            await self._write_heartbeat()
-            try:
-                await asyncio.wait_for(self._hup.wait(), timeout=self.config.heartbeat.seconds)
-            except asyncio.TimeoutError:
-                continue
-            self._hup.clear()
-            self._reload()
-
-    async def _systemd_watchdog_loop(self) -> None:
-        await self.report.systemd_watchdog_loop(lambda: self._ready_sent)
-
-    async def _progress_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.events.progress_seconds)
-            for runner in self.jobs.runners():
-                self._act_on(self.report.progress(runner))
-
     def _act_on(self, stall: Stall) -> None:
         """An engine hung past `[watchdog] restart_seconds` stops every job; the loop then replaces it.
 
-        (A stall short of that only stops the watchdog pings: `_systemd_watchdog_loop`.)
+        (A stall short of that only stops the watchdog pings: `Reporter.systemd_watchdog_loop`.)
         """
         if stall.hung:
             self._engine_trouble(f"the engine made no progress for {self.config.watchdog.restart_seconds:.0f}s")

@@ -65,20 +65,41 @@ class EngineHost:
         self.publish("spoold.engine.ready", {"model": self.model, "load_seconds": round(seconds, 2)})
         return seconds
 
-    def may_restart(self) -> bool:
-        """Count one more restart; False once there were too many in the window."""
+    async def restart(self, reason: str, start: Callable[[], Awaitable[None]]) -> bool:
+        """Replace a dead or hung engine with a fresh one for the same model, started by `start`
+        (the daemon's loading step); False, logged, where the daemon had better exit for systemd.
+
+        That is when the engine keeps failing (more than MAX_RESTARTS in
+        RESTART_WINDOW_SECONDS) or the fresh one failed to start (the dead
+        one's GPU memory may not be free yet): an engine that never started
+        must not answer lines (with errors); a whole new process is the next
+        best try.
+        """
         now = time.monotonic()
         self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_SECONDS] + [now]
-        return self.make_engine is not None and len(self._restarts) <= MAX_RESTARTS
-
-    async def replace(self) -> None:
-        """Close the current engine and make a fresh one for the same model; not started yet."""
-        await close_quietly(self.engine)
-        self.engine = self.make_engine(self.model)
+        if self.make_engine is None or len(self._restarts) > MAX_RESTARTS:
+            log.error("%s; more than %d engine restarts in %.0fs: exiting so the service restarts",
+                      reason, MAX_RESTARTS, RESTART_WINDOW_SECONDS)
+            return False
+        log.error("%s; starting a fresh engine (the requests in flight run again)", reason)
+        try:
+            await close_quietly(self.engine)
+            self.engine = self.make_engine(self.model)
+            await start()
+        except Exception as e:
+            log.error("the fresh engine failed to start: %s; exiting so the service restarts", e, exc_info=True)
+            return False
+        return True
 
     async def close(self) -> None:
         """Shut the current engine down at stop, within CLOSE_SECONDS."""
         await close_quietly(self.engine)
+
+    async def swap(self, model: str, start: Callable[[], Awaitable[None]]) -> None:
+        """Unload the current model, measuring what memory comes back, then load `model` (`load_other`)."""
+        log.info("swapping models: %s -> %s", self.model, model)
+        await self.unload()
+        await self.load_other(model, start)
 
     async def unload(self) -> None:
         """Close the current engine for another model and publish what memory came back."""

@@ -19,6 +19,10 @@ log = logging.getLogger(__name__)
 #: The status line from the first SIGTERM until exit.
 STOPPING_STATUS = "stopping: finishing writes"
 
+#: While a model loads, systemd's start timeout is pushed this far ahead,
+#: every third of it: a load that makes no progress still times out in vLLM.
+LOAD_EXTEND_SECONDS = 60.0
+
 
 class Notifier:
     """Sends READY/STATUS/STOPPING to systemd when systemd is listening."""
@@ -85,7 +89,7 @@ class Notifier:
         """Ask for more start (or stop) time: a big model is still loading."""
         self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}")
 
-    async def keep_extending_timeout(self, seconds: float) -> None:
+    async def keep_extending_timeout(self, seconds: float = LOAD_EXTEND_SECONDS) -> None:
         """Push the start timeout `seconds` ahead every third of it, until cancelled (a model loading).
 
         A load that makes no progress still times out, in vLLM itself.

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,6 +106,20 @@ class Reporter:
             if ready() and not self.stalled:
                 self.notifier.watchdog()
             await asyncio.sleep(interval)
+
+    async def heartbeat_loop(self, shown: Callable[[], Shown]) -> None:
+        """A heartbeat every `[heartbeat] seconds` (read each time: a reload may change it)."""
+        while True:
+            await self.heartbeat(shown())
+            await asyncio.sleep(self.config.heartbeat.seconds)
+
+    async def progress_loop(self, runners: Callable[[], Iterable["JobRunner"]],
+                            act_on: Callable[[Stall], None]) -> None:
+        """Every `[events] progress_seconds`: each running job's progress told, its stall verdict passed to `act_on`."""
+        while True:
+            await asyncio.sleep(self.config.events.progress_seconds)
+            for runner in runners():
+                act_on(self.progress(runner))
 
     def job_started(self, runner: "JobRunner") -> None:
         """A job (or the next run of one) starts: its counters start from what it has."""

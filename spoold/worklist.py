@@ -52,6 +52,34 @@ class WorkList:
         self._orphans_checked = 0.0
         self._peer_clocks = PeerClocks()
 
+    def recover(self) -> None:
+        """Before READY: clean half-made claims and name the jobs this host will resume first."""
+        pending = self.spool.recover()
+        if pending:
+            log.info("%d unfinished job(s) of this host will be resumed first: %s",
+                     len(pending), ", ".join(job.id for job in pending))
+
+    async def next_round(self, loaded: str, running: set[str], free: int) -> tuple[list[Claimed | str], str | None]:
+        """What may start now beside the running jobs (at most `free`), in the scheduler's order,
+        and the model to swap to once they are done (None: no swap is due).
+
+        Only jobs of the loaded model run together. When the job whose turn
+        it is needs another model, nothing after it starts: its model is
+        returned instead. One not validated yet runs on the loaded model first
+        (validation needs none, and its lines for this model run before a swap).
+        """
+        chosen: list[Claimed | str] = []
+        for rank, choice in enumerate(await self.in_order(loaded, running)):
+            if len(chosen) >= free:
+                break
+            if choice.model not in (None, loaded):
+                if rank > 0:
+                    continue  # not its turn yet: the scheduler's starvation bound says when
+                if self.validated(choice):
+                    return chosen, choice.model
+            chosen.append(choice.item)
+        return chosen, None
+
     async def in_order(self, loaded: str, running: set[str]) -> list[Candidate]:
         """Every job of this host not running now and the first complete drops, in the order to try them.
 

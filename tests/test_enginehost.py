@@ -1,0 +1,44 @@
+"""The engine host's restart rule: a fresh engine while restarts are rare, exit for systemd when not."""
+
+import asyncio
+
+from spoold.config import EngineSettings
+from spoold.enginehost import MAX_RESTARTS, EngineHost
+from spoold.gpu import GpuReader
+
+from .fake_engine import EchoEngine
+
+
+def make_host(**args) -> EngineHost:
+    settings = EngineSettings(adapter="tests.fake_engine:EchoEngine", model="m", args=args)
+    return EngineHost(EchoEngine(settings), lambda model: EchoEngine(settings), lambda topic, payload: None,
+                      GpuReader())
+
+
+def restart(host: EngineHost) -> bool:
+    return asyncio.run(host.restart("the engine died", lambda: host.engine.start()))
+
+
+def test_a_dead_engine_is_closed_and_a_fresh_one_started():
+    host = make_host()
+    dead = host.engine
+    assert restart(host) is True
+    assert dead.closed and host.engine is not dead and host.engine.started
+
+
+def test_an_engine_that_keeps_dying_gives_up_so_systemd_restarts_the_process(caplog):
+    host = make_host()
+    assert [restart(host) for _ in range(MAX_RESTARTS + 1)] == [True] * MAX_RESTARTS + [False]
+    assert "exiting so the service restarts" in caplog.text
+
+
+def test_a_fresh_engine_that_fails_to_load_is_not_used():
+    host = make_host(fail_load="m")
+    assert restart(host) is False
+    assert not host.engine.started  # never answers a line with errors
+
+
+def test_without_a_way_to_make_engines_there_is_no_restart():
+    host = make_host()
+    host.make_engine = None
+    assert restart(host) is False
