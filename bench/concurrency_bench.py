@@ -1,24 +1,29 @@
 """Many batches at once on one daemon and one real engine (vLLM, the tiny model).
 
     .venv/bin/python -m bench.concurrency_bench [--requests 2000] [--rounds 3] [--big 5000] [--tries 10]
+        [--only head_of_line] [--engine-arg max_num_seqs=16 ...]
 
 Three measurements, as a user would see them (drop to outbox):
 - many small against one big: N one-line drops, then one N-line drop, alternating,
   requests/s of each and the median ratio (small / big);
 - head of line: a 10-line drop on an idle daemon, then the same beside a running
-  `--big`-line job; p50/p95 of its drop-to-outbox time, and their ratio;
+  `--big`-line job; p50/p95 of its drop-to-outbox time, their ratio, and where
+  the seconds went (drop to claim, validation, the run and its engine phase,
+  the move to the outbox);
 - fairness: one `--big`-line job and twenty 100-line jobs dropped together; the
   small jobs' share of the requests completed in each second while both have
   work, against the 20/21 that equal per-job shares give (drops are all one
   tenant; per-tenant shares come with API keys).
-Writes bench/concurrency_results.json.
+Writes bench/concurrency_results.json (`--only`: concurrency_<name>_results.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -58,8 +63,33 @@ class Drops:
 
     def time(self, staged: list[tuple[str, Path]]) -> float:
         """Seconds from publishing `staged` to the last of them in the outbox."""
+        published_wall = time.time()
         started = self.publish(staged)
-        return self.wait({name for name, _ in staged}) - started
+        seconds = self.wait({name for name, _ in staged}) - started
+        self.last_phases = [self.phases(name, published_wall, published_wall + seconds) for name, _ in staged]
+        return seconds
+
+    def phases(self, name: str, published: float, in_outbox: float) -> dict:
+        """Where one drop's seconds went, from the daemon's log (ms timestamps) and its batch.json:
+        drop to claim (seen, settled, claimed), claim to validated, validated to completed (of which
+        `engine_s` is first dispatch to last durable result), completed to in the outbox."""
+        log = self.daemon.log.read_text()
+        claimed = re.search(rf"^(\S+ \S+) INFO \S+: claimed '{name}.jsonl' as job (\S+)", log, re.M)
+        if claimed is None:
+            return {}
+        job = claimed.group(2)
+        at = {"claimed": _wall(claimed.group(1))}
+        for step in ("validated", "completed"):
+            found = re.search(rf"^(\S+ \S+) INFO \S+: job {re.escape(job)} {step}", log, re.M)
+            at[step] = _wall(found.group(1)) if found else None
+        record = json.loads(next((self.daemon.root / "outbox").glob(f"{name}-*/batch.json")).read_text())
+        engine_s = (record.get("timings") or {}).get("engine_seconds")
+        if None in at.values():
+            return {}
+        return {"to_claim_s": round(at["claimed"] - published, 3),
+                "validate_s": round(at["validated"] - at["claimed"], 3),
+                "run_s": round(at["completed"] - at["validated"], 3), "engine_s": engine_s,
+                "to_outbox_s": round(in_outbox - at["completed"], 3)}
 
     def wait(self, names: set[str], timeout: float = 1800) -> float:
         deadline = time.monotonic() + timeout
@@ -68,6 +98,16 @@ class Drops:
                 raise RuntimeError("spoold exited or took too long:\n" + self.daemon.log.read_text()[-3000:])
             time.sleep(0.02)
         return time.monotonic()
+
+
+def _wall(stamp: str) -> float:
+    """A log line's `2026-12-03 05:21:19,123` as epoch seconds (the log is in local time)."""
+    return datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def _median_phases(phases: list[dict]) -> dict:
+    phases = [p for p in phases if p and p.get("engine_s") is not None]
+    return {key: round(statistics.median(p[key] for p in phases), 3) for key in phases[0]} if phases else {}
 
 
 def small_vs_big(drops: Drops, n: int, rounds: int) -> dict:
@@ -82,23 +122,27 @@ def small_vs_big(drops: Drops, n: int, rounds: int) -> dict:
 
 
 def head_of_line(drops: Drops, big_lines: int, tries: int) -> dict:
-    def ten_line_times() -> list[float]:
+    def ten_line_times(phases: list[dict]) -> list[float]:
         times = []
         for _ in range(tries):
             times.append(drops.time([drops.stage(10)]))
+            phases.extend(drops.last_phases)
         return times
 
-    idle = ten_line_times()
+    idle_phases: list[dict] = []
+    busy_phases: list[dict] = []
+    idle = ten_line_times(idle_phases)
     big = [drops.stage(big_lines)]
     drops.publish(big)
     time.sleep(3)  # the big job is claimed, validated and has filled the engine's queue
-    busy = ten_line_times()
+    busy = ten_line_times(busy_phases)
     still_running = not drops.finished({big[0][0]})
     drops.wait({big[0][0]})
     p = lambda xs, q: statistics.quantiles(xs, n=20)[q] if len(xs) > 1 else xs[0]  # noqa: E731
     result = {"idle_p50_s": statistics.median(idle), "idle_p95_s": p(idle, 18),
               "busy_p50_s": statistics.median(busy), "busy_p95_s": p(busy, 18),
-              "big_still_running_after": still_running}
+              "big_still_running_after": still_running,
+              "idle_phases_p50": _median_phases(idle_phases), "busy_phases_p50": _median_phases(busy_phases)}
     result["p50_ratio"] = result["busy_p50_s"] / result["idle_p50_s"]
     result["p95_ratio"] = result["busy_p95_s"] / result["idle_p95_s"]
     return result
@@ -140,24 +184,33 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--big", type=int, default=5000, help="lines of the running job (head of line, fairness)")
     parser.add_argument("--tries", type=int, default=10)
+    parser.add_argument("--only", choices=("head_of_line",), help="run this measurement alone")
+    parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=JSON",
+                        help="an [engine] setting for the daemon under test, e.g. max_num_seqs=16")
     args = parser.parse_args()
+    engine = {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.engine_arg)}
     with tempfile.TemporaryDirectory(prefix="spoold-bench-") as tmp:
         model = build_tiny_model(REPO / ".cache" / "tiny-llama")
-        daemon = Spoold(model, Path(tmp))
+        daemon = Spoold(model, Path(tmp), engine_settings=engine)
         drops = Drops(daemon, str(model), Path(tmp))
+        report = {"machine": machine(), "engine_settings": engine}
         try:
-            print("many small drops against one big one:", flush=True)
-            report = {"machine": machine(), "small_vs_big": small_vs_big(drops, args.requests, args.rounds)}
+            if not args.only:
+                print("many small drops against one big one:", flush=True)
+                report["small_vs_big"] = small_vs_big(drops, args.requests, args.rounds)
             print("head of line:", flush=True)
             report["head_of_line"] = head_of_line(drops, args.big, args.tries)
             print(json.dumps(report["head_of_line"], indent=1), flush=True)
-            print("fairness:", flush=True)
-            report["fairness"] = fairness(drops, args.big)
-            print(json.dumps(report["fairness"]), flush=True)
+            if not args.only:
+                print("fairness:", flush=True)
+                report["fairness"] = fairness(drops, args.big)
+                print(json.dumps(report["fairness"]), flush=True)
         finally:
             daemon.close()
-    (REPO / "bench" / "concurrency_results.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(f"median ratio (big / small drop time): {report['small_vs_big']['median_ratio']:.2f}")
+    name = "concurrency_results.json" if not args.only else f"concurrency_{args.only}_results.json"
+    (REPO / "bench" / name).write_text(json.dumps(report, indent=1) + "\n")
+    if "small_vs_big" in report:
+        print(f"median ratio (big / small drop time): {report['small_vs_big']['median_ratio']:.2f}")
 
 
 if __name__ == "__main__":

@@ -92,6 +92,15 @@ class InboxTracker:
         """Start inotify hints; without them (no inotify), polling still works."""
         from watchdog.events import FileSystemEventHandler
         from watchdog.observers.inotify import InotifyObserver
+        from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
+
+        # watchdog holds every IN_MOVED_FROM for `delay` (0.5 s) to pair it
+        # with its IN_MOVED_TO, and every event behind it waits too. Each
+        # claim moves a drop out of the inbox, so a drop renamed in just
+        # after a claim was hinted 0.4 s late (watchdog issue #649). No
+        # pairing is needed here: with full events an unpaired IN_MOVED_TO
+        # is still a move with a destination, which is all `_on_event` reads.
+        InotifyMoveEventGrouper.delay = 0
 
         self._loop = asyncio.get_running_loop()
         tracker = self

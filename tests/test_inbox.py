@@ -101,6 +101,31 @@ def test_a_move_in_from_another_directory_is_a_rename_not_a_creation(tmp_path, m
     assert asyncio.run(go()) == ["y.jsonl"]
 
 
+def test_a_drop_renamed_in_right_after_a_claim_is_not_held_back(tmp_path):
+    # watchdog held the claim's unpaired move out for 0.5 s, and the rename
+    # in behind it: the drop was complete 0.4-0.5 s after its rename (bench:
+    # an idle daemon's 10-line drop took 0.35 s to be claimed). Now at once;
+    # neither the poll (settle 60 s) nor a creation grace can make it complete.
+    async def go():
+        spool, tracker = make(tmp_path / "s", settle=60)
+        tracker.start()
+        try:
+            (spool.inbox / "claimed.jsonl").write_text("{}\n")
+            staged = spool.inbox / ".next.jsonl.tmp"
+            staged.write_text("{}\n")
+            os.rename(spool.inbox / "claimed.jsonl", tmp_path / "claimed.jsonl")  # as a claim does
+            os.rename(staged, spool.inbox / "next.jsonl")
+            renamed = time.monotonic()
+            while time.monotonic() - renamed < 0.25:  # half of watchdog's hold
+                await tracker.wait()
+                if found := tracker.complete_drops():
+                    return found
+            return []
+        finally:
+            tracker.stop()
+    assert asyncio.run(go()) == ["next.jsonl"]
+
+
 def test_the_queue_is_in_the_order_drops_were_seen_not_their_mtime(tmp_path):
     spool, tracker = make(tmp_path, settle=0)
     (spool.inbox / "first.jsonl").write_text("{}\n")
