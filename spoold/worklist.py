@@ -47,6 +47,8 @@ class WorkList:
         self.config, self.spool, self.inbox, self.resolver, self.report = config, spool, inbox, resolver, report
         #: jobs that failed in a way a retry in this process cannot mend (left for the next start)
         self.stuck: set[str] = set()
+        #: drops whose claim failed on an error of spoold's own: left in the inbox until the next start
+        self.unclaimable: set[str] = set()
         #: complete drops in the inbox at the last look
         self.queued = 0
         self._orphans_checked = 0.0
@@ -89,7 +91,7 @@ class WorkList:
         own = [self._candidate(job) for job in self.spool.host_jobs()
                if job.id not in running and job.id not in self.stuck]
         await self.inbox.refresh()
-        drops = self.inbox.complete_drops()
+        drops = [name for name in self.inbox.complete_drops() if name not in self.unclaimable]
         self.queued = len(drops)
         several = len(self.resolver.known) > 1  # only then is a peek at the drops worth it
         waiting = own + [Candidate(name, first_model(self.spool.inbox / name, self.resolver) if several else None,
@@ -150,7 +152,10 @@ class WorkList:
         """Claim one drop; None if another daemon was first or it was refused (and failed).
 
         The claim's fsyncs run in a thread, beside the running jobs' work.
-        An OSError (a full or failing disk) goes up: the daemon pauses.
+        An OSError (a full or failing disk) goes up: the daemon pauses. Any
+        other error is a bug in spoold that this drop meets: logged with its
+        traceback, and the drop is left alone until the next start, so one
+        file can neither stop the daemon nor make it retry in a loop.
         """
         shown = display_name(name)
         try:
@@ -161,6 +166,12 @@ class WorkList:
             self.report.publish("spoold.job.failed", {"job": refused.job.id, "input_file": shown,
                                                       "errors": record.errors if record else []})
             self.report.job_finished(Outcome.FAILED)
+            return None
+        except OSError:
+            raise  # the disk, not the drop: the daemon pauses and tries again
+        except Exception:  # a bug of ours that some drop shows: never a reason to stop serving the others
+            log.exception("cannot claim inbox/%s; it stays there, not tried again until spoold restarts", shown)
+            self.unclaimable.add(name)
             return None
         self.inbox.forget(name)
         if job is None:
