@@ -1,7 +1,7 @@
 """Many batches at once on one daemon and one real engine (vLLM, the tiny model).
 
     .venv/bin/python -m bench.concurrency_bench [--requests 2000] [--rounds 3] [--big 5000] [--tries 10]
-        [--only head_of_line] [--engine-arg max_num_seqs=16 ...]
+        [--only small_vs_big|head_of_line|fairness] [--engine-arg max_num_seqs=16 ...]
 
 Three measurements, as a user would see them (drop to outbox):
 - many small against one big: N one-line drops, then one N-line drop, alternating,
@@ -138,10 +138,12 @@ def head_of_line(drops: Drops, big_lines: int, tries: int) -> dict:
     busy = ten_line_times(busy_phases)
     still_running = not drops.finished({big[0][0]})
     drops.wait({big[0][0]})
+    big_record = json.loads(next((drops.daemon.root / "outbox").glob(f"{big[0][0]}-*/batch.json")).read_text())
     p = lambda xs, q: statistics.quantiles(xs, n=20)[q] if len(xs) > 1 else xs[0]  # noqa: E731
     result = {"idle_p50_s": statistics.median(idle), "idle_p95_s": p(idle, 18),
               "busy_p50_s": statistics.median(busy), "busy_p95_s": p(busy, 18),
               "big_still_running_after": still_running,
+              "big_requests_per_second": (big_record.get("timings") or {}).get("requests_per_second"),
               "idle_phases_p50": _median_phases(idle_phases), "busy_phases_p50": _median_phases(busy_phases)}
     result["p50_ratio"] = result["busy_p50_s"] / result["idle_p50_s"]
     result["p95_ratio"] = result["busy_p95_s"] / result["idle_p95_s"]
@@ -184,7 +186,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--big", type=int, default=5000, help="lines of the running job (head of line, fairness)")
     parser.add_argument("--tries", type=int, default=10)
-    parser.add_argument("--only", choices=("head_of_line",), help="run this measurement alone")
+    parser.add_argument("--only", choices=("small_vs_big", "head_of_line", "fairness"), help="run this measurement alone")
     parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=JSON",
                         help="an [engine] setting for the daemon under test, e.g. max_num_seqs=16")
     args = parser.parse_args()
@@ -195,13 +197,14 @@ def main() -> None:
         drops = Drops(daemon, str(model), Path(tmp))
         report = {"machine": machine(), "engine_settings": engine}
         try:
-            if not args.only:
+            if args.only in (None, "small_vs_big"):
                 print("many small drops against one big one:", flush=True)
                 report["small_vs_big"] = small_vs_big(drops, args.requests, args.rounds)
-            print("head of line:", flush=True)
-            report["head_of_line"] = head_of_line(drops, args.big, args.tries)
-            print(json.dumps(report["head_of_line"], indent=1), flush=True)
-            if not args.only:
+            if args.only in (None, "head_of_line"):
+                print("head of line:", flush=True)
+                report["head_of_line"] = head_of_line(drops, args.big, args.tries)
+                print(json.dumps(report["head_of_line"], indent=1), flush=True)
+            if args.only in (None, "fairness"):
                 print("fairness:", flush=True)
                 report["fairness"] = fairness(drops, args.big)
                 print(json.dumps(report["fairness"]), flush=True)
