@@ -15,6 +15,16 @@ def make(tmp_path, settle=0.6):
     return spool, InboxTracker(spool, settle_seconds=settle, poll_seconds=0.05)
 
 
+async def first_complete(tracker: InboxTracker, within: float) -> list[str]:
+    """The first complete drops the tracker finds from now on, woken by its hints; [] if none come `within` seconds."""
+    start = time.monotonic()
+    while time.monotonic() - start < within:
+        await tracker.wait()
+        if found := tracker.complete_drops():
+            return found
+    return []
+
+
 def test_in_place_write_waits_for_settle(tmp_path):
     spool, tracker = make(tmp_path)
     (spool.inbox / "a.jsonl").write_text("{}\n")
@@ -90,12 +100,7 @@ def test_a_move_in_from_another_directory_is_a_rename_not_a_creation(tmp_path, m
             outside = tmp_path / "y.jsonl"
             outside.write_text("{}\n")
             os.rename(outside, spool.inbox / "y.jsonl")
-            start = time.monotonic()
-            while time.monotonic() - start < 5:
-                await tracker.wait()
-                if found := tracker.complete_drops():
-                    return found
-            return []
+            return await first_complete(tracker, within=5)
         finally:
             tracker.stop()
     assert asyncio.run(go()) == ["y.jsonl"]
@@ -115,12 +120,7 @@ def test_a_drop_renamed_in_right_after_a_claim_is_not_held_back(tmp_path):
             staged.write_text("{}\n")
             os.rename(spool.inbox / "claimed.jsonl", tmp_path / "claimed.jsonl")  # as a claim does
             os.rename(staged, spool.inbox / "next.jsonl")
-            renamed = time.monotonic()
-            while time.monotonic() - renamed < 0.25:  # half of watchdog's hold
-                await tracker.wait()
-                if found := tracker.complete_drops():
-                    return found
-            return []
+            return await first_complete(tracker, within=0.25)  # half of watchdog's hold
         finally:
             tracker.stop()
     assert asyncio.run(go()) == ["next.jsonl"]
