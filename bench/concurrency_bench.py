@@ -63,11 +63,8 @@ class Drops:
 
     def time(self, staged: list[tuple[str, Path]]) -> float:
         """Seconds from publishing `staged` to the last of them in the outbox."""
-        published_wall = time.time()
         started = self.publish(staged)
-        seconds = self.wait({name for name, _ in staged}) - started
-        self.last_phases = [self.phases(name, published_wall, published_wall + seconds) for name, _ in staged]
-        return seconds
+        return self.wait({name for name, _ in staged}) - started
 
     def phases(self, name: str, published: float, in_outbox: float) -> dict:
         """Where one drop's seconds went, from the daemon's log (ms timestamps) and its batch.json:
@@ -125,8 +122,10 @@ def head_of_line(drops: Drops, big_lines: int, tries: int) -> dict:
     def ten_line_times(phases: list[dict]) -> list[float]:
         times = []
         for _ in range(tries):
-            times.append(drops.time([drops.stage(10)]))
-            phases.extend(drops.last_phases)
+            staged = drops.stage(10)
+            published = time.time()
+            times.append(drops.time([staged]))
+            phases.append(drops.phases(staged[0], published, published + times[-1]))
         return times
 
     idle_phases: list[dict] = []

@@ -75,6 +75,7 @@ class Daemon:
         self._stop: asyncio.Event | None = None
         self._signals = 0
         self._main_task: asyncio.Task | None = None
+        self._hup: asyncio.Event | None = None
         #: why work is paused (a full or failing disk), shown in status and heartbeats
         self._paused: str | None = None
         #: why the engine must be replaced (it died, or hung past restart_seconds); None while healthy
@@ -87,16 +88,18 @@ class Daemon:
 
     async def _main(self) -> int:
         self._stop = asyncio.Event()
+        self._hup = asyncio.Event()
         self._main_task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-        loop.add_signal_handler(signal.SIGHUP, self._reload)
+        loop.add_signal_handler(signal.SIGHUP, self._hup.set)
         self.spool.ensure_dirs()
         self.work.recover()
         if self.events is not None:
             self.events.start(lambda: self.report.snapshot(self._shown()))
         background = {"heartbeat_loop": lambda: self.report.heartbeat_loop(self._shown),
+                      "reload_loop": self._reload_loop,
                       "progress_loop": lambda: self.report.progress_loop(self.jobs.runners, self._act_on),
                       "systemd_watchdog_loop": lambda: self.report.systemd_watchdog_loop(lambda: self._ready_sent)}
         loops = [asyncio.create_task(self._supervised(run, name), name=name) for name, run in background.items()]
@@ -186,6 +189,14 @@ class Daemon:
 
     def _inflight_limit(self) -> int:
         return engine_settings_for(self.config, self.engine.model).inflight_limit  # [models.X] may set it
+
+    async def _reload_loop(self) -> None:
+        """SIGHUP, recorded by its handler, acted on here: reload, then a heartbeat that shows it."""
+        while True:
+            await self._hup.wait()
+            self._hup.clear()
+            self._reload()
+            await self._write_heartbeat()
 
     def _reload(self) -> None:
         """SIGHUP: apply the settings that can change without reloading the model."""
