@@ -25,17 +25,35 @@ async def first_complete(tracker: InboxTracker, within: float) -> list[str]:
     return []
 
 
-def test_in_place_write_waits_for_settle(tmp_path):
-    spool, tracker = make(tmp_path)
+class FakeClock:
+    """Stands in for the inbox module's `time`: seconds pass only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_in_place_write_waits_for_settle(tmp_path, monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr("spoold.inbox.time", clock)
+    spool, tracker = make(tmp_path)  # settles after 0.6 s unchanged
     (spool.inbox / "a.jsonl").write_text("{}\n")
     assert tracker.complete_drops() == []
-    time.sleep(0.3)
+    clock.advance(0.3)
     with open(spool.inbox / "a.jsonl", "a") as f:
         f.write("{}\n")  # still growing: the settle clock restarts
     assert tracker.complete_drops() == []
-    time.sleep(0.4)
-    assert tracker.complete_drops() == []
-    time.sleep(0.3)
+    clock.advance(0.4)
+    assert tracker.complete_drops() == []  # 0.7 s since it was first seen, but only 0.4 s unchanged
+    clock.advance(0.3)
     assert tracker.complete_drops() == ["a.jsonl"]
 
 
