@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
@@ -25,8 +26,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .apibatch import ApiBatch
 from .apikeys import LOCAL, ApiKeys, Tenant
 from .batches import BatchStore, CannotCancel, window_seconds
-from .config import Config
+from .config import Config, retention_seconds
 from .jobrecord import check_metadata
+from .retention import Sweeper, expires_after_seconds
 from .spool import Spool
 from .validation import SUPPORTED_URLS
 from .filestore import PURPOSES, FileStore, StoredFile, UploadTooLarge
@@ -44,12 +46,13 @@ MAX_BATCHES_PAGE = 100
 class BatchCreate(BaseModel):
     """The body of `POST /v1/batches`, as the SDK sends it."""
 
-    model_config = ConfigDict(extra="forbid")  # e.g. output_expires_after: refused, not silently ignored
+    model_config = ConfigDict(extra="forbid")  # a field spoold does not know is refused, not ignored
 
     input_file_id: str
     endpoint: str
     completion_window: str
     metadata: dict[str, Any] | None = None
+    output_expires_after: dict[str, Any] | None = None
 
 
 class ApiError(Exception):
@@ -72,10 +75,12 @@ def create_app(config: Config, keys: ApiKeys | None) -> FastAPI:
     app = FastAPI(title="spoold", summary="The OpenAI Files and Batches API over a spoold spool",
                   docs_url=None, redoc_url=None, redirect_slashes=False)
     app.state.keys = keys
-    files = FileStore(config.spool.root, config.spool.file_mode)
+    files = FileStore(config.spool.root, config.spool.file_mode,
+                      retention=retention_seconds(config.api.file_retention))
     files.ensure_dir()
     batches = BatchStore(Spool(config.spool), files)
     upload_limit = min(config.api.max_upload_bytes, config.limits.max_file_bytes)
+    app.state.sweeper = Sweeper(files, batches)  # run by `serve` (apiserver.py) every SWEEP_EVERY_SECONDS
     _add_error_handlers(app)
 
     def tenant(request: Request) -> Tenant:
@@ -114,7 +119,7 @@ def create_app(config: Config, keys: ApiKeys | None) -> FastAPI:
                 if form.fields.get("purpose") not in PURPOSES:
                     raise ApiError(400, f"'purpose' must be one of {list(PURPOSES)}: spoold serves batches.",
                                    param="purpose")
-                stored = await upload.commit(form.filename, form.fields["purpose"])
+                stored = await upload.commit(form.filename, form.fields["purpose"], _upload_expiry(form.fields))
         except UploadTooLarge as e:
             raise ApiError(413, f"{str(e).capitalize()}.", param="file") from None
         except FormError as e:
@@ -161,15 +166,14 @@ def create_app(config: Config, keys: ApiKeys | None) -> FastAPI:
             raise ApiError(404, f"No such File object: {_shown_id(body.input_file_id)}", param="input_file_id")
         if body.endpoint not in SUPPORTED_URLS:
             raise ApiError(400, f"'endpoint' must be one of {list(SUPPORTED_URLS)}.", param="endpoint")
-        try:
-            window_seconds(body.completion_window)
-            metadata = check_metadata(body.metadata) if body.metadata is not None else None
-        except ValueError as e:
-            param = "completion_window" if "completion_window" in str(e) else "metadata"
-            raise ApiError(400, f"{str(e)[0].upper()}{str(e)[1:]}.", param=param) from None
+        _checked("completion_window", lambda: window_seconds(body.completion_window))
+        metadata = _checked("metadata", lambda: check_metadata(body.metadata)) if body.metadata is not None else None
+        keep = body.output_expires_after
+        if keep is not None:
+            keep = _checked("output_expires_after", lambda: expires_after_seconds(keep, "output_expires_after"))
         try:
             batch = await asyncio.to_thread(batches.create, who.name, source, body.endpoint,
-                                            body.completion_window, metadata)
+                                            body.completion_window, metadata, keep)
         except OSError as e:
             raise _unavailable("queue the batch", who, e) from None
         log.info("batch %s created by %s from %s", batch.id, who.name, source.id)
@@ -224,6 +228,26 @@ def page_of(items: list[T], after: str | None, limit: int) -> tuple[list[T], boo
     ids = [item.id for item in items]
     start = ids.index(after) + 1 if after in ids else 0
     return items[start:start + limit], start + limit < len(items)
+
+
+def _upload_expiry(fields: dict[str, str]) -> int | None:
+    """An upload's `expires_after` (form fields `expires_after[anchor]`, `expires_after[seconds]`, as the
+    SDK sends them) in seconds; None when not asked."""
+    asked = {key[len("expires_after["):-1]: value for key, value in fields.items()
+             if key.startswith("expires_after[") and key.endswith("]")}
+    if not asked:
+        return None
+    seconds = asked.get("seconds", "")
+    asked["seconds"] = int(seconds) if seconds.isascii() and seconds.isdigit() else seconds
+    return _checked("expires_after", lambda: expires_after_seconds(asked, "expires_after"))
+
+
+def _checked(param: str, check: Callable[[], T]) -> T:
+    """`check()`, whose ValueError becomes a 400 naming `param`."""
+    try:
+        return check()
+    except ValueError as e:
+        raise ApiError(400, f"{str(e)[0].upper()}{str(e)[1:]}.", param=param) from None
 
 
 def list_object(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:

@@ -50,6 +50,8 @@ class ApiBatch:
     metadata: dict[str, str] | None = None
     #: set when the batch was withdrawn from the inbox before any daemon claimed it
     cancelled_at: int | None = None
+    #: `output_expires_after` seconds: how long its results are kept after it ended (else file_retention)
+    output_expires_after: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def save(self, directory: Path, mode: int = 0o640) -> None:

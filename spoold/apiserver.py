@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from .api import create_app
 from .apikeys import ApiKeys, KeysError, read_keys
 from .config import Config, ConfigError
+from .retention import sweep_forever
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def load_keys(config: Config, address: tuple[str, int] | str, required: bool = F
 
 
 def serve(config: Config) -> int:
-    """Serve the API until SIGTERM or SIGINT; SIGHUP reloads the keys."""
+    """Serve the API until SIGTERM or SIGINT; SIGHUP reloads the keys. Expired files are swept meanwhile."""
     address = listen_address(config.api.listen)
     app = create_app(config, load_keys(config, address))
     where = {"uds": address} if isinstance(address, str) else {"host": address[0], "port": address[1]}
@@ -80,7 +81,11 @@ def serve(config: Config) -> int:
 
     async def main() -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _reload_keys, app, config, address)
-        await server.serve()
+        sweeping = asyncio.create_task(sweep_forever(app.state.sweeper))
+        try:
+            await server.serve()
+        finally:
+            sweeping.cancel()
     # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again
     # under the handlers it found: these, so a clean stop exits 0 for systemd.
     for sig in (signal.SIGTERM, signal.SIGINT):

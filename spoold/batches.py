@@ -12,9 +12,11 @@ restarted, or run beside others on one spool, at any moment.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -57,11 +59,12 @@ class BatchStore:
         self.dir = spool.batches
 
     def create(self, owner: str, source: StoredFile, endpoint: str, window: str,
-               metadata: dict[str, str] | None) -> ApiBatch:
+               metadata: dict[str, str] | None, output_expires_after: int | None = None) -> ApiBatch:
         """Record the batch, then drop a copy of its input into the inbox (blocking: run it in a thread)."""
         now = int(time.time())
         batch = ApiBatch(random_id("batch_"), owner, source.id, endpoint, window, now, now + window_seconds(window),
-                         random_id("file-"), random_id("file-"), metadata)
+                         random_id("file-"), random_id("file-"), metadata,
+                         output_expires_after=output_expires_after)
         durable_mkdir(self.dir)
         durable_mkdir(self.spool.inbox)  # made by tmpfiles or the daemon; missing only on a spool never run
         name = drop_name(batch.id)
@@ -72,7 +75,8 @@ class BatchStore:
         try:
             batch.save(self.dir, self.spool.file_mode)
             for file_id, result in ((batch.output_file_id, "output.jsonl"), (batch.error_file_id, "errors.jsonl")):
-                self.files.add_result(file_id, owner, f"{batch.id}_{result}", f"outbox/{batch.id}/{result}")
+                self.files.add_result(file_id, owner, f"{batch.id}_{result}", f"outbox/{batch.id}/{result}",
+                                      output_expires_after)
             rename_noreplace(tmp, self.spool.inbox / name)  # from here on, any daemon may claim it
             fsync_dir(self.spool.inbox)
         except BaseException:
@@ -85,14 +89,15 @@ class BatchStore:
         batch = read_api_batch(self.dir, batch_id)
         return batch if batch is not None and batch.owner == owner else None
 
-    def list(self, owner: str) -> list[ApiBatch]:
-        """`owner`'s batches, newest first; ties by id, so pages never skip or repeat one."""
+    def list(self, owner: str | None) -> list[ApiBatch]:
+        """`owner`'s batches (everyone's for None), newest first; ties by id, so pages never skip or repeat one."""
         try:
             names = os.listdir(self.dir)
         except FileNotFoundError:
             return []
-        found = [b for b in (self.get(n.removesuffix(".json"), owner) for n in names if n.endswith(".json")) if b]
-        return sorted(found, key=lambda b: (b.created_at, b.id), reverse=True)
+        found = [read_api_batch(self.dir, n.removesuffix(".json")) for n in names if n.endswith(".json")]
+        mine = [b for b in found if b is not None and (owner is None or b.owner == owner)]
+        return sorted(mine, key=lambda b: (b.created_at, b.id), reverse=True)
 
     def batch_object(self, batch: ApiBatch) -> Batch:
         """The Batch object as OpenAI shows it, from wherever its job is now."""
@@ -132,6 +137,33 @@ class BatchStore:
             self.spool.request_cancel(batch.id)
             return
         raise CannotCancel(f"Cannot cancel a batch with status '{status}'.")
+
+    def ended_at(self, batch: ApiBatch) -> int | None:
+        """When the batch reached its final status; None while it is queued, running or being withdrawn."""
+        job, where = self._locate(batch.id)
+        if where in ("outbox", "failed"):
+            record, _ = JobRecord.load(job.batch)
+            return record.ended_at if record is not None else int(os.stat(job.path).st_mtime)
+        if job is not None or (self.spool.inbox / drop_name(batch.id)).exists() or self._withdrawn(batch).exists():
+            return None
+        if self._locate(batch.id)[0] is not None:
+            return None  # claimed while we looked
+        return batch.cancelled_at or batch.created_at  # withdrawn, or never queued (the API stopped first)
+
+    def delete(self, batch: ApiBatch) -> None:
+        """Delete an ended batch: its job directory, its result files' records, then its own record last,
+        so a delete cut short is finished by the next one. Never call it for a batch still running."""
+        job, where = self._locate(batch.id)
+        if where in ("outbox", "failed"):
+            doomed = job.path.parent / f".{batch.id}.deleted"
+            with contextlib.suppress(FileNotFoundError):  # another API server's sweep took it first
+                os.rename(job.path, doomed)
+                fsync_dir(job.path.parent)
+            shutil.rmtree(doomed, ignore_errors=True)
+        for file_id in (batch.output_file_id, batch.error_file_id):
+            self.files.remove(file_id)
+        (self.dir / f"{batch.id}.json").unlink(missing_ok=True)
+        fsync_dir(self.dir)
 
     def _withdraw(self, batch: ApiBatch) -> bool:
         """Take the batch's drop back out of the inbox before a daemon claims it: one rename decides."""

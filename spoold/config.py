@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +147,8 @@ class ApiSettings:
     #: `NAME:KEY[:admin]` per line; without it the API serves loopback only, as the one tenant `local`
     keys_file: str = "/etc/spoold/api-keys"
     max_upload_bytes: int = 2 * 1024 ** 3
+    #: how long uploaded files, and a finished batch's results, are kept: "30d", "12h", or "never"
+    file_retention: str = "30d"
 
 
 @dataclass(frozen=True)
@@ -208,12 +211,28 @@ def parse_config(raw: dict[str, Any]) -> Config:
     return config
 
 
+#: `[api] file_retention`: a whole number of hours or days, or "never".
+RETENTION = re.compile(r"([1-9][0-9]{0,4})([hd])")
+
+
+def retention_seconds(text: str) -> int | None:
+    """`[api] file_retention` in seconds (None: kept until deleted); ConfigError saying what is accepted."""
+    if text == "never":
+        return None
+    match = RETENTION.fullmatch(text)
+    if match is None:
+        raise ConfigError(f"[api] file_retention = {text!r}: expected hours or days, such as \"30d\" or "
+                          "\"12h\", or \"never\" to keep files until they are deleted")
+    return int(match[1]) * (3600 if match[2] == "h" else 86400)
+
+
 #: A peer is presumed dead only after this many of its heartbeats failed to come.
 MIN_HEARTBEATS_PER_CLAIM_TIMEOUT = 3
 
 
 def _check_together(config: Config) -> None:
-    """Settings that are fine alone but wrong together."""
+    """Settings that are fine alone but wrong together (or wrong in a way their type cannot say)."""
+    retention_seconds(config.api.file_retention)
     if config.spool.max_active_jobs < 1:
         raise ConfigError(f"[spool] max_active_jobs = {config.spool.max_active_jobs}: at least 1 job must "
                           "be able to run (1 runs one job at a time)")

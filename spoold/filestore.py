@@ -6,7 +6,10 @@ all there or not there at all: an upload over the limit, a client that
 goes away part way and a crash all leave nothing a reader can see. The
 record is the OpenAI `FileObject` plus its owner. Ids are random and are
 checked against a strict pattern before they touch a path, so no id a
-client sends can name anything outside `files/`.
+client sends can name anything outside `files/`. A file's `expires_at`
+is the client's own `expires_after` if it gave one, else `[api]
+file_retention` after the upload (or, for a batch's results, after the
+batch ended): retention.py deletes it then.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 from openai.types import FileObject
 
 from .apibatch import random_id
+from .jobrecord import JobRecord
 from .durable import atomic_write_json, durable_mkdir, durable_rename, fsync_dir, write_all
 
 #: `file-` and 24 random characters, as OpenAI's ids look; nothing else is ever a file id.
@@ -48,9 +52,12 @@ class StoredFile:
     filename: str
     purpose: str
     owner: str
+    #: set when the client asked (`expires_after`); else shown as `[api] file_retention` after the upload
     expires_at: int | None = None
     #: a batch's results (`outbox/<batch-id>/output.jsonl`), relative to the spool; None for an upload
     result_of: str | None = None
+    #: a batch's results: seconds they are kept after the batch ended (`output_expires_after`), if asked
+    expires_after: int | None = None
 
     def file_object(self) -> FileObject:
         """The file as the OpenAI API shows it."""
@@ -62,10 +69,12 @@ class StoredFile:
 class FileStore:
     """The API's files under one spool root."""
 
-    def __init__(self, root: Path, file_mode: int = 0o640, gid: int = -1) -> None:
+    def __init__(self, root: Path, file_mode: int = 0o640, gid: int = -1, retention: int | None = None) -> None:
         self.root = Path(root)
         self.dir = self.root / "files"
         self.file_mode, self.gid = file_mode, gid
+        #: `[api] file_retention` in seconds; None keeps files until they are deleted
+        self.retention = retention
 
     def ensure_dir(self) -> None:
         """Create `files/` if it is missing."""
@@ -82,16 +91,32 @@ class FileStore:
 
     def get(self, file_id: str, owner: str) -> StoredFile | None:
         """The file `file_id` if it exists and is `owner`'s; else None (the same None either way)."""
+        stored = self.read(file_id)
+        return stored if stored is not None and stored.owner == owner else None
+
+    def read(self, file_id: str) -> StoredFile | None:
+        """The file `file_id`, whoever's it is, with its size and expiry as of now; None if there is none."""
         if not FILE_ID.fullmatch(file_id):
             return None
         try:
-            doc = json.loads((self.dir / file_id / "file.json").read_text())
-            stored = StoredFile(**doc)
+            stored = StoredFile(**json.loads((self.dir / file_id / "file.json").read_text()))
             if stored.result_of is not None:  # there once the batch is finished, with its size then
                 stored = replace(stored, bytes=os.stat(self.content_path(stored)).st_size)
         except (OSError, ValueError, TypeError):
             return None
-        return stored if stored.owner == owner else None
+        return self.with_expiry(stored)
+
+    def with_expiry(self, stored: StoredFile) -> StoredFile:
+        """`stored` with the `expires_at` it has now: its own, else `[api] file_retention` after it was made
+        (an upload) or after its batch ended (a batch's results, from the batch.json beside them)."""
+        if stored.result_of is None:
+            if stored.expires_at is None and self.retention is not None:
+                return replace(stored, expires_at=stored.created_at + self.retention)
+            return stored
+        keep = stored.expires_after or self.retention
+        record, _ = JobRecord.load((self.root / stored.result_of).parent / "batch.json")
+        ended = record.ended_at if record is not None else None
+        return replace(stored, expires_at=ended + keep if keep is not None and ended is not None else None)
 
     def content_path(self, stored: StoredFile) -> Path:
         """Where a stored file's bytes are."""
@@ -99,9 +124,11 @@ class FileStore:
             return self.root / stored.result_of
         return self.dir / stored.id / "content"
 
-    def add_result(self, file_id: str, owner: str, filename: str, result_of: str) -> None:
+    def add_result(self, file_id: str, owner: str, filename: str, result_of: str,
+                   expires_after: int | None = None) -> None:
         """Name a batch's result file before it exists (`purpose` batch_output): it shows once it does."""
-        stored = StoredFile(file_id, 0, int(time.time()), filename, "batch_output", owner, result_of=result_of)
+        stored = StoredFile(file_id, 0, int(time.time()), filename, "batch_output", owner, result_of=result_of,
+                            expires_after=expires_after)
         tmp = self.dir / f".{file_id}.tmp"
         os.mkdir(tmp, 0o750)
         try:
@@ -115,21 +142,33 @@ class FileStore:
         atomic_write_json(tmp / "file.json", asdict(stored), self.file_mode, self.gid)
         durable_rename(tmp, self.dir / stored.id)
 
-    def list(self, owner: str, purpose: str | None = None) -> list[StoredFile]:
-        """`owner`'s files (of `purpose`), newest first; ties by id, so pages never skip or repeat one."""
+    def list(self, owner: str | None, purpose: str | None = None) -> list[StoredFile]:
+        """`owner`'s files (everyone's for None) of `purpose`, newest first; ties by id, so pages never
+        skip or repeat one."""
         try:
             names = [n for n in os.listdir(self.dir) if FILE_ID.fullmatch(n)]
         except FileNotFoundError:
             return []
-        found = [f for f in (self.get(n, owner) for n in names) if f and (purpose is None or f.purpose == purpose)]
+        found = [f for f in map(self.read, names)
+                 if f and (owner is None or f.owner == owner) and (purpose is None or f.purpose == purpose)]
         return sorted(found, key=lambda f: (f.created_at, f.id), reverse=True)
 
     def delete(self, stored: StoredFile) -> None:
         """Remove a stored file: first out of sight (one rename), then its bytes."""
-        doomed = self.dir / f".{stored.id}.deleted"
-        os.rename(self.dir / stored.id, doomed)
+        self.remove(stored.id)
+
+    def remove(self, file_id: str) -> bool:
+        """Remove the file `file_id` if it is there (also a result file whose batch is gone); whether it was."""
+        if not FILE_ID.fullmatch(file_id):
+            return False
+        doomed = self.dir / f".{file_id}.deleted"
+        try:
+            os.rename(self.dir / file_id, doomed)
+        except FileNotFoundError:
+            return False  # never there, or another API server's sweep took it first
         fsync_dir(self.dir)
         shutil.rmtree(doomed, ignore_errors=True)
+        return True
 
 
 class NewFile:
@@ -153,11 +192,16 @@ class NewFile:
             raise UploadTooLarge(f"the file is larger than the {self.limit}-byte limit")
         write_all(self._fd, chunk)
 
-    async def commit(self, filename: str, purpose: str) -> StoredFile:
-        """Make the file durable with its record, then visible by one rename (off the event loop)."""
-        stored = StoredFile(self.id, self.size, int(time.time()), filename[:MAX_FILENAME_CHARS], purpose, self.owner)
+    async def commit(self, filename: str, purpose: str, expires_after: int | None = None) -> StoredFile:
+        """Make the file durable with its record, then visible by one rename (off the event loop).
+
+        `expires_after`: the seconds the client asked it be kept; else `[api] file_retention` applies.
+        """
+        now = int(time.time())
+        stored = StoredFile(self.id, self.size, now, filename[:MAX_FILENAME_CHARS], purpose, self.owner,
+                            expires_at=now + expires_after if expires_after is not None else None)
         await asyncio.to_thread(self._publish, stored)
-        return stored
+        return self.store.with_expiry(stored)
 
     def _publish(self, stored: StoredFile) -> None:
         os.fsync(self._fd)

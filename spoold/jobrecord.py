@@ -242,6 +242,13 @@ class JobRecord:
         self.status, self.cancelled_at = JobStatus.CANCELLED, int(time.time())
         self._counted(completed, failed, usage)
 
+    @property
+    def ended_at(self) -> int | None:
+        """When the job reached its final status; None while it is worked on."""
+        if self.status in ACTIVE:
+            return None
+        return self.completed_at or self.failed_at or self.cancelled_at or self.expired_at or self.created_at
+
     def expired(self) -> bool:
         """Whether a job still being worked on has passed its `expires_at` (an API batch's window)."""
         return self.expires_at is not None and self.status in ACTIVE and time.time() >= self.expires_at

@@ -280,8 +280,9 @@ class ApiServer:
 
         from spoold.api import create_app
 
-        self.server = uvicorn.Server(uvicorn.Config(create_app(config, keys), host="127.0.0.1", port=0,
-                                                    log_config=None, lifespan="on"))
+        self.app = create_app(config, keys)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_config=None,
+                                                    lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         wait_for(lambda: self.server.started, 30, "the API server to start")

@@ -75,7 +75,10 @@ def test_a_batch_cancelled_before_any_claim_is_withdrawn_from_the_inbox(api):
     ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
     ({"metadata": {"note": "x" * 513}}, "metadata"),
     ({"metadata": {"priority": "1000"}}, "metadata"),
-    ({"extra_body": {"output_expires_after": {"anchor": "created_at", "seconds": 3600}}}, "output_expires_after"),
+    ({"output_expires_after": {"anchor": "created_at", "seconds": 60}}, "output_expires_after"),
+    ({"output_expires_after": {"anchor": "completed_at", "seconds": 3600}}, "output_expires_after"),
+    ({"output_expires_after": {"anchor": "created_at", "seconds": "3600"}}, "output_expires_after"),
+    ({"extra_body": {"webhook_url": "http://example.com"}}, "webhook_url"),  # unknown: refused, not ignored
 ])
 def test_a_bad_batch_request_is_a_clear_error_and_queues_nothing(api, overrides, param):
     client = api.client(KEY)

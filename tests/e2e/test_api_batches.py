@@ -86,6 +86,29 @@ def test_a_running_batch_cancelled_through_the_sdk_keeps_what_was_done(setup):
         alice.batches.cancel(made.id)
 
 
+def test_results_are_kept_as_output_expires_after_asks_then_swept_and_a_running_batch_never_is(setup):
+    alice, sweeper = setup["api"].client(ALICE), setup["api"].app.state.sweeper
+    source = alice.files.create(file=("kept.jsonl", jsonl([chat_line(i) for i in range(3)])), purpose="batch")
+    made = alice.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h",
+                                output_expires_after={"anchor": "created_at", "seconds": 3600})
+    done = finished(alice, made.id)
+    expires = done.completed_at + 3600  # the results' own creation is the anchor, as OpenAI's
+    assert alice.files.retrieve(done.output_file_id).expires_at == expires
+    long = alice.batches.create(input_file_id=alice.files.create(
+        file=("long.jsonl", jsonl([chat_line(i) for i in range(3000)])), purpose="batch").id,
+        endpoint="/v1/chat/completions", completion_window="24h")
+    wait_for(lambda: alice.batches.retrieve(long.id).status == "in_progress", 60, "the long batch running")
+    sweeper.sweep(now=expires - 1)
+    assert alice.files.content(done.output_file_id).text
+    sweeper.sweep(now=expires + 3650 * 86400)
+    for gone in (lambda: alice.batches.retrieve(made.id), lambda: alice.files.content(done.output_file_id)):
+        with pytest.raises(openai.NotFoundError):
+            gone()
+    assert not (setup["root"] / "outbox" / made.id).exists()
+    alice.batches.retrieve(long.id)  # not swept: it was running (3000 lines take ~4 s, the sweep ~10 ms)
+    assert finished(alice, long.id).request_counts.completed == 3000
+
+
 def test_another_tenant_cannot_see_cancel_or_use_a_batch_or_its_file(setup):
     alice, bob = setup["api"].client(ALICE), setup["api"].client(BOB)
     source = alice.files.create(file=("mine.jsonl", jsonl([chat_line(0)])), purpose="batch")
