@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .apibatch import ApiBatch
 from .apikeys import LOCAL, ApiKeys, Tenant
-from .batches import BatchStore, CannotCancel, window_seconds
+from .batches import BatchStore, CannotCancel, DropJob, window_seconds
 from .config import Config, retention_seconds
 from .jobrecord import check_metadata
 from .retention import Sweeper, expires_after_seconds
@@ -179,8 +179,9 @@ def create_app(config: Config, keys: ApiKeys | None) -> FastAPI:
         log.info("batch %s created by %s from %s", batch.id, who.name, source.id)
         return _shown(await asyncio.to_thread(batches.batch_object, batch))
 
-    def owned_batch(batch_id: str, who: Tenant) -> ApiBatch:
-        batch = batches.get(batch_id, who.name)
+    def owned_batch(batch_id: str, who: Tenant) -> ApiBatch | DropJob:
+        """The caller's batch; for an admin also a job dropped through the inbox."""
+        batch = batches.get(batch_id, who.name) or (batches.get_drop(batch_id) if who.admin else None)
         if batch is None:
             raise ApiError(404, f"No such Batch object: {_shown_id(batch_id)}", param="batch_id")
         return batch
@@ -196,7 +197,9 @@ def create_app(config: Config, keys: ApiKeys | None) -> FastAPI:
             raise ApiError(400, f"'limit' must be between 1 and {MAX_BATCHES_PAGE}.", param="limit")
 
         def page() -> dict[str, Any]:
-            found, more = page_of(batches.list(who.name), after, limit)
+            visible: list[ApiBatch | DropJob] = [*batches.list(who.name), *(batches.drops() if who.admin else [])]
+            visible.sort(key=lambda b: (b.created_at, b.id), reverse=True)
+            found, more = page_of(visible, after, limit)
             return list_object([_shown(batches.batch_object(b)) for b in found], more)
         return await asyncio.to_thread(page)
 

@@ -18,6 +18,8 @@ import os
 import re
 import shutil
 import time
+from calendar import timegm
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +35,19 @@ from .spool import JobDir, Spool, subdirs
 #: `completion_window`: OpenAI's "24h", or any number of hours or days up to 30 days.
 WINDOW = re.compile(r"([1-9][0-9]{0,3})([hd])")
 MAX_WINDOW_SECONDS = 30 * 86400
+#: A job made from a file dropped into the inbox (spool.new_job_id): its name's stem, UTC time, 64 random bits.
+DROP_JOB_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,79}-([0-9]{8}T[0-9]{6})-[0-9a-f]{16}")
 #: Statuses a batch never leaves.
 FINISHED = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED})
+
+
+@dataclass(frozen=True)
+class DropJob:
+    """A job made from a file dropped straight into the inbox (scp, NFS): admin keys see it as a batch."""
+
+    id: str
+    #: when it was claimed, from its id (listing reads no file)
+    created_at: int
 
 
 class CannotCancel(Exception):
@@ -99,8 +112,24 @@ class BatchStore:
         mine = [b for b in found if b is not None and (owner is None or b.owner == owner)]
         return sorted(mine, key=lambda b: (b.created_at, b.id), reverse=True)
 
-    def batch_object(self, batch: ApiBatch) -> Batch:
+    def drops(self) -> list[DropJob]:
+        """Every job made from a drop in the inbox, wherever it is now (claimed ones: they have a record)."""
+        found = {}
+        for parent in (*subdirs(self.spool.processing), self.spool.outbox, self.spool.failed):
+            for job in subdirs(parent):
+                if (drop := _drop_job(job.name)) is not None:
+                    found[drop.id] = drop
+        return list(found.values())
+
+    def get_drop(self, job_id: str) -> DropJob | None:
+        """The drop's job `job_id` if there is one; None for anything else (checked before it touches a path)."""
+        drop = _drop_job(job_id)
+        return drop if drop is not None and self._locate(job_id)[0] is not None else None
+
+    def batch_object(self, batch: ApiBatch | DropJob) -> Batch:
         """The Batch object as OpenAI shows it, from wherever its job is now."""
+        if isinstance(batch, DropJob):
+            return self._drop_object(batch)
         job, where = self._locate(batch.id)
         fields: dict[str, Any] = {
             "id": batch.id, "object": "batch", "endpoint": batch.endpoint, "input_file_id": batch.input_file_id,
@@ -121,12 +150,31 @@ class BatchStore:
             fields.update(_from_record(record, job, where))
         return Batch(**fields)
 
-    def cancel(self, batch: ApiBatch) -> None:
+    def _drop_object(self, drop: DropJob) -> Batch:
+        """A drop's job as a Batch: what its batch.json says; no file ids (its files are in the spool)."""
+        fields: dict[str, Any] = {"id": drop.id, "object": "batch", "endpoint": "", "input_file_id": "",
+                                  "completion_window": "", "created_at": drop.created_at,
+                                  "status": JobStatus.VALIDATING}
+        job, where = self._locate(drop.id)
+        record = JobRecord.load(job.batch)[0] if job is not None else None
+        if record is not None:
+            fields.update(_from_record(record, job, where), endpoint=record.endpoint or "",
+                          created_at=record.created_at, metadata=record.metadata)
+        return Batch(**fields)
+
+    def cancel(self, batch: ApiBatch | DropJob) -> None:
         """Withdraw a batch no daemon has claimed yet, or ask the daemon running it to stop it.
 
         CannotCancel for a batch that has already finished.
         """
         job, where = self._locate(batch.id)
+        if isinstance(batch, DropJob):
+            record = JobRecord.load(job.batch)[0] if job is not None else None
+            status = record.status if record is not None else JobStatus.VALIDATING
+            if where == "processing" and status not in FINISHED:
+                self.spool.request_cancel(batch.id)
+                return
+            raise CannotCancel(f"Cannot cancel a batch with status '{status}'.")
         if job is None and not batch.cancelled_at:
             if self._withdraw(batch):
                 return
@@ -192,6 +240,12 @@ class BatchStore:
                 if (host / batch_id).is_dir():
                     return JobDir(host / batch_id), "processing"
         return None, ""
+
+
+def _drop_job(job_id: str) -> DropJob | None:
+    """`job_id` as a drop's job, if it is one's name (its claim time is in it)."""
+    match = DROP_JOB_ID.fullmatch(job_id)
+    return DropJob(job_id, timegm(time.strptime(match[1], "%Y%m%dT%H%M%S"))) if match else None
 
 
 def _from_record(record: JobRecord, job: JobDir, where: str) -> dict[str, Any]:

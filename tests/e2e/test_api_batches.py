@@ -12,6 +12,7 @@ from spoold.config import load_config
 from ..helpers import ApiServer, DaemonProcess, chat_line, wait_for, write_config
 
 ALICE, BOB = "alice-key-0123456789abcdef", "bob-key-0123456789abcdef00"
+OPS = "ops-key-0123456789abcdef000"  # an admin key
 
 
 def jsonl(rows) -> bytes:
@@ -26,7 +27,8 @@ def setup(tmp_path_factory):
     config = write_config(tmp / "c.toml", root, engine="max_inflight = 4\n[engine.args]\ndelay = 0.005")
     daemon = DaemonProcess(config, tmp / "daemon.log").start()
     daemon.wait_ready(root, timeout=120)
-    api = ApiServer(load_config(config), ApiKeys({ALICE: Tenant("alice"), BOB: Tenant("bob")}))
+    api = ApiServer(load_config(config), ApiKeys({ALICE: Tenant("alice"), BOB: Tenant("bob"),
+                                               OPS: Tenant("ops", admin=True)}))
     yield {"root": root, "api": api, "daemon": daemon}
     api.stop()
     daemon.terminate()
@@ -123,6 +125,33 @@ def test_another_tenant_cannot_see_cancel_or_use_a_batch_or_its_file(setup):
     assert done.status == "completed", done
     with pytest.raises(openai.NotFoundError):
         bob.files.content(done.output_file_id)
+
+
+def test_an_admin_key_sees_and_cancels_jobs_dropped_through_the_inbox_and_a_tenant_does_not(setup, tmp_path):
+    import os
+
+    ops, alice, inbox = setup["api"].client(OPS), setup["api"].client(ALICE), setup["root"] / "inbox"
+    for name, lines in (("scp-short.jsonl", 4), ("scp-long.jsonl", 3000)):
+        (tmp_path / name).write_bytes(jsonl([chat_line(i) for i in range(lines)]))
+        os.rename(tmp_path / name, inbox / name)  # as scp, rsync or NFS would
+    def job_of(name):
+        return next((b for b in ops.batches.list() if b.id.startswith(name.removesuffix(".jsonl") + "-")), None)
+    short = finished(ops, wait_for(lambda: job_of("scp-short.jsonl"), 30, "the short drop's job").id)
+    assert short.status == "completed" and (short.request_counts.total, short.request_counts.completed) == (4, 4)
+    assert short.endpoint == "/v1/chat/completions" and short.output_file_id is None  # its files are in outbox/
+    long = wait_for(lambda: (b := job_of("scp-long.jsonl")) and b.status == "in_progress" and b, 30, "the long one")
+    assert ops.batches.cancel(long.id).status in ("cancelling", "cancelled")
+    assert finished(ops, long.id).status == "cancelled"
+    with pytest.raises(openai.ConflictError):
+        ops.batches.cancel(short.id)
+    for call in (alice.batches.retrieve, alice.batches.cancel):  # not a tenant's: the same 404 as no such batch
+        with pytest.raises(openai.NotFoundError):
+            call(short.id)
+    assert not {short.id, long.id} & {b.id for b in alice.batches.list()}
+    for bad in ("../outbox-20250101T000000-0123456789abcdef", ".x-20250101T000000-0123456789abcdef",
+                short.id[:-1] + "Z"):
+        with pytest.raises(openai.NotFoundError):
+            ops.batches.retrieve(bad)
 
 
 def test_kill9_of_the_daemon_mid_batch_the_client_keeps_polling_and_gets_every_line_once(setup, tmp_path):
