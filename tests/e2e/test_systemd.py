@@ -1,7 +1,7 @@
 """spoold under a real systemd: PID 1 of private PID and mount namespaces.
 
-The units under test are the packaged ones (packaging/spoold.service) with a
-drop-in that points them at this checkout, runs them as root (the machine's
+The units under test are the packaged ones (packaging/spoold.service and
+packaging/spoold-api.service) with a drop-in that points them at this checkout, runs them as root (the machine's
 /etc, where the spoold user would live, is left untouched) and shortens
 timers. Everything systemd must see lives under .cache/ in the repository,
 because its /tmp is a fresh tmpfs.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from ..helpers import (REPO, chat_line, check_exactly_once, complete_lines, outbox_jobs, wait_for,
+from ..helpers import (REPO, chat_line, check_exactly_once, complete_lines, free_port, outbox_jobs, wait_for,
                        write_config, write_jsonl)
 
 BOOT = Path(__file__).with_name("systemd_boot.sh")
@@ -34,6 +34,8 @@ def seen(path: Path) -> Path:
     """`path` (inside the checkout) as the services see it."""
     path = Path(path)
     return SEEN / path.relative_to(REPO) if path.is_relative_to(REPO) else path
+#: The admin key of the API unit under test.
+API_KEY = "ops-key-0123456789abcdef0000"
 JOURNALD_UNITS = ("systemd-journald.service", "systemd-journald.socket", "systemd-journald-dev-log.socket")
 
 
@@ -97,8 +99,8 @@ class PrivateSystemd:
             self.proc.wait(timeout=30)
 
 
-def write_units(base: Path, services: dict[str, str]) -> None:
-    """Journald, empty base targets, a target wanting journald, and spoold units with drop-ins."""
+def write_units(base: Path, services: dict[str, tuple[str, str]]) -> None:
+    """Journald, empty base targets, a target wanting journald, and units (name: packaged unit, drop-in)."""
     units = base / "units"
     units.mkdir(parents=True)
     for name in JOURNALD_UNITS:
@@ -107,28 +109,39 @@ def write_units(base: Path, services: dict[str, str]) -> None:
     for target in ("sysinit", "basic", "shutdown"):
         (units / f"{target}.target").write_text(f"[Unit]\nDescription={target} (empty, for tests)\n")
     (units / "spoold-test.target").write_text("[Unit]\nDescription=spoold tests\nWants=systemd-journald.service\n")
-    packaged = (REPO / "packaging" / "spoold.service").read_text()
-    for name, dropin in services.items():
-        (units / f"{name}.service").write_text(packaged)
+    for name, (packaged, dropin) in services.items():
+        (units / f"{name}.service").write_text((REPO / "packaging" / packaged).read_text())
         (units / f"{name}.service.d").mkdir()
         (units / f"{name}.service.d" / "test.conf").write_text(dropin)
+
+
+#: ProtectHome=yes (spoold-api.service) hides /root and /home; a Python installed there (pyenv, as on the
+#: test machine) is let through read-only. Installed, spoold runs from /usr.
+HOME_PYTHON = ("ProtectHome=read-only\n"
+               if str(Path(sys.executable).resolve()).startswith(("/root/", "/home/")) else "")
 
 
 def dropin(config: Path, root: Path, watchdog_sec: int, runtime_dir: str) -> str:
     return f"""[Service]
 RuntimeDirectory=
 RuntimeDirectory={runtime_dir}
+WatchdogSec={watchdog_sec}
+TimeoutStopSec=60
+{unit_dropin(config, root, "run")}"""
+
+
+def unit_dropin(config: Path, root: Path, verb: str = "api") -> str:
+    """What every unit under test changes: this checkout's python, root, the test spool, quick restarts."""
+    return f"""[Service]
 User=
 Group=
 ExecStart=
-ExecStart={seen(Path(sys.executable))} -m spoold run --config {seen(config)}
+ExecStart={seen(Path(sys.executable))} -m spoold {verb} --config {seen(config)}
 Environment=PYTHONPATH={SEEN} HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1
 ReadWritePaths=
 ReadWritePaths={seen(root)}
-WatchdogSec={watchdog_sec}
 RestartSec=1
-TimeoutStopSec=60
-"""
+{HOME_PYTHON}"""
 
 
 @pytest.fixture(scope="module")
@@ -138,18 +151,23 @@ def sd(tiny_model):
     fast_root, vllm_root = base / "fast", base / "vllm"
     for root in (fast_root, vllm_root):
         (root / "inbox").mkdir(parents=True)
+    api_port, keys = free_port(), base / "api-keys"
+    keys.write_text(f"ops:{API_KEY}:admin\n")
     fast_cfg = write_config(base / "fast.toml", seen(fast_root), progress_seconds=0.3, events_endpoint="",
-                            engine="max_inflight = 4\n[engine.args]\ndelay = 0.01\nload_delay = 3")
+                            engine="max_inflight = 4\n[engine.args]\ndelay = 0.01\nload_delay = 3",
+                            extra=f'[api]\nlisten = "127.0.0.1:{api_port}"\nkeys_file = "{seen(keys)}"\n')
     vllm_cfg = write_config(base / "vllm.toml", seen(vllm_root), adapter="spoold.vllm_adapter:VllmEngine",
                             model="tiny", progress_seconds=0.3, events_endpoint="",
                             engine='dtype = "float32"\nmax_model_len = 512\nmax_num_seqs = 64\nenforce_eager = true',
                             extra=f'[models]\ntiny = "{seen(tiny_model)}"\n[watchdog]\nstall_seconds = 5\n')
-    write_units(base, {"spoold": dropin(fast_cfg, fast_root, 30, "spoold"),
-                       "spoold-vllm": dropin(vllm_cfg, vllm_root, 15, "spoold-vllm")})
+    write_units(base, {"spoold": ("spoold.service", dropin(fast_cfg, fast_root, 30, "spoold")),
+                       "spoold-vllm": ("spoold.service", dropin(vllm_cfg, vllm_root, 15, "spoold-vllm")),
+                       "spoold-api": ("spoold-api.service", unit_dropin(fast_cfg, fast_root))})
     systemd = PrivateSystemd(base)
     try:
         systemd.boot()
         systemd.fast_root, systemd.vllm_root, systemd.fast_cfg = fast_root, vllm_root, fast_cfg
+        systemd.api_url = f"http://127.0.0.1:{api_port}/v1"
         yield systemd
     finally:
         systemd.shutdown()
@@ -235,6 +253,42 @@ def test_reload_applies_what_it_can_and_names_what_needs_a_restart(sd):
         assert sd.show("spoold", "ActiveState") == "active"
     finally:
         sd.fast_cfg.write_text(text)
+
+
+def test_the_api_unit_serves_the_sdk_reloads_its_keys_and_is_restarted_after_a_crash(sd):
+    import openai
+
+    if sd.show("spoold", "ActiveState") != "active":
+        sd.run("systemctl", "start", "spoold")
+    started = sd.run("systemctl", "start", "spoold-api", check=False)
+    assert started.returncode == 0, sd.journal("spoold-api")
+    client = openai.OpenAI(base_url=sd.api_url, api_key=API_KEY, max_retries=0)
+
+    def answering():
+        try:
+            return client.models.list().data
+        except openai.APIConnectionError:
+            return None
+    wait_for(answering, 30, "spoold-api to answer")
+    status = sd.run("systemctl", "status", "spoold-api", "--no-pager", check=False).stdout
+    assert "Active: active (running)" in status and "spoold api" in status, status
+    lines = "".join(json.dumps(chat_line(i)) + "\n" for i in range(20)).encode()
+    source = client.files.create(file=("unit.jsonl", lines), purpose="batch")
+    made = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
+    main_pid, restarts = sd.show("spoold-api", "MainPID"), int(sd.show("spoold-api", "NRestarts"))
+    sd.run("systemctl", "kill", "--kill-whom=main", "--signal=SIGKILL", "spoold-api")
+    wait_for(lambda: int(sd.show("spoold-api", "NRestarts")) > restarts and answering(), 30,
+             "systemd to restart spoold-api")
+    assert sd.show("spoold-api", "MainPID") != main_pid
+    done = wait_for(lambda: (b := client.batches.retrieve(made.id)).status == "completed" and b, 60,
+                    "the batch, through the restarted API", interval=0.2)
+    assert done.request_counts.completed == 20
+    assert len(client.files.content(done.output_file_id).text.splitlines()) == 20
+    sd.run("systemctl", "reload", "spoold-api")
+    wait_for(lambda: sd.journal("spoold-api").count("API keys: 1 tenant key(s)") >= 3, 10, "the keys reread")
+    assert API_KEY not in sd.journal("spoold-api")
+    sd.run("systemctl", "stop", "spoold-api")
+    assert sd.show("spoold-api", "Result") == "success"
 
 
 def test_a_stalled_engine_stops_the_watchdog_pings_and_the_job_still_completes(sd):
