@@ -71,11 +71,23 @@ def load_keys(config: Config, address: tuple[str, int] | str, required: bool = F
     return None
 
 
+def base_url(config: Config, address: tuple[str, int] | str) -> str | None:
+    """What a client gives the SDK as `base_url`: `[api] public_url` + /v1, else the listen address's."""
+    if config.api.public_url:
+        return config.api.public_url.rstrip("/").removesuffix("/v1") + "/v1"
+    if isinstance(address, str):
+        return None  # a unix socket: clients reach it through a proxy, whose URL public_url names
+    host = f"[{address[0]}]" if ":" in address[0] else address[0]
+    return f"http://{host}:{address[1]}/v1"
+
+
 def serve(config: Config) -> int:
     """Serve the API until SIGTERM or SIGINT; SIGHUP reloads the keys. Expired files are swept meanwhile."""
     address = listen_address(config.api.listen)
     app = create_app(config, load_keys(config, address))
     where = {"uds": address} if isinstance(address, str) else {"host": address[0], "port": address[1]}
+    log.info("serving the OpenAI Files and Batches API on %s; clients use OpenAI(base_url=%r)",
+             config.api.listen, base_url(config, address) or "(set [api] public_url)")
     server = uvicorn.Server(uvicorn.Config(app, **where, log_config=None, access_log=False,
                                            server_header=False, lifespan="on"))
 

@@ -149,6 +149,9 @@ class ApiSettings:
     max_upload_bytes: int = 2 * 1024 ** 3
     #: how long uploaded files, and a finished batch's results, are kept: "30d", "12h", or "never"
     file_retention: str = "30d"
+    #: the URL clients reach the API at, when a proxy stands in front ("https://gpu-box.example.com");
+    #: `spoold api` logs the SDK's base_url from it at start
+    public_url: str = ""
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,11 @@ MIN_HEARTBEATS_PER_CLAIM_TIMEOUT = 3
 def _check_together(config: Config) -> None:
     """Settings that are fine alone but wrong together (or wrong in a way their type cannot say)."""
     retention_seconds(config.api.file_retention)
+    url = config.api.public_url
+    if url and (not url.startswith(("http://", "https://")) or not url.split("://", 1)[1].strip("/")
+                or any(c.isspace() for c in url)):
+        raise ConfigError(f"[api] public_url = {url!r}: expected an http:// or https:// URL, such as "
+                          "\"https://gpu-box.example.com\"")
     if config.spool.max_active_jobs < 1:
         raise ConfigError(f"[spool] max_active_jobs = {config.spool.max_active_jobs}: at least 1 job must "
                           "be able to run (1 runs one job at a time)")

@@ -8,8 +8,8 @@ import openai
 import pytest
 
 from spoold.apikeys import ApiKeys, Tenant
-from spoold.apiserver import is_loopback, listen_address, load_keys
-from spoold.config import ApiSettings, Config, ConfigError, EngineSettings, LimitsSettings, SpoolSettings
+from spoold.apiserver import base_url, is_loopback, listen_address, load_keys
+from spoold.config import ApiSettings, Config, ConfigError, EngineSettings, LimitsSettings, SpoolSettings, parse_config
 
 from .helpers import ApiServer, chat_line, wait_for
 
@@ -155,6 +155,17 @@ def test_without_a_keys_file_only_loopback_is_served(tmp_path):
     assert is_loopback(listen_address("[::1]:8090")) and is_loopback(listen_address("/run/spoold/api.sock"))
     with pytest.raises(ConfigError, match=r"\[api\] listen"):
         listen_address("8090")
+
+
+def test_the_base_url_clients_use_comes_from_public_url_else_the_listen_address():
+    behind_proxy = Config(api=ApiSettings(public_url="https://gpu-box.example.com/", listen="/run/spoold/api.sock"))
+    assert base_url(behind_proxy, listen_address(behind_proxy.api.listen)) == "https://gpu-box.example.com/v1"
+    assert base_url(Config(), listen_address("127.0.0.1:8090")) == "http://127.0.0.1:8090/v1"
+    assert base_url(Config(), listen_address("[::1]:8090")) == "http://[::1]:8090/v1"
+    assert base_url(Config(), listen_address("/run/spoold/api.sock")) is None
+    for bad in ("gpu-box:8090", "ftp://gpu-box", "https://", "https://gpu box"):
+        with pytest.raises(ConfigError, match=r"\[api\] public_url"):
+            parse_config({"api": {"public_url": bad}})
 
 
 def test_a_keys_file_names_each_tenant_and_admins(tmp_path):
