@@ -155,6 +155,20 @@ class ApiSettings:
 
 
 @dataclass(frozen=True)
+class WebhooksSettings:
+    """`[webhooks]`: where the daemon posts a signed event when a job ends (off while `url` is empty)."""
+
+    #: http(s) URL of the receiver; only this config names one, never a submitter
+    url: str = ""
+    #: file holding the signing secret, `whsec_...` as OpenAI issues them
+    secret_file: str = "/etc/spoold/webhook-secret"
+    #: how long one try may take
+    timeout_seconds: float = 10.0
+    #: how long a delivery is retried before it is given up (72 h)
+    max_age_seconds: float = 72 * 3600.0
+
+
+@dataclass(frozen=True)
 class Config:
     """All of spoold's settings, one frozen section per TOML table."""
 
@@ -167,6 +181,7 @@ class Config:
     events: EventsSettings = field(default_factory=EventsSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
+    webhooks: WebhooksSettings = field(default_factory=WebhooksSettings)
 
 
 def config_path(cli_value: str | None) -> str:
@@ -236,11 +251,13 @@ MIN_HEARTBEATS_PER_CLAIM_TIMEOUT = 3
 def _check_together(config: Config) -> None:
     """Settings that are fine alone but wrong together (or wrong in a way their type cannot say)."""
     retention_seconds(config.api.file_retention)
-    url = config.api.public_url
-    if url and (not url.startswith(("http://", "https://")) or not url.split("://", 1)[1].strip("/")
-                or any(c.isspace() for c in url)):
-        raise ConfigError(f"[api] public_url = {url!r}: expected an http:// or https:// URL, such as "
-                          "\"https://gpu-box.example.com\"")
+    for key, url in (("[api] public_url", config.api.public_url), ("[webhooks] url", config.webhooks.url)):
+        _check_url(key, url)
+    if config.webhooks.url and not config.webhooks.secret_file:
+        raise ConfigError("[webhooks] secret_file: a webhook URL needs a secret to sign with (a file holding "
+                          "whsec_...)")
+    if config.webhooks.timeout_seconds <= 0:
+        raise ConfigError("[webhooks] timeout_seconds must be more than 0")
     if config.spool.max_active_jobs < 1:
         raise ConfigError(f"[spool] max_active_jobs = {config.spool.max_active_jobs}: at least 1 job must "
                           "be able to run (1 runs one job at a time)")
@@ -250,6 +267,14 @@ def _check_together(config: Config) -> None:
                           f"{MIN_HEARTBEATS_PER_CLAIM_TIMEOUT} heartbeats ([heartbeat] seconds = "
                           f"{config.heartbeat.seconds:g}): a live host would look dead and lose its jobs; "
                           f"make it at least {least:g}")
+
+
+def _check_url(key: str, url: str) -> None:
+    """An http(s) URL, or empty."""
+    if url and (not url.startswith(("http://", "https://")) or not url.split("://", 1)[1].strip("/")
+                or any(c.isspace() for c in url)):
+        raise ConfigError(f"{key} = {url!r}: expected an http:// or https:// URL, such as "
+                          "\"https://gpu-box.example.com\"")
 
 
 def _parse_models(table: dict[str, Any]) -> ModelSettings:

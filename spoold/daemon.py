@@ -39,6 +39,7 @@ from .runningjobs import JobEnd, RunningJobs, Trouble
 from .spool import Spool
 from .supervise import run_event_loop, supervise
 from .validation import ModelResolver
+from .webhooks import Deliveries, WebhookSender, job_published, record_end
 from .worklist import Claimed, WorkList, describe
 
 log = logging.getLogger(__name__)
@@ -55,17 +56,20 @@ class Daemon:
                  gpus: GpuReader | None = None, metrics: Metrics | None = None,
                  events: EventPublisher | None = None,
                  reload_config: Callable[[], Config] | None = None,
-                 make_engine: Callable[[str], Engine] | None = None) -> None:
+                 make_engine: Callable[[str], Engine] | None = None, webhook_secret: str | None = None) -> None:
         self.config = config
         self.reload_config = reload_config
         self.metrics = metrics
         self.events = events
-        self.spool = Spool(config.spool)
+        deliveries = Deliveries(config.spool.root, config.spool.host_id, config.spool.file_mode)
+        self.spool = Spool(config.spool, before_publish=record_end(deliveries) if webhook_secret else None)
         self.resolver = ModelResolver(config.models.aliases, config.engine.model)
         self.inbox = InboxTracker(self.spool, config.spool.settle_seconds, config.spool.poll_seconds)
         self.notifier = notifier or Notifier()
         self.gpus = gpus or GpuReader()
         self.report = Reporter(config, self.spool, self.notifier, self.gpus, metrics, events)
+        self.webhooks = WebhookSender(deliveries, config.webhooks, webhook_secret, job_published(config.spool.root),
+                                      self.report.webhook_told) if webhook_secret else None
         self.engine_host = EngineHost(engine, make_engine, self.report.publish, self.gpus)
         self.work = WorkList(config, self.spool, self.inbox, self.resolver, self.report)
         self.jobs = RunningJobs(self.spool, self.resolver, config.limits, self.report, self._job_ended,
@@ -102,6 +106,8 @@ class Daemon:
                       "reload_loop": self._reload_loop,
                       "progress_loop": lambda: self.report.progress_loop(self.jobs.runners, self._act_on),
                       "systemd_watchdog_loop": lambda: self.report.systemd_watchdog_loop(lambda: self._ready_sent)}
+        if self.webhooks is not None:
+            background["webhook_loop"] = self.webhooks.run
         loops = [asyncio.create_task(self._supervised(run, name), name=name) for name, run in background.items()]
         # Watch the inbox before saying "ready": a rename made the moment
         # READY (or the idle heartbeat) is seen must raise a hint, not wait
@@ -256,6 +262,8 @@ class Daemon:
             self.work.stuck.add(end.job_id)  # not picked again until the next start
         if not self.jobs and self.state == DaemonState.WORKING:
             self.state = DaemonState.IDLE
+        if self.webhooks is not None:
+            self.webhooks.wake.set()  # a finished job's delivery is recorded: send it now
         self.inbox.wake()
 
     def _engine_trouble(self, reason: str) -> None:

@@ -47,6 +47,8 @@ class Metrics:
                                    "When the last result became durable", registry=registry)
         self.stalled = Gauge("spoold_stalled", "1 while in-flight work makes no progress for "
                              "[watchdog] stall_seconds", registry=registry)
+        self.webhooks = Counter("spoold_webhook_deliveries", "Webhook tries: delivered, failed (to be retried), "
+                                "given_up (past [webhooks] max_age_seconds)", ["result"], registry=registry)
         self.swaps = Counter("spoold_model_swaps", "Models unloaded to load another one", registry=registry)
         self.loop_failures = Counter("spoold_loop_failures", "Background loops (heartbeat, progress, watchdog) "
                                      "that failed and were restarted", ["loop"], registry=registry)

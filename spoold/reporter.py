@@ -147,6 +147,13 @@ class Reporter:
         if outcome in FINAL:
             self.job_finished(outcome)
 
+    def webhook_told(self, topic: str, fields: dict[str, Any]) -> None:
+        """A webhook was delivered, or a try of one failed: on the feed and in the metrics."""
+        self.publish(topic, fields)
+        if self.metrics is not None:
+            result = "delivered" if topic.endswith(".delivered") else "given_up" if fields["given_up"] else "failed"
+            self.metrics.webhooks.labels(result).inc()
+
     def job_finished(self, outcome: Outcome) -> None:
         """Count a job that ended for good (also one refused at claim)."""
         if self.metrics is not None:

@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from .config import SpoolSettings
@@ -126,8 +127,11 @@ class DropRefused(Exception):
 class Spool:
     """The directories of one spool root, seen from one host."""
 
-    def __init__(self, settings: SpoolSettings) -> None:
+    def __init__(self, settings: SpoolSettings, before_publish: Callable[["JobDir"], None] | None = None) -> None:
         self.settings = settings
+        #: called (in the mover's thread) with a finished job just before it goes to outbox/ or failed/: the
+        #: daemon records the job's webhook delivery there, so no crash publishes a job without one
+        self.before_publish = before_publish
         self.root = Path(settings.root)
         self.inbox = self.root / "inbox"
         self.processing = self.root / "processing"
@@ -455,6 +459,8 @@ class Spool:
     def move_to_outbox(self, job: JobDir) -> JobDir:
         """Publish a finished job: one directory rename into outbox/, made durable."""
         dest = self.outbox / job.id
+        if self.before_publish is not None:
+            self.before_publish(job)
         with self._moves:
             durable_rename(job.path, dest)
         return JobDir(dest)
@@ -468,6 +474,8 @@ class Spool:
         """
         dest = self.failed / job.id
         os.chown(job.path, -1, os.getegid())
+        if self.before_publish is not None:
+            self.before_publish(job)
         with self._moves:
             durable_rename(job.path, dest)
         return JobDir(dest)

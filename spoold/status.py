@@ -17,6 +17,7 @@ from typing import Any
 from .lifecycle import DaemonState
 from .names import display_name
 from .spool import JobDir, Spool, is_drop_name, subdirs
+from .webhooks import Deliveries
 
 #: How many finished and failed jobs `spoold status` lists.
 RECENT = 10
@@ -43,6 +44,7 @@ def spool_status(spool: Spool, stall_seconds: float = 300.0) -> dict[str, Any]:
         "processing": readable("processing", lambda: _processing(spool.processing, stall_seconds)),
         "finished": readable("outbox", lambda: _recent(spool.outbox)),
         "failed": readable("failed", lambda: _recent(spool.failed)),
+        "webhooks": readable("webhooks", lambda: _webhooks(spool.root / "webhooks")),
     }
     status["unreadable"] = unreadable
     return status
@@ -115,6 +117,11 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
+def _webhooks(root: Path) -> list[dict[str, Any]]:
+    """Each host's webhook deliveries waiting to be sent (or retried), and given up."""
+    return [{"host": host.name, **Deliveries(root.parent, host.name).counts()} for host in subdirs(root)]
+
+
 def render_status(status: dict[str, Any]) -> str:
     """The status as a few plain tables for a terminal."""
     lines = [f"queued ({len(status['queued'])}):"]
@@ -141,6 +148,10 @@ def render_status(status: dict[str, Any]) -> str:
                          f"{counts.get('failed', 0)} failed of {counts.get('total', 0)}{why}")
         if not status[key]:
             lines.append("  -")
+    for w in status.get("webhooks", []):
+        if w["pending"] or w["given_up"]:
+            lines.append(f"webhooks [{w['host']}]: {w['pending']} waiting to be delivered, {w['given_up']} given up "
+                         f"(webhooks/{w['host']}/given_up/)")
     if status.get("unreadable"):
         lines.append(f"not readable by this user: {', '.join(status['unreadable'])} (run as root, or as a "
                      "member of the daemon's group, to see them)")

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -297,3 +298,39 @@ class ApiServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+class WebhookReceiver:
+    """A real HTTP server answering each POST with the next scripted status (200 once the script is out);
+    `got` holds each request's headers, body and the status it was answered."""
+
+    def __init__(self, statuses=()) -> None:
+        self.statuses, self.got = list(statuses), []
+        self.arrived = threading.Condition()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["content-length"]))
+                status = outer.statuses.pop(0) if outer.statuses else 200
+                self.send_response(status)
+                self.end_headers()
+                with outer.arrived:
+                    outer.got.append((dict(self.headers), body, status))
+                    outer.arrived.notify_all()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, n: int, timeout: float = 20) -> list:
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: len(self.got) >= n, timeout), f"{len(self.got)} of {n} arrived"
+            return list(self.got)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,221 @@
+"""Signed webhooks when a job ends: deliveries kept in the spool, sent and retried by the daemon.
+
+Just before a finished job is published (to outbox/ or failed/), its
+delivery is written, fsynced, to `webhooks/<host>/<event-id>.json`, so a
+crash can never publish a job without one. The daemon's sender posts each
+delivery to `[webhooks] url` as OpenAI sends its events (`{"object":
+"event", "id", "type": "batch.completed", "created_at", "data": {"id"}}`),
+signed per Standard Webhooks (`webhook-id`, `webhook-timestamp`,
+`webhook-signature`) with the `standardwebhooks` package, so `openai`'s
+`client.webhooks.unwrap()` verifies it. A delivery is retried with
+exponential backoff and jitter until a 2xx answer or `max_age_seconds`
+(then it is kept in `given_up/`), always with the same `webhook-id`, so a
+receiver can drop repeats. Only the operator's config names a URL:
+nothing a submitter writes makes spoold connect anywhere. A delivery is
+sent only once its job is in outbox/ or failed/, and holds no prompt,
+response or key: only the job's id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+from standardwebhooks.webhooks import Webhook
+
+from .config import ConfigError, WebhooksSettings
+from .durable import atomic_write_json, durable_mkdir, durable_rename, fsync_dir
+from .jobrecord import JobRecord
+from .spool import JobDir
+
+log = logging.getLogger(__name__)
+
+#: The first retry waits about this long; each next one twice as long (with jitter), up to MAX_BACKOFF_SECONDS.
+FIRST_BACKOFF_SECONDS = 1.0
+MAX_BACKOFF_SECONDS = 3600.0
+#: A shorter signing key could be guessed.
+MIN_SECRET_BYTES = 16
+#: The sender looks for new deliveries at least this often (a job's end also wakes it at once).
+POLL_SECONDS = 5.0
+
+
+@dataclass
+class Delivery:
+    """One event to deliver, and how its tries went."""
+
+    id: str  # the event's id, also its `webhook-id` on every try
+    type: str  # batch.completed, batch.failed, batch.cancelled, batch.expired
+    created_at: int
+    job_id: str
+    attempts: int = 0
+    next_attempt_at: float = 0.0
+    last_error: str | None = None
+
+    def body(self) -> str:
+        """The event as OpenAI sends it."""
+        return json.dumps({"object": "event", "id": self.id, "type": self.type, "created_at": self.created_at,
+                           "data": {"id": self.job_id}})
+
+
+def event_id(job_id: str, event_type: str) -> str:
+    """The same id for the same end of the same job: a job finished again after a crash re-records, not adds."""
+    return "evt_" + hashlib.sha256(f"{job_id}\0{event_type}".encode()).hexdigest()[:24]
+
+
+def read_secret(path: str) -> str:
+    """The signing secret (`whsec_` and base64, as OpenAI issues them) from `[webhooks] secret_file`."""
+    try:
+        secret = Path(path).read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"[webhooks] secret_file {path}: cannot read: {e.strerror}") from None
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True) if secret.startswith("whsec_") else b""
+    except binascii.Error:
+        key = b""
+    if len(key) < MIN_SECRET_BYTES:
+        raise ConfigError(f"[webhooks] secret_file {path}: expected whsec_ and at least {MIN_SECRET_BYTES} "
+                          "bytes in base64; make one with: echo whsec_$(openssl rand -base64 32)")
+    return secret
+
+
+class Deliveries:
+    """This host's deliveries in the spool: recorded when a job ends, removed when sent."""
+
+    def __init__(self, root: Path, host_id: str, file_mode: int = 0o640) -> None:
+        self.dir = Path(root) / "webhooks" / host_id
+        self.given_up = self.dir / "given_up"
+        self.file_mode = file_mode
+
+    def record(self, job_id: str, status: str) -> Delivery:
+        """Write the delivery of a job's end durably (before the job is published)."""
+        event_type = f"batch.{status}"
+        delivery = Delivery(event_id(job_id, event_type), event_type, int(time.time()), job_id)
+        durable_mkdir(self.dir)
+        atomic_write_json(self.dir / f"{delivery.id}.json", asdict(delivery), self.file_mode)
+        return delivery
+
+    def pending(self) -> list[Delivery]:
+        """Every delivery not yet sent or given up, oldest first; an unreadable one is left for a person."""
+        found = []
+        for path in self.dir.glob("evt_*.json"):
+            try:
+                found.append(Delivery(**json.loads(path.read_text())))
+            except (OSError, ValueError, TypeError) as e:
+                log.warning("webhook delivery %s unreadable (%s); left alone", path.name, e)
+        return sorted(found, key=lambda d: (d.created_at, d.id))
+
+    def save(self, delivery: Delivery) -> None:
+        """Keep a try's outcome, so a restart waits as long as this process would have."""
+        atomic_write_json(self.dir / f"{delivery.id}.json", asdict(delivery), self.file_mode)
+
+    def sent(self, delivery: Delivery) -> None:
+        """A 2xx came back: the delivery is done."""
+        (self.dir / f"{delivery.id}.json").unlink(missing_ok=True)
+        fsync_dir(self.dir)
+
+    def give_up(self, delivery: Delivery) -> None:
+        """Past `max_age_seconds`: kept in given_up/ for a person to see, never sent again."""
+        durable_mkdir(self.given_up)
+        self.save(delivery)
+        durable_rename(self.dir / f"{delivery.id}.json", self.given_up / f"{delivery.id}.json")
+
+    def counts(self) -> dict[str, int]:
+        """How many deliveries wait and how many were given up (for `spoold status`)."""
+        return {"pending": len(list(self.dir.glob("evt_*.json"))),
+                "given_up": len(list(self.given_up.glob("evt_*.json")))}
+
+
+class WebhookSender:
+    """Posts this host's deliveries, signed, and retries them until a 2xx or they are too old."""
+
+    def __init__(self, deliveries: Deliveries, settings: WebhooksSettings, secret: str,
+                 published: Callable[[str], bool], tell: Callable[[str, dict[str, Any]], None]) -> None:
+        self.deliveries, self.url = deliveries, settings.url
+        self.timeout, self.max_age = settings.timeout_seconds, settings.max_age_seconds
+        self.signer = Webhook(secret)
+        #: whether a job is in outbox/ or failed/ yet: a delivery waits for its job
+        self.published = published
+        #: (topic, fields): the feed and the metrics hear of each delivery and each failed try
+        self.tell = tell
+        self.wake = asyncio.Event()
+
+    async def run(self) -> None:
+        """Send what is due, then sleep until the next is due or a job's end wakes it; forever."""
+        async with httpx.AsyncClient(timeout=self.timeout, follow_redirects=False) as client:
+            while True:
+                pending = await asyncio.to_thread(self.deliveries.pending)
+                for delivery in pending:
+                    if delivery.next_attempt_at <= time.time() and self.published(delivery.job_id):
+                        await self.attempt(client, delivery)
+                due = [d.next_attempt_at for d in await asyncio.to_thread(self.deliveries.pending)]
+                wait = min([POLL_SECONDS, *(max(0.0, t - time.time()) for t in due)])
+                try:
+                    await asyncio.wait_for(self.wake.wait(), timeout=max(wait, 0.05))
+                except asyncio.TimeoutError:
+                    pass
+                self.wake.clear()
+
+    async def attempt(self, client: httpx.AsyncClient, delivery: Delivery) -> bool:
+        """One try; whether it was delivered. Its outcome is written before the next try is due."""
+        body = delivery.body()
+        now = datetime.now(tz=timezone.utc)
+        headers = {"content-type": "application/json", "webhook-id": delivery.id,
+                   "webhook-timestamp": str(int(now.timestamp())),
+                   "webhook-signature": self.signer.sign(delivery.id, now, body)}
+        delivery.attempts += 1
+        try:
+            answer = await client.post(self.url, content=body, headers=headers)
+            error = None if 200 <= answer.status_code < 300 else f"HTTP {answer.status_code}"
+        except httpx.HTTPError as e:
+            error = f"{type(e).__name__}: {e}"[:200]
+        fields = {"event": delivery.id, "type": delivery.type, "job": delivery.job_id,
+                  "attempts": delivery.attempts}
+        if error is None:
+            await asyncio.to_thread(self.deliveries.sent, delivery)
+            log.info("webhook %s (%s of job %s) delivered after %d try(s)", delivery.id, delivery.type,
+                     delivery.job_id, delivery.attempts)
+            self.tell("spoold.webhook.delivered", fields)
+            return True
+        delivery.last_error = error
+        given_up = time.time() - delivery.created_at >= self.max_age
+        delivery.next_attempt_at = time.time() + backoff(delivery.attempts)
+        await asyncio.to_thread(self.deliveries.give_up if given_up else self.deliveries.save, delivery)
+        log.warning("webhook %s (%s of job %s) try %d failed: %s; %s", delivery.id, delivery.type,
+                    delivery.job_id, delivery.attempts, error,
+                    "given up: older than [webhooks] max_age_seconds" if given_up
+                    else f"next try in {delivery.next_attempt_at - time.time():.1f}s")
+        self.tell("spoold.webhook.failed", {**fields, "error": error, "given_up": given_up})
+        return False
+
+
+def backoff(attempts: int) -> float:
+    """Seconds before the next try after `attempts` failed ones: doubling, capped, with jitter so that
+    many deliveries failing together do not come back together."""
+    return min(MAX_BACKOFF_SECONDS, FIRST_BACKOFF_SECONDS * 2 ** (attempts - 1)) * random.uniform(0.5, 1.0)
+
+
+def record_end(deliveries: Deliveries) -> Callable[[JobDir], None]:
+    """`Spool.before_publish` for a daemon with webhooks: record the delivery of the job's end (its status)."""
+    def record(job: JobDir) -> None:
+        ended, _ = JobRecord.load(job.batch)
+        deliveries.record(job.id, ended.status if ended is not None else "failed")
+    return record
+
+
+def job_published(root: Path) -> Callable[[str], bool]:
+    """Whether a job is in `root`'s outbox/ or failed/ (a delivery is sent only then)."""
+    root = Path(root)
+    return lambda job_id: (root / "outbox" / job_id).is_dir() or (root / "failed" / job_id).is_dir()
+
