@@ -15,7 +15,7 @@ from spoold.validation import ModelResolver
 from spoold.window import FairWindow
 
 from .fake_engine import EchoEngine
-from .helpers import chat_line, check_exactly_once, read_jsonl, write_jsonl
+from .helpers import chat_line, check_exactly_once, complete_lines, read_jsonl, write_jsonl
 
 
 def setup(tmp_path, rows, **engine_args):
@@ -384,9 +384,22 @@ def test_a_batch_whose_window_ends_mid_run_keeps_what_ran_and_expires_the_rest_o
 
     rows = [chat_line(i) for i in range(3000)]
     spool, job, engine = setup(tmp_path, rows, delay=0.002)
-    _with_window(job, time.time() + 1)
-    status, _ = run_job(spool, job, engine, inflight=2)
-    assert status == "expired"
+    _with_window(job, time.time() + 3600)
+
+    async def go():
+        runner = JobRunner(spool, job, engine, ModelResolver({}, "fake-model"), LimitsSettings(),
+                           FairWindow(2).join(job.id), asyncio.Event())
+
+        async def end_the_window_mid_run():  # not on a wall-clock bet: once 100 results are durable
+            while complete_lines(job.output) < 100:
+                await asyncio.sleep(0.01)
+            runner.record.expires_at = int(time.time()) - 1
+        ender = asyncio.create_task(end_the_window_mid_run())
+        try:
+            return await runner.run()
+        finally:
+            ender.cancel()
+    assert asyncio.run(go()) == "expired"
     done = spool.outbox / job.id
     outputs, errors = read_jsonl(done / "output.jsonl"), read_jsonl(done / "errors.jsonl")
     ran = {o["custom_id"] for o in outputs}
