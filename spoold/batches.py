@@ -168,19 +168,13 @@ class BatchStore:
         CannotCancel for a batch that has already finished.
         """
         job, where = self._locate(batch.id)
-        if isinstance(batch, DropJob):
-            record = JobRecord.load(job.batch)[0] if job is not None else None
-            status = record.status if record is not None else JobStatus.VALIDATING
-            if where == "processing" and status not in FINISHED:
-                self.spool.request_cancel(batch.id)
-                return
-            raise CannotCancel(f"Cannot cancel a batch with status '{status}'.")
-        if job is None and not batch.cancelled_at:
+        withdrawn = isinstance(batch, ApiBatch) and batch.cancelled_at  # a drop's job was claimed: none is
+        if job is None and isinstance(batch, ApiBatch) and not withdrawn:
             if self._withdraw(batch):
                 return
             job, where = self._locate(batch.id)  # claimed while we looked
         record = JobRecord.load(job.batch)[0] if job is not None else None
-        status = JobStatus.CANCELLED if batch.cancelled_at else record.status if record else JobStatus.VALIDATING
+        status = JobStatus.CANCELLED if withdrawn else record.status if record else JobStatus.VALIDATING
         if where == "processing" and status not in FINISHED:
             self.spool.request_cancel(batch.id)
             return

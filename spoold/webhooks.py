@@ -30,15 +30,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 from standardwebhooks.webhooks import Webhook
 
 from .config import ConfigError, WebhooksSettings
 from .durable import atomic_write_json, durable_mkdir, durable_rename, fsync_dir
 from .jobrecord import JobRecord
 from .spool import JobDir
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -153,13 +155,16 @@ class WebhookSender:
 
     async def run(self) -> None:
         """Send what is due, then sleep until the next is due or a job's end wakes it; forever."""
+        import httpx  # here, not at import: `spoold status` reads deliveries and sends none
+
         async with httpx.AsyncClient(timeout=self.timeout, follow_redirects=False) as client:
             while True:
-                pending = await asyncio.to_thread(self.deliveries.pending)
-                for delivery in pending:
-                    if delivery.next_attempt_at <= time.time() and self.published(delivery.job_id):
-                        await self.attempt(client, delivery)
-                due = [d.next_attempt_at for d in await asyncio.to_thread(self.deliveries.pending)]
+                due = []  # when the next tries of published jobs' deliveries are due
+                for delivery in await asyncio.to_thread(self.deliveries.pending):
+                    if not self.published(delivery.job_id):
+                        continue  # its job's rename wakes us (or the next poll sees it)
+                    if delivery.next_attempt_at > time.time() or not await self.attempt(client, delivery):
+                        due.append(delivery.next_attempt_at)
                 wait = min([POLL_SECONDS, *(max(0.0, t - time.time()) for t in due)])
                 try:
                     await asyncio.wait_for(self.wake.wait(), timeout=max(wait, 0.05))
@@ -168,7 +173,9 @@ class WebhookSender:
                 self.wake.clear()
 
     async def attempt(self, client: httpx.AsyncClient, delivery: Delivery) -> bool:
-        """One try; whether it was delivered. Its outcome is written before the next try is due."""
+        """One try; whether the delivery is done with (delivered, or given up). Its outcome is written
+        before the next try is due."""
+        import httpx
         body = delivery.body()
         now = datetime.now(tz=timezone.utc)
         headers = {"content-type": "application/json", "webhook-id": delivery.id,
@@ -197,7 +204,7 @@ class WebhookSender:
                     "given up: older than [webhooks] max_age_seconds" if given_up
                     else f"next try in {delivery.next_attempt_at - time.time():.1f}s")
         self.tell("spoold.webhook.failed", {**fields, "error": error, "given_up": given_up})
-        return False
+        return given_up
 
 
 def backoff(attempts: int) -> float:

@@ -46,6 +46,7 @@ class Told(list):
 @pytest.fixture(autouse=True)
 def quick_backoff(monkeypatch):
     monkeypatch.setattr("spoold.webhooks.FIRST_BACKOFF_SECONDS", 0.05)
+    monkeypatch.setattr("spoold.webhooks.POLL_SECONDS", 0.2)  # what the daemon's wake at a job's end does
 
 
 def sender(root, url, told, max_age=3600.0):
