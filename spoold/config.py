@@ -62,6 +62,10 @@ class EngineSettings:
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
     max_inflight: int = 0
+    #: tries a line gets when the engine answers 5xx, dies under it or its model fails to load
+    max_attempts: int = 3
+    #: the wait before a line's second try; each next one waits twice as long (with jitter)
+    retry_backoff_seconds: float = 1.0
     args: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -258,6 +262,9 @@ def _check_together(config: Config) -> None:
                           "whsec_...)")
     if config.webhooks.timeout_seconds <= 0:
         raise ConfigError("[webhooks] timeout_seconds must be more than 0")
+    if config.engine.max_attempts < 1:
+        raise ConfigError(f"[engine] max_attempts = {config.engine.max_attempts}: a line needs at least 1 try "
+                          "(1 never retries)")
     if config.spool.max_active_jobs < 1:
         raise ConfigError(f"[spool] max_active_jobs = {config.spool.max_active_jobs}: at least 1 job must "
                           "be able to run (1 runs one job at a time)")

@@ -22,6 +22,7 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
+from .backoff import RetryPolicy
 from .config import Config, ConfigError, engine_settings_for, reload_settings
 from .engine import Engine
 from .enginehost import EngineHost
@@ -70,10 +71,11 @@ class Daemon:
         self.report = Reporter(config, self.spool, self.notifier, self.gpus, metrics, events)
         self.webhooks = WebhookSender(deliveries, config.webhooks, webhook_secret, job_published(config.spool.root),
                                       self.report.webhook_told) if webhook_secret else None
-        self.engine_host = EngineHost(engine, make_engine, self.report.publish, self.gpus)
+        retry = RetryPolicy(config.engine.max_attempts, config.engine.retry_backoff_seconds)
+        self.engine_host = EngineHost(engine, make_engine, self.report.publish, self.gpus, retry=retry)
         self.work = WorkList(config, self.spool, self.inbox, self.resolver, self.report)
         self.jobs = RunningJobs(self.spool, self.resolver, config.limits, self.report, self._job_ended,
-                                self._inflight_limit())
+                                self._inflight_limit(), retry)
         self.state = DaemonState.STARTING
         self.exit_code = 0
         self._stop: asyncio.Event | None = None

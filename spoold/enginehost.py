@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from .backoff import RetryPolicy
 from .cpus import CpuPlacement
 from .engine import Engine, UnavailableEngine
 from .gpu import GpuReader, process_tree_mib
@@ -33,13 +34,15 @@ CLOSE_SECONDS = 60.0
 class EngineHost:
     """Holds the current engine and makes new ones with `make_engine(model)`.
 
-    `cpus` keeps the daemon's threads off the cores a loaded engine computes on.
+    `cpus` keeps the daemon's threads off the cores a loaded engine computes on;
+    `retry` says how often a model that fails to load is tried.
     """
 
     def __init__(self, engine: Engine, make_engine: Callable[[str], Engine] | None,
                  publish: Callable[[str, dict], None], gpus: GpuReader,
-                 cpus: CpuPlacement | None = None) -> None:
+                 cpus: CpuPlacement | None = None, retry: RetryPolicy = RetryPolicy()) -> None:
         self.engine = engine
+        self.retry = retry
         self.make_engine = make_engine
         self.publish = publish
         self.gpus = gpus
@@ -113,19 +116,29 @@ class EngineHost:
         self.publish("spoold.engine.unloaded", unloaded)
 
     async def load_other(self, model: str, start: Callable[[], Awaitable[None]]) -> None:
-        """Make and start the engine for `model`; if that fails, an UnavailableEngine stands in.
+        """Make and start the engine for `model`, up to `max_attempts` times with backoff; if every try
+        fails, an UnavailableEngine stands in (its lines get a 503 result, batch.json says why).
 
         `start` is the daemon's own loading step (state, status, READY), run
         once the engine is made.
         """
-        try:
-            self.engine = self.make_engine(model)
-            await start()
-        except Exception as e:  # a bad path, out of memory, a broken checkpoint
-            log.error("model %s failed to load: %s; its lines get a 503 result, other models go on",
-                      model, e, exc_info=True)
-            await close_quietly(self.engine)
-            self.engine = UnavailableEngine(model, f"{type(e).__name__}: {e}")
+        for attempt in range(1, self.retry.max_attempts + 1):
+            try:
+                self.engine = self.make_engine(model)
+                await start()
+                return
+            except Exception as e:  # a bad path, out of memory, a broken checkpoint, a GPU not yet free
+                error = f"{type(e).__name__}: {e}"
+                await close_quietly(self.engine)
+                if attempt == self.retry.max_attempts:
+                    log.error("model %s failed to load %d times: %s; its lines get a 503 result, other "
+                              "models go on", model, attempt, error, exc_info=True)
+                    break
+                wait = self.retry.wait(attempt)
+                log.error("model %s failed to load (try %d of %d): %s; trying again in %.1fs",
+                          model, attempt, self.retry.max_attempts, error, wait, exc_info=True)
+                await asyncio.sleep(wait)
+        self.engine = UnavailableEngine(model, f"{error} ({self.retry.max_attempts} tries)")
 
 
 async def close_quietly(engine: Engine) -> None:

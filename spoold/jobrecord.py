@@ -107,6 +107,10 @@ class JobRecord:
     models_done: list[str] = field(default_factory=list)
     #: input line (as a string) -> engine deaths it was in flight at
     engine_crashes: dict[str, int] = field(default_factory=dict)
+    #: why lines were tried again -> how many tries that took: "server_error" (a 5xx answer), "engine_died"
+    retries: dict[str, int] = field(default_factory=dict)
+    #: the job this one retries the failed lines of (`spoold retry`)
+    retry_of: str | None = None
     #: the OpenAI Batch object's `metadata` (string pairs); `priority` there weights the job's share
     metadata: dict[str, str] | None = None
     #: who the job belongs to (an API key's name); "" for the filesystem's drops
@@ -175,6 +179,8 @@ class JobRecord:
             kwargs[name] = _typed(doc, name, (int, type(None)) if name == "expires_at" else (str, type(None)), None)
         kwargs["engine_crashes"] = {k: v for k, v in _ints(_typed(doc, "engine_crashes", dict, {}),
                                                              "engine_crashes").items() if k.isdigit() and v > 0}
+        kwargs["retries"] = _ints(_typed(doc, "retries", dict, {}), "retries")
+        kwargs["retry_of"] = _typed(doc, "retry_of", (str, type(None)), None)
         return cls(**kwargs)
 
     def to_doc(self) -> dict[str, Any]:
@@ -188,7 +194,7 @@ class JobRecord:
         for name in ("timings", "drop", "input"):
             if doc[name] is None:
                 del doc[name]  # spoold's own, written once known
-        for name in ("models", "models_done", "engine_crashes", "tenant"):
+        for name in ("models", "models_done", "engine_crashes", "retries", "tenant", "retry_of"):
             if not doc[name]:
                 del doc[name]
         for name in ("metadata", "expired_at", *API_FIELDS):
@@ -276,6 +282,11 @@ class JobRecord:
     def note_crashes(self, counts: dict[int, int]) -> None:
         """Record the engine deaths each line was in flight at (saved before the engine restarts)."""
         self.engine_crashes = {str(line): deaths for line, deaths in sorted(counts.items())}
+
+    def note_retries(self, reason: str, tries: int) -> None:
+        """Count `tries` more tries of lines for `reason` ("server_error", "engine_died")."""
+        if tries:
+            self.retries[reason] = self.retries.get(reason, 0) + tries
 
     def _counted(self, completed: int, failed: int, usage: dict[str, int]) -> None:
         self.request_counts.completed, self.request_counts.failed = completed, failed

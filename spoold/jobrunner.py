@@ -22,11 +22,12 @@ from typing import IO, Any
 
 from .config import LimitsSettings
 from .duplicates import DuplicateFinder
+from .backoff import RetryPolicy
 from .durable import finish_in_thread
 from .engine import Engine, EngineDead
 from .lifecycle import JobStatus, Outcome
 from .names import display_name
-from .records import EngineRequest, LineError
+from .records import EngineRequest, EngineResult, LineError
 from .jobrecord import JobRecord
 from .spool import JobDir, Spool
 from .validation import (TICK, LineValidator, ModelResolver, Repeat, binary_kind, check_file, iter_lines,
@@ -36,9 +37,11 @@ from .writer import GroupCommitWriter, Recovered, recover_results
 
 log = logging.getLogger(__name__)
 
-#: Engine deaths a line may be in flight at before it gets an
-#: `engine_crashed` error instead of another run.
-MAX_CRASHES_PER_LINE = 2
+#: The fewest engine deaths a line may be in flight at before it gets an
+#: `engine_crashed` error instead of another run, whatever `[engine]
+#: max_attempts` says: one death takes every line in flight with it (up to
+#: 2,048 innocent ones), so one more run is always owed to them.
+MIN_CRASHES_PER_LINE = 2
 
 #: After an engine death, the lines it had in flight run again this many at
 #: a time, before the rest: a second death then names at most this many.
@@ -139,10 +142,15 @@ class JobRunner:
     def __init__(self, spool: Spool, job: JobDir, engine: Engine, resolver: ModelResolver,
                  limits: LimitsSettings, share: Share, stop: asyncio.Event,
                  on_validated: Callable[[JobProgress], None] | None = None,
-                 record: tuple[JobRecord | None, str | None] | None = None) -> None:
+                 record: tuple[JobRecord | None, str | None] | None = None,
+                 retry: RetryPolicy = RetryPolicy()) -> None:
         """`share`: this run's part of the engine's in-flight window (other jobs may run beside
-        it); `record`: the job's record as the daemon just read it (read here when not given)."""
+        it); `record`: the job's record as the daemon just read it (read here when not given);
+        `retry`: how often a line the engine failed on is tried ([engine] max_attempts)."""
         self.spool, self.job, self.engine = spool, job, engine
+        self.retry = retry
+        #: engine deaths a line may be in flight at before it gets `engine_crashed`
+        self.max_crashes = max(MIN_CRASHES_PER_LINE, retry.max_attempts)
         self.resolver, self.limits, self.share = resolver, limits, share
         self.stop = stop
         self.on_validated = on_validated
@@ -388,7 +396,7 @@ class JobRunner:
         After an engine death, the lines it had in flight (suspects: one of
         them may be what kills it) run first, SUSPECT_WINDOW at a time, so a
         second death pins the poison line down to a few; a line in flight at
-        MAX_CRASHES_PER_LINE deaths gets an `engine_crashed` error instead of
+        `max_crashes` deaths gets an `engine_crashed` error instead of
         killing every fresh engine (Mailman's cap on a message that keeps
         failing).
         """
@@ -398,7 +406,7 @@ class JobRunner:
                      self.progress.done_at_start, time.monotonic() - self.progress.started,
                      **job_fields(self.job.id))
         crashes = self.record.crash_counts()
-        suspects = {line for line, deaths in crashes.items() if deaths < MAX_CRASHES_PER_LINE}
+        suspects = {line for line, deaths in crashes.items() if deaths < self.max_crashes}
         if suspects:
             lines = self._unfinished(f, writer, recovered, crashes, lambda n: n in suspects)
             async with self.share.exclusive():  # a second death is then this job's lines' doing
@@ -440,11 +448,12 @@ class JobRunner:
         for line in self._crashed_lines:
             counts[line] = counts.get(line, 0) + 1
         self.record.note_crashes(counts)
+        self.record.note_retries("engine_died", sum(counts[line] < self.max_crashes for line in self._crashed_lines))
         await self._save()
         log.warning("job %s: the engine died with %d lines in flight (lines %s); they run again, %d at a "
                     "time, and a line in flight at %d deaths gets an engine_crashed error",
                     self.job.id, len(self._crashed_lines), _span(self._crashed_lines), SUSPECT_WINDOW,
-                    MAX_CRASHES_PER_LINE, **job_fields(self.job.id))
+                    self.max_crashes, **job_fields(self.job.id))
 
     async def _drain(self, tasks: set[asyncio.Task], failure: list[BaseException]) -> None:
         """Wait for the workers to run out of lines; a stop or an engine failure cancels the rest.
@@ -481,7 +490,7 @@ class JobRunner:
             item = validator.check(number, raw)
             if isinstance(item, EngineRequest) and item.body["model"] != self.engine.model:
                 continue  # another model's line: its own pass runs it
-            if isinstance(item, EngineRequest) and crashes.get(number, 0) >= MAX_CRASHES_PER_LINE:
+            if isinstance(item, EngineRequest) and crashes.get(number, 0) >= self.max_crashes:
                 item = LineError(number, item.custom_id, "engine_crashed",
                                  f"the engine died {crashes[number]} times with this line in flight; it was "
                                  "not run again (check its parameters: n, max_tokens, logprobs)")
@@ -506,28 +515,56 @@ class JobRunner:
                 await asyncio.sleep(0)
                 continue
             await writer.wait_pending_below(max_pending)
-            place = await self.share.acquire()  # other jobs' requests may hold the window
-            if self.stop.is_set() or failure or writer.failure:
-                self.share.release()
+            result = await self._try(item, writer, failure)
+            if result is not None and result.status_code >= 500:
+                result = await self._retried(item, result, writer, failure)
+            if result is None:
                 return  # the line taken has no result yet: it runs on the next start
-            self.progress.inflight += 1
-            self._inflight_lines.add(item.line)
-            try:
-                result = await self.engine.handle(replace(item, priority=place))
-                writer.add_result(item.line, item.custom_id, result)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                if not failure:
-                    self._crashed_lines = set(self._inflight_lines)  # all of them were lost with the engine
-                failure.append(e)
-                return
-            finally:
-                self.share.release()
-                self.progress.inflight -= 1
-                self._inflight_lines.discard(item.line)
+            writer.add_result(item.line, item.custom_id, result)
             if count % 256 == 0:
                 await asyncio.sleep(0)  # an engine that answers at once must not starve the loop
+
+    async def _retried(self, item: EngineRequest, result: EngineResult, writer: GroupCommitWriter,
+                       failure: list[BaseException]) -> EngineResult | None:
+        """The final answer to a line the engine answered 5xx: tried again up to `max_attempts` times
+        in all, with backoff.
+
+        None when the run stops or the engine dies first: nothing is written,
+        and the line runs again (on the next start, or on a fresh engine).
+        A 4xx is the request's own fault and is final at once; so is the 503
+        of a model that failed to load (its loading was retried already).
+        """
+        attempt = 1
+        while (result is not None and result.status_code >= 500 and attempt < self.retry.max_attempts
+               and not getattr(self.engine, "load_error", None)):
+            self.record.note_retries("server_error", 1)
+            await asyncio.sleep(self.retry.wait(attempt))  # a stop cancels the wait (_drain)
+            result = await self._try(item, writer, failure)
+            attempt += 1
+        return result
+
+    async def _try(self, item: EngineRequest, writer: GroupCommitWriter,
+                   failure: list[BaseException]) -> EngineResult | None:
+        """One request to the engine in this job's share of the window; None if it cannot be sent or the engine died."""
+        place = await self.share.acquire()  # other jobs' requests may hold the window
+        if self.stop.is_set() or failure or writer.failure:
+            self.share.release()
+            return None
+        self.progress.inflight += 1
+        self._inflight_lines.add(item.line)
+        try:
+            return await self.engine.handle(replace(item, priority=place))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            if not failure:
+                self._crashed_lines = set(self._inflight_lines)  # all of them were lost with the engine
+            failure.append(e)
+            return None
+        finally:
+            self.share.release()
+            self.progress.inflight -= 1
+            self._inflight_lines.discard(item.line)
 
     async def _finalize(self, writer: GroupCommitWriter) -> None:
         """Check every line has its result, write batch.json, publish to the outbox."""

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .backoff import RetryPolicy
 from .config import LimitsSettings
 from .engine import Engine, EngineDead
 from .jobrunner import IncompleteJob, JobRunner, job_fields
@@ -52,8 +53,10 @@ class RunningJobs:
     """The jobs running now, in the order they started, sharing one engine's window."""
 
     def __init__(self, spool: Spool, resolver: ModelResolver, limits: LimitsSettings,
-                 report: Reporter, on_end: Callable[[JobEnd], None], capacity: int) -> None:
+                 report: Reporter, on_end: Callable[[JobEnd], None], capacity: int,
+                 retry: RetryPolicy = RetryPolicy()) -> None:
         self.spool = spool
+        self.retry = retry
         self.resolver = resolver
         self.limits = limits
         self.report = report
@@ -83,7 +86,7 @@ class RunningJobs:
         record = read[0]
         share = self.window.join(claimed.job.id, record.tenant if record else "", record.weight() if record else 1)
         runner = JobRunner(self.spool, claimed.job, engine, self.resolver, self.limits, share,
-                           asyncio.Event(), on_validated=self.report.validated, record=read)
+                           asyncio.Event(), on_validated=self.report.validated, record=read, retry=self.retry)
         self.report.job_started(runner)
         task = asyncio.create_task(self._run(runner), name=f"job:{claimed.job.id}")
         self._running[claimed.job.id] = Running(runner, task)

@@ -24,7 +24,6 @@ import binascii
 import hashlib
 import json
 import logging
-import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from standardwebhooks.webhooks import Webhook
 
+from .backoff import backoff_seconds
 from .config import ConfigError, WebhooksSettings
 from .durable import atomic_write_json, durable_mkdir, durable_rename, fsync_dir
 from .jobrecord import JobRecord
@@ -208,9 +208,8 @@ class WebhookSender:
 
 
 def backoff(attempts: int) -> float:
-    """Seconds before the next try after `attempts` failed ones: doubling, capped, with jitter so that
-    many deliveries failing together do not come back together."""
-    return min(MAX_BACKOFF_SECONDS, FIRST_BACKOFF_SECONDS * 2 ** (attempts - 1)) * random.uniform(0.5, 1.0)
+    """Seconds before the next try after `attempts` failed ones (backoff.py: doubling, capped, jittered)."""
+    return backoff_seconds(attempts, FIRST_BACKOFF_SECONDS, MAX_BACKOFF_SECONDS)
 
 
 def record_end(deliveries: Deliveries) -> Callable[[JobDir], None]:

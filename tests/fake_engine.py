@@ -10,7 +10,9 @@ GPU rather than a poison line), `hang_on` (a custom_id whose request never retur
 a stuck engine would), `faulty_engines` (how many engines of a process
 fail or hang that way; by default all, so a restart does not help),
 `fail_load` (a model whose loading fails) and `fail_load_from` (engines of
-a process from this one on fail to load).
+a process from this one on fail to load), `server_error_on` (custom_ids
+answered with a 503, as an overloaded server would) and `server_errors` (how
+many times each of them is, before a 200; by default always).
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ class EchoEngine:
         self.hang_on = settings.args.get("hang_on") if faulty else None
         self.fail_load = settings.args.get("fail_load")
         self.load_fails = EchoEngine.instances >= int(settings.args.get("fail_load_from", 1 << 30))
+        self.server_error_on = set(settings.args.get("server_error_on", ()))
+        self.server_errors = int(settings.args.get("server_errors", 1 << 30))
+        #: custom_id -> requests for it so far
+        self.tries: dict[str, int] = {}
         self.started = False
         self.closed = False
         self.handled = 0
@@ -67,6 +73,11 @@ class EchoEngine:
         if request.custom_id == self.hang_on:
             await asyncio.Event().wait()
         self.handled += 1
+        self.tries[request.custom_id] = tries = self.tries.get(request.custom_id, 0) + 1
+        if request.custom_id in self.server_error_on and tries <= self.server_errors:
+            error = {"error": {"message": "the server is overloaded", "type": "ServiceUnavailableError",
+                               "param": None, "code": 503}}
+            return EngineResult(503, json.dumps(error))
         if request.body.get("max_tokens") == -1:
             error = {"error": {"message": "max_tokens must be at least 1", "type": "BadRequestError",
                                "param": "max_tokens", "code": 400}}

@@ -108,3 +108,10 @@ def test_a_claim_timeout_of_fewer_than_three_heartbeats_is_refused():
     with pytest.raises(ConfigError, match="claim_timeout = 10 is under 3 heartbeats"):
         parse_config({"spool": {"claim_timeout": 10}, "heartbeat": {"seconds": 5}})
     assert parse_config({"spool": {"claim_timeout": 15}, "heartbeat": {"seconds": 5}}).spool.claim_timeout == 15
+
+
+def test_max_attempts_defaults_to_3_and_must_allow_one_try():
+    assert parse_config({}).engine.max_attempts == 3
+    with pytest.raises(ConfigError, match=r"\[engine\] max_attempts = 0: a line needs at least 1 try"):
+        parse_config({"engine": {"max_attempts": 0}})
+    assert parse_config({"engine": {"max_attempts": 1}}).engine.max_attempts == 1

@@ -2,7 +2,9 @@
 
 import asyncio
 
+from spoold.backoff import RetryPolicy
 from spoold.config import EngineSettings
+from spoold.engine import UnavailableEngine
 from spoold.enginehost import MAX_RESTARTS, EngineHost
 from spoold.gpu import GpuReader
 
@@ -42,3 +44,27 @@ def test_without_a_way_to_make_engines_there_is_no_restart():
     host = make_host()
     host.make_engine = None
     assert restart(host) is False
+
+
+def load_other(host: EngineHost, model: str) -> None:
+    asyncio.run(host.load_other(model, lambda: host.engine.start()))
+
+
+def test_a_model_that_fails_to_load_is_tried_max_attempts_times_then_stands_in_with_503s():
+    settings = EngineSettings(adapter="tests.fake_engine:EchoEngine", model="m", args={"fail_load": "broken"})
+    made = []
+    host = EngineHost(EchoEngine(settings), lambda model: made.append(model) or EchoEngine(
+        EngineSettings(model=model, args=settings.args)), lambda topic, payload: None, GpuReader(),
+        retry=RetryPolicy(max_attempts=3, first_backoff_seconds=0.01))
+    load_other(host, "broken")
+    assert made == ["broken"] * 3
+    assert isinstance(host.engine, UnavailableEngine) and "3 tries" in host.engine.load_error
+
+
+def test_a_model_whose_load_fails_once_is_loaded_on_the_next_try():
+    engines = iter([EchoEngine(EngineSettings(model="flaky", args={"fail_load": "flaky"})),
+                    EchoEngine(EngineSettings(model="flaky"))])
+    host = EngineHost(EchoEngine(EngineSettings(model="m")), lambda model: next(engines),
+                      lambda topic, payload: None, GpuReader(), retry=RetryPolicy(3, first_backoff_seconds=0.01))
+    load_other(host, "flaky")
+    assert isinstance(host.engine, EchoEngine) and host.engine.started

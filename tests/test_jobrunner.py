@@ -6,7 +6,8 @@ import pytest
 
 from spoold.config import EngineSettings, LimitsSettings, SpoolSettings
 from spoold.engine import EngineDead
-from spoold.jobrunner import MAX_CRASHES_PER_LINE, SUSPECT_WINDOW, JobRunner
+from spoold.backoff import RetryPolicy
+from spoold.jobrunner import SUSPECT_WINDOW, JobRunner
 from spoold.formats import output_line
 from spoold.lifecycle import Outcome
 from spoold.records import EngineResult
@@ -27,10 +28,14 @@ def setup(tmp_path, rows, **engine_args):
     return spool, job, engine
 
 
-def run_job(spool, job, engine, stop=None, inflight=8):
+#: how often a failing line is tried in these tests, with waits short enough for a test
+RETRY = RetryPolicy(max_attempts=3, first_backoff_seconds=0.01)
+
+
+def run_job(spool, job, engine, stop=None, inflight=8, retry=RETRY):
     async def go():
         runner = JobRunner(spool, job, engine, ModelResolver({}, "fake-model"), LimitsSettings(),
-                           FairWindow(inflight).join(job.id), stop or asyncio.Event())
+                           FairWindow(inflight).join(job.id), stop or asyncio.Event(), retry=retry)
         return await runner.run(), runner
     return asyncio.run(go())
 
@@ -256,7 +261,7 @@ def test_an_input_that_cannot_be_read_mid_job_is_raised_not_taken_for_done(tmp_p
     assert job.path.exists() and not (spool.outbox / job.id).exists()
 
 
-def test_a_line_in_flight_at_two_engine_deaths_gets_an_error_and_the_rest_run(tmp_path):
+def test_a_line_in_flight_at_max_attempts_engine_deaths_gets_an_error_and_the_rest_run(tmp_path):
     spool, job, _ = setup(tmp_path, ROWS)
     deaths = 0
     while True:
@@ -266,14 +271,68 @@ def test_a_line_in_flight_at_two_engine_deaths_gets_an_error_and_the_rest_run(tm
             break
         except EngineDead:
             deaths += 1
-            assert deaths <= MAX_CRASHES_PER_LINE, "the poison line was run again after its deaths"
+            assert deaths <= RETRY.max_attempts, "the poison line was run again after its deaths"
             assert "engine_crashes" in job.read_batch()  # recorded before the engine is replaced
-    assert status == "completed" and deaths == MAX_CRASHES_PER_LINE
+    assert status == "completed" and deaths == RETRY.max_attempts
     done = spool.outbox / job.id
     crashed = {e["error"]["line"]: e["custom_id"] for e in read_jsonl(done / "errors.jsonl")
                if e["error"]["code"] == "engine_crashed"}
     assert "req-20" in crashed.values() and len(crashed) <= SUSPECT_WINDOW
     check_exactly_once(done, VALID - set(crashed.values()), {51, 52} | set(crashed))
+    # every line in flight at a death but the last ones ran again: counted as retries
+    assert json.loads((done / "batch.json").read_text())["retries"]["engine_died"] >= RETRY.max_attempts - 1
+
+
+def test_a_line_answered_5xx_is_tried_again_until_it_succeeds_and_the_retries_are_counted(tmp_path):
+    rows = [chat_line(i) for i in range(20)]
+    spool, job, engine = setup(tmp_path, rows, server_error_on=["req-4", "req-9"], server_errors=2)
+    status, _ = run_job(spool, job, engine)
+    assert status == "completed"
+    done = spool.outbox / job.id
+    out = {o["custom_id"]: o["response"]["status_code"] for o in read_jsonl(done / "output.jsonl")}
+    assert out == {f"req-{i}": 200 for i in range(20)}  # one result each: the final one
+    assert engine.tries["req-4"] == engine.tries["req-9"] == 3 and engine.tries["req-0"] == 1
+    batch = json.loads((done / "batch.json").read_text())
+    assert batch["retries"] == {"server_error": 4} and batch["request_counts"]["failed"] == 0
+
+
+def test_a_line_that_keeps_failing_gets_its_last_answer_after_max_attempts_and_4xx_is_never_retried(tmp_path):
+    rows = [chat_line(0), chat_line(1, max_tokens=-1), chat_line(2)]
+    spool, job, engine = setup(tmp_path, rows, server_error_on=["req-0"])
+    run_job(spool, job, engine, retry=RetryPolicy(max_attempts=4, first_backoff_seconds=0.01))
+    done = spool.outbox / job.id
+    out = {o["custom_id"]: o["response"]["status_code"] for o in read_jsonl(done / "output.jsonl")}
+    assert out == {"req-0": 503, "req-1": 400, "req-2": 200}
+    assert engine.tries == {"req-0": 4, "req-1": 1, "req-2": 1}
+    batch = json.loads((done / "batch.json").read_text())
+    assert batch["retries"] == {"server_error": 3} and batch["request_counts"]["failed"] == 2
+
+
+def test_max_attempts_1_never_retries(tmp_path):
+    spool, job, engine = setup(tmp_path, [chat_line(0)], server_error_on=["req-0"], server_errors=1)
+    run_job(spool, job, engine, retry=RetryPolicy(max_attempts=1))
+    done = spool.outbox / job.id
+    assert [o["response"]["status_code"] for o in read_jsonl(done / "output.jsonl")] == [503]
+    assert "retries" not in json.loads((done / "batch.json").read_text())
+
+
+def test_a_stop_during_a_retry_wait_leaves_the_line_for_the_next_start(tmp_path):
+    spool, job, engine = setup(tmp_path, [chat_line(0), chat_line(1)], server_error_on=["req-1"], server_errors=1)
+
+    async def go():
+        stop = asyncio.Event()
+        runner = JobRunner(spool, job, engine, ModelResolver({}, "fake-model"), LimitsSettings(),
+                           FairWindow(4).join(job.id), stop, retry=RetryPolicy(3, first_backoff_seconds=3600))
+        task = asyncio.create_task(runner.run())
+        while engine.tries.get("req-1") != 1 or runner.refresh().done < 1:
+            await asyncio.sleep(0.01)
+        stop.set()  # the line waits an hour for its next try: the stop must not
+        return await task
+    assert asyncio.run(go()) == Outcome.INTERRUPTED
+    assert [o["custom_id"] for o in read_jsonl(job.output)] == ["req-0"]  # no 503 written for req-1
+    status, _ = run_job(spool, JobDir(job.path), EchoEngine(EngineSettings(model="fake-model")))
+    assert status == "completed"
+    check_exactly_once(spool.outbox / job.id, {"req-0", "req-1"}, set())
 
 
 def test_an_input_appended_to_after_its_claim_fails_with_its_results_kept(tmp_path):

@@ -77,6 +77,7 @@ def test_a_model_that_fails_to_load_fails_its_lines_and_the_daemon_serves_others
     batch = json.loads((job / "batch.json").read_text())
     assert batch["status"] == "completed"
     assert batch["errors"][0]["code"] == "model_load_failed" and "org/broken" in batch["errors"][0]["message"]
+    assert "(3 tries)" in batch["errors"][0]["message"]  # [engine] max_attempts, with backoff between
     statuses = {o["custom_id"]: o["response"]["status_code"] for o in read_jsonl(job / "output.jsonl")}
     assert statuses == {r["custom_id"]: 503 if r["body"]["model"] == "broken" else 200 for r in rows}
     assert len(read_jsonl(later / "output.jsonl")) == len(after)

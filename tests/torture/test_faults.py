@@ -14,7 +14,8 @@ import threading
 import time
 from pathlib import Path
 
-from spoold.jobrunner import MAX_CRASHES_PER_LINE, SUSPECT_WINDOW
+from spoold.backoff import RetryPolicy
+from spoold.jobrunner import SUSPECT_WINDOW
 
 from ..helpers import Subscriber, read_jsonl, wait_for
 from .harness import (_reap, announced, check_job, job_of, durable_lines, make_drop, read_record, rebuild, run_until_idle,
@@ -202,7 +203,7 @@ def test_an_engine_that_keeps_dying_makes_the_daemon_exit_for_systemd(tmp_path):
 
 
 def test_a_line_that_kills_every_engine_gets_an_error_and_the_job_goes_on(tmp_path):
-    """A poison line is in flight at every engine death: after two it gets `engine_crashed`
+    """A poison line is in flight at every engine death: after max_attempts (3) it gets `engine_crashed`
     instead of taking the host down for good (restart, resume it first, die again)."""
     root, drops, _, _, log = faulty_run(tmp_path, [], lines=300, inflight=32, delay=0.002,
                                         args='fail_on = "work-120"')
@@ -210,13 +211,13 @@ def test_a_line_that_kills_every_engine_gets_an_error_and_the_job_goes_on(tmp_pa
     crashed = {e["custom_id"]: e["error"]["line"] for e in read_jsonl(job / "errors.jsonl")
                if e["error"]["code"] == "engine_crashed"}
     assert "work-120" in crashed and len(crashed) <= SUSPECT_WINDOW
-    assert log.count("starting a fresh engine") == MAX_CRASHES_PER_LINE
+    assert log.count("starting a fresh engine") == RetryPolicy().max_attempts
     assert "work-120" not in {o["custom_id"] for o in read_jsonl(job / "output.jsonl")}
     # Every other line has its one result; the crashed ones have their one error instead.
     (drop,) = drops
     v = verdict(root, [replace(drop, valid_ids=drop.valid_ids - set(crashed),
                                bad_lines=drop.bad_lines | set(crashed.values()))])
-    save_result("A poison line that kills every engine (engine_crashed after 2 deaths)", 1, v)
+    save_result("A poison line that kills every engine (engine_crashed after 3 deaths)", 1, v)
     assert v.ok, v.problems[:5]
 
 
