@@ -6,6 +6,8 @@
     spoold status [--json]          queued, processing and finished jobs
     spoold watch [--json]           live progress bars from the event feed
     spoold api [--listen]           the OpenAI-compatible HTTP API over the spool
+    spoold retry JOB...             run a finished job's failed lines again, as a new job
+    spoold results JOB [-o FILE]    one result per custom_id over a job and its retries
     spoold demo                     the whole pipeline on a tiny local model
 
 Every verb takes `--config PATH` (default /etc/spoold/spoold.toml or
@@ -101,6 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
                                      "claimed is withdrawn by deleting it from the inbox.")
     p.add_argument("jobs", nargs="+", metavar="JOB")
     p.set_defaults(func=cmd_cancel)
+
+    p = verbs.add_parser("retry", parents=[common], help="run a finished job's failed lines again",
+                         description="For each finished JOB (an id from `spoold status`), drop a new job into "
+                                     "the inbox with the lines of JOB's input that have no final answer: a "
+                                     "5xx answer, an engine_crashed or batch_expired error, or none at all (a "
+                                     "cancelled job). Bad lines and 4xx answers are final and are not retried. "
+                                     "The new job's batch.json names JOB as retry_of; `spoold results JOB` "
+                                     "then merges them.")
+    p.add_argument("jobs", nargs="+", metavar="JOB")
+    p.set_defaults(func=cmd_retry)
+
+    p = verbs.add_parser("results", parents=[common], help="one result per custom_id over a job and its retries",
+                         description="Write JOB's results merged with those of every retry of it (`spoold "
+                                     "retry`, retries of retries too), one line per custom_id: the latest "
+                                     "success, else the latest answer. Output and error lines in the OpenAI "
+                                     "batch output format, streamed; a summary goes to stderr.")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("-o", "--output", metavar="FILE", help="write here, atomically (default: standard output)")
+    p.set_defaults(func=cmd_results)
 
     p = verbs.add_parser("models", parents=[common], help="list the configured models and where each is loaded",
                          description="Each [models] alias, what it resolves to, its own engine settings, "
@@ -239,6 +260,52 @@ def cmd_cancel(args: argparse.Namespace) -> int:
             print(f"cancelling {job.id} on {job.path.parent.name}: its results so far go to "
                   f"{spool.outbox / job.id}")
     return 1 if missing else 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from .retries import NoSuchJob, finished_job, write_retry
+    from .spool import Spool
+
+    config = _config(args)
+    spool = Spool(config.spool)
+    missing = 0
+    for job_id in args.jobs:
+        try:
+            drop = write_retry(finished_job(spool.outbox, job_id), spool.inbox, config.limits.max_line_bytes)
+        except NoSuchJob as e:
+            print(f"spoold: {e}", file=sys.stderr)
+            missing += 1
+            continue
+        if drop.path is None:
+            print(f"{job_id}: every line has its final answer; nothing to retry")
+        else:
+            why = ", ".join(f"{n} {reason}" for reason, n in sorted(drop.reasons.items()))
+            print(f"{job_id}: {drop.lines} lines ({why}) dropped as {drop.path}; when it is done, "
+                  f"`spoold results {job_id}` merges them")
+    return EXIT_BAD_INPUT if missing else EXIT_OK
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from .retries import NoSuchJob, merge_results, retry_chain
+    from .spool import Spool
+
+    spool = Spool(_config(args).spool)
+    try:
+        chain = retry_chain(spool.outbox, args.job)
+    except NoSuchJob as e:
+        print(f"spoold: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.output:
+        from .durable import atomic_output
+
+        with atomic_output(Path(args.output)) as out:
+            merged = merge_results(chain, out)
+    else:
+        merged = merge_results(chain, sys.stdout.buffer)
+        sys.stdout.flush()
+    print(f"{args.job}: {merged.results} results, {merged.from_retries} of them from {len(chain) - 1} "
+          f"retries; {merged.failing} still without a success", file=sys.stderr)
+    return EXIT_OK
 
 
 def cmd_models(args: argparse.Namespace) -> int:

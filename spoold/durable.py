@@ -12,12 +12,13 @@ import contextlib
 import ctypes
 import errno
 import functools
+import io
 import json
 import os
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 async def finish_in_thread(step: Callable[..., Any], *args: Any) -> Any:
@@ -99,6 +100,19 @@ def hidden_temp(directory: Path, name: str, mode: int = 0o640, gid: int = -1,
         os.unlink(tmp)
         raise
     os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path, mode: int = 0o640) -> Iterator[IO[bytes]]:
+    """A buffered file whose bytes become `path`, whole and durably, when the block ends without error;
+    readers see the old file or the new one, never a part (a failed block leaves `path` as it was)."""
+    path = Path(path)
+    with hidden_temp(path.parent, path.name, mode) as (fd, tmp):
+        out = io.BufferedWriter(io.FileIO(fd, "w", closefd=False), 1 << 20)
+        yield out
+        out.flush()
+    os.rename(tmp, path)
+    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o640, gid: int = -1) -> None:

@@ -31,6 +31,7 @@ from .apibatch import read_api_batch
 from .jobrecord import API_FIELDS, JobRecord
 from .names import display_name
 from .readymarker import READY_SUFFIX, read_metadata
+from .retries import accept_retry_of
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +222,8 @@ class Spool:
         # its name as it was, which `input_file` shows in display form.
         record = JobRecord(job.id, display_name(name), self.settings.host_id, drop=drop_record(name, st),
                            metadata=read_metadata(self.inbox / (name + READY_SUFFIX), st.st_uid))
+        record.retry_of = accept_retry_of(record.metadata, st.st_uid, self.outbox)  # `spoold retry`'s drops
+        record.metadata = record.metadata or None
         if api is not None:
             record.metadata, record.tenant, record.endpoint = api.metadata, api.owner, api.endpoint
             for key in API_FIELDS:

@@ -232,7 +232,7 @@ def recover_results(output: Path, errors: Path) -> Recovered:
     """
     rec = Recovered()
     foreign = 0
-    for line, _custom_id, status, prompt, completion in _read_complete(output, _parse_output_line):
+    for line, _custom_id, status, prompt, completion in _read_complete(output, parse_output_line):
         if not line:
             foreign += 1
             continue
@@ -254,7 +254,7 @@ _LINE_IN_ID = re.compile(OUTPUT_ID)
 _USAGE = re.compile(rb'"prompt_tokens":\s*(\d+).*?"completion_tokens":\s*(\d+)', re.DOTALL)
 
 
-def _parse_output_line(raw: bytes) -> tuple[int, str, int, int, int]:
+def parse_output_line(raw: bytes) -> tuple[int, str, int, int, int]:
     """(input line or 0, custom_id, status, prompt tokens, completion tokens) of one output line.
 
     Matches our own fixed prefix and reads the token counts after the body's

@@ -12,7 +12,8 @@ def spoold(*args, config=None):
 
 def test_help_explains_every_verb():
     out = spoold("--help").stdout
-    for verb in ("run", "submit", "validate", "status", "watch", "cancel", "models", "bench-models", "demo"):
+    for verb in ("run", "submit", "validate", "status", "watch", "cancel", "retry", "results", "models",
+                 "bench-models", "demo"):
         assert verb in out
     assert "--model" in spoold("submit", "--help").stdout
 
