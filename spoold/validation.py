@@ -20,7 +20,8 @@ from typing import IO, Any
 from .duplicates import DuplicateFinder
 from .records import EngineRequest, LineError
 
-SUPPORTED_URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+SUPPORTED_URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
+                  "/v1/score", "/score", "/v1/rerank", "/rerank", "/v2/rerank")
 
 
 class ModelResolver:
@@ -151,7 +152,8 @@ class LineValidator:
 def output_tokens_asked(body: dict[str, Any]) -> int:
     """How many tokens (and logprob entries) a request may make the engine produce and hold.
 
-    `n` choices of `max_tokens` (or `max_completion_tokens`) each, each token
+    `n` choices of `max_tokens` (or `max_completion_tokens`, or the Responses
+    API's `max_output_tokens`) each, each token
     with its `top_logprobs` (chat) or `logprobs` (completions) alternatives.
     A value that is not a whole number counts as 1: the serving layer
     rejects it with its own 400.
@@ -162,7 +164,7 @@ def output_tokens_asked(body: dict[str, Any]) -> int:
     for key in ("top_logprobs", "logprobs"):
         if isinstance(body.get(key), int) and not isinstance(body.get(key), bool):
             per_token += max(0, body[key])
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", body.get("max_output_tokens")))
     return whole(body.get("n")) * whole(max_tokens) * per_token
 
 

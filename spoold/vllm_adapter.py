@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 EMBEDDINGS_URL = "/v1/embeddings"
+RESPONSES_URL = "/v1/responses"
+#: vLLM's scoring endpoints, by every path `vllm serve` answers on (run-batch matches their ends)
+SCORE_URLS = ("/v1/score", "/score")
+RERANK_URLS = ("/v1/rerank", "/rerank", "/v2/rerank")
 
 
 def build_vllm_args(settings: EngineSettings) -> Namespace:
@@ -70,7 +74,8 @@ def build_vllm_args(settings: EngineSettings) -> Namespace:
 
 
 class VllmEngine:
-    """vLLM in-process: AsyncLLM plus the OpenAI chat, completion and embedding handlers."""
+    """vLLM in-process: AsyncLLM plus the serving layer's handlers for every endpoint the model has
+    (chat, completions and responses for a generating model; embeddings, score and rerank for a pooling one)."""
 
     def __init__(self, settings: EngineSettings) -> None:
         if not settings.model:
@@ -166,13 +171,19 @@ class VllmEngine:
 def _handlers_from_state(state: Any) -> dict[str, tuple[Any, Any]]:
     """url → (pydantic request type, coroutine handler), for the endpoints this model has.
 
-    run-batch wires chat and embeddings only; `openai_serving_completion` is
-    in the same state and gives us /v1/completions as `vllm serve` has it.
+    run-batch wires chat, embeddings, score and rerank; `openai_serving_completion`
+    and `openai_serving_responses` are in the same state and give us
+    /v1/completions and /v1/responses as `vllm serve` has them. The
+    Responses store stays off (vLLM's default): a batch of 100K lines must
+    not keep 100K responses in memory, and `store` is then ignored, as
+    under `vllm serve`.
     """
     from pydantic import TypeAdapter
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
     from vllm.entrypoints.pooling.embed.protocol import EmbeddingRequest
+    from vllm.entrypoints.pooling.scoring.protocol import RerankRequest, ScoreRequest
 
     handlers: dict[str, tuple[Any, Any]] = {}
     chat = getattr(state, "openai_serving_chat", None)
@@ -181,9 +192,16 @@ def _handlers_from_state(state: Any) -> dict[str, tuple[Any, Any]]:
     completion = getattr(state, "openai_serving_completion", None)
     if completion is not None:
         handlers[COMPLETIONS_URL] = (CompletionRequest, completion.create_completion)
+    responses = getattr(state, "openai_serving_responses", None)
+    if responses is not None:
+        handlers[RESPONSES_URL] = (ResponsesRequest, responses.create_responses)
     embedding = getattr(state, "serving_embedding", None)
     if embedding is not None:
         handlers[EMBEDDINGS_URL] = (_AdapterType(TypeAdapter(EmbeddingRequest)), embedding)
+    scores = getattr(state, "serving_scores", None)
+    if scores is not None:
+        handlers.update({url: (_AdapterType(TypeAdapter(ScoreRequest)), scores) for url in SCORE_URLS})
+        handlers.update({url: (RerankRequest, scores) for url in RERANK_URLS})
     return handlers
 
 
@@ -230,6 +248,8 @@ def _to_result(response: Any) -> EngineResult:
 
 
 def _usage(usage: dict[str, Any] | None) -> tuple[int, int]:
+    """(input, output) tokens from a body's usage: chat's and completions' names, or the Responses API's."""
     if not usage:
         return 0, 0
-    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    return (int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0),
+            int(usage.get("completion_tokens") or usage.get("output_tokens") or 0))

@@ -251,7 +251,8 @@ def recover_results(output: Path, errors: Path) -> Recovered:
 #: for a custom_id without escapes.
 _OUTPUT_PREFIX = re.compile(rb'\{"id":"' + OUTPUT_ID.encode() + rb'","custom_id":"([^"\\]*)","response":\{"status_code":(\d+),')
 _LINE_IN_ID = re.compile(OUTPUT_ID)
-_USAGE = re.compile(rb'"prompt_tokens":\s*(\d+).*?"completion_tokens":\s*(\d+)', re.DOTALL)
+#: chat's and completions' names, or the Responses API's
+_USAGE = re.compile(rb'"(?:prompt|input)_tokens":\s*(\d+).*?"(?:completion|output)_tokens":\s*(\d+)', re.DOTALL)
 
 
 def parse_output_line(raw: bytes) -> tuple[int, str, int, int, int]:
@@ -278,7 +279,8 @@ def _parse_output_record(record: dict) -> tuple[int, str, int, int, int]:
     usage = (body.get("usage") if isinstance(body, dict) else None) or {}
     line = _LINE_IN_ID.fullmatch(str(record.get("id") or ""))
     return (int(line.group(1)) if line else 0, record["custom_id"], int(response.get("status_code") or 0),
-            int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+            int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0),
+            int(usage.get("completion_tokens") or usage.get("output_tokens") or 0))
 
 
 def _parse_error_line(raw: bytes) -> int:

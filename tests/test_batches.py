@@ -109,3 +109,15 @@ def test_a_batch_whose_input_never_reached_the_inbox_is_failed_not_validating_fo
     (api.root / "inbox" / f"{made.id}.jsonl").unlink()  # as if the API had stopped between record and rename
     shown = client.batches.retrieve(made.id)
     assert shown.status == "failed" and shown.errors.data[0].code == "not_queued"
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/responses", "/v1/embeddings", "/v1/score", "/v1/rerank", "/v2/rerank"])
+def test_a_batch_may_name_every_endpoint_the_daemon_serves(api, endpoint):
+    assert create(api.client(KEY), endpoint=endpoint).endpoint == endpoint
+
+
+def test_an_endpoint_the_daemon_does_not_serve_is_400_naming_the_ones_it_does(api):
+    with pytest.raises(openai.BadRequestError) as refused:
+        create(api.client(KEY), endpoint="/v1/moderations")
+    error = refused.value.body
+    assert refused.value.status_code == 400 and error["param"] == "endpoint" and "/v1/responses" in error["message"]

@@ -79,6 +79,18 @@ def test_recovery_reads_vllm_style_bodies_and_never_cuts_an_odd_but_valid_line(t
     assert len((tmp_path / "output.jsonl").read_bytes().split(b"\n")) == 5  # nothing cut
 
 
+def test_recovery_counts_the_tokens_of_responses_api_bodies(tmp_path):
+    from spoold.formats import output_line
+
+    body = ('{"id":"resp_1","object":"response","output":[],"status":"completed",'
+            '"usage":{"input_tokens":11,"input_tokens_details":{"cached_tokens":0},"output_tokens":5,'
+            '"output_tokens_details":{"reasoning_tokens":0},"total_tokens":16}}')
+    with open(tmp_path / "output.jsonl", "wb") as f:
+        f.write(output_line(1, "a", EngineResult(200, body)))
+    rec = recover_results(tmp_path / "output.jsonl", tmp_path / "errors.jsonl")
+    assert (rec.tally.input_tokens, rec.tally.output_tokens) == (11, 5)
+
+
 def test_the_write_path_needs_nothing_of_validation_nor_numpy():
     import subprocess
     import sys

@@ -144,6 +144,53 @@ def test_completions_endpoint(spool, tmp_path):
         Completion.model_validate(o["response"]["body"])
 
 
+def test_responses_lines_run_and_endpoints_the_model_lacks_get_a_clear_4xx(spool, tmp_path):
+    """/v1/responses through vLLM's Responses serving layer; score, rerank and embeddings need a pooling
+    model (none can be built here: the tiny model generates), so their lines must get a 4xx, not a crash."""
+    from openai.types.responses import Response
+
+    from spoold.config import load_config
+
+    from ..helpers import ApiServer
+
+    responses = [{"custom_id": f"r-{i}", "method": "POST", "url": "/v1/responses",
+                  "body": {"model": "tiny", "input": f"Ticket {i}: summarise", "max_output_tokens": 6}}
+                 for i in range(6)]
+    pooling = [{"custom_id": "s-0", "method": "POST", "url": "/v1/score",
+                "body": {"model": "tiny", "text_1": "a query", "text_2": ["a document"]}},
+               {"custom_id": "s-1", "method": "POST", "url": "/v2/rerank",
+                "body": {"model": "tiny", "query": "a query", "documents": ["one", "two"]}},
+               {"custom_id": "s-2", "method": "POST", "url": "/v1/embeddings",
+                "body": {"model": "tiny", "input": "some text"}}]
+    drop(spool["root"], tmp_path, "endpoints.jsonl", responses + pooling)
+    job = finished(spool["root"], "endpoints.jsonl")
+    check_exactly_once(job, {r["custom_id"] for r in responses + pooling}, set())
+    out = {o["custom_id"]: o["response"] for o in read_jsonl(job / "output.jsonl")}
+    for row in responses:
+        assert out[row["custom_id"]]["status_code"] == 200, out[row["custom_id"]]
+        Response.model_validate(out[row["custom_id"]]["body"])
+    for row in pooling:
+        answer = out[row["custom_id"]]
+        assert 400 <= answer["status_code"] < 500, answer  # the model's own limits, not a retry
+        assert "does not support endpoint" in answer["body"]["error"]["message"]
+    usage = json.loads((job / "batch.json").read_text())["usage"]
+    assert usage["input_tokens"] > 0 and usage["output_tokens"] > 0  # counted from the Responses bodies
+
+    api = ApiServer(load_config(spool["config"]), None)  # the API takes a batch of every endpoint served
+    try:
+        client = api.client("unused")
+        source = client.files.create(file=("resp.jsonl", "".join(json.dumps(r) + "\n" for r in responses).encode()),
+                                     purpose="batch")
+        made = client.batches.create(input_file_id=source.id, endpoint="/v1/responses", completion_window="24h")
+        done = wait_for(lambda: (b := client.batches.retrieve(made.id)).status == "completed" and b, 180,
+                        "the SDK's /v1/responses batch", interval=0.5)
+        assert done.endpoint == "/v1/responses" and done.request_counts.completed == len(responses)
+        for line in client.files.content(done.output_file_id).text.splitlines():
+            Response.model_validate(json.loads(line)["response"]["body"])
+    finally:
+        api.stop()
+
+
 def test_fifty_one_line_drops_finish_while_a_long_drop_runs_on_one_engine(spool, tmp_path):
     # The long drop is cancelled once the small ones are out, so the test never races its length: alone it
     # would take minutes here, and the 50 one-line drops beside it take about a second (0.7 s measured)
