@@ -211,9 +211,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not config.engine.model:
         raise ConfigError("[engine] model is not set: name a Hugging Face id, a local path "
                           "or an alias from [models]")
-    from .webhooks import read_secret
+    from .webhooks import read_secrets
 
-    webhook_secret = read_secret(config.webhooks.secret_file) if config.webhooks.url else None
+    webhook_secrets = read_secrets(config.webhooks)
     served = _resolver(config).served
     def make_engine(model: str = served):
         return load_engine(engine_settings_for(config, model))
@@ -232,7 +232,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except Exception as e:  # zmq.ZMQError: a bad or busy endpoint
         raise ConfigError(f"[events] endpoint {config.events.endpoint!r}: {e}") from None
     return Daemon(config, engine, metrics=metrics, events=events, reload_config=read_config,
-                  make_engine=make_engine, webhook_secret=webhook_secret).run()
+                  make_engine=make_engine, webhook_secrets=webhook_secrets).run()
 
 
 def cmd_api(args: argparse.Namespace) -> int:

@@ -159,6 +159,14 @@ class ApiSettings:
 
 
 @dataclass(frozen=True)
+class TenantWebhook:
+    """`[webhooks.NAME]`: the receiver of API key NAME's tenant, for its batches, with its own secret."""
+
+    url: str = ""
+    secret_file: str = ""
+
+
+@dataclass(frozen=True)
 class WebhooksSettings:
     """`[webhooks]`: where the daemon posts a signed event when a job ends (off while `url` is empty)."""
 
@@ -170,6 +178,8 @@ class WebhooksSettings:
     timeout_seconds: float = 10.0
     #: how long a delivery is retried before it is given up (72 h)
     max_age_seconds: float = 72 * 3600.0
+    #: `[webhooks.NAME]` tables: API key name -> that tenant's own receiver
+    tenants: dict[str, TenantWebhook] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -226,6 +236,8 @@ def parse_config(raw: dict[str, Any]) -> Config:
             raise ConfigError(f"[{name}] must be a table")
         if name == "models":
             sections[name] = _parse_models(value)
+        elif name == "webhooks":
+            sections[name] = _parse_webhooks(value)
         else:
             sections[name] = _parse_section(hints[name], name, value)
     config = Config(**sections)
@@ -260,6 +272,11 @@ def _check_together(config: Config) -> None:
     if config.webhooks.url and not config.webhooks.secret_file:
         raise ConfigError("[webhooks] secret_file: a webhook URL needs a secret to sign with (a file holding "
                           "whsec_...)")
+    for name, tenant in config.webhooks.tenants.items():
+        if not tenant.url or not tenant.secret_file:
+            raise ConfigError(f"[webhooks.{name}]: needs both url and secret_file (the tenant's own receiver "
+                              "and the whsec_... secret it verifies with)")
+        _check_url(f"[webhooks.{name}] url", tenant.url)
     if config.webhooks.timeout_seconds <= 0:
         raise ConfigError("[webhooks] timeout_seconds must be more than 0")
     if config.engine.max_attempts < 1:
@@ -282,6 +299,14 @@ def _check_url(key: str, url: str) -> None:
                 or any(c.isspace() for c in url)):
         raise ConfigError(f"{key} = {url!r}: expected an http:// or https:// URL, such as "
                           "\"https://gpu-box.example.com\"")
+
+
+def _parse_webhooks(table: dict[str, Any]) -> WebhooksSettings:
+    """`[webhooks]` keys, and a `[webhooks.NAME]` table per tenant with a receiver of its own."""
+    tenants = {name: _parse_section(TenantWebhook, f"webhooks.{name}", value)
+               for name, value in table.items() if isinstance(value, dict)}
+    settings = _parse_section(WebhooksSettings, "webhooks", {k: v for k, v in table.items() if not isinstance(v, dict)})
+    return dataclasses.replace(settings, tenants=tenants)
 
 
 def _parse_models(table: dict[str, Any]) -> ModelSettings:

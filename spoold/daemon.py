@@ -57,20 +57,22 @@ class Daemon:
                  gpus: GpuReader | None = None, metrics: Metrics | None = None,
                  events: EventPublisher | None = None,
                  reload_config: Callable[[], Config] | None = None,
-                 make_engine: Callable[[str], Engine] | None = None, webhook_secret: str | None = None) -> None:
+                 make_engine: Callable[[str], Engine] | None = None,
+                 webhook_secrets: dict[str, str] | None = None) -> None:
         self.config = config
         self.reload_config = reload_config
         self.metrics = metrics
         self.events = events
         deliveries = Deliveries(config.spool.root, config.spool.host_id, config.spool.file_mode)
-        self.spool = Spool(config.spool, before_publish=record_end(deliveries) if webhook_secret else None)
+        self.spool = Spool(config.spool, before_publish=record_end(deliveries, webhook_secrets)
+                           if webhook_secrets else None)
         self.resolver = ModelResolver(config.models.aliases, config.engine.model)
         self.inbox = InboxTracker(self.spool, config.spool.settle_seconds, config.spool.poll_seconds)
         self.notifier = notifier or Notifier()
         self.gpus = gpus or GpuReader()
         self.report = Reporter(config, self.spool, self.notifier, self.gpus, metrics, events)
-        self.webhooks = WebhookSender(deliveries, config.webhooks, webhook_secret, job_published(config.spool.root),
-                                      self.report.webhook_told) if webhook_secret else None
+        self.webhooks = WebhookSender(deliveries, config.webhooks, webhook_secrets, job_published(config.spool.root),
+                                      self.report.webhook_told) if webhook_secrets else None
         retry = RetryPolicy(config.engine.max_attempts, config.engine.retry_backoff_seconds)
         self.engine_host = EngineHost(engine, make_engine, self.report.publish, self.gpus, retry=retry)
         self.work = WorkList(config, self.spool, self.inbox, self.resolver, self.report)

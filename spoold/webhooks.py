@@ -61,6 +61,8 @@ class Delivery:
     type: str  # batch.completed, batch.failed, batch.cancelled, batch.expired
     created_at: int
     job_id: str
+    #: the job's tenant (an API key's name, "" for a drop): whose receiver gets it
+    tenant: str = ""
     attempts: int = 0
     next_attempt_at: float = 0.0
     last_error: str | None = None
@@ -76,18 +78,26 @@ def event_id(job_id: str, event_type: str) -> str:
     return "evt_" + hashlib.sha256(f"{job_id}\0{event_type}".encode()).hexdigest()[:24]
 
 
-def read_secret(path: str) -> str:
-    """The signing secret (`whsec_` and base64, as OpenAI issues them) from `[webhooks] secret_file`."""
+def read_secrets(settings: WebhooksSettings) -> dict[str, str]:
+    """Tenant ("" for the `[webhooks]` receiver) -> its signing secret, for every receiver the config names."""
+    secrets = {"": read_secret(settings.secret_file)} if settings.url else {}
+    for name, tenant in settings.tenants.items():
+        secrets[name] = read_secret(tenant.secret_file, f"[webhooks.{name}]")
+    return secrets
+
+
+def read_secret(path: str, table: str = "[webhooks]") -> str:
+    """The signing secret (`whsec_` and base64, as OpenAI issues them) from `secret_file` of `table`."""
     try:
         secret = Path(path).read_text().strip()
     except OSError as e:
-        raise ConfigError(f"[webhooks] secret_file {path}: cannot read: {e.strerror}") from None
+        raise ConfigError(f"{table} secret_file {path}: cannot read: {e.strerror}") from None
     try:
         key = base64.b64decode(secret.removeprefix("whsec_"), validate=True) if secret.startswith("whsec_") else b""
     except binascii.Error:
         key = b""
     if len(key) < MIN_SECRET_BYTES:
-        raise ConfigError(f"[webhooks] secret_file {path}: expected whsec_ and at least {MIN_SECRET_BYTES} "
+        raise ConfigError(f"{table} secret_file {path}: expected whsec_ and at least {MIN_SECRET_BYTES} "
                           "bytes in base64; make one with: echo whsec_$(openssl rand -base64 32)")
     return secret
 
@@ -100,10 +110,10 @@ class Deliveries:
         self.given_up = self.dir / "given_up"
         self.file_mode = file_mode
 
-    def record(self, job_id: str, status: str) -> Delivery:
+    def record(self, job_id: str, status: str, tenant: str = "") -> Delivery:
         """Write the delivery of a job's end durably (before the job is published)."""
         event_type = f"batch.{status}"
-        delivery = Delivery(event_id(job_id, event_type), event_type, int(time.time()), job_id)
+        delivery = Delivery(event_id(job_id, event_type), event_type, int(time.time()), job_id, tenant)
         durable_mkdir(self.dir)
         atomic_write_json(self.dir / f"{delivery.id}.json", asdict(delivery), self.file_mode)
         return delivery
@@ -140,13 +150,19 @@ class Deliveries:
 
 
 class WebhookSender:
-    """Posts this host's deliveries, signed, and retries them until a 2xx or they are too old."""
+    """Posts this host's deliveries, signed, and retries them until a 2xx or they are too old.
 
-    def __init__(self, deliveries: Deliveries, settings: WebhooksSettings, secret: str,
+    `secrets` (read_secrets) says which receivers there are: a tenant's own
+    (`[webhooks.NAME]`), else the `[webhooks]` one.
+    """
+
+    def __init__(self, deliveries: Deliveries, settings: WebhooksSettings, secrets: dict[str, str],
                  published: Callable[[str], bool], tell: Callable[[str, dict[str, Any]], None]) -> None:
-        self.deliveries, self.url = deliveries, settings.url
+        self.deliveries = deliveries
         self.timeout, self.max_age = settings.timeout_seconds, settings.max_age_seconds
-        self.signer = Webhook(secret)
+        #: tenant -> (url, signer); "" is the receiver of drops and of tenants without one of their own
+        self.receivers = {tenant: (settings.tenants[tenant].url if tenant else settings.url, Webhook(secret))
+                          for tenant, secret in secrets.items()}
         #: whether a job is in outbox/ or failed/ yet: a delivery waits for its job
         self.published = published
         #: (topic, fields): the feed and the metrics hear of each delivery and each failed try
@@ -175,18 +191,12 @@ class WebhookSender:
     async def attempt(self, client: httpx.AsyncClient, delivery: Delivery) -> bool:
         """One try; whether the delivery is done with (delivered, or given up). Its outcome is written
         before the next try is due."""
-        import httpx
-        body = delivery.body()
-        now = datetime.now(tz=timezone.utc)
-        headers = {"content-type": "application/json", "webhook-id": delivery.id,
-                   "webhook-timestamp": str(int(now.timestamp())),
-                   "webhook-signature": self.signer.sign(delivery.id, now, body)}
         delivery.attempts += 1
-        try:
-            answer = await client.post(self.url, content=body, headers=headers)
-            error = None if 200 <= answer.status_code < 300 else f"HTTP {answer.status_code}"
-        except httpx.HTTPError as e:
-            error = f"{type(e).__name__}: {e}"[:200]
+        receiver = self.receivers.get(delivery.tenant) or self.receivers.get("")
+        if receiver is None:  # the config lost the tenant's receiver since the job ended
+            error = f"no receiver for tenant {delivery.tenant!r}: neither [webhooks.{delivery.tenant}] nor [webhooks] url"
+        else:
+            error = await self._post(client, delivery, *receiver)
         fields = {"event": delivery.id, "type": delivery.type, "job": delivery.job_id,
                   "attempts": delivery.attempts}
         if error is None:
@@ -207,16 +217,35 @@ class WebhookSender:
         return given_up
 
 
+    @staticmethod
+    async def _post(client: httpx.AsyncClient, delivery: Delivery, url: str, signer: Webhook) -> str | None:
+        """Post the delivery once, signed; None on a 2xx, else what went wrong."""
+        import httpx
+        body = delivery.body()
+        now = datetime.now(tz=timezone.utc)
+        headers = {"content-type": "application/json", "webhook-id": delivery.id,
+                   "webhook-timestamp": str(int(now.timestamp())),
+                   "webhook-signature": signer.sign(delivery.id, now, body)}
+        try:
+            answer = await client.post(url, content=body, headers=headers)
+        except httpx.HTTPError as e:
+            return f"{type(e).__name__}: {e}"[:200]
+        return None if 200 <= answer.status_code < 300 else f"HTTP {answer.status_code}"
+
+
 def backoff(attempts: int) -> float:
     """Seconds before the next try after `attempts` failed ones (backoff.py: doubling, capped, jittered)."""
     return backoff_seconds(attempts, FIRST_BACKOFF_SECONDS, MAX_BACKOFF_SECONDS)
 
 
-def record_end(deliveries: Deliveries) -> Callable[[JobDir], None]:
-    """`Spool.before_publish` for a daemon with webhooks: record the delivery of the job's end (its status)."""
+def record_end(deliveries: Deliveries, secrets: dict[str, str]) -> Callable[[JobDir], None]:
+    """`Spool.before_publish` for a daemon with webhooks: record the delivery of the job's end (its status),
+    when its tenant or `[webhooks]` has a receiver (`secrets`, as read_secrets gives them)."""
     def record(job: JobDir) -> None:
         ended, _ = JobRecord.load(job.batch)
-        deliveries.record(job.id, ended.status if ended is not None else "failed")
+        tenant = ended.tenant if ended is not None else ""
+        if tenant in secrets or "" in secrets:
+            deliveries.record(job.id, ended.status if ended is not None else "failed", tenant)
     return record
 
 

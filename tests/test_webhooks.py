@@ -9,8 +9,11 @@ import threading
 import openai
 import pytest
 
-from spoold.config import ConfigError, WebhooksSettings
-from spoold.webhooks import Deliveries, WebhookSender, event_id, job_published, read_secret
+from spoold.config import ConfigError, TenantWebhook, WebhooksSettings, parse_config
+from spoold.jobrecord import JobRecord
+from spoold.lifecycle import JobStatus
+from spoold.spool import JobDir
+from spoold.webhooks import Deliveries, WebhookSender, event_id, job_published, read_secret, read_secrets, record_end
 
 from .helpers import WebhookReceiver
 
@@ -51,7 +54,7 @@ def quick_backoff(monkeypatch):
 
 def sender(root, url, told, max_age=3600.0):
     settings = WebhooksSettings(url=url, max_age_seconds=max_age)
-    return WebhookSender(Deliveries(root, "h"), settings, SECRET, job_published(root), told)
+    return WebhookSender(Deliveries(root, "h"), settings, {"": SECRET}, job_published(root), told)
 
 
 async def running(the_sender, until, timeout=20):
@@ -161,3 +164,52 @@ def test_spoold_status_shows_deliveries_waiting_and_given_up(tmp_path):
     status = spool_status(Spool(SpoolSettings(root=tmp_path, host_id="gpu-1")))
     assert status["webhooks"] == [{"host": "gpu-1", "pending": 1, "given_up": 1}]
     assert "webhooks [gpu-1]: 1 waiting to be delivered, 1 given up" in render_status(status)
+
+
+ACME = "whsec_" + base64.b64encode(b"a" * 32).decode()
+
+
+def ended_job(root, job_id, tenant):
+    """A finished job's directory, as before_publish sees it: its record says whose it is."""
+    job = JobDir(root / "outbox" / job_id)
+    job.path.mkdir(parents=True)
+    JobRecord(job_id, "x.jsonl", "h", status=JobStatus.COMPLETED, tenant=tenant).save(job.batch)
+    return job
+
+
+def test_a_tenant_with_its_own_receiver_gets_its_batches_signed_with_its_secret_others_the_global(tmp_path, receiver):
+    shared, acme, told = receiver(), receiver(), Told()
+    settings = WebhooksSettings(url=shared.url, tenants={"acme": TenantWebhook(acme.url, "unused")})
+    secrets = {"": SECRET, "acme": ACME}
+    record = record_end(Deliveries(tmp_path, "h"), secrets)
+    for job_id, tenant in (("acme-batch", "acme"), ("bob-batch", "bob"), ("a-drop", "")):
+        record(ended_job(tmp_path, job_id, tenant))
+    the_sender = WebhookSender(Deliveries(tmp_path, "h"), settings, secrets, job_published(tmp_path), told)
+    asyncio.run(running(the_sender, lambda: told.wait_for(3)))
+    ((headers, body, _),) = acme.got
+    assert unwrap(headers, body, ACME).data.id == "acme-batch"
+    with pytest.raises(openai.InvalidWebhookSignatureError):
+        unwrap(headers, body, SECRET)  # one tenant's secret never verifies another's events
+    assert sorted(unwrap(h, b).data.id for h, b, _ in shared.got) == ["a-drop", "bob-batch"]
+
+
+def test_with_only_tenant_receivers_other_jobs_record_no_delivery(tmp_path):
+    record = record_end(Deliveries(tmp_path, "h"), {"acme": ACME})
+    record(ended_job(tmp_path, "a-drop", ""))
+    record(ended_job(tmp_path, "acme-batch", "acme"))
+    assert [(d.job_id, d.tenant) for d in Deliveries(tmp_path, "h").pending()] == [("acme-batch", "acme")]
+
+
+def test_tenant_receivers_are_read_from_webhooks_name_tables_with_their_own_secret_file(tmp_path):
+    (tmp_path / "acme.secret").write_text(ACME + "\n")
+    config = parse_config({"webhooks": {"acme": {"url": "https://acme.example.com/hook",
+                                                 "secret_file": str(tmp_path / "acme.secret")}}})
+    assert config.webhooks.tenants == {"acme": TenantWebhook("https://acme.example.com/hook",
+                                                             str(tmp_path / "acme.secret"))}
+    assert read_secrets(config.webhooks) == {"acme": ACME}  # no [webhooks] url: no global receiver
+    with pytest.raises(ConfigError, match=r"\[webhooks.acme\] secret_file .*missing: cannot read"):
+        read_secrets(WebhooksSettings(tenants={"acme": TenantWebhook("https://a.example", str(tmp_path / "missing"))}))
+    with pytest.raises(ConfigError, match=r"unknown setting \[webhooks.acme\] ulr \(did you mean 'url'\?\)"):
+        parse_config({"webhooks": {"acme": {"ulr": "https://a.example", "secret_file": "s"}}})
+    with pytest.raises(ConfigError, match=r"\[webhooks.acme\]: needs both url and secret_file"):
+        parse_config({"webhooks": {"acme": {"url": "https://a.example"}}})
