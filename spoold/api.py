@@ -31,6 +31,7 @@ from .jobrecord import check_metadata
 from .retention import Sweeper, expires_after_seconds
 from .spool import Spool
 from .validation import SUPPORTED_URLS
+from .webhooks import record_withdrawn
 from .filestore import PURPOSES, FileStore, StoredFile, UploadTooLarge
 from .multipart import FormError, UploadForm
 
@@ -78,7 +79,8 @@ def create_app(config: Config, keys: ApiKeys | None) -> FastAPI:
     files = FileStore(config.spool.root, config.spool.file_mode,
                       retention=retention_seconds(config.api.file_retention))
     files.ensure_dir()
-    batches = BatchStore(Spool(config.spool), files)
+    batches = BatchStore(Spool(config.spool), files,
+                         record_withdrawn(config.spool.root, config.webhooks, config.spool.file_mode))
     upload_limit = min(config.api.max_upload_bytes, config.limits.max_file_bytes)
     app.state.sweeper = Sweeper(files, batches)  # run by `serve` (apiserver.py) every SWEEP_EVERY_SECONDS
     _add_error_handlers(app)

@@ -19,6 +19,7 @@ import re
 import shutil
 import time
 from calendar import timegm
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,9 +68,13 @@ def window_seconds(window: str) -> int:
 class BatchStore:
     """The batches made through the API on one spool."""
 
-    def __init__(self, spool: Spool, files: FileStore) -> None:
+    def __init__(self, spool: Spool, files: FileStore,
+                 on_withdrawn: Callable[[str, str], None] | None = None) -> None:
+        """`on_withdrawn(batch id, tenant)`: told, durably, of a batch withdrawn before any claim
+        (webhooks.record_withdrawn: no daemon ends that batch, so none would tell its receiver)."""
         self.spool, self.files = spool, files
         self.dir = spool.batches
+        self.on_withdrawn = on_withdrawn
 
     def create(self, owner: str, source: StoredFile, endpoint: str, window: str,
                metadata: dict[str, str] | None, output_expires_after: int | None = None) -> ApiBatch:
@@ -214,6 +219,8 @@ class BatchStore:
             os.rename(drop, withdrawn)
         except FileNotFoundError:
             return False
+        if self.on_withdrawn is not None:
+            self.on_withdrawn(batch.id, batch.owner)  # the rename decided it: the batch is cancelled
         batch.cancelled_at = int(time.time())
         batch.save(self.dir, self.spool.file_mode)
         withdrawn.unlink()

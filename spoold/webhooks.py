@@ -24,6 +24,7 @@ import binascii
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -51,6 +52,9 @@ MAX_BACKOFF_SECONDS = 3600.0
 MIN_SECRET_BYTES = 16
 #: The sender looks for new deliveries at least this often (a job's end also wakes it at once).
 POLL_SECONDS = 5.0
+#: `webhooks/<this>/`: deliveries of batches no daemon ran (withdrawn through the API before a claim),
+#: written by the API server; the first sender to rename one into its own directory sends it.
+UNCLAIMED = ".unclaimed"
 
 
 @dataclass
@@ -63,6 +67,8 @@ class Delivery:
     job_id: str
     #: the job's tenant (an API key's name, "" for a drop): whose receiver gets it
     tenant: str = ""
+    #: sent once the job is in outbox/ or failed/; False for a batch withdrawn before any daemon ran it
+    waits_for_job: bool = True
     attempts: int = 0
     next_attempt_at: float = 0.0
     last_error: str | None = None
@@ -110,10 +116,11 @@ class Deliveries:
         self.given_up = self.dir / "given_up"
         self.file_mode = file_mode
 
-    def record(self, job_id: str, status: str, tenant: str = "") -> Delivery:
+    def record(self, job_id: str, status: str, tenant: str = "", waits_for_job: bool = True) -> Delivery:
         """Write the delivery of a job's end durably (before the job is published)."""
         event_type = f"batch.{status}"
-        delivery = Delivery(event_id(job_id, event_type), event_type, int(time.time()), job_id, tenant)
+        delivery = Delivery(event_id(job_id, event_type), event_type, int(time.time()), job_id, tenant,
+                            waits_for_job)
         durable_mkdir(self.dir)
         atomic_write_json(self.dir / f"{delivery.id}.json", asdict(delivery), self.file_mode)
         return delivery
@@ -142,6 +149,19 @@ class Deliveries:
         durable_mkdir(self.given_up)
         self.save(delivery)
         durable_rename(self.dir / f"{delivery.id}.json", self.given_up / f"{delivery.id}.json")
+
+    def adopt_unclaimed(self) -> None:
+        """Take over the deliveries the API server left for any daemon (UNCLAIMED): one rename each decides
+        which daemon sends it."""
+        unclaimed = self.dir.parent / UNCLAIMED
+        for path in unclaimed.glob("evt_*.json"):
+            durable_mkdir(self.dir)
+            try:
+                os.rename(path, self.dir / path.name)
+            except FileNotFoundError:
+                continue  # another daemon took it
+            fsync_dir(self.dir)
+            fsync_dir(unclaimed)
 
     def counts(self) -> dict[str, int]:
         """How many deliveries wait and how many were given up (for `spoold status`)."""
@@ -176,8 +196,9 @@ class WebhookSender:
         async with httpx.AsyncClient(timeout=self.timeout, follow_redirects=False) as client:
             while True:
                 due = []  # when the next tries of published jobs' deliveries are due
+                await asyncio.to_thread(self.deliveries.adopt_unclaimed)
                 for delivery in await asyncio.to_thread(self.deliveries.pending):
-                    if not self.published(delivery.job_id):
+                    if delivery.waits_for_job and not self.published(delivery.job_id):
                         continue  # its job's rename wakes us (or the next poll sees it)
                     if delivery.next_attempt_at > time.time() or not await self.attempt(client, delivery):
                         due.append(delivery.next_attempt_at)
@@ -246,6 +267,20 @@ def record_end(deliveries: Deliveries, secrets: dict[str, str]) -> Callable[[Job
         tenant = ended.tenant if ended is not None else ""
         if tenant in secrets or "" in secrets:
             deliveries.record(job.id, ended.status if ended is not None else "failed", tenant)
+    return record
+
+
+def record_withdrawn(root: Path, settings: WebhooksSettings,
+                     file_mode: int = 0o640) -> Callable[[str, str], None] | None:
+    """For the API server: record `batch.cancelled` of a batch (id, tenant) it withdrew before any daemon
+    claimed it, in UNCLAIMED for a daemon to send; None when no receiver would get it (no webhooks)."""
+    if not settings.url and not settings.tenants:
+        return None
+    unclaimed = Deliveries(root, UNCLAIMED, file_mode)
+
+    def record(batch_id: str, tenant: str) -> None:
+        if settings.url or tenant in settings.tenants:
+            unclaimed.record(batch_id, "cancelled", tenant, waits_for_job=False)
     return record
 
 

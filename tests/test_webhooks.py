@@ -213,3 +213,27 @@ def test_tenant_receivers_are_read_from_webhooks_name_tables_with_their_own_secr
         parse_config({"webhooks": {"acme": {"ulr": "https://a.example", "secret_file": "s"}}})
     with pytest.raises(ConfigError, match=r"\[webhooks.acme\]: needs both url and secret_file"):
         parse_config({"webhooks": {"acme": {"url": "https://a.example"}}})
+
+
+def test_a_batch_withdrawn_through_the_api_before_any_claim_is_told_by_a_daemons_sender(tmp_path, receiver):
+    from spoold.apikeys import ApiKeys, Tenant
+    from spoold.config import Config, SpoolSettings
+
+    from .helpers import ApiServer, chat_line
+
+    hook, told = receiver(), Told()
+    config = Config(spool=SpoolSettings(root=tmp_path, host_id="h"), webhooks=WebhooksSettings(url=hook.url))
+    api = ApiServer(config, ApiKeys({"carol-key-0123456789abcdef": Tenant("carol")}))
+    try:
+        client = api.client("carol-key-0123456789abcdef")
+        source = client.files.create(file=("b.jsonl", (json.dumps(chat_line(0)) + "\n").encode()), purpose="batch")
+        made = client.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
+                                     completion_window="24h")
+        assert client.batches.cancel(made.id).status == "cancelled"  # withdrawn: no daemon ever runs it
+    finally:
+        api.stop()
+    asyncio.run(running(sender(tmp_path, hook.url, told), lambda: told.wait_for(1)))
+    ((headers, body, _),) = hook.got
+    event = unwrap(headers, body)
+    assert event.type == "batch.cancelled" and event.data.id == made.id
+    assert not list((tmp_path / "webhooks" / ".unclaimed").glob("evt_*.json"))  # taken, then sent
