@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
+from .backoff import RetryPolicy
 from .config import LimitsSettings
 from .duplicates import DuplicateFinder
-from .backoff import RetryPolicy
 from .durable import finish_in_thread
 from .engine import Engine, EngineDead
 from .lifecycle import JobStatus, Outcome
