@@ -92,7 +92,7 @@ def write_retry(job: Path, inbox: Path, max_line_bytes: int) -> RetryDrop:
     No drop is made when every line has its final answer.
     """
     from .durable import hidden_temp
-    from .readymarker import publish_with_metadata
+    from .submit import publish_drop
     from .validation import iter_lines, open_regular
 
     final, retryable = final_lines(job)
@@ -109,13 +109,7 @@ def write_retry(job: Path, inbox: Path, max_line_bytes: int) -> RetryDrop:
     if not reasons:
         os.unlink(tmp)
         return RetryDrop(None, reasons)
-    dest = _free_name(inbox, name)
-    try:
-        publish_with_metadata(tmp, dest, {**_priority(job), RETRY_OF: job.name})
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return RetryDrop(dest, reasons)
+    return RetryDrop(publish_drop(tmp, inbox, name, {**_priority(job), RETRY_OF: job.name}), reasons)
 
 
 def _priority(job: Path) -> dict[str, str]:
@@ -126,13 +120,6 @@ def _priority(job: Path) -> dict[str, str]:
         return {}
     priority = metadata.get("priority") if isinstance(metadata, dict) else None
     return {"priority": priority} if isinstance(priority, str) else {}
-
-
-def _free_name(inbox: Path, name: str) -> Path:
-    stem, n = name.removesuffix(".jsonl"), 1
-    while os.path.lexists(inbox / (name if n == 1 else f"{stem}-{n}.jsonl")):
-        n += 1
-    return inbox / (name if n == 1 else f"{stem}-{n}.jsonl")
 
 
 def accept_retry_of(metadata: dict[str, str] | None, drop_uid: int, outbox: Path) -> str | None:
@@ -159,17 +146,18 @@ def accept_retry_of(metadata: dict[str, str] | None, drop_uid: int, outbox: Path
 def retry_chain(outbox: Path, job_id: str) -> list[Path]:
     """`job_id`'s finished job and every retry of it (and of those), oldest first."""
     first = finished_job(outbox, job_id)
-    children: dict[str, list[tuple[int, Path]]] = {}
+    created: dict[Path, int] = {}
+    children: dict[str, list[Path]] = {}
     for entry in os.scandir(outbox):
-        retry_of, created = _retry_of(Path(entry.path))
+        retry_of, created[Path(entry.path)] = _retry_of(Path(entry.path))
         if retry_of is not None:
-            children.setdefault(retry_of, []).append((created, Path(entry.path)))
+            children.setdefault(retry_of, []).append(Path(entry.path))
     chain, todo = [], [first]
     while todo:
         job = todo.pop(0)
         chain.append(job)
-        todo.extend(path for _, path in sorted(children.get(job.name, [])))
-    return sorted(chain, key=lambda p: (p != first, _retry_of(p)[1]))
+        todo.extend(sorted(children.get(job.name, []), key=lambda p: (created[p], p)))
+    return [first] + sorted(chain[1:], key=lambda p: created[p])
 
 
 def _retry_of(job: Path) -> tuple[str | None, int]:

@@ -103,7 +103,17 @@ def submit_file(path: str, inbox: Path, model: str | None = None, max_line_bytes
             else:
                 while chunk := f.read(1 << 20):
                     write_all(fd, chunk)
-    name = src.name if src.name.endswith(".jsonl") else src.name + ".jsonl"
+    return publish_drop(tmp, inbox, src.name if src.name.endswith(".jsonl") else src.name + ".jsonl", metadata)
+
+
+def publish_drop(tmp: Path, inbox: Path, name: str, metadata: dict[str, str] | None = None) -> Path:
+    """Rename the finished hidden temp file `tmp` into `inbox` as `name` (a `.jsonl` name); return its path.
+
+    An existing drop of the same name is never overwritten, not even one
+    that appears meanwhile: `stem-2.jsonl`, `stem-3.jsonl`, ... is taken
+    instead. `metadata` goes into the drop's `.ready` marker. On failure
+    `tmp` is removed.
+    """
     stem, n = name.removesuffix(".jsonl"), 1
     while True:
         dest = inbox / (name if n == 1 else f"{stem}-{n}.jsonl")
