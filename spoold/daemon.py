@@ -72,7 +72,7 @@ class Daemon:
         self.gpus = gpus or GpuReader()
         self.report = Reporter(config, self.spool, self.notifier, self.gpus, metrics, events)
         self.webhooks = WebhookSender(deliveries, config.webhooks, webhook_secrets, job_published(config.spool.root),
-                                      self.report.webhook_told) if webhook_secrets else None
+                                      self.report.webhook_told, config.spool.claim_timeout) if webhook_secrets else None
         retry = RetryPolicy(config.engine.max_attempts, config.engine.retry_backoff_seconds)
         self.engine_host = EngineHost(engine, make_engine, self.report.publish, self.gpus, retry=retry)
         self.work = WorkList(config, self.spool, self.inbox, self.resolver, self.report)

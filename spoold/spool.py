@@ -405,10 +405,11 @@ class Spool:
         for host_dir in subdirs(self.processing):
             if host_dir == self.host_dir:
                 continue
-            host_beat = _signature(host_dir / "heartbeat.json")
+            host_beat = file_signature(host_dir / "heartbeat.json")
             for path in subdirs(host_dir):
                 job = JobDir(path)
-                signature = (host_beat, _signature(job.heartbeat), _signature(job.batch), _signature(job.path))
+                signature = (host_beat, file_signature(job.heartbeat), file_signature(job.batch),
+                             file_signature(job.path))
                 silent = clocks.silent_for(path, signature, now)
                 if silent > claim_timeout:
                     orphans.append((job, silent))
@@ -555,7 +556,7 @@ def drop_record(name: str, st: os.stat_result) -> dict[str, Any]:
     return {"name": name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _signature(path: Path) -> tuple[int, int, int] | None:
+def file_signature(path: Path) -> tuple[int, int, int] | None:
     """What changes when a file is rewritten or replaced: inode, size, mtime."""
     try:
         st = os.stat(path)

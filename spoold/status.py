@@ -17,7 +17,7 @@ from typing import Any
 from .lifecycle import DaemonState
 from .names import display_name
 from .spool import JobDir, Spool, is_drop_name, subdirs
-from .webhooks import Deliveries
+from .webhooks import UNCLAIMED, Deliveries
 
 #: How many finished and failed jobs `spoold status` lists.
 RECENT = 10
@@ -118,8 +118,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _webhooks(root: Path) -> list[dict[str, Any]]:
-    """Each host's webhook deliveries waiting to be sent (or retried), and given up."""
-    return [{"host": host.name, **Deliveries(root.parent, host.name).counts()} for host in subdirs(root)]
+    """Each host's webhook deliveries waiting to be sent (or retried), and given up; UNCLAIMED's (the API
+    server's, for any daemon to take) first."""
+    hosts = [UNCLAIMED] * (root / UNCLAIMED).is_dir() + [host.name for host in subdirs(root)]
+    return [{"host": host, **Deliveries(root.parent, host).counts()} for host in hosts]
 
 
 def render_status(status: dict[str, Any]) -> str:

@@ -13,7 +13,9 @@ exponential backoff and jitter until a 2xx answer or `max_age_seconds`
 receiver can drop repeats. Only the operator's config names a URL:
 nothing a submitter writes makes spoold connect anywhere. A delivery is
 sent only once its job is in outbox/ or failed/, and holds no prompt,
-response or key: only the job's id.
+response or key: only the job's id. A host whose heartbeat stops for
+`[spool] claim_timeout` has its waiting deliveries taken over by another
+daemon on the spool, as its jobs are.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from .backoff import backoff_seconds
 from .config import ConfigError, WebhooksSettings
 from .durable import atomic_write_json, durable_mkdir, durable_rename, fsync_dir
 from .jobrecord import JobRecord
-from .spool import JobDir
+from .spool import JobDir, PeerClocks, file_signature, subdirs
 
 if TYPE_CHECKING:
     import httpx
@@ -135,9 +137,16 @@ class Deliveries:
                 log.warning("webhook delivery %s unreadable (%s); left alone", path.name, e)
         return sorted(found, key=lambda d: (d.created_at, d.id))
 
-    def save(self, delivery: Delivery) -> None:
-        """Keep a try's outcome, so a restart waits as long as this process would have."""
-        atomic_write_json(self.dir / f"{delivery.id}.json", asdict(delivery), self.file_mode)
+    def save(self, delivery: Delivery) -> bool:
+        """Keep a try's outcome, so a restart waits as long as this process would have. False (and nothing
+        written) when the delivery is no longer this host's: another host took it over while this one
+        was silent, and sends it from now on."""
+        path = self.dir / f"{delivery.id}.json"
+        if not path.exists():
+            log.warning("webhook %s was taken over by another host; this one no longer sends it", delivery.id)
+            return False
+        atomic_write_json(path, asdict(delivery), self.file_mode)
+        return True
 
     def sent(self, delivery: Delivery) -> None:
         """A 2xx came back: the delivery is done."""
@@ -146,22 +155,46 @@ class Deliveries:
 
     def give_up(self, delivery: Delivery) -> None:
         """Past `max_age_seconds`: kept in given_up/ for a person to see, never sent again."""
+        if not self.save(delivery):
+            return
         durable_mkdir(self.given_up)
-        self.save(delivery)
         durable_rename(self.dir / f"{delivery.id}.json", self.given_up / f"{delivery.id}.json")
 
     def adopt_unclaimed(self) -> None:
-        """Take over the deliveries the API server left for any daemon (UNCLAIMED): one rename each decides
-        which daemon sends it."""
-        unclaimed = self.dir.parent / UNCLAIMED
-        for path in unclaimed.glob("evt_*.json"):
+        """Take over the deliveries the API server left for any daemon (UNCLAIMED)."""
+        self._adopt(self.dir.parent / UNCLAIMED)
+
+    def adopt_from_silent_hosts(self, claim_timeout: float, clocks: PeerClocks, now: float | None = None) -> list[str]:
+        """Take over the deliveries of every other host whose `processing/<host>/heartbeat.json` has not
+        changed for `claim_timeout` (as its jobs are taken over): a dead host's receivers still hear of
+        its jobs. Returns the hosts taken from. Timed by `clocks` on this host's monotonic clock, so no
+        peer's clock decides; a host that comes back sends none of them again (`save` sees them gone)."""
+        now = time.monotonic() if now is None else now
+        taken = []
+        for peer in subdirs(self.dir.parent):
+            if peer == self.dir or not any(peer.glob("evt_*.json")):
+                continue
+            beat = self.dir.parent.parent / "processing" / peer.name / "heartbeat.json"
+            if clocks.silent_for(beat, file_signature(beat), now) > claim_timeout and self._adopt(peer):
+                log.warning("took over the webhook deliveries of host %s: its heartbeat has not changed for "
+                            "%.0fs", peer.name, claim_timeout)
+                taken.append(peer.name)
+        return taken
+
+    def _adopt(self, source: Path) -> int:
+        """Move `source`'s waiting deliveries into this host's directory, as they are (same id, same tries):
+        one rename each decides which daemon sends it. How many were taken."""
+        taken = 0
+        for path in source.glob("evt_*.json"):
             durable_mkdir(self.dir)
             try:
                 os.rename(path, self.dir / path.name)
             except FileNotFoundError:
                 continue  # another daemon took it
             fsync_dir(self.dir)
-            fsync_dir(unclaimed)
+            fsync_dir(source)
+            taken += 1
+        return taken
 
     def counts(self) -> dict[str, int]:
         """How many deliveries wait and how many were given up (for `spoold status`)."""
@@ -177,8 +210,12 @@ class WebhookSender:
     """
 
     def __init__(self, deliveries: Deliveries, settings: WebhooksSettings, secrets: dict[str, str],
-                 published: Callable[[str], bool], tell: Callable[[str, dict[str, Any]], None]) -> None:
+                 published: Callable[[str], bool], tell: Callable[[str, dict[str, Any]], None],
+                 claim_timeout: float | None = None) -> None:
         self.deliveries = deliveries
+        #: `[spool] claim_timeout`: a silent host's deliveries are taken over after it (None: never)
+        self.claim_timeout = claim_timeout
+        self._peer_clocks = PeerClocks()
         self.timeout, self.max_age = settings.timeout_seconds, settings.max_age_seconds
         #: tenant -> (url, signer); "" is the receiver of drops and of tenants without one of their own
         self.receivers = {tenant: (settings.tenants[tenant].url if tenant else settings.url, Webhook(secret))
@@ -196,7 +233,7 @@ class WebhookSender:
         async with httpx.AsyncClient(timeout=self.timeout, follow_redirects=False) as client:
             while True:
                 due = []  # when the next tries of published jobs' deliveries are due
-                await asyncio.to_thread(self.deliveries.adopt_unclaimed)
+                await asyncio.to_thread(self.adopt)
                 for delivery in await asyncio.to_thread(self.deliveries.pending):
                     if delivery.waits_for_job and not self.published(delivery.job_id):
                         continue  # its job's rename wakes us (or the next poll sees it)
@@ -208,6 +245,12 @@ class WebhookSender:
                 except asyncio.TimeoutError:
                     pass
                 self.wake.clear()
+
+    def adopt(self) -> None:
+        """Take over the deliveries nobody else will send: the API server's, and silent hosts'."""
+        self.deliveries.adopt_unclaimed()
+        if self.claim_timeout is not None:
+            self.deliveries.adopt_from_silent_hosts(self.claim_timeout, self._peer_clocks)
 
     async def attempt(self, client: httpx.AsyncClient, delivery: Delivery) -> bool:
         """One try; whether the delivery is done with (delivered, or given up). Its outcome is written
@@ -236,7 +279,6 @@ class WebhookSender:
                     else f"next try in {delivery.next_attempt_at - time.time():.1f}s")
         self.tell("spoold.webhook.failed", {**fields, "error": error, "given_up": given_up})
         return given_up
-
 
     @staticmethod
     async def _post(client: httpx.AsyncClient, delivery: Delivery, url: str, signer: Webhook) -> str | None:

@@ -13,7 +13,8 @@ from spoold.config import ConfigError, TenantWebhook, WebhooksSettings, parse_co
 from spoold.jobrecord import JobRecord
 from spoold.lifecycle import JobStatus
 from spoold.spool import JobDir
-from spoold.webhooks import Deliveries, WebhookSender, event_id, job_published, read_secret, read_secrets, record_end
+from spoold.webhooks import (UNCLAIMED, Deliveries, WebhookSender, event_id, job_published, read_secret, read_secrets,
+                             record_end)
 
 from .helpers import WebhookReceiver
 
@@ -161,8 +162,10 @@ def test_spoold_status_shows_deliveries_waiting_and_given_up(tmp_path):
     deliveries = Deliveries(tmp_path, "gpu-1")
     deliveries.record("a-1", "completed")
     deliveries.give_up(deliveries.record("b-1", "failed"))
+    Deliveries(tmp_path, UNCLAIMED).record("withdrawn-1", "cancelled", waits_for_job=False)
     status = spool_status(Spool(SpoolSettings(root=tmp_path, host_id="gpu-1")))
-    assert status["webhooks"] == [{"host": "gpu-1", "pending": 1, "given_up": 1}]
+    assert status["webhooks"] == [{"host": UNCLAIMED, "pending": 1, "given_up": 0},
+                                  {"host": "gpu-1", "pending": 1, "given_up": 1}]
     assert "webhooks [gpu-1]: 1 waiting to be delivered, 1 given up" in render_status(status)
 
 
@@ -237,3 +240,35 @@ def test_a_batch_withdrawn_through_the_api_before_any_claim_is_told_by_a_daemons
     event = unwrap(headers, body)
     assert event.type == "batch.cancelled" and event.data.id == made.id
     assert not list((tmp_path / "webhooks" / ".unclaimed").glob("evt_*.json"))  # taken, then sent
+
+
+def test_a_silent_hosts_deliveries_are_taken_over_after_claim_timeout_and_a_beating_hosts_are_not(tmp_path):
+    from spoold.spool import PeerClocks
+
+    dead, alive = Deliveries(tmp_path, "dead"), Deliveries(tmp_path, "alive")
+    waiting = dead.record("dead-1", "completed")
+    alive.record("alive-1", "failed")
+    beat = tmp_path / "processing" / "alive" / "heartbeat.json"
+    beat.parent.mkdir(parents=True)
+    mine, clocks = Deliveries(tmp_path, "me"), PeerClocks()
+    for now in (0.0, 50.0, 99.0):  # the first look starts the clocks; a beat restarts its host's
+        assert mine.adopt_from_silent_hosts(100.0, clocks, now) == []
+        beat.write_text(str(now))
+        os.utime(beat, ns=(int(now * 1e9) + 1, int(now * 1e9) + 1))
+    assert mine.adopt_from_silent_hosts(100.0, clocks, 101.0) == ["dead"]
+    assert [(d.id, d.job_id) for d in mine.pending()] == [(waiting.id, "dead-1")] and dead.pending() == []
+    assert [d.job_id for d in alive.pending()] == ["alive-1"]
+    waiting.attempts = 1
+    assert not dead.save(waiting) and dead.pending() == []  # the dead host came back: it sends it no more
+
+
+def test_a_sender_sends_a_silent_hosts_delivery_with_its_id(tmp_path, receiver):
+    hook, told = receiver(), Told()
+    (tmp_path / "outbox" / "orphan-1").mkdir(parents=True)
+    waiting = Deliveries(tmp_path, "dead").record("orphan-1", "completed")
+    settings = WebhooksSettings(url=hook.url)
+    the_sender = WebhookSender(Deliveries(tmp_path, "h"), settings, {"": SECRET}, job_published(tmp_path), told,
+                               claim_timeout=0.3)
+    asyncio.run(running(the_sender, lambda: told.wait_for(1)))
+    assert hook.got[0][0]["webhook-id"] == waiting.id and unwrap(*hook.got[0][:2]).data.id == "orphan-1"
+    assert Deliveries(tmp_path, "dead").pending() == [] == Deliveries(tmp_path, "h").pending()
