@@ -146,7 +146,8 @@ def test_completions_endpoint(spool, tmp_path):
 
 def test_responses_lines_run_and_endpoints_the_model_lacks_get_a_clear_4xx(spool, tmp_path):
     """/v1/responses through vLLM's Responses serving layer; score, rerank and embeddings need a pooling
-    model (none can be built here: the tiny model generates), so their lines must get a 4xx, not a crash."""
+    model, which this generating one is not, so their lines must get a 4xx, not a crash (score and rerank
+    on a pooling model: tests/e2e/test_vllm_models.py)."""
     from openai.types.responses import Response
 
     from spoold.config import load_config

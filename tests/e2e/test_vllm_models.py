@@ -1,4 +1,5 @@
-"""Two real models in one daemon (vLLM on the tiny local models): swaps free memory, mixed files split."""
+"""Two real models in one daemon (vLLM on the tiny local models): swaps free memory, mixed files split,
+and a pooling model (a cross-encoder) serves score and rerank lines beside a generating one."""
 
 import json
 import os
@@ -19,6 +20,15 @@ def chat(i, model):
             "body": {"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": f"Rate {i}"}]}}
 
 
+def ranking(i, model):
+    """A /v1/score line, or a /v2/rerank one, for the tiny cross-encoder."""
+    if i % 4 == 1:
+        return {"custom_id": f"{model}-{i}", "method": "POST", "url": "/v1/score",
+                "body": {"model": model, "text_1": f"candidate {i}", "text_2": ["data engineer", "nurse"]}}
+    return {"custom_id": f"{model}-{i}", "method": "POST", "url": "/v2/rerank",
+            "body": {"model": model, "query": f"ticket {i}", "documents": ["refund", "outage", "login"]}}
+
+
 def job_named(root, name):
     for job in outbox_jobs(root):
         if json.loads((job / "batch.json").read_text())["input_file"] == name:
@@ -26,39 +36,49 @@ def job_named(root, name):
     return None
 
 
-def test_two_models_swap_with_memory_freed_and_a_mixed_file_split(tmp_path, tiny_model, tiny_model_b):
+def test_two_models_swap_with_memory_freed_and_a_mixed_file_split(tmp_path, tiny_model, tiny_scorer):
+    # openai has no score or rerank types: the bodies are checked against vLLM's own, as `vllm serve` returns
+    from vllm.entrypoints.pooling.scoring.protocol import RerankResponse, ScoreResponse
+
     root = tmp_path / "spool"
     config = write_config(tmp_path / "c.toml", root, adapter="spoold.vllm_adapter:VllmEngine", model="tiny",
                           engine='dtype = "float32"\nmax_model_len = 512\nmax_num_seqs = 16\nenforce_eager = true',
-                          extra=f'[models]\ntiny = "{tiny_model}"\n[models.wide]\nmodel = "{tiny_model_b}"\n'
+                          extra=f'[models]\ntiny = "{tiny_model}"\n[models.rank]\nmodel = "{tiny_scorer}"\n'
                                 f'max_model_len = 256\n')
     d = DaemonProcess(config, tmp_path / "daemon.log").start()
     sub = Subscriber(f"ipc://{tmp_path}/events.sock")
     try:
         d.wait_ready(root, timeout=300)
         os.kill(d.proc.pid, signal.SIGSTOP)  # both queued before either is claimed
-        for name, model in (("wide.jsonl", "wide"), ("tiny.jsonl", "tiny")):
-            write_jsonl(tmp_path / name, [chat(i, model) for i in range(8)])
+        for name, make, model in (("rank.jsonl", ranking, "rank"), ("tiny.jsonl", chat, "tiny")):
+            write_jsonl(tmp_path / name, [make(i, model) for i in range(8)])
             os.rename(tmp_path / name, root / "inbox" / name)
             time.sleep(0.05)
         os.kill(d.proc.pid, signal.SIGCONT)
-        wait_for(lambda: job_named(root, "wide.jsonl"), 300, "the job for the second model", interval=0.5)
-        mixed = [chat(i, "wide" if i % 2 else "tiny") for i in range(10)]
+        wait_for(lambda: job_named(root, "rank.jsonl"), 300, "the job for the second model", interval=0.5)
+        mixed = [ranking(i, "rank") if i % 2 else chat(i, "tiny") for i in range(10)]
         write_jsonl(tmp_path / "mixed.jsonl", mixed)
         os.rename(tmp_path / "mixed.jsonl", root / "inbox" / "mixed.jsonl")
         job = wait_for(lambda: job_named(root, "mixed.jsonl"), 300, "the mixed job", interval=0.5)
     finally:
         d.terminate()
         sub.close()
-    served = {"tiny": str(tiny_model), "wide": str(tiny_model_b)}
-    for name in ("tiny.jsonl", "wide.jsonl", "mixed.jsonl"):
+    served = {"tiny": str(tiny_model), "rank": str(tiny_scorer)}
+    for name in ("tiny.jsonl", "rank.jsonl", "mixed.jsonl"):
         outputs = read_jsonl(job_named(root, name) / "output.jsonl")
         assert all(o["response"]["status_code"] == 200 for o in outputs), name
         assert {o["custom_id"]: o["response"]["body"]["model"] for o in outputs} == {
             o["custom_id"]: served[o["custom_id"].split("-")[0]] for o in outputs}, name
+    ranked = [o["response"]["body"] for o in read_jsonl(job_named(root, "rank.jsonl") / "output.jsonl")]
+    scores = [ScoreResponse.model_validate(b) for b in ranked if b.get("object") == "list"]
+    reranks = [RerankResponse.model_validate(b) for b in ranked if "results" in b]
+    assert len(scores) == 2 and all(len(s.data) == 2 for s in scores)
+    assert len(reranks) == 6 and all(sorted(r.index for r in rr.results) == [0, 1, 2] for rr in reranks)
+    usage = json.loads((job_named(root, "rank.jsonl") / "batch.json").read_text())["usage"]
+    assert usage["input_tokens"] > 0 and usage["output_tokens"] == 0  # a cross-encoder generates nothing
     assert len(read_jsonl(job / "output.jsonl")) == len(mixed)
     unloaded = [p for t, p in sub.events if t == "spoold.engine.unloaded"]
-    assert [u["model"] for u in unloaded] == [str(tiny_model), str(tiny_model_b)]
+    assert [u["model"] for u in unloaded] == [str(tiny_model), str(tiny_scorer)]
     for u in unloaded:
         # vLLM's engine process (weights and a 1 GiB KV cache) is gone after unloading.
         assert u["memory_mib_loaded"] - u["memory_mib_after_unload"] > 1500, u
