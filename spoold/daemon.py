@@ -16,14 +16,13 @@ next start; a second one cancels at once (rq's cold shutdown).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from collections.abc import Callable
 from typing import Any
 
 from .backoff import RetryPolicy
-from .config import Config, ConfigError, engine_settings_for, reload_settings
+from .config import Config, engine_settings_for
 from .engine import Engine
 from .enginehost import EngineHost
 from .events import EventPublisher
@@ -35,6 +34,8 @@ from .lifecycle import DaemonState
 from .metrics import Metrics
 from .names import display_name
 from .notify import Notifier
+from .pause import DiskPause
+from .reload import reload_config
 from .reporter import Reporter, Shown, Stall
 from .runningjobs import JobEnd, RunningJobs, Trouble
 from .spool import Spool
@@ -44,10 +45,6 @@ from .webhooks import Deliveries, WebhookSender, job_published, record_end
 from .worklist import Claimed, WorkList, describe
 
 log = logging.getLogger(__name__)
-
-#: How long to wait before retrying a job whose results could not be written
-#: (a full or failing disk): long enough not to spin, short enough to resume soon.
-WRITE_RETRY_SECONDS = 5.0
 
 
 class Daemon:
@@ -84,8 +81,7 @@ class Daemon:
         self._signals = 0
         self._main_task: asyncio.Task | None = None
         self._hup: asyncio.Event | None = None
-        #: why work is paused (a full or failing disk), shown in status and heartbeats
-        self._paused: str | None = None
+        self.pause = DiskPause()
         #: why the engine must be replaced (it died, or hung past restart_seconds); None while healthy
         self._trouble: str | None = None
         self._ready_sent = False
@@ -184,8 +180,8 @@ class Daemon:
             if self._trouble is not None:
                 await self._replace_engine()
                 continue
-            if self._paused is not None:
-                await self._pause()
+            if self.pause.reason is not None:
+                await self._wait_out_pause()
                 continue
             try:
                 swap_to = await self._fill()
@@ -209,23 +205,14 @@ class Daemon:
             await self._write_heartbeat()
 
     def _reload(self) -> None:
-        """SIGHUP: apply the settings that can change without reloading the model."""
-        if self.reload_config is None:
-            return
-        self.notifier.reloading()
-        try:
-            self.config, needs_restart = reload_settings(self.config, self.reload_config())
-        except ConfigError as e:
-            log.error("reload: %s; keeping the current settings", e)
-        else:
-            self.report.config = self.work.config = self.config  # what they measure and look for
-            self.inbox.settle_seconds = self.config.spool.settle_seconds
-            self.inbox.poll_seconds = self.config.spool.poll_seconds
-            self.jobs.window.capacity = self._inflight_limit()
-            log.info("reloaded settings (max_inflight applies to the jobs started from now on)")
-            if needs_restart:
-                log.warning("reload: %s changed; restart spoold to apply", ", ".join(needs_restart))
-        self.notifier.send("READY=1")
+        """SIGHUP: the settings that can change without reloading the model reach every part (reload.py)."""
+        if self.reload_config is not None:
+            self.config = reload_config(self.config, self.reload_config, self._apply_settings, self.notifier)
+
+    def _apply_settings(self, config: Config) -> None:
+        self.config = self.report.config = self.work.config = config  # what they measure and look for
+        self.inbox.settle_seconds, self.inbox.poll_seconds = config.spool.settle_seconds, config.spool.poll_seconds
+        self.jobs.window.capacity = self._inflight_limit()
 
     # -- the jobs that run at once --------------------------------------------
 
@@ -235,7 +222,7 @@ class Daemon:
             self._start(claimed)
         chosen, swap_to = await self.work.next_round(self.engine.model, self.jobs.ids(),
                                                     self.config.spool.max_active_jobs - len(self.jobs))
-        if self._paused:
+        if self.pause.reason:
             return None
         # Drops are claimed together: each claim's fsyncs wait on the disk, not on the others.
         for claimed in await asyncio.gather(*(self._claim(item) for item in chosen)):
@@ -279,23 +266,14 @@ class Daemon:
             self.inbox.wake()
 
     def _pause_for(self, reason: str, job_id: str | None = None) -> None:
-        """A full or failing disk: say so everywhere; the loop waits, then tries again.
-
-        Nothing unpersisted was counted, nothing incomplete was published;
-        the retry resumes from what is on disk.
-        """
-        if self._paused is None:
-            fields = job_fields(job_id) if job_id else {}
-            log.error("%s; work paused, retrying in %.0fs", reason, WRITE_RETRY_SECONDS, **fields)
-            self._paused = reason
+        """A full or failing disk: say so everywhere (pause.py); the loop waits, then tries again."""
+        if self.pause.begin(reason, job_fields(job_id) if job_id else None):
             self.inbox.wake()
 
-    async def _pause(self) -> None:
-        """Start nothing for WRITE_RETRY_SECONDS; then make again the spool directories someone removed."""
+    async def _wait_out_pause(self) -> None:
+        """Start nothing for a while; then make again the spool directories someone removed."""
         await self._write_heartbeat()
-        with contextlib.suppress(asyncio.TimeoutError):  # a stop ends the wait
-            await asyncio.wait_for(self._stop.wait(), timeout=WRITE_RETRY_SECONDS)
-        self._paused = None  # trying again; a new failure pauses again
+        await self.pause.wait_out(self._stop)
         try:
             self.spool.ensure_dirs()
         except OSError as e:
@@ -331,8 +309,8 @@ class Daemon:
 
     def _shown(self) -> Shown:
         """What the daemon is doing, for the reporter."""
-        return Shown(self.state, self.engine.model, self._paused, self.jobs.runners(), self.work.queued,
-                     WRITE_RETRY_SECONDS)
+        return Shown(self.state, self.engine.model, self.pause.reason, self.jobs.runners(), self.work.queued,
+                     self.pause.retry_seconds)
 
     async def _write_heartbeat(self) -> None:
         await self.report.heartbeat(self._shown())

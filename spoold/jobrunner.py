@@ -12,26 +12,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
 from .backoff import RetryPolicy
 from .config import LimitsSettings
+from .dispatch import Dispatch, EngineLost
 from .duplicates import DuplicateFinder
 from .durable import finish_in_thread
 from .engine import Engine, EngineDead
+from .jobinput import InputRejected, check_unchanged, open_input
+from .jobrecord import JobRecord
 from .lifecycle import JobStatus, Outcome
 from .names import display_name
-from .records import EngineRequest, EngineResult, LineError
-from .jobrecord import JobRecord
+from .progress import JobProgress
+from .records import EngineRequest, LineError
 from .spool import JobDir, Spool
-from .validation import (TICK, LineValidator, ModelResolver, Repeat, binary_kind, check_file, iter_lines,
-                         open_regular)
+from .validation import TICK, LineValidator, ModelResolver, Repeat, check_file, iter_lines
 from .window import Share
 from .writer import GroupCommitWriter, Recovered, recover_results
 
@@ -53,82 +53,14 @@ SUSPECT_WINDOW = 8
 YIELD_SECONDS = 0.05
 
 
-#: How often the wait for the last requests in flight looks at the stop event.
-DRAIN_POLL_SECONDS = 0.2
-
-#: Finished results waiting for their fsync before dispatch pauses (at least
-#: twice the requests in flight). A GPU finishes a few hundred lines between
-#: two fsyncs; only a stalled disk reaches this.
-MAX_PENDING_RESULTS = 4096
-
 #: How often a running job looks for its cancel marker (`spoold cancel`).
 CANCEL_POLL_SECONDS = 0.2
 #: `batch_expired` errors written between two flushes when a batch expires.
 EXPIRED_FLUSH_LINES = 8192
 
 
-class InputRejected(Exception):
-    """The job's input can never be processed (too big, not a regular file): it fails.
-
-    `code` is the file-level error code batch.json records (`too_big`,
-    `binary`, `not_regular`, `input_changed`).
-    """
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 class IncompleteJob(Exception):
     """Finalize found lines without a result; the job is left in processing/."""
-
-
-@dataclass
-class JobProgress:
-    """What a job has durably done so far; read by heartbeats and status."""
-
-    job_id: str
-    input_file: str
-    state: JobStatus = JobStatus.VALIDATING
-    total: int = 0
-    started: float = field(default_factory=time.monotonic)
-    done_at_start: int = 0
-    last_progress_at: float = field(default_factory=time.time)
-    done: int = 0
-    completed: int = 0
-    failed: int = 0
-    output_tokens: int = 0
-    inflight: int = 0
-    completed_at_start: int = 0
-    failed_at_start: int = 0
-
-    def rate(self) -> float:
-        """Durable lines per second since this daemon took the job up."""
-        elapsed = time.monotonic() - self.started
-        return (self.done - self.done_at_start) / elapsed if elapsed > 0 else 0.0
-
-    def tokens_rate(self) -> float:
-        """Output tokens per second since this daemon took the job up."""
-        elapsed = time.monotonic() - self.started
-        return self.output_tokens / elapsed if elapsed > 0 else 0.0
-
-    def summary(self) -> dict[str, Any]:
-        """The progress as plain data, for heartbeats and events."""
-        eta = self.eta_seconds()
-        return {
-            "job": self.job_id, "input_file": self.input_file, "state": self.state,
-            "total": self.total, "done": self.done, "completed": self.completed, "failed": self.failed,
-            "inflight": self.inflight, "requests_per_second": round(self.rate(), 3),
-            "eta_seconds": round(eta, 1) if eta is not None else None,
-            "last_progress_at": round(self.last_progress_at, 3),
-        }
-
-    def eta_seconds(self) -> float | None:
-        """Seconds to the end at the current rate, or None when unknown."""
-        rate = self.rate()
-        if not self.total or rate <= 0:
-            return None
-        return max(0.0, (self.total - self.done) / rate)
 
 
 def job_fields(job_id: str) -> dict[str, dict[str, str]]:
@@ -161,8 +93,6 @@ class JobRunner:
         # Another host may have written this record: its name is shown only in display form.
         self.progress = JobProgress(job.id, display_name(self.record.input_file), self.record.status)
         self._input: os.stat_result | None = None
-        self._inflight_lines: set[int] = set()
-        self._crashed_lines: set[int] = set()
         self._writer: GroupCommitWriter | None = None
         self._dispatch_started = 0.0
         #: the window passed: the run stops, and its unfinished lines get `batch_expired`
@@ -216,7 +146,7 @@ class JobRunner:
         if problem:
             return await self._fail(problem, "bad_record")
         try:
-            f = self._open_input()
+            f, self._input = open_input(self.job.input, self.limits.max_file_bytes, self.record.input)
         except InputRejected as e:
             return await self._fail(str(e), e.code)
         # Any other OSError (EIO, ESTALE on NFS, a full disk) may pass: it
@@ -261,47 +191,6 @@ class JobRunner:
                     "here ([models]); they are never loaded")
         return None
 
-    def _open_input(self) -> IO[bytes]:
-        """Open input.jsonl without following links; only a regular file with one name is read."""
-        try:
-            f = open_regular(self.job.input)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise InputRejected("not_regular", "input.jsonl is a symlink; it is never followed") from None
-            if e.errno == errno.EINVAL:
-                raise InputRejected("not_regular", "input.jsonl is not a regular file") from None
-            raise
-        try:
-            self._input = st = os.fstat(f.fileno())
-            self._check_input(st)
-            kind = binary_kind(f.peek(16)[:16])
-            if kind is not None:
-                raise InputRejected("binary", f"this is {kind}, not JSONL")
-        except BaseException:
-            f.close()
-            raise
-        return f
-
-    def _check_input(self, st: os.stat_result) -> None:
-        """Refuse what may not be read, and an input that changed since it was validated."""
-        if st.st_nlink != 1:
-            raise InputRejected("not_regular", f"input.jsonl has {st.st_nlink} hard links: another name "
-                                               "for it is outside the spool; submit a file of its own")
-        if self.limits.max_file_bytes and st.st_size > self.limits.max_file_bytes:
-            raise InputRejected("too_big", f"file is {st.st_size} bytes, over [limits] max_file_bytes "
-                                           f"({self.limits.max_file_bytes})")
-        validated = self.record.input
-        if isinstance(validated, dict) and (st.st_size, st.st_mtime_ns) != (validated.get("bytes"),
-                                                                              validated.get("mtime_ns")):
-            raise InputRejected("input_changed", _changed(validated.get("bytes"), st.st_size))
-
-    def _check_unchanged(self, f: IO[bytes]) -> None:
-        """The input is still what this run opened: nobody wrote to it through a descriptor
-        they held from before the claim. Checked after validation and before finalize."""
-        st = os.fstat(f.fileno())
-        if (st.st_size, st.st_mtime_ns) != (self._input.st_size, self._input.st_mtime_ns):
-            raise InputRejected("input_changed", _changed(self._input.st_size, st.st_size))
-
     async def _run_phases(self, f: IO[bytes], writer: GroupCommitWriter, recovered: Recovered) -> Outcome:
         try:
             return await self._run_passes(f, writer, recovered)
@@ -329,7 +218,7 @@ class JobRunner:
             self.record.model_done(self.engine.model)
             await self._save()
             return Outcome.WAITING
-        self._check_unchanged(f)
+        check_unchanged(f, self._input)
         await self._finalize(writer)
         return Outcome.COMPLETED
 
@@ -370,7 +259,7 @@ class JobRunner:
                     first_valid = first_valid or item
                     models[item.body["model"]] = models.get(item.body["model"], 0) + 1
         await writer.flush()
-        self._check_unchanged(f)
+        check_unchanged(f, self._input)
         self.record.validated(total, first_valid.url if first_valid else self.record.endpoint,
                               first_valid.body["model"] if first_valid else self.resolver.served,
                               models, self._input)
@@ -418,55 +307,31 @@ class JobRunner:
         left = self.record.request_counts.total - writer.tally.done
         return await self._run_lines(lines, max(1, min(self.share.capacity, left)), writer)
 
-    async def _run_lines(self, lines: Iterator[EngineRequest | None], inflight: int,
+    async def _run_lines(self, lines: Iterator[EngineRequest | None], workers: int,
                          writer: GroupCommitWriter) -> bool:
-        """Run `lines` through `inflight` workers sharing one iterator; True when all ran.
+        """Run `lines` (dispatch.py); True when all ran. An engine death is counted against the lines
+        it had in flight, then raised as EngineDead: nothing is written for them, and they run again
+        once the engine has been replaced, rather than every remaining line turning into an error."""
+        dispatch = Dispatch(self.engine, self.share, writer, self.stop, self.retry,
+                            lambda: self.record.note_retries("server_error", 1), self.progress)
+        try:
+            return await dispatch.run(lines, workers)
+        except EngineLost as e:
+            await self._record_crash(e.lines)
+            raise EngineDead(f"job {self.job.id}: {e}") from e.__cause__
 
-        No task per line: with the instant engine double, making and
-        scheduling one took a third of the time per line (55K -> 85K lines/s
-        without).
-        """
-        failure: list[BaseException] = []
-        max_pending = max(MAX_PENDING_RESULTS, 2 * self.share.capacity)
-        workers = {asyncio.create_task(self._work(lines, writer, failure, max_pending))
-                   for _ in range(inflight)}
-        await self._drain(workers, failure)
-        for worker in workers:
-            if not worker.cancelled() and worker.exception() is not None:
-                raise worker.exception()  # reading the input failed (EIO, ESTALE): the daemon retries the job
-        await writer.flush()
-        if failure:
-            await self._record_crash()
-            # Nothing is written for that request: it runs again once the engine
-            # has been replaced, rather than turning every remaining line into an error.
-            raise EngineDead(f"job {self.job.id}: the engine failed: {failure[0]!r}") from failure[0]
-        return not self.stop.is_set()
-
-    async def _record_crash(self) -> None:
+    async def _record_crash(self, lines: set[int]) -> None:
         """Count an engine death against the lines it had in flight, durably, before the restart."""
         counts = self.record.crash_counts()
-        for line in self._crashed_lines:
+        for line in lines:
             counts[line] = counts.get(line, 0) + 1
         self.record.note_crashes(counts)
-        self.record.note_retries("engine_died", sum(counts[line] < self.max_crashes for line in self._crashed_lines))
+        self.record.note_retries("engine_died", sum(counts[line] < self.max_crashes for line in lines))
         await self._save()
         log.warning("job %s: the engine died with %d lines in flight (lines %s); they run again, %d at a "
                     "time, and a line in flight at %d deaths gets an engine_crashed error",
-                    self.job.id, len(self._crashed_lines), _span(self._crashed_lines), SUSPECT_WINDOW,
+                    self.job.id, len(lines), _span(lines), SUSPECT_WINDOW,
                     self.max_crashes, **job_fields(self.job.id))
-
-    async def _drain(self, tasks: set[asyncio.Task], failure: list[BaseException]) -> None:
-        """Wait for the workers to run out of lines; a stop or an engine failure cancels the rest.
-
-        Watching the stop while waiting matters: a stuck request must not
-        hold up a warm stop (its line simply runs again on the next start).
-        """
-        running = set(tasks)
-        while running and not (self.stop.is_set() or failure):
-            _, running = await asyncio.wait(running, timeout=DRAIN_POLL_SECONDS)
-        for task in running:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _unfinished(self, f: IO[bytes], writer: GroupCommitWriter, recovered: Recovered,
                     crashes: dict[int, int], wanted: Callable[[int], bool]) -> Iterator[EngineRequest | None]:
@@ -502,69 +367,6 @@ class JobRunner:
                 recovered.error_lines.add(number)
             else:
                 yield item
-
-    async def _work(self, lines: Iterator[EngineRequest], writer: GroupCommitWriter,
-                    failure: list[BaseException], max_pending: int) -> None:
-        """One dispatch worker: take a line, wait for its answer, hand it to the writer; repeat.
-
-        Sharing `lines` is safe: the generator never awaits, so one worker's
-        next() ends before another's begins.
-        """
-        for count, item in enumerate(lines, 1):
-            if item is None:  # a tick: lines were skipped without a request to send
-                await asyncio.sleep(0)
-                continue
-            await writer.wait_pending_below(max_pending)
-            result = await self._try(item, writer, failure)
-            if result is not None and result.status_code >= 500:
-                result = await self._retried(item, result, writer, failure)
-            if result is None:
-                return  # the line taken has no result yet: it runs on the next start
-            writer.add_result(item.line, item.custom_id, result)
-            if count % 256 == 0:
-                await asyncio.sleep(0)  # an engine that answers at once must not starve the loop
-
-    async def _retried(self, item: EngineRequest, result: EngineResult, writer: GroupCommitWriter,
-                       failure: list[BaseException]) -> EngineResult | None:
-        """The final answer to a line the engine answered 5xx: tried again up to `max_attempts` times
-        in all, with backoff.
-
-        None when the run stops or the engine dies first: nothing is written,
-        and the line runs again (on the next start, or on a fresh engine).
-        A 4xx is the request's own fault and is final at once; so is the 503
-        of a model that failed to load (its loading was retried already).
-        """
-        attempt = 1
-        while (result is not None and result.status_code >= 500 and attempt < self.retry.max_attempts
-               and not getattr(self.engine, "load_error", None)):
-            self.record.note_retries("server_error", 1)
-            await asyncio.sleep(self.retry.wait(attempt))  # a stop cancels the wait (_drain)
-            result = await self._try(item, writer, failure)
-            attempt += 1
-        return result
-
-    async def _try(self, item: EngineRequest, writer: GroupCommitWriter,
-                   failure: list[BaseException]) -> EngineResult | None:
-        """One request to the engine in this job's share of the window; None if it cannot be sent or the engine died."""
-        place = await self.share.acquire()  # other jobs' requests may hold the window
-        if self.stop.is_set() or failure or writer.failure:
-            self.share.release()
-            return None
-        self.progress.inflight += 1
-        self._inflight_lines.add(item.line)
-        try:
-            return await self.engine.handle(replace(item, priority=place))
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            if not failure:
-                self._crashed_lines = set(self._inflight_lines)  # all of them were lost with the engine
-            failure.append(e)
-            return None
-        finally:
-            self.share.release()
-            self.progress.inflight -= 1
-            self._inflight_lines.discard(item.line)
 
     async def _finalize(self, writer: GroupCommitWriter) -> None:
         """Check every line has its result, write batch.json, publish to the outbox."""
@@ -610,7 +412,8 @@ class JobRunner:
         recovered = recover_results(self.job.output, self.job.errors)
         writer, commit_task = self._start_writer(recovered)
         try:
-            with self._open_input() as f:
+            f, self._input = open_input(self.job.input, self.limits.max_file_bytes, self.record.input)
+            with f:
                 await self._write_expired(f, writer, recovered)
         except InputRejected as e:
             return await self._fail(str(e), e.code)
@@ -713,12 +516,6 @@ class _Breather:
             return False
         self._due = now + YIELD_SECONDS
         return True
-
-
-def _changed(validated: Any, now: int) -> str:
-    return (f"input.jsonl changed after it was claimed ({validated} bytes when validated, {now} now): "
-            "something still writes to it; submit it again once complete (rename it into the inbox, "
-            "or mark it NAME.jsonl.ready). Results so far are kept with the failed job")
 
 
 def _span(lines: set[int]) -> str:

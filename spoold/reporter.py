@@ -27,7 +27,8 @@ from .notify import STOPPING_STATUS, Notifier
 from .spool import Spool
 
 if TYPE_CHECKING:
-    from .jobrunner import JobProgress, JobRunner
+    from .jobrunner import JobRunner
+    from .progress import JobProgress
 
 log = logging.getLogger(__name__)
 

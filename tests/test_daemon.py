@@ -104,7 +104,7 @@ def test_a_reload_changes_what_the_reporter_counts_as_a_stall(tmp_path):
     from dataclasses import replace
 
     from spoold.config import WatchdogSettings
-    from spoold.jobrunner import JobProgress
+    from spoold.progress import JobProgress
     from spoold.lifecycle import JobStatus
 
     class Running:

@@ -2,7 +2,7 @@ import logging
 
 from spoold.gpu import GpuReader
 from spoold.heartbeat import status_line
-from spoold.jobrunner import JobProgress
+from spoold.progress import JobProgress
 
 
 def test_without_nvml_readings_are_absent_and_quiet(caplog):

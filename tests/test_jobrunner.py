@@ -224,7 +224,7 @@ def slow_disk(monkeypatch) -> dict:
 
 
 def test_a_slow_disk_pauses_dispatch_instead_of_piling_up_finished_lines(tmp_path, monkeypatch):
-    monkeypatch.setattr("spoold.jobrunner.MAX_PENDING_RESULTS", 20)
+    monkeypatch.setattr("spoold.dispatch.MAX_PENDING_RESULTS", 20)
     most = slow_disk(monkeypatch)
     spool, job, engine = setup(tmp_path, [chat_line(i) for i in range(400)])
     status, _ = run_job(spool, job, engine, inflight=8)

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 from spoold.config import Config, SpoolSettings, WatchdogSettings
 from spoold.gpu import GpuReader
-from spoold.jobrunner import JobProgress
+from spoold.progress import JobProgress
 from spoold.lifecycle import DaemonState, JobStatus
 from spoold.notify import Notifier
 from spoold.reporter import Reporter, Shown

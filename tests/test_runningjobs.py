@@ -53,7 +53,7 @@ def test_an_engine_that_dies_under_a_job_makes_the_daemon_replace_it(tmp_path):
     assert end.trouble is Trouble.ENGINE and "engine died" in end.reason
     assert daemon._trouble == end.reason  # the loop replaces the engine next
     assert daemon.jobs.window.closed  # and sends the dead one nothing more
-    assert daemon._paused is None
+    assert daemon.pause.reason is None
 
 
 class _Job:
@@ -96,6 +96,6 @@ def test_a_job_with_lines_left_unanswered_or_a_bug_is_stuck_until_the_next_start
 def test_the_daemon_acts_on_each_verdict(tmp_path):
     daemon = make_daemon(tmp_path)
     daemon._job_ended(JobEnd("j1", Outcome.INTERRUPTED, Trouble.STUCK, "bug"))
-    assert "j1" in daemon.work.stuck and daemon._paused is None
+    assert "j1" in daemon.work.stuck and daemon.pause.reason is None
     daemon._job_ended(JobEnd("j2", Outcome.INTERRUPTED, Trouble.DISK, "job j2: No space left on device"))
-    assert daemon._paused == "job j2: No space left on device" and daemon._trouble is None
+    assert daemon.pause.reason == "job j2: No space left on device" and daemon._trouble is None
