@@ -1,4 +1,5 @@
-# spoold: `make test` and `make demo` set everything up from nothing.
+# spoold: `make test` and `make demo` set everything up from nothing (a development
+# virtualenv in .venv); `sudo make install` puts spoold in place as a system service.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -6,9 +7,10 @@ PY     := $(VENV)/bin/python
 EXTRA  := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP  := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install test demo reliability clean
+.PHONY: venv test demo reliability clean install uninstall
 
-install: $(STAMP)
+# The development virtualenv: this checkout, editable, with the test tools.
+venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@# libsystemd-dev + pkg-config build systemd-python; tmux drives the terminal tests.
@@ -29,16 +31,29 @@ $(STAMP): pyproject.toml
 	if [ "$(EXTRA)" = cpu ]; then $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true; fi
 	touch $@
 
-test: install
+test: venv
 	$(PY) -m pytest
 
 # The crash, fault and hostile-input harness, then its figures into README.md.
-reliability: install
+reliability: venv
 	$(PY) -m pytest tests/torture tests/e2e/test_vllm.py
 	$(PY) -m tests.torture.report
 
-demo: install
+demo: venv
 	$(VENV)/bin/spoold demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .cache build *.egg-info
+
+# The system service (packaging/install.sh says what goes where):
+#   sudo make install [PREFIX=/opt/spoold] [RESTART=1]    install or upgrade in place
+#   sudo make uninstall                                    remove it; the spool and config stay
+#   make install DESTDIR=/tmp/stage                        for packagers: stage it, apply nothing
+PREFIX        ?= /opt/spoold
+DESTDIR       ?=
+RESTART       ?= 0
+SYSTEM_PYTHON ?= /usr/bin/python3
+
+install uninstall:
+	PREFIX="$(PREFIX)" DESTDIR="$(DESTDIR)" EXTRA="$(EXTRA)" RESTART="$(RESTART)" \
+		PYTHON="$(SYSTEM_PYTHON)" SRC="$(CURDIR)" packaging/install.sh $@

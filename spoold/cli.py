@@ -8,6 +8,7 @@
     spoold api [--listen]           the OpenAI-compatible HTTP API over the spool
     spoold retry JOB...             run a finished job's failed lines again, as a new job
     spoold results JOB [-o FILE]    one result per custom_id over a job and its retries
+    spoold doctor [--json]          check the setup, one line per check, with what to do
     spoold demo                     the whole pipeline on a tiny local model
 
 Every verb takes `--config PATH` (default /etc/spoold/spoold.toml or
@@ -88,6 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Read the spool (works while the daemon is down).")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
+
+    p = verbs.add_parser("doctor", parents=[common], help="check the setup and say what is wrong",
+                         description="Check, one line each, what spoold needs: the config, the models (readable "
+                                     "by the service user), vLLM's build against the GPUs NVML sees, GPU memory, "
+                                     "the spool's directories and filesystem, the event socket and metrics port, "
+                                     "the systemd unit, the newest heartbeat and disk space. Each failing check "
+                                     "says what to do. Exit 0 only if no check failed (a check that does not "
+                                     "apply here is shown as skip).")
+    p.add_argument("--json", action="store_true", help="machine-readable output: {ok, checks: [...]}")
+    p.add_argument("--unit", default="spoold", help="the systemd unit to look at (default: spoold; e.g. spoold@0)")
+    p.add_argument("--user", default="spoold",
+                   help="the user the service runs as, for the model check (default: spoold; this user if "
+                        "there is none)")
+    p.set_defaults(func=cmd_doctor)
 
     p = verbs.add_parser("watch", parents=[common], help="follow live progress from the event feed",
                          description="Subscribe to the daemon's ZeroMQ feed ([events] endpoint) and show "
@@ -443,6 +458,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     status = spool_status(Spool(config.spool), config.watchdog.stall_seconds)
     print(status_json(status) if args.json else render_status(status))
     return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import as_json, passed, render, run_checks
+
+    checks = run_checks(config_path(args.config), args.unit, args.user)
+    print(as_json(checks) if args.json else render(checks))
+    return EXIT_OK if passed(checks) else EXIT_BAD_INPUT
 
 
 def cmd_watch(args: argparse.Namespace) -> int:

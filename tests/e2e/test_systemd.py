@@ -57,15 +57,18 @@ pytestmark = pytest.mark.skipif(_why_not is not None, reason=f"SKIPPED systemd t
 class PrivateSystemd:
     """A booted private systemd and the helpers to drive it."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, overlay: Path | None = None) -> None:
+        """`overlay`: make /usr, /etc, /opt and /var/spool overlays writing there (systemd_boot.sh)."""
         self.base = base
+        self.overlay = overlay
         self.units = base / "units"
         self.proc: subprocess.Popen | None = None
         self.pid = 0
 
     def boot(self) -> None:
         self.proc = subprocess.Popen(["unshare", "--fork", "--pid", "--mount", "--mount-proc", "--uts",
-                                      str(BOOT), str(self.units), "spoold-test.target", str(REPO)],
+                                      str(BOOT), str(self.units), "spoold-test.target", str(REPO),
+                                      *([str(self.overlay)] if self.overlay else [])],
                                      stdout=open(self.base / "systemd.log", "wb"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.pid = wait_for(self._child_pid, 10, "systemd to start")
@@ -76,10 +79,10 @@ class PrivateSystemd:
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
         return int(out[0]) if out else 0
 
-    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    def run(self, *cmd: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
         """Run a command inside the namespaces (systemctl, journalctl, pgrep, kill)."""
         result = subprocess.run(["nsenter", "-t", str(self.pid), "-m", "-p", "-u", *cmd],
-                                capture_output=True, text=True, timeout=120)
+                                capture_output=True, text=True, timeout=timeout)
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}): {result.stdout}{result.stderr}")
         return result
