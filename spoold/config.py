@@ -61,6 +61,9 @@ class EngineSettings:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
+    #: engine replicas in one daemon, vLLM's own load balancing across them (one GPU each, times
+    #: tensor_parallel_size); multi-node options go in [engine.args] as `vllm serve` takes them
+    data_parallel_size: int = 1
     max_inflight: int = 0
     #: tries a line gets when the engine answers 5xx, dies under it or its model fails to load
     max_attempts: int = 3
@@ -74,14 +77,16 @@ class EngineSettings:
 
         Its own queue must never run dry while the serving layer catches up
         on a wave of finished requests: measured on 2 cores, 8 x max_num_seqs
-        ran 10-17% faster than 2 x (README, Performance).
+        ran 10-17% faster than 2 x (README, Performance). With data
+        parallelism each replica batches `max_num_seqs`.
         """
-        return self.max_inflight or INFLIGHT_PER_SEQ * self.max_num_seqs
+        return self.max_inflight or INFLIGHT_PER_SEQ * self.max_num_seqs * max(1, self.data_parallel_size)
 
 
 #: `[engine]` keys a `[models.NAME]` table may set for that model alone.
 PER_MODEL_KEYS = ("dtype", "max_model_len", "max_num_seqs", "gpu_memory_utilization",
-                  "enable_prefix_caching", "enforce_eager", "tensor_parallel_size", "max_inflight")
+                  "enable_prefix_caching", "enforce_eager", "tensor_parallel_size", "data_parallel_size",
+                  "max_inflight")
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ def build_vllm_args(settings: EngineSettings) -> Namespace:
         "enable_prefix_caching": settings.enable_prefix_caching,
         "enforce_eager": settings.enforce_eager,
         "tensor_parallel_size": settings.tensor_parallel_size,
+        "data_parallel_size": settings.data_parallel_size,
         # A dropped file must never make the daemon run code from a repository.
         "trust_remote_code": False,
         # Jobs running at once share the engine: each request's place in its

@@ -36,3 +36,23 @@ def test_a_request_cancelled_inside_the_serving_layer_is_never_a_result():
             await task
 
     asyncio.run(go())
+
+
+def test_data_parallelism_reaches_vllm_as_vllm_serve_takes_it():
+    """[engine] data_parallel_size (or a model's own) and the multi-node options of [engine.args] land on
+    vLLM's own argument namespace; the window grows with the replicas so each stays full."""
+    from spoold.config import engine_settings_for, parse_config
+    from spoold.vllm_adapter import build_vllm_args
+
+    config = parse_config({
+        "engine": {"model": "small", "max_num_seqs": 16, "data_parallel_size": 2,
+                   "args": {"data_parallel_address": "10.0.0.1", "data_parallel_size_local": 1,
+                            "data_parallel_rpc_port": 13345, "data_parallel_backend": "ray"}},
+        "models": {"small": "/models/small", "big": {"model": "/models/big", "data_parallel_size": 4}},
+    })
+    args = build_vllm_args(engine_settings_for(config, "/models/small"))
+    assert (args.data_parallel_size, args.data_parallel_address, args.data_parallel_size_local,
+            args.data_parallel_rpc_port, args.data_parallel_backend) == (2, "10.0.0.1", 1, 13345, "ray")
+    big = engine_settings_for(config, "/models/big")
+    assert build_vllm_args(big).data_parallel_size == 4
+    assert config.engine.inflight_limit == 8 * 16 * 2 and big.inflight_limit == 8 * 16 * 4

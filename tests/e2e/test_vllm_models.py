@@ -120,3 +120,26 @@ def test_bench_models_on_the_tiny_models(tmp_path, tiny_model, tiny_model_b):
 
     png = Image.open(out / "report.png")
     assert png.format == "PNG" and png.size == (800, 500) and (out / "report.png").stat().st_size > 10_000
+
+
+def test_one_daemon_drives_two_engine_replicas_with_vllm_data_parallelism(tmp_path, tiny_model):
+    """[engine] data_parallel_size = 2 on this CPU build: vLLM's DP coordinator and two engine cores behind
+    one daemon and one queue; a drop completes with every line answered once."""
+    root = tmp_path / "spool"
+    config = write_config(tmp_path / "c.toml", root, adapter="spoold.vllm_adapter:VllmEngine", model="tiny",
+                          engine='dtype = "float32"\nmax_model_len = 512\nmax_num_seqs = 16\nenforce_eager = true\n'
+                                 'data_parallel_size = 2', extra=f'[models]\ntiny = "{tiny_model}"\n')
+    d = DaemonProcess(config, tmp_path / "daemon.log").start()
+    try:
+        d.wait_ready(root, timeout=300)
+        rows = [chat(i, "tiny") for i in range(60)]
+        write_jsonl(tmp_path / "dp.jsonl", rows)
+        os.rename(tmp_path / "dp.jsonl", root / "inbox" / "dp.jsonl")
+        job = wait_for(lambda: job_named(root, "dp.jsonl"), 300, "the job", interval=0.5)
+    finally:
+        d.terminate()
+    outputs = read_jsonl(job / "output.jsonl")
+    assert sorted(o["custom_id"] for o in outputs) == sorted(r["custom_id"] for r in rows)
+    assert all(o["response"]["status_code"] == 200 for o in outputs)
+    log = (tmp_path / "daemon.log").read_text()
+    assert "DP Coordinator" in log and "EngineCore_DP0" in log and "EngineCore_DP1" in log
