@@ -252,13 +252,13 @@ def _fs_type(path: Path) -> str:
 
 def check_events(config: Config) -> Check:
     """The event endpoint is free, or spoold's (its heartbeat is fresh)."""
-    endpoint = resolve_endpoint(config.events.endpoint)
+    endpoint = resolve_endpoint(config.events.endpoint, connect=True)  # the service's socket, as `spoold watch` finds it
     if endpoint.startswith("ipc://"):
         path = Path(endpoint[len("ipc://"):])
         in_use = path.is_socket() and _answers_unix(path)
     elif endpoint.startswith("tcp://"):
         host, _, port = endpoint[len("tcp://"):].rpartition(":")
-        in_use = _tcp_in_use(host, int(port))
+        in_use = _tcp_in_use("127.0.0.1" if host in ("*", "0.0.0.0", "") else host, int(port))
     else:
         return Check("events", SKIP, f"{endpoint}: not checked (only ipc:// and tcp://)")
     return _port_verdict("events", endpoint, in_use, _daemon_beating(config))
@@ -329,8 +329,10 @@ def check_unit(unit: str) -> Check:
 
 def check_heartbeat(config: Config) -> Check:
     """The newest heartbeat on this spool: which host, its state, how old."""
-    beats = []
-    for path in (config.spool.root / "processing").glob("*/heartbeat.json"):
+    processing, beats = config.spool.root / "processing", []
+    if processing.is_dir() and not os.access(processing, os.R_OK | os.X_OK):
+        return Check("heartbeat", SKIP, f"{processing} is spoold's; not readable by this user (run as root or spoold)")
+    for path in processing.glob("*/heartbeat.json"):
         with contextlib.suppress(OSError, ValueError):
             beats.append((path.stat().st_mtime, path))
     if not beats:
