@@ -112,6 +112,8 @@ class LimitsSettings:
     max_file_bytes: int = 50 * 1024 ** 3
     #: what one line may ask the engine to produce: n x max_tokens x (1 + logprobs per token)
     max_output_tokens_per_line: int = 1024 * 1024
+    #: hosts a line's image_url (video, audio, file) may be fetched from; none by default: only data: URLs
+    allowed_media_domains: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -390,12 +392,15 @@ def _coerce(kind: Any, value: Any, where: str) -> Any:
         ok = isinstance(value, dict)
     elif kind is list:
         ok = isinstance(value, list)
+    elif origin is tuple:  # a list of strings in TOML, kept immutable
+        ok = isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+        value = tuple(value) if ok else value
     else:  # pragma: no cover - every declared type is handled above
         ok = False
     if not ok:
         expected = {bool: "true or false", int: "a whole number ≥ 0",
                     float: "a number ≥ 0", Path: "a non-empty path",
-                    str: "a string"}.get(kind, "a table")
+                    str: "a string"}.get(kind, "a list of strings" if origin is tuple else "a table")
         raise ConfigError(f"{where}: expected {expected}, got {value!r}")
     return value
 

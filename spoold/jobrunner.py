@@ -174,7 +174,8 @@ class JobRunner:
         # An API batch names its endpoint up front (as OpenAI's does); a drop's lines may mix them.
         endpoint = self.record.endpoint if self.record.input_file_id is not None else None
         return LineValidator(self.resolver, duplicates=duplicates, endpoint=endpoint,
-                             max_output_tokens=self.limits.max_output_tokens_per_line)
+                             max_output_tokens=self.limits.max_output_tokens_per_line,
+                             allowed_media=self.limits.allowed_media_domains)
 
     def _record_problem(self) -> str | None:
         """What is wrong with a batch.json another host (or an older spoold) wrote, if anything.

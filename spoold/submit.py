@@ -41,7 +41,7 @@ def validate_file(path: str, resolver: ModelResolver, limits: LimitsSettings,
     report = Report(path)
     max_line_bytes, max_tokens = limits.max_line_bytes, limits.max_output_tokens_per_line
     def validator(finder: DuplicateFinder | None) -> LineValidator:
-        return LineValidator(resolver, force_model, finder, max_tokens)
+        return LineValidator(resolver, force_model, finder, max_tokens, allowed_media=limits.allowed_media_domains)
 
     with open(path, "rb") as f:
         for item in check_file(f, validator, max_line_bytes):

@@ -13,11 +13,12 @@ import errno
 import json
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
 from .duplicates import DuplicateFinder
+from .media import may_name_media, refused_media
 from .records import EngineRequest, LineError
 
 SUPPORTED_URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses",
@@ -90,8 +91,10 @@ class LineValidator:
 
     def __init__(self, resolver: ModelResolver, force_model: str | None = None,
                  duplicates: DuplicateFinder | None = None, max_output_tokens: int = 0,
-                 endpoint: str | None = None) -> None:
+                 endpoint: str | None = None, allowed_media: Iterable[str] = ()) -> None:
         self.resolver = resolver
+        #: hosts media may be fetched from ([limits] allowed_media_domains); none: only data: URLs (media.py)
+        self.allowed_media = frozenset(allowed_media)
         self.force_model = force_model  # what `spoold submit --model` will write
         self.duplicates = duplicates
         self.max_output_tokens = max_output_tokens  # [limits] max_output_tokens_per_line; 0 = none
@@ -121,7 +124,12 @@ class LineValidator:
             # Every good custom_id counts, even on a line that fails a later
             # check: the id is taken, and a later line repeating it is a duplicate.
             self.duplicates.add(line, custom_id)
-        return self._check_request(line, custom_id, obj)
+        checked = self._check_request(line, custom_id, obj)
+        if isinstance(checked, EngineRequest) and may_name_media(raw):
+            refused = refused_media(checked.body, self.allowed_media)
+            if refused:
+                return LineError(line, custom_id, "media_url_refused", refused)
+        return checked
 
     def _check_request(self, line: int, custom_id: str, obj: dict[str, Any]) -> EngineRequest | LineError:
         if obj.get("method") != "POST":

@@ -187,3 +187,61 @@ def test_an_api_batchs_lines_must_all_ask_for_its_endpoint():
     assert isinstance(LineValidator(ModelResolver(ALIASES, "qwen3:4b")).check(
         2, json.dumps({**line, "url": "/v1/completions", "body": {"model": "qwen3:4b", "prompt": "x"}}).encode()),
         EngineRequest)
+
+
+def media_line(i, part, url="/v1/chat/completions"):
+    return {"custom_id": f"m{i}", "method": "POST", "url": url,
+            "body": {"model": "qwen3:4b", "max_tokens": 8,
+                     "messages": [{"role": "user", "content": [{"type": "text", "text": "what is this?"}, part]}]}}
+
+
+def test_a_line_cannot_make_the_engine_fetch_a_url_but_inline_media_and_allowed_hosts_pass():
+    """SSRF: vLLM would fetch a line's image_url from the GPU box (cloud metadata, internal services)."""
+    resolver = ModelResolver(ALIASES, "qwen3:4b")
+    png = "data:image/png;base64,iVBORw0KGgo="
+    lines = {
+        1: media_line(1, {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest/meta-data/"}}),
+        2: media_line(2, {"type": "image_url", "image_url": {"url": png}}),
+        3: media_line(3, {"type": "video_url", "video_url": {"url": "HTTPS://Intranet.example/x.mp4"}}),
+        4: media_line(4, {"type": "image_url", "image_url": {"url": "https://images.example.com/a.png"}}),
+        5: media_line(5, {"type": "image_url", "image_url": {"url": "file:///etc/shadow"}}),
+        # the Responses API names the URL as a string; the key hidden behind a JSON escape still counts
+        6: {"custom_id": "m6", "method": "POST", "url": "/v1/responses",
+            "body": {"model": "qwen3:4b", "input": [{"role": "user", "content": [
+                {"type": "input_image", "image_url": "http://10.0.0.5:8080/admin"}]}]}},
+        7: None,
+        # score documents may be content parts too
+        8: {"custom_id": "m8", "method": "POST", "url": "/v1/score",
+            "body": {"model": "qwen3:4b", "text_1": "q", "text_2": {"content": [
+                {"type": "image_url", "image_url": {"url": "http://localhost:9464/metrics"}}]}}},
+    }
+    raw = {n: json.dumps(line).encode() for n, line in lines.items() if line}
+    raw[7] = (b'{"custom_id": "m7", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "qwen3:4b",'
+              b' "messages": [{"role": "user", "content": [{"type": "image_url", "image\\u005furl": '
+              b'{"url": "http://169.254.169.254/"}}]}]}}')
+    refusing = LineValidator(resolver)
+    verdicts = {n: refusing.check(n, line) for n, line in raw.items()}
+    refused = {n: v for n, v in verdicts.items() if isinstance(v, LineError)}
+    assert sorted(refused) == [1, 3, 4, 5, 6, 7, 8]
+    assert {v.code for v in refused.values()} == {"media_url_refused"}
+    assert refused[1].message.startswith("`body.messages[0].content[1].image_url.url` asks the engine to fetch "
+                                         "from 169.254.169.254")
+    assert "data: URL" in refused[1].message and "[limits] allowed_media_domains" in refused[1].message
+    assert "intranet.example" in refused[3].message
+    assert refused[5].message.startswith("`body.messages[0].content[1].image_url.url` is not a data: URL")
+    assert refused[6].message.startswith("`body.input[0].content[0].image_url` asks the engine to fetch from 10.0.0.5")
+    assert "body.text_2.content[0].image_url.url" in refused[8].message
+    assert isinstance(verdicts[2], EngineRequest)
+    allowing = LineValidator(resolver, allowed_media=["images.example.com"])
+    assert isinstance(allowing.check(4, raw[4]), EngineRequest)
+    assert isinstance(allowing.check(1, raw[1]), LineError)
+
+
+def test_allowed_media_domains_is_a_list_of_hosts_in_the_config():
+    from spoold.config import ConfigError, parse_config
+
+    assert parse_config({}).limits.allowed_media_domains == ()
+    config = parse_config({"limits": {"allowed_media_domains": ["images.example.com"]}})
+    assert config.limits.allowed_media_domains == ("images.example.com",)
+    with pytest.raises(ConfigError, match=r"\[limits\] allowed_media_domains: expected a list of strings"):
+        parse_config({"limits": {"allowed_media_domains": "images.example.com"}})
