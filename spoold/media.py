@@ -23,9 +23,9 @@ URL_KEYS = frozenset({"image_url", "video_url", "audio_url", "file_url"})
 
 
 def may_name_media(raw: bytes) -> bool:
-    """Whether a raw line could hold a media URL at all: a key with `url` in it, or an escape that
-    could spell one. Most lines have neither, and skip the walk."""
-    return b"url" in raw or b"\\u" in raw
+    """Whether a raw line could hold a media URL at all: a key ending `_url` (every line has a `url`),
+    or an escape that could spell one. Most lines have neither, and skip the walk."""
+    return b"_url" in raw or b"\\u" in raw
 
 
 def refused_media(body: Any, allowed: Iterable[str]) -> str | None:
