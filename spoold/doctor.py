@@ -40,8 +40,7 @@ from .validation import ModelResolver
 
 OK, FAIL, SKIP = "ok", "fail", "skip"
 
-#: The spool's directories and what the packaged tmpfiles gives them beyond
-#: "others get nothing": inbox/ sticky (each submitter may remove only their own drops).
+#: The spool's directories: each must keep others out; the inbox, where the group may write, sticky.
 SPOOL_DIRS = ("inbox", "processing", "outbox", "failed")
 
 #: A heartbeat older than this many periods means the daemon is not beating.
