@@ -35,7 +35,7 @@ from .metrics import Metrics
 from .names import display_name
 from .notify import Notifier
 from .pause import DiskPause
-from .reload import reload_config
+from .reload import apply_reload
 from .reporter import Reporter, Shown, Stall
 from .runningjobs import JobEnd, RunningJobs, Trouble
 from .spool import Spool
@@ -207,7 +207,7 @@ class Daemon:
     def _reload(self) -> None:
         """SIGHUP: the settings that can change without reloading the model reach every part (reload.py)."""
         if self.reload_config is not None:
-            self.config = reload_config(self.config, self.reload_config, self._apply_settings, self.notifier)
+            apply_reload(self.config, self.reload_config, self._apply_settings, self.notifier)
 
     def _apply_settings(self, config: Config) -> None:
         self.config = self.report.config = self.work.config = config  # what they measure and look for

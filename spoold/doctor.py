@@ -72,9 +72,10 @@ def run_checks(config_file: Path, unit: str = "spoold", service_user: str = "spo
     checks = [Check("config", OK, f"{config_file} parses")]
     gpus = GpuReader().read()
     checks += check_models(config, service_user)
+    beat = check_heartbeat(config)
     checks += [check_vllm(gpus), check_gpu_memory(config, gpus), check_spool_dirs(config),
-               check_filesystem(config.spool.root), check_events(config), check_metrics(config),
-               check_unit(unit), check_heartbeat(config), check_disk(config.spool.root)]
+               check_filesystem(config.spool.root), check_events(config, beat.status == OK),
+               check_metrics(config), check_unit(unit), beat, check_disk(config.spool.root)]
     return checks
 
 
@@ -249,9 +250,10 @@ def _fs_type(path: Path) -> str:
 
 # -- sockets, unit, heartbeat, disk ------------------------------------------
 
-def check_events(config: Config) -> Check:
-    """The event endpoint is free, or spoold's (its heartbeat is fresh)."""
-    endpoint = resolve_endpoint(config.events.endpoint, connect=True)  # the service's socket, as `spoold watch` finds it
+def check_events(config: Config, daemon_beating: bool) -> Check:
+    """The event endpoint is free, or spoold's (`daemon_beating`: a heartbeat on this spool is fresh)."""
+    # connect=True: the system service's socket first, where `spoold watch` looks
+    endpoint = resolve_endpoint(config.events.endpoint, connect=True)
     if endpoint.startswith("ipc://"):
         path = Path(endpoint[len("ipc://"):])
         in_use = path.is_socket() and _answers_unix(path)
@@ -260,7 +262,7 @@ def check_events(config: Config) -> Check:
         in_use = _tcp_in_use("127.0.0.1" if host in ("*", "0.0.0.0", "") else host, int(port))
     else:
         return Check("events", SKIP, f"{endpoint}: not checked (only ipc:// and tcp://)")
-    return _port_verdict("events", endpoint, in_use, _daemon_beating(config))
+    return _port_verdict("events", endpoint, in_use, daemon_beating)
 
 
 def check_metrics(config: Config) -> Check:
@@ -268,10 +270,9 @@ def check_metrics(config: Config) -> Check:
     if not config.metrics.listen:
         return Check("metrics", SKIP, "[metrics] listen is off")
     host, _, port = config.metrics.listen.rpartition(":")
-    if not _tcp_in_use(host or "127.0.0.1", int(port)):
-        return Check("metrics", OK, f"{config.metrics.listen} is free for spoold")
-    ours = _serves_spoold_metrics(host or "127.0.0.1", int(port))
-    return _port_verdict("metrics", config.metrics.listen, True, ours)
+    host = host or "127.0.0.1"
+    in_use = _tcp_in_use(host, int(port))
+    return _port_verdict("metrics", config.metrics.listen, in_use, in_use and _serves_spoold_metrics(host, int(port)))
 
 
 def _port_verdict(name: str, where: str, in_use: bool, ours: bool) -> Check:
@@ -344,10 +345,6 @@ def check_heartbeat(config: Config) -> Check:
         return Check("heartbeat", FAIL, f"{where}: spoold is not running there, or is stuck",
                      "systemctl status spoold; journalctl -u spoold -n 50")
     return Check("heartbeat", OK, where)
-
-
-def _daemon_beating(config: Config) -> bool:
-    return check_heartbeat(config).status == OK
 
 
 def _read_state(path: Path) -> str:

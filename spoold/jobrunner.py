@@ -146,7 +146,7 @@ class JobRunner:
         if problem:
             return await self._fail(problem, "bad_record")
         try:
-            f, self._input = open_input(self.job.input, self.limits.max_file_bytes, self.record.input)
+            f = self._open_input()
         except InputRejected as e:
             return await self._fail(str(e), e.code)
         # Any other OSError (EIO, ESTALE on NFS, a full disk) may pass: it
@@ -176,6 +176,11 @@ class JobRunner:
         return LineValidator(self.resolver, duplicates=duplicates, endpoint=endpoint,
                              max_output_tokens=self.limits.max_output_tokens_per_line,
                              allowed_media=self.limits.allowed_media_domains)
+
+    def _open_input(self) -> IO[bytes]:
+        """input.jsonl, opened as jobinput.open_input allows; its stat at opening is kept for the checks after."""
+        f, self._input = open_input(self.job.input, self.limits.max_file_bytes, self.record.input)
+        return f
 
     def _record_problem(self) -> str | None:
         """What is wrong with a batch.json another host (or an older spoold) wrote, if anything.
@@ -413,8 +418,7 @@ class JobRunner:
         recovered = recover_results(self.job.output, self.job.errors)
         writer, commit_task = self._start_writer(recovered)
         try:
-            f, self._input = open_input(self.job.input, self.limits.max_file_bytes, self.record.input)
-            with f:
+            with self._open_input() as f:
                 await self._write_expired(f, writer, recovered)
         except InputRejected as e:
             return await self._fail(str(e), e.code)

@@ -39,7 +39,8 @@ class DiskPause:
         return True
 
     async def wait_out(self, stop: asyncio.Event) -> None:
-        """Start nothing for `retry_seconds` (a stop ends the wait sooner); then try again (a new failure pauses again)."""
+        """Start nothing for `retry_seconds` (a stop ends the wait sooner); then try again
+        (a new failure pauses again)."""
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=self.retry_seconds)
         self.reason = None

@@ -45,3 +45,12 @@ class LineError:
     custom_id: str | None
     code: str
     message: str
+
+
+def usage_tokens(usage: Any) -> tuple[int, int]:
+    """(input, output) tokens of a response body's `usage`: chat's and completions' names
+    (prompt_tokens, completion_tokens) or the Responses API's (input_tokens, output_tokens)."""
+    if not isinstance(usage, dict):
+        return 0, 0
+    return (int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0),
+            int(usage.get("completion_tokens") or usage.get("output_tokens") or 0))

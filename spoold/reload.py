@@ -18,20 +18,18 @@ from .notify import Notifier
 log = logging.getLogger(__name__)
 
 
-def reload_config(current: Config, read: Callable[[], Config], apply: Callable[[Config], None],
-                  notifier: Notifier) -> Config:
-    """The settings to use from now on: `current` with the reloadable keys `read` gives, after `apply`
-    has handed them to the daemon's parts; `current` itself when the file is wrong."""
+def apply_reload(current: Config, read: Callable[[], Config], apply: Callable[[Config], None],
+                 notifier: Notifier) -> None:
+    """Hand `apply` the settings to use from now on: `current` with the reloadable keys `read` gives.
+    A file that is wrong is logged, and `current` stays."""
     notifier.reloading()
     try:
         config, needs_restart = reload_settings(current, read())
     except ConfigError as e:
         log.error("reload: %s; keeping the current settings", e)
-        config = current
     else:
         apply(config)
         log.info("reloaded settings (max_inflight applies to the jobs started from now on)")
         if needs_restart:
             log.warning("reload: %s changed; restart spoold to apply", ", ".join(needs_restart))
     notifier.send("READY=1")
-    return config

@@ -23,7 +23,7 @@ from typing import Any
 
 from .config import EngineSettings
 from .engine import EngineDead
-from .records import EngineRequest, EngineResult
+from .records import EngineRequest, EngineResult, usage_tokens
 
 log = logging.getLogger(__name__)
 
@@ -238,19 +238,11 @@ def _to_result(response: Any) -> EngineResult:
         return EngineResult(response.error.code, response.model_dump_json())
     if isinstance(response, JSONResponse):
         body = bytes(response.body).decode()
-        return EngineResult(response.status_code, body, *_usage(json.loads(body).get("usage")))
+        return EngineResult(response.status_code, body, *usage_tokens(json.loads(body).get("usage")))
     if hasattr(response, "model_dump_json"):
         usage = getattr(response, "usage", None)
         usage = usage.model_dump() if usage is not None else None
-        return EngineResult(200, response.model_dump_json(), *_usage(usage))
+        return EngineResult(200, response.model_dump_json(), *usage_tokens(usage))
     error = {"error": {"message": f"unexpected response type {type(response).__name__}",
                        "type": "InternalServerError", "param": None, "code": 500}}
     return EngineResult(500, json.dumps(error))
-
-
-def _usage(usage: dict[str, Any] | None) -> tuple[int, int]:
-    """(input, output) tokens from a body's usage: chat's and completions' names, or the Responses API's."""
-    if not usage:
-        return 0, 0
-    return (int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0),
-            int(usage.get("completion_tokens") or usage.get("output_tokens") or 0))

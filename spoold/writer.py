@@ -20,7 +20,7 @@ from pathlib import Path
 from .durable import open_append, write_all
 from .formats import OUTPUT_ID, Tally, error_line, output_line
 from .lineset import LineSet
-from .records import EngineResult, LineError
+from .records import EngineResult, LineError, usage_tokens
 
 log = logging.getLogger(__name__)
 
@@ -276,11 +276,9 @@ def parse_output_line(raw: bytes) -> tuple[int, str, int, int, int]:
 def _parse_output_record(record: dict) -> tuple[int, str, int, int, int]:
     response = record.get("response") or {}
     body = response.get("body")
-    usage = (body.get("usage") if isinstance(body, dict) else None) or {}
     line = _LINE_IN_ID.fullmatch(str(record.get("id") or ""))
     return (int(line.group(1)) if line else 0, record["custom_id"], int(response.get("status_code") or 0),
-            int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0),
-            int(usage.get("completion_tokens") or usage.get("output_tokens") or 0))
+            *usage_tokens(body.get("usage") if isinstance(body, dict) else None))
 
 
 def _parse_error_line(raw: bytes) -> int:
