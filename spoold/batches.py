@@ -29,6 +29,7 @@ from openai.types import Batch
 from .apibatch import ApiBatch, drop_name, random_id, read_api_batch
 from .durable import durable_mkdir, fsync_dir, hidden_temp, rename_noreplace, write_all
 from .filestore import FileStore, StoredFile
+from .groups import Groups
 from .jobrecord import JobRecord
 from .lifecycle import ACTIVE, JobStatus
 from .spool import JobDir, Spool, subdirs
@@ -73,6 +74,8 @@ class BatchStore:
         """`on_withdrawn(batch id, tenant)`: told, durably, of a batch withdrawn before any claim
         (webhooks.record_withdrawn: no daemon ends that batch, so none would tell its receiver)."""
         self.spool, self.files = spool, files
+        #: split batches: their parts run on any daemon (groups.py)
+        self.groups = Groups(spool)
         self.dir = spool.batches
         self.on_withdrawn = on_withdrawn
 
@@ -120,7 +123,7 @@ class BatchStore:
     def drops(self) -> list[DropJob]:
         """Every job made from a drop in the inbox, wherever it is now (claimed ones: they have a record)."""
         found = {}
-        for parent in (*subdirs(self.spool.processing), self.spool.outbox, self.spool.failed):
+        for parent in (*subdirs(self.spool.processing), self.spool.outbox, self.spool.failed, self.groups.root):
             for job in subdirs(parent):
                 if (drop := _drop_job(job.name)) is not None:
                     found[drop.id] = drop
@@ -152,7 +155,7 @@ class BatchStore:
                                                       "create the batch again", "line": None, "param": None}]})
         record = JobRecord.load(job.batch)[0] if job is not None else None
         if record is not None:
-            fields.update(_from_record(record, job, where))
+            fields.update(_from_record(record, job, where, self.groups))
         return Batch(**fields)
 
     def _drop_object(self, drop: DropJob) -> Batch:
@@ -163,7 +166,7 @@ class BatchStore:
         job, where = self._locate(drop.id)
         record = JobRecord.load(job.batch)[0] if job is not None else None
         if record is not None:
-            fields.update(_from_record(record, job, where), endpoint=record.endpoint or "",
+            fields.update(_from_record(record, job, where, self.groups), endpoint=record.endpoint or "",
                           created_at=record.created_at, metadata=record.metadata)
         return Batch(**fields)
 
@@ -181,7 +184,7 @@ class BatchStore:
         record = JobRecord.load(job.batch)[0] if job is not None else None
         status = JobStatus.CANCELLED if withdrawn else record.status if record else JobStatus.VALIDATING
         if where == "processing" and status not in FINISHED:
-            self.spool.request_cancel(batch.id)
+            self.spool.request_cancel(batch.id) or self.groups.request_cancel(batch.id)
             return
         raise CannotCancel(f"Cannot cancel a batch with status '{status}'.")
 
@@ -240,6 +243,9 @@ class BatchStore:
             for host in subdirs(self.spool.processing):
                 if (host / batch_id).is_dir():
                     return JobDir(host / batch_id), "processing"
+            group = self.groups.group(batch_id)
+            if batch_id and "/" not in batch_id and group.path.is_dir():  # split: its parts run on any daemon
+                return JobDir(group.path), "processing"
         return None, ""
 
 
@@ -249,7 +255,7 @@ def _drop_job(job_id: str) -> DropJob | None:
     return DropJob(job_id, timegm(time.strptime(match[1], "%Y%m%dT%H%M%S"))) if match else None
 
 
-def _from_record(record: JobRecord, job: JobDir, where: str) -> dict[str, Any]:
+def _from_record(record: JobRecord, job: JobDir, where: str, groups: Groups) -> dict[str, Any]:
     """The Batch fields a job's batch.json (and, while it runs, its heartbeat) says."""
     fields: dict[str, Any] = {
         "status": record.status, "model": record.model, "in_progress_at": record.in_progress_at,
@@ -260,7 +266,7 @@ def _from_record(record: JobRecord, job: JobDir, where: str) -> dict[str, Any]:
                                                "line": None, "param": None} for e in record.errors]}
         if record.errors else None}
     if where == "processing":
-        fields["request_counts"] = _live_counts(job) or fields["request_counts"]
+        fields["request_counts"] = _live_counts(job, groups) or fields["request_counts"]
         if record.status == JobStatus.COMPLETED:  # its move to outbox/ is the last step: results not there yet
             fields["status"] = JobStatus.FINALIZING
         if job.cancel_request.exists() and record.status in (*ACTIVE, JobStatus.CANCELLED):
@@ -273,8 +279,12 @@ def _from_record(record: JobRecord, job: JobDir, where: str) -> dict[str, Any]:
     return fields
 
 
-def _live_counts(job: JobDir) -> dict[str, int] | None:
-    """A running job's counts from its heartbeat (batch.json has them only at the end)."""
+def _live_counts(job: JobDir, groups: Groups) -> dict[str, int] | None:
+    """A running job's counts from its heartbeat (batch.json has them only at the end); a split batch's
+    from its parts (groups.py)."""
+    if job.path.parent == groups.root:
+        progress = groups.progress(job.id)
+        return {key: progress[key] for key in ("total", "completed", "failed")} if progress else None
     try:
         progress = json.loads(Path(job.heartbeat).read_text())["job"]
         return {key: int(progress[key]) for key in ("total", "completed", "failed")}

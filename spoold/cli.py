@@ -261,19 +261,20 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    from .groups import Groups
     from .spool import Spool
 
     spool = Spool(_config(args).spool)
     missing = 0
     for job_id in args.jobs:
-        job = spool.request_cancel(job_id)
+        job = spool.request_cancel(job_id) or Groups(spool).request_cancel(job_id)
         if job is None:
             missing += 1
             print(f"spoold: no job {job_id!r} in {spool.processing}/ (finished ones are in outbox/; "
                   f"a drop not yet claimed is withdrawn by deleting it from the inbox)", file=sys.stderr)
         else:
-            print(f"cancelling {job.id} on {job.path.parent.name}: its results so far go to "
-                  f"{spool.outbox / job.id}")
+            where = "every daemon running its parts" if job.path.parent.name == "groups" else job.path.parent.name
+            print(f"cancelling {job.id} on {where}: its results so far go to {spool.outbox / job.id}")
     return 1 if missing else 0
 
 

@@ -43,6 +43,9 @@ class SpoolSettings:
     claim_timeout: float = 600.0
     #: jobs of the loaded model that run at once, sharing the engine's in-flight window
     max_active_jobs: int = 64
+    #: a batch with more valid lines than this becomes a group of parts any daemon on the spool may run
+    #: (groups.py); 0 never splits
+    split_lines: int = 20000
     file_mode: int = 0o640
     group: str = ""
     state_dir: str = ""
@@ -292,6 +295,9 @@ def _check_together(config: Config) -> None:
     if config.spool.max_active_jobs < 1:
         raise ConfigError(f"[spool] max_active_jobs = {config.spool.max_active_jobs}: at least 1 job must "
                           "be able to run (1 runs one job at a time)")
+    if config.spool.split_lines < 0:
+        raise ConfigError(f"[spool] split_lines = {config.spool.split_lines}: give 0 (never split) or the most "
+                          "lines one part may have")
     least = MIN_HEARTBEATS_PER_CLAIM_TIMEOUT * config.heartbeat.seconds
     if config.spool.claim_timeout < least:
         raise ConfigError(f"[spool] claim_timeout = {config.spool.claim_timeout:g} is under "
@@ -413,7 +419,7 @@ def _unknown(label: str, key: str, known: dict[str, Any]) -> str:
 
 #: What SIGHUP can change without reloading the model, per section.
 RELOADABLE = {
-    "spool": ("settle_seconds", "poll_seconds", "claim_timeout", "max_active_jobs"),
+    "spool": ("settle_seconds", "poll_seconds", "claim_timeout", "max_active_jobs", "split_lines"),
     "engine": ("max_inflight",),
     "models": ("max_wait_seconds", "gpu_hour_price"),
     "limits": ("max_line_bytes", "max_file_bytes", "max_output_tokens_per_line"),

@@ -42,7 +42,7 @@ from .spool import Spool
 from .supervise import run_event_loop, supervise
 from .validation import ModelResolver
 from .webhooks import Deliveries, WebhookSender, job_published, record_end
-from .worklist import Claimed, WorkList, describe
+from .worklist import Claimed, Unclaimed, WorkList, describe
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +218,7 @@ class Daemon:
 
     async def _fill(self) -> str | None:
         """Start what may run now beside the running jobs; returns the model to swap to once they end."""
+        await self.work.finish_groups_now_and_then()
         for claimed in self.work.take_over_orphans():
             self._start(claimed)
         chosen, swap_to = await self.work.next_round(self.engine.model, self.jobs.ids(),
@@ -230,13 +231,16 @@ class Daemon:
                 self._start(claimed)
         return swap_to
 
-    async def _claim(self, item: Claimed | str) -> Claimed | None:
+    async def _claim(self, item: Claimed | Unclaimed | str) -> Claimed | None:
         if isinstance(item, Claimed):
             return item
         try:
+            if isinstance(item, Unclaimed):
+                return await self.work.claim_part(item)
             return await self.work.claim(item)
         except OSError as e:
-            self._pause_for(f"cannot claim {display_name(item)}: {describe(e)}")
+            name = f"part {item.part.id}" if isinstance(item, Unclaimed) else display_name(item)
+            self._pause_for(f"cannot claim {name}: {describe(e)}")
             return None
 
     def _start(self, claimed: Claimed) -> None:

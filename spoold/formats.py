@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from .records import EngineResult, LineError
 
@@ -82,3 +84,15 @@ class Tally:
             "output_tokens": self.output_tokens,
             "total_tokens": self.input_tokens + self.output_tokens,
         }
+
+
+def complete_lines(path: Path) -> Iterator[bytes]:
+    """The complete lines of a finished job's results file (a missing file has none)."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return
+    with f:
+        for raw in f:
+            if raw.endswith(b"\n"):
+                yield raw

@@ -121,6 +121,10 @@ class JobRecord:
     error_file_id: str | None = None
     completion_window: str | None = None
     expires_at: int | None = None
+    #: a part of a split batch (groups.py): {"id": group id, "part": k, "parts": n, "first_line": N}
+    group: dict[str, Any] | None = None
+    #: a split batch's parts, in order: {"id", "first_line", "lines"} (and, once assembled, "host", "status")
+    parts: list[dict[str, Any]] | None = None
     #: keys this version does not know, kept as they were
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -181,6 +185,10 @@ class JobRecord:
                                                              "engine_crashes").items() if k.isdigit() and v > 0}
         kwargs["retries"] = _ints(_typed(doc, "retries", dict, {}), "retries")
         kwargs["retry_of"] = _typed(doc, "retry_of", (str, type(None)), None)
+        kwargs["group"] = _typed(doc, "group", (dict, type(None)), None)
+        kwargs["parts"] = _typed(doc, "parts", (list, type(None)), None)
+        if kwargs["parts"] and not all(isinstance(p, dict) for p in kwargs["parts"]):
+            raise TypeError("`parts` must be a list of objects")
         return cls(**kwargs)
 
     def to_doc(self) -> dict[str, Any]:
@@ -197,7 +205,7 @@ class JobRecord:
         for name in ("models", "models_done", "engine_crashes", "retries", "tenant", "retry_of"):
             if not doc[name]:
                 del doc[name]
-        for name in ("metadata", "expired_at", *API_FIELDS):
+        for name in ("metadata", "expired_at", "group", "parts", *API_FIELDS):
             if doc[name] is None:
                 del doc[name]
         return {**self.extra, **doc}
@@ -216,6 +224,16 @@ class JobRecord:
         if isinstance(text, str) and text.strip().isdigit():
             return min(max(int(text), 1), MAX_PRIORITY)
         return 1
+
+    def part_of(self) -> tuple[str, int] | None:
+        """(group id, the original line number of the part's line 1) when this job is a part of a split
+        batch (groups.py); None otherwise, or when `group` is not a part's (another host wrote it)."""
+        group = self.group or {}
+        group_id, first = group.get("id"), group.get("first_line")
+        if (isinstance(group_id, str) and group_id and "/" not in group_id and not group_id.startswith(".")
+                and type(first) is int and first >= 1):
+            return group_id, first
+        return None
 
     # -- transitions --------------------------------------------------------
 

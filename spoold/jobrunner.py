@@ -24,6 +24,7 @@ from .dispatch import Dispatch, EngineLost
 from .duplicates import DuplicateFinder
 from .durable import finish_in_thread
 from .engine import Engine, EngineDead
+from .groups import Groups
 from .jobinput import InputRejected, check_unchanged, open_input
 from .jobrecord import JobRecord
 from .lifecycle import JobStatus, Outcome
@@ -93,6 +94,9 @@ class JobRunner:
         # Another host may have written this record: its name is shown only in display form.
         self.progress = JobProgress(job.id, display_name(self.record.input_file), self.record.status)
         self._input: os.stat_result | None = None
+        self.groups = Groups(spool)
+        #: the group this run's part completed, assembled and published (None: not a part, or not the last)
+        self.assembled: JobDir | None = None
         self._writer: GroupCommitWriter | None = None
         self._dispatch_started = 0.0
         #: the window passed: the run stops, and its unfinished lines get `batch_expired`
@@ -134,12 +138,15 @@ class JobRunner:
 
     async def _run(self) -> Outcome:
         status = self.record.status
+        if self.groups.was_split(self.job):  # a crash came between its split's commit and its removal
+            await finish_in_thread(self.groups.remove_original, self.job)
+            return Outcome.SPLIT
         if status in (JobStatus.COMPLETED, JobStatus.EXPIRED):  # finished, but a crash cut its move short
-            await finish_in_thread(self.spool.move_to_outbox, self.job)
+            await self._move_out()
             self.progress.state = status
             return Outcome(status.value)
         if status == JobStatus.FAILED:  # a failure cut short before its move: finish it, unread
-            await finish_in_thread(self.spool.move_to_failed, self.job)
+            await self._move_out()
             self.progress.state = JobStatus.FAILED
             return Outcome.FAILED
         problem = self._record_problem()
@@ -191,6 +198,8 @@ class JobRunner:
         """
         if self._bad_record:
             return self._bad_record
+        if self.record.group is not None and self.record.part_of() is None:
+            return "batch.json: `group` does not name a group and the part's first line"
         unknown = sorted(m for m in self.record.models if m not in self.resolver.known)
         if unknown:
             return (f"batch.json names model(s) {', '.join(map(repr, unknown))} that are not configured "
@@ -211,6 +220,8 @@ class JobRunner:
             if self.record.request_counts.total == 0:
                 return await self._fail("no request lines: the file is empty or only blank lines", "empty")
             f.seek(0)
+        if self._split_due(recovered):
+            return await self._split(f, recovered)
         self.progress.state = JobStatus.IN_PROGRESS
         self.progress.total = self.record.request_counts.total
         if self._expiry_due():  # before a line is sent (after a restart past the window, say)
@@ -227,6 +238,25 @@ class JobRunner:
         check_unchanged(f, self._input)
         await self._finalize(writer)
         return Outcome.COMPLETED
+
+    def _split_due(self, recovered: Recovered) -> bool:
+        """Whether this job becomes a group: more valid lines than `[spool] split_lines`, none run yet,
+        not a part already, not being cancelled."""
+        limit = self.spool.settings.split_lines
+        valid = self.record.request_counts.total - len(recovered.error_lines)
+        return (bool(limit) and valid > limit and self.record.group is None and not recovered.done_lines
+                and not self.job.cancel_request.exists() and not self.stop.is_set())
+
+    async def _split(self, f: IO[bytes], recovered: Recovered) -> Outcome:
+        """Split into parts any daemon on the spool may run (groups.py); this job is then gone."""
+        await self._writer.flush()
+        group = await finish_in_thread(self.groups.split, self.job, self.record, f, self._input.st_size,
+                                       recovered.error_lines, self.spool.settings.split_lines,
+                                       self.limits.max_line_bytes)
+        self.progress.state = JobStatus.IN_PROGRESS
+        log.info("job %s split into %d parts of at most %d lines (%s)", self.job.id, len(self.record.parts),
+                 self.spool.settings.split_lines, group.path, **job_fields(self.job.id))
+        return Outcome.SPLIT
 
     def _models_left(self) -> list[str]:
         done = set(self.record.models_done) | {self.engine.model}
@@ -389,7 +419,7 @@ class JobRunner:
             **self._engine_timings(writer),
         })
         await self._save()
-        await finish_in_thread(self.spool.move_to_outbox, self.job)
+        await self._move_out()
         self.progress.state = JobStatus.COMPLETED
         log.info("job %s completed: %d ok, %d failed, %.1f req/s", self.job.id,
                  tally.completed, tally.failed, self.record.timings["requests_per_second"],
@@ -447,8 +477,20 @@ class JobRunner:
     async def _publish(self) -> None:
         """The record's end (cancelled, expired), durably, then the job into outbox/ by one rename."""
         await self._save()
-        await finish_in_thread(self.spool.move_to_outbox, self.job)
+        await self._move_out()
         self.progress.state = self.record.status
+
+    async def _move_out(self) -> None:
+        """Publish the ended job by one rename: outbox/ (failed/ when it failed); a part into its group,
+        which is then assembled if this was its last part (groups.py)."""
+        part = self.record.part_of()
+        if part is not None:
+            await finish_in_thread(self.groups.publish_part, self.job, part[0])
+            self.assembled = await finish_in_thread(self.groups.assemble, part[0])
+        elif self.record.status == JobStatus.FAILED:
+            await finish_in_thread(self.spool.move_to_failed, self.job)
+        else:
+            await finish_in_thread(self.spool.move_to_outbox, self.job)
 
     def _engine_timings(self, writer: GroupCommitWriter) -> dict[str, float]:
         """The engine phase of this run: first dispatch to last durable result."""
@@ -497,7 +539,7 @@ class JobRunner:
         log.error("job %s failed: %s", self.job.id, reason, **job_fields(self.job.id))
         self.record.fail(reason, code)
         await self._save()
-        await finish_in_thread(self.spool.move_to_failed, self.job)
+        await self._move_out()
         self.progress.state = JobStatus.FAILED
         return Outcome.FAILED
 

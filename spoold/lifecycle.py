@@ -37,6 +37,7 @@ class Outcome(StrEnum):
     EXPIRED = "expired"  # `expires_at` passed first: in outbox/, every unfinished line a `batch_expired` error
     INTERRUPTED = "interrupted"  # stopped (a stop, a hung engine): it resumes later
     WAITING = "waiting"  # this model's lines are done; it waits for its next model
+    SPLIT = "split"  # it became a group (groups.py): its parts are jobs of their own, for any daemon
 
 
 #: Outcomes that end a job for good (counted in spoold_jobs_finished_total).

@@ -24,7 +24,7 @@ from .heartbeat import heartbeat_document, status_line, write_heartbeat
 from .lifecycle import FINAL, DaemonState, JobStatus, Outcome, shown_state
 from .metrics import Metrics
 from .notify import STOPPING_STATUS, Notifier
-from .spool import Spool
+from .spool import JobDir, Spool
 
 if TYPE_CHECKING:
     from .jobrunner import JobRunner
@@ -145,8 +145,22 @@ class Reporter:
             self.publish("spoold.job.expired", {**fields, "request_counts": counts})
         elif outcome is Outcome.FAILED:
             self.publish("spoold.job.failed", {**fields, "errors": record.errors})
+        elif outcome is Outcome.SPLIT:
+            self.publish("spoold.job.split", {**fields, "parts": len(record.parts or [])})
+        if runner.assembled is not None:  # this part was its batch's last: the batch is in outbox/
+            self._group_assembled(runner.assembled)
         if outcome in FINAL:
             self.job_finished(outcome)
+
+    def _group_assembled(self, job: JobDir) -> None:
+        """A split batch is whole again, in outbox/: its end on the feed and in the metrics, as a job's."""
+        record, _ = job.read_record()
+        if record is None:
+            return
+        counts = record.request_counts.__dict__.copy()
+        self.publish(f"spoold.job.{record.status}", {"job": job.id, "input_file": record.input_file,
+                                                     "request_counts": counts, "parts": len(record.parts or [])})
+        self.job_finished(Outcome(record.status.value))
 
     def webhook_told(self, topic: str, fields: dict[str, Any]) -> None:
         """A webhook was delivered, or a try of one failed: on the feed and in the metrics."""

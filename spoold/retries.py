@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from .formats import complete_lines
+
 log = logging.getLogger(__name__)
 
 #: Error codes of a line that may well succeed when run again.
@@ -71,13 +73,13 @@ def final_lines(job: Path) -> tuple[set[int], dict[int, str]]:
 
     final: set[int] = set()
     retryable: dict[int, str] = {}
-    for raw in _complete_lines(job / "output.jsonl"):
+    for raw in complete_lines(job / "output.jsonl"):
         line, _custom_id, status, *_ = parse_output_line(raw)
         if status >= 500:
             retryable[line] = "server_error"
         elif line:
             final.add(line)
-    for raw in _complete_lines(job / "errors.jsonl"):
+    for raw in complete_lines(job / "errors.jsonl"):
         error = json.loads(raw)["error"]
         if error.get("code") in RETRYABLE_ERRORS:
             retryable[int(error["line"])] = error["code"]
@@ -208,7 +210,7 @@ def _results(chain: list[Path]) -> Iterator[tuple[tuple[int, int, int], bytes]]:
     for index, job in enumerate(chain):
         for file_index, name in enumerate(("output.jsonl", "errors.jsonl")):
             offset = 0
-            for raw in _complete_lines(job / name):
+            for raw in complete_lines(job / name):
                 yield (index, file_index, offset), raw
                 offset += len(raw)
 
@@ -220,15 +222,3 @@ def _key_and_success(raw: bytes, where: tuple[int, int, int]) -> tuple[object, b
     status = response.get("status_code") if isinstance(response, dict) else None
     key = custom_id if isinstance(custom_id, str) else where  # no custom_id: a line of its own
     return key, isinstance(status, int) and 200 <= status < 300
-
-
-def _complete_lines(path: Path) -> Iterator[bytes]:
-    """The complete lines of a finished job's results file (a missing file has none)."""
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        return
-    with f:
-        for raw in f:
-            if raw.endswith(b"\n"):
-                yield raw

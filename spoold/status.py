@@ -17,6 +17,7 @@ from typing import Any
 from .lifecycle import DaemonState
 from .names import display_name
 from .spool import JobDir, Spool, is_drop_name, subdirs
+from .groups import Groups
 from .webhooks import UNCLAIMED, Deliveries
 
 #: How many finished and failed jobs `spoold status` lists.
@@ -42,6 +43,7 @@ def spool_status(spool: Spool, stall_seconds: float = 300.0) -> dict[str, Any]:
     status = {
         "queued": readable("inbox", lambda: _queued(spool.inbox)),
         "processing": readable("processing", lambda: _processing(spool.processing, stall_seconds)),
+        "split": readable("groups", lambda: Groups(spool).all_progress()),
         "finished": readable("outbox", lambda: _recent(spool.outbox)),
         "failed": readable("failed", lambda: _recent(spool.failed)),
         "webhooks": readable("webhooks", lambda: _webhooks(spool.root / "webhooks")),
@@ -138,6 +140,11 @@ def render_status(status: dict[str, Any]) -> str:
         lines.append(f"  {p['id']} [{p['host']}] {p['status']}: {p['done']}/{p['total']}{pct}{rate}{eta}{age}")
     if not status["processing"]:
         lines.append("  -")
+    for g in status.get("split", []):
+        done = g["completed"] + g["failed"]
+        pct = f" ({100 * done // g['total']}%)" if g["total"] else ""
+        lines.append(f"split batch {g['id']} ({g['input_file']}): {done}/{g['total']}{pct}, "
+                     f"{g['parts_done']} of {g['parts']} parts done")
     for key in ("finished", "failed"):
         lines.append(f"{key} (latest {RECENT}):")
         for j in status[key]:

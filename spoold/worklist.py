@@ -7,12 +7,14 @@ asks it to. It decides nothing about when to run, swap or stop.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
 
 from .config import Config
 from .durable import finish_in_thread
+from .groups import Groups
 from .jobrecord import JobRecord
 from .jobrunner import job_fields
 from .lifecycle import JobStatus, Outcome
@@ -29,6 +31,13 @@ log = logging.getLogger(__name__)
 #: enough to find the loaded model's work, few enough that a pass over an
 #: inbox of 10,000 drops costs no more than over one of 64.
 SCHEDULE_WINDOW = 64
+
+
+@dataclass(frozen=True)
+class Unclaimed:
+    """A part of a split batch (groups.py) that no daemon has claimed yet."""
+
+    part: JobDir
 
 
 @dataclass(frozen=True)
@@ -53,15 +62,21 @@ class WorkList:
         self.queued = 0
         self._orphans_checked = 0.0
         self._peer_clocks = PeerClocks()
+        self.groups = Groups(spool)
+        self._groups_checked = time.monotonic()
 
     def recover(self) -> None:
-        """Before READY: clean half-made claims and name the jobs this host will resume first."""
+        """Before READY: clean half-made claims, finish the assemblies a crash cut short (of any host:
+        they are idempotent) and name the jobs this host will resume first."""
+        self.groups.remove_stale_copies(self.spool.host_jobs())
+        self.finish_groups()
         pending = self.spool.recover()
         if pending:
             log.info("%d unfinished job(s) of this host will be resumed first: %s",
                      len(pending), ", ".join(job.id for job in pending))
 
-    async def next_round(self, loaded: str, running: set[str], free: int) -> tuple[list[Claimed | str], str | None]:
+    async def next_round(self, loaded: str, running: set[str],
+                         free: int) -> tuple[list[Claimed | Unclaimed | str], str | None]:
         """What may start now beside the running jobs (at most `free`), in the scheduler's order,
         and the model to swap to once they are done (None: no swap is due).
 
@@ -70,7 +85,7 @@ class WorkList:
         returned instead. One not validated yet runs on the loaded model first
         (validation needs none, and its lines for this model run before a swap).
         """
-        chosen: list[Claimed | str] = []
+        chosen: list[Claimed | Unclaimed | str] = []
         for rank, choice in enumerate(await self.in_order(loaded, running)):
             if len(chosen) >= free:
                 break
@@ -83,19 +98,26 @@ class WorkList:
         return chosen, None
 
     async def in_order(self, loaded: str, running: set[str]) -> list[Candidate]:
-        """Every job of this host not running now and the first complete drops, in the order to try them.
+        """Every job of this host not running now, the first unclaimed parts of split batches and the first
+        complete drops, in the order to try them.
 
-        A candidate's `item` is a `Claimed` job or a drop's name; its `model`
-        is what it needs next (None: any will do).
+        A candidate's `item` is a `Claimed` job, an `Unclaimed` part or a
+        drop's name; its `model` is what it needs next (None: any will do).
+        A part is as old as its batch: parts go before later drops, as far
+        as the scheduler's starvation bound lets them.
         """
-        own = [self._candidate(job) for job in self.spool.host_jobs()
-               if job.id not in running and job.id not in self.stuck]
+        held = self.spool.host_jobs()
+        own = [self._candidate(job) for job in held if job.id not in running and job.id not in self.stuck]
         await self.inbox.refresh()
         drops = [name for name in self.inbox.complete_drops() if name not in self.unclaimable]
         self.queued = len(drops)
         several = len(self.resolver.known) > 1  # only then is a peek at the drops worth it
-        waiting = own + [Candidate(name, first_model(self.spool.inbox / name, self.resolver) if several else None,
-                                   self.inbox.seen_at(name)) for name in drops[:SCHEDULE_WINDOW]]
+        parts = [Candidate(Unclaimed(part), first_model(part.input, self.resolver) if several else None, created)
+                 for part, created in itertools.islice(self.groups.claimable({job.id for job in held}),
+                                                       SCHEDULE_WINDOW)]
+        waiting = own + parts + [Candidate(name, first_model(self.spool.inbox / name, self.resolver)
+                                           if several else None, self.inbox.seen_at(name))
+                                 for name in drops[:SCHEDULE_WINDOW]]
         return in_order(waiting, loaded, self.config.models.max_wait_seconds, time.time())
 
     def _candidate(self, job: JobDir) -> Candidate:
@@ -147,6 +169,33 @@ class WorkList:
         except OSError as e:
             log.error("cannot take over orphaned jobs: %s", describe(e))
         return adopted
+
+    async def claim_part(self, item: Unclaimed) -> Claimed | None:
+        """Claim a part of a split batch; None if another daemon was first."""
+        job = await finish_in_thread(self.groups.claim, item.part)
+        if job is None:
+            return None
+        log.info("claimed part %s of a split batch", job.id, **job_fields(job.id))
+        self.report.publish("spoold.job.claimed", {"job": job.id, "input_file": ""})
+        return Claimed(job, None)
+
+    def finish_groups(self) -> None:
+        """Assemble the split batches whose parts are all done (a crash of whoever finished the last
+        one cut its assembly short) and clear those already published."""
+        try:
+            for job in self.groups.finish_all():
+                log.info("assembled split batch %s, left unassembled by a crash", job.id, **job_fields(job.id))
+        except OSError as e:
+            log.error("cannot assemble split batches: %s", describe(e))
+        except Exception:  # a bug of ours that some group shows: never a reason to stop serving
+            log.exception("cannot assemble split batches; tried again later")
+
+    async def finish_groups_now_and_then(self) -> None:
+        """`finish_groups` as often as orphans are looked for, in a thread (an assembly copies files)."""
+        now = time.monotonic()
+        if now - self._groups_checked >= min(max(self.config.spool.claim_timeout / 4, 0.5), 30.0):
+            self._groups_checked = now
+            await finish_in_thread(self.finish_groups)
 
     async def claim(self, name: str) -> Claimed | None:
         """Claim one drop; None if another daemon was first or it was refused (and failed).

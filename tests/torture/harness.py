@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from spoold.formats import OUTPUT_ID
 
 from ..helpers import REPO, chat_line, read_jsonl, write_jsonl
 
@@ -126,6 +129,8 @@ def idle(root: Path, drops: list[Drop]) -> bool:
     if any(p.name.endswith(".jsonl") for p in _entries(root / "inbox")):
         return False
     if any(p.is_dir() for host in _entries(root / "processing") for p in _entries(host)):
+        return False
+    if _entries(root / "groups"):  # a split batch not assembled yet
         return False
     return len(_entries(root / "outbox")) + len(_entries(root / "failed")) >= len(drops)
 
@@ -361,12 +366,13 @@ def rebuild(initial: dict, record: list[dict], cut: int, dest: Path, rng: random
     whose directory was never fsynced afterwards is gone, or still in its
     old place.
     """
-    dirs, files = dict(initial["dirs"]), dict(initial["files"])
+    dirs, files, mtimes = dict(initial["dirs"]), dict(initial["files"]), dict(initial["mtimes"])
     for entry in record[:cut]:
         if entry["op"] == "fsync_dir":
             dirs[entry["id"]] = entry["entries"]
         elif entry["op"] == "fsync_file":
             files[entry["id"]] = base64.b64decode(entry["data"])
+            mtimes[entry["id"]] = entry["mtime_ns"]  # a file's mtime is as durable as its bytes
     later: dict[str, bytes] = {}
     for entry in record[cut:]:
         if entry["op"] == "fsync_file" and entry["id"] not in later:
@@ -391,8 +397,8 @@ def rebuild(initial: dict, record: list[dict], cut: int, dest: Path, rng: random
             elif kind == "f":
                 made[child] = path / name
                 (path / name).write_bytes(contents(child))
-                if child in initial["mtimes"]:
-                    os.utime(path / name, ns=(initial["mtimes"][child],) * 2)
+                if child in mtimes:
+                    os.utime(path / name, ns=(mtimes[child],) * 2)
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     build(initial["root"], dest)
@@ -412,9 +418,24 @@ def announced(record: list[dict], cut: int) -> tuple[dict[str, int], set[str]]:
     return done, completed
 
 
+def published(root: Path, job_id: str) -> bool:
+    """Whether a job is in outbox/; a part of a split batch: in its group's done/, or its batch in outbox/."""
+    group_id, _, number = job_id.rpartition("-part")
+    if group_id and number.isdigit():
+        return (root / "outbox" / group_id).is_dir() or any(root.glob(f"groups/*/done/{job_id}"))
+    return (root / "outbox" / job_id).is_dir()
+
+
 def durable_lines(root: Path, job_id: str) -> int | None:
-    """Complete result lines a job holds in a rebuilt spool; None if the job is nowhere."""
-    for job in [*root.glob(f"processing/*/{job_id}"), root / "outbox" / job_id]:
+    """Complete result lines a job holds in a rebuilt spool; None if the job is nowhere.
+
+    A split batch's validation errors are in its group's directory until it
+    is assembled. A part of it may be in its group's done/, or assembled into
+    its batch in outbox/: then the batch's result lines in the part's range
+    of the original's line numbers count (its validation errors among them).
+    """
+    for job in [*root.glob(f"processing/*/{job_id}"), root / "outbox" / job_id,
+                *root.glob(f"groups/*/done/{job_id}"), root / "groups" / job_id]:
         if job.is_dir():
             n = 0
             for name in ("output.jsonl", "errors.jsonl"):
@@ -423,4 +444,13 @@ def durable_lines(root: Path, job_id: str) -> int | None:
                 except FileNotFoundError:
                     pass
             return n
-    return None
+    group_id, _, number = job_id.rpartition("-part")
+    batch = root / "outbox" / group_id / "batch.json"
+    if not group_id or not number.isdigit() or not batch.exists():
+        return None
+    parts = json.loads(batch.read_text())["parts"]
+    at = next(i for i, p in enumerate(parts) if p["id"] == job_id)
+    first, end = parts[at]["first_line"], parts[at + 1]["first_line"] if at + 1 < len(parts) else float("inf")
+    lines = [int(re.fullmatch(OUTPUT_ID, r["id"]).group(1)) for r in read_jsonl(root / "outbox" / group_id / "output.jsonl")]
+    lines += [r["error"]["line"] for r in read_jsonl(root / "outbox" / group_id / "errors.jsonl")]
+    return sum(first <= line < end for line in lines)

@@ -167,7 +167,7 @@ class Wrapper:
             finally:
                 _real["close"](rfd)
             self.record(op="fsync_file", path=path, id=self.identity(st.st_ino),
-                        data=base64.b64encode(data).decode(), step=self.steps)
+                        data=base64.b64encode(data).decode(), mtime_ns=st.st_mtime_ns, step=self.steps)
 
     def rename(self, src, dst, *, src_dir_fd=None, dst_dir_fd=None, _name="rename"):
         if src_dir_fd is not None or dst_dir_fd is not None or not self.under_root(src):

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from .harness import (Drop, announced, durable_lines, make_drop, make_failing_drops, merge, read_record, rebuild,
-                      run_to_crash, run_until_idle, save_result, snapshot, verdict, write_config)
+from .harness import (Drop, announced, durable_lines, make_drop, make_failing_drops, merge, published, read_record,
+                      rebuild, run_to_crash, run_until_idle, save_result, snapshot, verdict, write_config)
 
 #: Two trials at a time: each is mostly a Python process starting up.
 PARALLEL = 2
@@ -42,26 +42,44 @@ def reference_with_failures(tmp_path_factory):
                         lambda root: small_spool(root) + make_failing_drops(root))
 
 
-def recorded_run(base: Path, make_spool) -> dict:
-    """Run the spool `make_spool` makes to idle under the recording wrapper."""
+#: [spool] keys of the split batch's runs: its 5 valid lines become 3 parts.
+SPLIT = "split_lines = 2"
+
+
+def split_spool(root: Path) -> list[Drop]:
+    """One drop of 5 valid lines and 2 bad ones, split into parts of 2: split, parts, assembly."""
+    (root / "inbox").mkdir(parents=True)
+    return [make_drop(root / "inbox", "whole.jsonl", 5)]
+
+
+@pytest.fixture(scope="module")
+def split_reference(tmp_path_factory):
+    """One clean, recorded run of a batch split into 3 parts and assembled."""
+    return recorded_run(tmp_path_factory.mktemp("reference-split"), split_spool, SPLIT)
+
+
+def recorded_run(base: Path, make_spool, spool: str = "") -> dict:
+    """Run the spool `make_spool` makes to idle under the recording wrapper (`spool`: [spool] keys)."""
     template = base / "template"
     drops = make_spool(template)
     root = base / "spool"
     subprocess.run(["cp", "-a", str(template), str(root)], check=True)  # hard links stay links
     initial = snapshot(root)
-    config = write_config(base / "c.toml", root, heartbeat=3600)
+    config = write_config(base / "c.toml", root, heartbeat=3600, spool=spool)
     record = base / "record.jsonl"
     run_until_idle(config, root, drops, base / "log", plan={"root": str(root), "record": str(record)})
     v = verdict(root, drops)
     assert v.ok, v
-    return {"template": template, "drops": drops, "initial": initial, "record": read_record(record), "base": base}
+    return {"template": template, "drops": drops, "initial": initial, "record": read_record(record), "base": base,
+            "spool": spool}
 
 
-def crash_then_recover(template: Path, drops: list[Drop], work: Path, step: int) -> tuple[bool, object]:
+def crash_then_recover(template: Path, drops: list[Drop], work: Path, step: int,
+                       spool: str = "") -> tuple[bool, object]:
     """Crash a daemon just before `step` on a fresh copy of the spool, then run one to idle."""
     root = work / "spool"
     shutil.copytree(template, root)
-    config = write_config(work / "c.toml", root, heartbeat=3600)
+    config = write_config(work / "c.toml", root, heartbeat=3600, spool=spool)
     crashed = run_to_crash(config, root, drops, work / "log", {"root": str(root), "crash_at": step})
     run_until_idle(config, root, drops, work / "log")
     return crashed, verdict(root, drops)
@@ -82,6 +100,23 @@ def test_a_crash_before_each_step_loses_and_doubles_nothing(reference, tmp_path)
     assert total.ok, total.problems[:5]
     assert working >= 60 and crashes >= working - 5, (steps, working, crashes)
     assert most_jobs_at_once(reference["record"]) == 2, "the walk must cross two jobs running together"
+
+
+def test_a_crash_before_each_step_of_a_split_batch(split_reference, tmp_path):
+    """Through the split (parts staged, committed, the original removed), the parts and the assembly."""
+    record = split_reference["record"]
+    steps = max(e["step"] for e in record)
+    assert any(e["op"] == "rename" and "/groups/" in e["dst"] for e in record), "the run split nothing"
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        trials = list(pool.map(lambda n: crash_then_recover(split_reference["template"], split_reference["drops"],
+                                                            _mkdir(tmp_path / str(n)), n, SPLIT),
+                               range(1, steps + 1)))
+    crashes = sum(crashed for crashed, _ in trials)
+    total = merge([v for _, v in trials])
+    save_result("Crash before each step of a batch split in 3 parts and assembled (deterministic walk)", crashes,
+                total, f"{steps} steps")
+    assert total.ok, total.problems[:5]
+    assert crashes >= steps // 2, (steps, crashes)
 
 
 def test_random_kills_through_many_jobs(tmp_path):
@@ -116,6 +151,15 @@ NOT_DURABLE = ("heartbeat.json",)
 
 def test_the_order_of_durable_steps(reference):
     """File fsync before its rename; directory fsync after each rename, mkdir and creation."""
+    check_order_of_durable_steps(reference)
+
+
+def test_the_order_of_durable_steps_of_a_split_batch(split_reference):
+    """The same rules through a split and an assembly."""
+    check_order_of_durable_steps(split_reference)
+
+
+def check_order_of_durable_steps(reference: dict) -> None:
     record = [e for e in reference["record"]
               if not (e["op"] == "rename" and os.path.basename(e["dst"]) in NOT_DURABLE)]
     problems = []
@@ -176,13 +220,31 @@ def test_power_cuts_lose_nothing_that_was_counted(reference_with_failures, tmp_p
     Failed drops too: a cut inside a failure's moves must leave one failed
     job, never two, never none, never the drop back in the inbox for good.
     """
-    reference = reference_with_failures
+    record = reference_with_failures["record"]
+    total = power_cuts(reference_with_failures, 50, tmp_path)
+    save_result("Power cut (only fsynced data and fsynced directory entries survive)", 50, total,
+                f"{len(record)} steps of a 4-drop run: 2 jobs at once, a hard link refused at claim, a gzip file given up")
+    assert total.ok, total.problems[:5]
+    assert most_jobs_at_once(record) >= 2, "the cuts must fall while two jobs run together"
+
+
+def test_power_cuts_through_a_split_and_its_assembly(split_reference, tmp_path):
+    """A cut anywhere in a split or an assembly: the original or every part, the group assembled once."""
+    total = power_cuts(split_reference, 30, tmp_path)
+    save_result("Power cut through a batch split in 3 parts and assembled", 30, total,
+                f"{len(split_reference['record'])} steps")
+    assert total.ok, total.problems[:5]
+
+
+def power_cuts(reference: dict, count: int, tmp_path: Path):
+    """`count` power cuts at random points of a recorded run, each restarted to idle; their merged verdict."""
     record = reference["record"]
     # After each rename too: a cut between a rename and its directory's fsync
     # is where an entry can survive in two places.
     cuts = [i + 1 for i, e in enumerate(record) if e["op"] in ("fsync_dir", "fsync_file", "announce", "rename")]
     rng = random.Random(11)
-    chosen = sorted(rng.sample(cuts, min(50, len(cuts))))
+    chosen = sorted(rng.sample(cuts, min(count, len(cuts))))
+    assert len(chosen) == count
 
     def trial(cut: int):
         work = _mkdir(tmp_path / str(cut))
@@ -192,20 +254,15 @@ def test_power_cuts_lose_nothing_that_was_counted(reference_with_failures, tmp_p
         problems = [f"cut {cut}: {job} announced {n} lines, {durable_lines(root, job)} survived"
                     for job, n in done.items() if (durable_lines(root, job) or 0) < n]
         problems += [f"cut {cut}: {job} announced completed, not in outbox/"
-                     for job in completed if not (root / "outbox" / job).is_dir()]
-        config = write_config(work / "c.toml", root, heartbeat=3600)
+                     for job in completed if not published(root, job)]
+        config = write_config(work / "c.toml", root, heartbeat=3600, spool=reference["spool"])
         run_until_idle(config, root, reference["drops"], work / "log")
         v = verdict(root, reference["drops"])
         v.problems += problems
         return v
 
     with ThreadPoolExecutor(PARALLEL) as pool:
-        total = merge(list(pool.map(trial, chosen)))
-    save_result("Power cut (only fsynced data and fsynced directory entries survive)", len(chosen), total,
-                f"{len(record)} steps of a 4-drop run: 2 jobs at once, a hard link refused at claim, a gzip file given up")
-    assert total.ok, total.problems[:5]
-    assert len(chosen) >= 50
-    assert most_jobs_at_once(record) >= 2, "the cuts must fall while two jobs run together"
+        return merge(list(pool.map(trial, chosen)))
 
 
 def most_jobs_at_once(record: list[dict]) -> int:
