@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import signal
 import time
 
 import pytest
@@ -115,8 +116,14 @@ def test_spoold_cancel_publishes_what_is_done_and_the_daemon_goes_on(daemon, tmp
         out = wait_for(lambda: list((daemon.root / "processing" / "testhost").glob("*/output.jsonl")), 10, "output")
         wait_for(lambda: complete_lines(out[0]) > 100, 10, "some results")
         job_id = out[0].parent.name
-        done = subprocess.run([sys.executable, "-m", "spoold", "cancel", job_id, "--config", str(daemon.config)],
-                              capture_output=True, text=True, cwd=REPO)
+        # Frozen while the cancel is asked for, so the job cannot finish first on a loaded machine: what is
+        # tested is what the daemon does with a cancel, not a race with a subprocess's start-up.
+        os.killpg(daemon.proc.pid, signal.SIGSTOP)
+        try:
+            done = subprocess.run([sys.executable, "-m", "spoold", "cancel", job_id, "--config",
+                                   str(daemon.config)], capture_output=True, text=True, cwd=REPO)
+        finally:
+            os.killpg(daemon.proc.pid, signal.SIGCONT)
         assert done.returncode == 0 and f"cancelling {job_id}" in done.stdout
         (job,) = wait_for(lambda: outbox_jobs(daemon.root), 10, "the cancelled job in the outbox")
         write_jsonl(tmp_path / "next.jsonl", [chat_line(i) for i in range(5)])
