@@ -265,7 +265,7 @@ class Groups:
     def request_cancel(self, group_id: str) -> GroupDir | None:
         """`spoold cancel GROUP`: mark the group, then every part not finished, wherever it is."""
         group = self.group(group_id)
-        if not group_id or "/" in group_id or group_id.startswith(".") or not group.path.is_dir():
+        if not _plain_name(group_id) or not group.path.is_dir():
             return None
         _mark_cancelled(group.cancel_request, self.spool)
         prefix = f"{group_id}{PART_INFIX}"
@@ -326,6 +326,10 @@ class Groups:
             return None
         record = group.read_record()
         if record is None or not record.parts:
+            return None
+        if not all(_plain_name(part.get("id")) and type(part.get("first_line")) is int for part in record.parts):
+            log.error("group %s: its batch.json names parts that are not plain names with a first line; "
+                      "left for a person to look at", group_id)
             return None
         done = [JobDir(group.done / part["id"]) for part in record.parts]
         if subdirs(group.parts) or not all(part.batch.exists() for part in done):
@@ -424,9 +428,14 @@ def _finish_record(record: JobRecord, parts: list[dict[str, Any]], tally: Tally,
                                   "lines without a result has an error line"})
 
 
+def _plain_name(name: object) -> bool:
+    """A file name of the spool's own making: no path, not hidden (a record is data, even our own)."""
+    return isinstance(name, str) and bool(name) and "/" not in name and not name.startswith(".")
+
+
 def _part_counts(spool: Spool, group: GroupDir, part_id: str) -> tuple[int, int, int] | None:
     """(completed, failed, 1 if finished) of one part: its record once done, its heartbeat while it runs."""
-    if not part_id or "/" in part_id:
+    if not _plain_name(part_id):
         return None
     record, _ = JobRecord.load(group.done / part_id / "batch.json")
     if record is not None:
