@@ -32,6 +32,7 @@ from .filestore import FileStore, StoredFile
 from .groups import Groups
 from .jobrecord import JobRecord
 from .lifecycle import ACTIVE, JobStatus
+from .names import is_plain_name
 from .spool import JobDir, Spool, subdirs
 
 #: `completion_window`: OpenAI's "24h", or any number of hours or days up to 30 days.
@@ -244,7 +245,7 @@ class BatchStore:
                 if (host / batch_id).is_dir():
                     return JobDir(host / batch_id), "processing"
             group = self.groups.group(batch_id)
-            if batch_id and "/" not in batch_id and group.path.is_dir():  # split: its parts run on any daemon
+            if is_plain_name(batch_id) and group.path.is_dir():  # split: its parts run on any daemon
                 return JobDir(group.path), "processing"
         return None, ""
 

@@ -42,11 +42,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .durable import atomic_write_bytes, durable_mkdir, durable_rename, fsync_dir, hidden_temp, rename_noreplace, write_all
+from .durable import durable_mkdir, durable_rename, fsync_dir, hidden_temp, rename_noreplace, write_all
 from .jobrecord import JobRecord
 from .formats import Tally, complete_lines, error_line
 from .lifecycle import JobStatus
 from .lineset import LineSet
+from .names import is_plain_name
 from .records import LineError
 from .spool import JobDir, Spool, subdirs
 from .validation import iter_lines
@@ -67,26 +68,9 @@ _OUTPUT_ID = re.compile(rb'^(\{"id":"batch_req_[0-9a-f]{16}_)([0-9]+)(?=")')
 
 
 @dataclass(frozen=True)
-class GroupDir:
-    """One group's directory and the files in it."""
-
-    path: Path
-
-    @property
-    def id(self) -> str:
-        return self.path.name
-
-    @property
-    def record(self) -> Path:
-        return self.path / "batch.json"
-
-    @property
-    def input(self) -> Path:
-        return self.path / "input.jsonl"
-
-    @property
-    def errors(self) -> Path:
-        return self.path / "errors.jsonl"
+class GroupDir(JobDir):
+    """One group's directory: a job directory (batch.json, input.jsonl, errors.jsonl, cancel marker)
+    that also holds its parts."""
 
     @property
     def parts(self) -> Path:
@@ -97,14 +81,6 @@ class GroupDir:
     def done(self) -> Path:
         """Finished parts (completed, cancelled, expired or failed)."""
         return self.path / "done"
-
-    @property
-    def cancel_request(self) -> Path:
-        return self.path / "cancel.requested"
-
-    def read_record(self) -> JobRecord | None:
-        record, _ = JobRecord.load(self.record)
-        return record
 
 
 def group_of(job_id: str) -> str | None:
@@ -233,7 +209,7 @@ class Groups:
             return None
         job = JobDir(dest)
         if GroupDir(part.path.parent.parent).cancel_request.exists():
-            _mark_cancelled(job.cancel_request, self.spool)
+            self.spool.mark_cancelled(job.cancel_request)
         return job
 
     def remove_stale_copies(self, jobs: list[JobDir]) -> None:
@@ -265,15 +241,15 @@ class Groups:
     def request_cancel(self, group_id: str) -> GroupDir | None:
         """`spoold cancel GROUP`: mark the group, then every part not finished, wherever it is."""
         group = self.group(group_id)
-        if not _plain_name(group_id) or not group.path.is_dir():
+        if not is_plain_name(group_id) or not group.path.is_dir():
             return None
-        _mark_cancelled(group.cancel_request, self.spool)
+        self.spool.mark_cancelled(group.cancel_request)
         prefix = f"{group_id}{PART_INFIX}"
         for parent in (group.parts, *subdirs(self.spool.processing)):
             for path in subdirs(parent):
                 if path.name.startswith(prefix):
                     try:
-                        _mark_cancelled(JobDir(path).cancel_request, self.spool)
+                        self.spool.mark_cancelled(JobDir(path).cancel_request)
                     except FileNotFoundError:
                         continue  # it moved on (claimed, or finished) meanwhile: looked at again below
         return group
@@ -282,7 +258,7 @@ class Groups:
         """A split batch's combined progress, as one batch: its parts' durable counts (finished parts'
         records, running parts' heartbeats) and its validation errors; None when there is no such group."""
         group = self.group(group_id)
-        record = group.read_record()
+        record, _ = group.read_record()
         if record is None or not record.parts:
             return None
         failed = sum(1 for _ in complete_lines(group.errors))
@@ -324,10 +300,10 @@ class Groups:
         if dest.is_dir():
             self._remove(group)  # published; a crash cut the clean-up short
             return None
-        record = group.read_record()
+        record, _ = group.read_record()
         if record is None or not record.parts:
             return None
-        if not all(_plain_name(part.get("id")) and type(part.get("first_line")) is int for part in record.parts):
+        if not all(is_plain_name(part.get("id")) and type(part.get("first_line")) is int for part in record.parts):
             log.error("group %s: its batch.json names parts that are not plain names with a first line; "
                       "left for a person to look at", group_id)
             return None
@@ -428,14 +404,9 @@ def _finish_record(record: JobRecord, parts: list[dict[str, Any]], tally: Tally,
                                   "lines without a result has an error line"})
 
 
-def _plain_name(name: object) -> bool:
-    """A file name of the spool's own making: no path, not hidden (a record is data, even our own)."""
-    return isinstance(name, str) and bool(name) and "/" not in name and not name.startswith(".")
-
-
 def _part_counts(spool: Spool, group: GroupDir, part_id: str) -> tuple[int, int, int] | None:
     """(completed, failed, 1 if finished) of one part: its record once done, its heartbeat while it runs."""
-    if not _plain_name(part_id):
+    if not is_plain_name(part_id):
         return None
     record, _ = JobRecord.load(group.done / part_id / "batch.json")
     if record is not None:
@@ -477,12 +448,8 @@ def _error_number(raw: bytes) -> int:
     return int(json.loads(raw)["error"]["line"])
 
 
-def _mark_cancelled(path: Path, spool: Spool) -> None:
-    atomic_write_bytes(path, f"{time.time():.3f}\n".encode(), spool.file_mode, spool.gid)
-
-
 def _created_at(group: GroupDir) -> float:
-    record = group.read_record()
+    record, _ = group.read_record()
     return float(record.created_at) if record is not None else 0.0
 
 

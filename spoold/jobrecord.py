@@ -20,6 +20,7 @@ from typing import Any
 
 from .durable import atomic_write_json
 from .lifecycle import ACTIVE, JobStatus
+from .names import is_plain_name
 
 #: The largest weight `priority` may give a job: one job can have at most this
 #: many times the share of a default one.
@@ -230,8 +231,7 @@ class JobRecord:
         batch (groups.py); None otherwise, or when `group` is not a part's (another host wrote it)."""
         group = self.group or {}
         group_id, first = group.get("id"), group.get("first_line")
-        if (isinstance(group_id, str) and group_id and "/" not in group_id and not group_id.startswith(".")
-                and type(first) is int and first >= 1):
+        if is_plain_name(group_id) and type(first) is int and first >= 1:
             return group_id, first
         return None
 

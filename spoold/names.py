@@ -23,6 +23,12 @@ _HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 MAX_DISPLAY_CHARS = 300
 
 
+def is_plain_name(name: object) -> bool:
+    """Whether `name` (read from a record or a request) may name one entry of a spool directory: a
+    non-empty string with no path in it, not hidden. A record is data, even one a daemon wrote."""
+    return isinstance(name, str) and bool(name) and "/" not in name and not name.startswith(".")
+
+
 def display_name(name: str) -> str:
     """`name` as one printable line: safe in STATUS=, logs, events, JSON and terminals.
 

@@ -452,9 +452,13 @@ class Spool:
         for host in subdirs(self.processing):
             job = JobDir(host / job_id)
             if job_id and "/" not in job_id and job.path.is_dir():
-                atomic_write_bytes(job.cancel_request, f"{time.time():.3f}\n".encode(), self.file_mode, self.gid)
+                self.mark_cancelled(job.cancel_request)
                 return job
         return None
+
+    def mark_cancelled(self, marker: Path) -> None:
+        """Leave a cancel marker (a job's, a split batch's) for whichever daemon runs it to notice."""
+        atomic_write_bytes(marker, f"{time.time():.3f}\n".encode(), self.file_mode, self.gid)
 
     def count_host_jobs(self) -> int:
         """How many job directories this host holds (a cheap look, no clean-up)."""

@@ -154,7 +154,7 @@ class WorkList:
         """
         timeout = self.config.spool.claim_timeout
         now = time.monotonic()
-        if now - self._orphans_checked < min(max(timeout / 4, 0.5), 30.0):
+        if now - self._orphans_checked < self._look_interval():
             return []
         self._orphans_checked = now
         adopted = []
@@ -193,9 +193,14 @@ class WorkList:
     async def finish_groups_now_and_then(self) -> None:
         """`finish_groups` as often as orphans are looked for, in a thread (an assembly copies files)."""
         now = time.monotonic()
-        if now - self._groups_checked >= min(max(self.config.spool.claim_timeout / 4, 0.5), 30.0):
+        if now - self._groups_checked >= self._look_interval():
             self._groups_checked = now
             await finish_in_thread(self.finish_groups)
+
+    def _look_interval(self) -> float:
+        """How often other hosts' leftovers (orphaned jobs, unassembled groups) are looked for: every
+        quarter of `[spool] claim_timeout`, at most every 30 s."""
+        return min(max(self.config.spool.claim_timeout / 4, 0.5), 30.0)
 
     async def claim(self, name: str) -> Claimed | None:
         """Claim one drop; None if another daemon was first or it was refused (and failed).
