@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from ..helpers import REPO, wait_for
+from ..helpers import REPO, Subscriber, wait_for
 from .harness import _reap, idle, make_drop, save_result, spoold_env, start, tail, verdict, write_config
 
 
@@ -47,7 +47,9 @@ def test_a_split_batch_is_shown_as_one_and_cancelled_as_one(tmp_path):
     (root / "inbox").mkdir(parents=True)
     config = write_config(tmp_path / "h.toml", root, host="h", inflight=2, delay=0.01, spool="split_lines = 1000")
     proc = start(config, tmp_path / "h.log")
+    feed = Subscriber(f"ipc://{tmp_path}/h.sock")
     try:
+        wait_for(lambda: feed.of("spoold.daemon.heartbeat"), 60, "the daemon's feed")
         drop = make_drop(root / "inbox", "slow.jsonl", 3000, bad=False)
         group = wait_for(lambda: next((root / "groups").glob("slow-*"), None), 60, "the drop split")
         wait_for(lambda: json.loads(_spoold("status", "--json", config))["split"][0]["completed"] > 0, 60,
@@ -57,9 +59,13 @@ def test_a_split_batch_is_shown_as_one_and_cancelled_as_one(tmp_path):
         assert group.name in _spoold("status", config)
         assert f"cancelling {group.name}" in _spoold("cancel", group.name, config)
         wait_for(lambda: (root / "outbox" / group.name / "batch.json").exists(), 60, "the cancelled batch assembled")
+        ended = wait_for(lambda: feed.of("spoold.job.cancelled", job=group.name), 10, "the batch's end on the feed")
         alive = proc.poll() is None
     finally:
+        feed.close()
         _reap(proc)
+    assert feed.of("spoold.job.split", job=group.name)[0]["parts"] == 3
+    assert ended[0]["parts"] == 3 and ended[0]["request_counts"]["total"] == 3000
     assert alive, tail(tmp_path / "h.log")
     batch = json.loads((root / "outbox" / group.name / "batch.json").read_text())
     assert batch["status"] == "cancelled" and {p["status"] for p in batch["parts"]} == {"cancelled"}, batch["parts"]
