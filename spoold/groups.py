@@ -263,14 +263,17 @@ class Groups:
             return None
         failed = sum(1 for _ in complete_lines(group.errors))
         completed = parts_done = 0
+        rate = 0.0
         for part in record.parts:
             counts = _part_counts(self.spool, group, str(part.get("id", "")))
             if counts is not None:
                 completed, failed = completed + counts[0], failed + counts[1]
-                parts_done += counts[2]
+                parts_done, rate = parts_done + counts[2], rate + counts[3]
+        total = record.request_counts.total
         return {"id": group_id, "input_file": record.input_file, "parts": len(record.parts),
-                "parts_done": parts_done, "total": record.request_counts.total,
-                "completed": completed, "failed": failed}
+                "parts_done": parts_done, "total": total, "completed": completed, "failed": failed,
+                "requests_per_second": round(rate, 3),
+                "eta_seconds": round((total - completed - failed) / rate, 1) if rate > 0 else None}
 
     def all_progress(self) -> list[dict[str, Any]]:
         """`progress` of every split batch not assembled yet."""
@@ -404,17 +407,18 @@ def _finish_record(record: JobRecord, parts: list[dict[str, Any]], tally: Tally,
                                   "lines without a result has an error line"})
 
 
-def _part_counts(spool: Spool, group: GroupDir, part_id: str) -> tuple[int, int, int] | None:
-    """(completed, failed, 1 if finished) of one part: its record once done, its heartbeat while it runs."""
+def _part_counts(spool: Spool, group: GroupDir, part_id: str) -> tuple[int, int, int, float] | None:
+    """(completed, failed, 1 if finished, lines per second) of one part: its record once done, its
+    heartbeat while it runs."""
     if not is_plain_name(part_id):
         return None
     record, _ = JobRecord.load(group.done / part_id / "batch.json")
     if record is not None:
-        return record.request_counts.completed, record.request_counts.failed, 1
+        return record.request_counts.completed, record.request_counts.failed, 1, 0.0
     for host in subdirs(spool.processing):
         try:
             job = json.loads((host / part_id / "heartbeat.json").read_text())["job"]
-            return int(job["completed"]), int(job["failed"]), 0
+            return int(job["completed"]), int(job["failed"]), 0, float(job.get("requests_per_second") or 0)
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return None

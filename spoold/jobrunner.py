@@ -92,7 +92,9 @@ class JobRunner:
         self.record.id = job.id  # the directory's name is the job's id, whatever a record says
         self.record.host = spool.settings.host_id  # the host finishing it, after a takeover too
         # Another host may have written this record: its name is shown only in display form.
-        self.progress = JobProgress(job.id, display_name(self.record.input_file), self.record.status)
+        part = self.record.part_of()
+        self.progress = JobProgress(job.id, display_name(self.record.input_file), self.record.status,
+                                    group=part[0] if part else None)
         self._input: os.stat_result | None = None
         self.groups = Groups(spool)
         #: the group this run's part completed, assembled and published (None: not a part, or not the last)

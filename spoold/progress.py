@@ -30,6 +30,8 @@ class JobProgress:
     inflight: int = 0
     completed_at_start: int = 0
     failed_at_start: int = 0
+    #: the split batch this job is a part of (groups.py), None for a whole batch
+    group: str | None = None
 
     def rate(self) -> float:
         """Durable lines per second since this daemon took the job up."""
@@ -50,6 +52,7 @@ class JobProgress:
             "inflight": self.inflight, "requests_per_second": round(self.rate(), 3),
             "eta_seconds": round(eta, 1) if eta is not None else None,
             "last_progress_at": round(self.last_progress_at, 3),
+            **({"group": self.group} if self.group else {}),
         }
 
     def eta_seconds(self) -> float | None:

@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING, Any
 from .config import Config
 from .events import EventPublisher
 from .gpu import GpuReader
+from .groups import Groups
 from .heartbeat import heartbeat_document, status_line, write_heartbeat
 from .lifecycle import FINAL, DaemonState, JobStatus, Outcome, shown_state
 from .metrics import Metrics
+from .names import display_name
 from .notify import STOPPING_STATUS, Notifier
 from .spool import JobDir, Spool
 
@@ -134,6 +136,8 @@ class Reporter:
         del self._jobs[runner.job.id]
         self._set_stalled_gauge()
         fields = {"job": runner.job.id, "input_file": runner.progress.input_file}
+        if runner.progress.group:
+            fields["group"] = runner.progress.group
         record = runner.record
         counts = record.request_counts.__dict__.copy()
         if outcome is Outcome.COMPLETED:
@@ -149,7 +153,7 @@ class Reporter:
             self.publish("spoold.job.split", {**fields, "parts": len(record.parts or [])})
         if runner.assembled is not None:  # this part was its batch's last: the batch is in outbox/
             self._group_assembled(runner.assembled)
-        if outcome in FINAL:
+        if outcome in FINAL and not runner.progress.group:  # a part is counted with its batch, once assembled
             self.job_finished(outcome)
 
     def _group_assembled(self, job: JobDir) -> None:
@@ -184,8 +188,18 @@ class Reporter:
         self._count_requests(progress, told)
         if force or progress.done != told.announced:
             told.announced = progress.done
-            self.publish("spoold.job.progress", {**progress.summary(), "gpus": self.readings})
+            for event in self._progress_events(progress):
+                self.publish(*event)
         return stall
+
+    def _progress_events(self, progress: "JobProgress") -> list[tuple[str, dict]]:
+        """A job's progress event; for a part of a split batch, also the whole batch's, as one job, so a
+        watcher sees one bar per batch whichever daemons run its parts."""
+        events = [("spoold.job.progress", {**progress.summary(), "gpus": self.readings})]
+        combined = Groups(self.spool).progress(progress.group) if progress.group else None
+        if combined is not None:
+            events.append(("spoold.job.progress", _group_progress(combined, self.readings)))
+        return events
 
     def _measure_stall(self, progress: "JobProgress", told: "_Told") -> Stall:
         idle_for = time.time() - progress.last_progress_at
@@ -230,7 +244,7 @@ class Reporter:
         """The current state, sent to a subscriber that has just connected."""
         events = [("spoold.daemon.heartbeat", self._heartbeat_payload(shown))]
         for runner in shown.runners:
-            events.append(("spoold.job.progress", {**runner.refresh().summary(), "gpus": self.readings}))
+            events += self._progress_events(runner.refresh())
         return events
 
     # -- heartbeats and the status line ------------------------------------
@@ -312,3 +326,12 @@ class _Told:
     counted: tuple[int, int] = (0, 0)
     announced: int = -1
     stalled: bool = False
+
+
+def _group_progress(combined: dict[str, Any], gpus: list[dict]) -> dict[str, Any]:
+    """A split batch's combined progress (Groups.progress) in the shape of a job's progress event."""
+    return {"job": combined["id"], "input_file": display_name(combined["input_file"]), "state": JobStatus.IN_PROGRESS,
+            "total": combined["total"], "done": combined["completed"] + combined["failed"],
+            "completed": combined["completed"], "failed": combined["failed"],
+            "requests_per_second": combined["requests_per_second"], "eta_seconds": combined["eta_seconds"],
+            "parts": combined["parts"], "parts_done": combined["parts_done"], "gpus": gpus}

@@ -96,6 +96,8 @@ class JobBars:
         """Update the bars for one event; return a note to print above them, if any."""
         note = self._gap(payload.get("seq"))
         name = _shown(payload.get("input_file") or payload.get("job", ""))
+        if payload.get("group"):  # a part of a split batch: the batch's own progress makes its one bar
+            name = f"{name} ({_shown(payload.get('job', '')).rsplit('-', 1)[-1]})"
         if topic == "spoold.job.progress":
             self._update(progress, payload)
         elif topic == "spoold.job.claimed":
@@ -145,12 +147,16 @@ class JobBars:
 
     def _update(self, progress, p: dict[str, Any]) -> None:
         job = p["job"]
+        if p.get("group"):
+            return
         fields = {
             "rate": f"{p.get('requests_per_second') or 0:.1f} req/s",
             "eta": f"ETA {_human(p['eta_seconds'])}" if p.get("eta_seconds") is not None else "ETA -",
             "gpu": " ".join(f"GPU{g['index']} {g['utilization_pct']}%" for g in p.get("gpus") or []),
         }
         description = f"{_shown(p.get('input_file') or job)} [{p.get('state', '')}]"
+        if p.get("parts"):  # a split batch: its parts run on any daemon of the spool
+            description += f" {p.get('parts_done', 0)}/{p['parts']} parts"
         if job not in self.tasks:
             self.tasks[job] = progress.add_task(description, total=p.get("total") or None, **fields)
         progress.update(self.tasks[job], description=description, total=p.get("total") or None,

@@ -77,3 +77,40 @@ def test_a_heartbeat_is_on_disk_with_the_shown_state(tmp_path):
     assert beat["state"] == "idle" and beat["model"] == "m"
     ((topic, payload),) = report.events.sent
     assert topic == "spoold.daemon.heartbeat" and payload["queued"] == 3
+
+
+class Ended:
+    """What the reporter reads of a job runner at its end: its job, record, progress and assembled batch."""
+
+    def __init__(self, job, record, progress, assembled=None):
+        self.job, self.record, self.progress, self.assembled = job, record, progress, assembled
+
+    def refresh(self):
+        return self.progress
+
+
+def test_a_split_batch_is_counted_once_when_assembled_and_its_parts_are_told_as_its_parts(tmp_path):
+    from prometheus_client import CollectorRegistry
+
+    from spoold.jobrecord import JobRecord
+    from spoold.lifecycle import Outcome
+    from spoold.metrics import Metrics
+    from spoold.spool import JobDir
+
+    report = make(tmp_path)
+    report.metrics = Metrics(CollectorRegistry())
+    finished = report.metrics.jobs_finished.labels("completed")
+    batch = JobDir(tmp_path / "outbox" / "big-1")
+    batch.path.mkdir()
+    whole = JobRecord("big-1", "big.jsonl", "h", parts=[{"id": "big-1-part0001"}, {"id": "big-1-part0002"}])
+    whole.complete(2000, 0, {}, {})
+    whole.save(batch.batch)
+    for n, assembled in ((1, None), (2, batch)):
+        part = JobRecord(f"big-1-part000{n}", "big.jsonl", "h", group={"id": "big-1", "first_line": 1 + 1000 * (n - 1)})
+        part.complete(1000, 0, {}, {})
+        told = JobProgress(part.id, "big.jsonl", JobStatus.COMPLETED, total=1000, done=1000, group="big-1")
+        report.job_ended(Ended(JobDir(tmp_path / part.id), part, told, assembled), Outcome.COMPLETED)
+    ends = [p for t, p in report.events.sent if t == "spoold.job.completed"]
+    assert [(p["job"], p.get("group"), p.get("parts")) for p in ends] == [
+        ("big-1-part0001", "big-1", None), ("big-1-part0002", "big-1", None), ("big-1", None, 2)]
+    assert finished._value.get() == 1, "a split batch's parts were counted as finished jobs beside it"

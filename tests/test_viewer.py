@@ -40,3 +40,28 @@ def test_every_running_job_gets_a_bar_and_an_ended_one_leaves_them():
     text = out.getvalue()
     assert "completed b0.jsonl: 4 ok, 1 failed of 10" in text
     assert "cancelled b1.jsonl: 5 of 10 lines have a result" in text and "FAILED b2.jsonl: not JSONL" in text
+
+
+def test_a_split_batch_is_one_bar_with_its_parts_counted_not_a_bar_per_part():
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=200)
+    bars = JobBars()
+    part = {"job": "big-1-part0002", "group": "big-1", "input_file": "big.jsonl", "state": "in_progress",
+            "total": 1000, "done": 400}
+    whole = {"job": "big-1", "input_file": "big.jsonl", "state": "in_progress", "total": 3000, "done": 1400,
+             "parts": 3, "parts_done": 1}
+    with Progress(*bar_columns(), console=console, auto_refresh=False) as progress:
+        bars.show(progress, "spoold.job.progress", {"seq": 1, **part})
+        bars.show(progress, "spoold.job.progress", {"seq": 2, **whole})
+        bars.show(progress, "spoold.daemon.heartbeat", {"seq": 3, "host": "h", "state": "working", "jobs": [part]})
+        assert [(t.description, t.completed, t.total) for t in progress.tasks] == [
+            ("big.jsonl [in_progress] 1/3 parts", 1400, 3000)]
+        counts = {"total": 1000, "completed": 1000, "failed": 0}
+        bars.show(progress, "spoold.job.completed", {"seq": 4, "job": "big-1-part0002", "group": "big-1",
+                                                     "input_file": "big.jsonl", "request_counts": counts})
+        assert len(progress.tasks) == 1, "a part's end ended the batch's bar"
+        bars.show(progress, "spoold.job.completed", {"seq": 5, "job": "big-1", "input_file": "big.jsonl", "parts": 3,
+                                                     "request_counts": dict(counts, total=3000, completed=3000)})
+        assert progress.tasks == []
+    text = out.getvalue()
+    assert "completed big.jsonl (part0002): 1000 ok" in text and "completed big.jsonl: 3000 ok" in text

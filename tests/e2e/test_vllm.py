@@ -327,6 +327,42 @@ def _beat(path) -> dict:
         return {}
 
 
+def test_two_daemons_on_real_vllm_share_a_split_batch(spool, tmp_path):
+    """A second daemon (split_lines = 400) joins the module's on its spool: a 1,200-line drop it claims is
+    split in three parts, both daemons run parts on their own engines, and it comes back as one batch."""
+    config = tmp_path / "second.toml"
+    config.write_text(spool["config"].read_text().replace('host_id = "testhost"', 'host_id = "second"\nsplit_lines = 400')
+                      .replace(str(spool["config"].parent / "events.sock"), str(tmp_path / "events.sock"))
+                      .replace(spool["metrics"].split("/")[2], ""))
+    second = DaemonProcess(config, tmp_path / "second.log").start()
+    try:
+        beat = spool["root"] / "processing" / "second" / "heartbeat.json"
+        wait_for(lambda: _beat(beat).get("state") == "idle", 300, "the second daemon's model loaded")
+        rows = [chat(i) for i in range(1200)]
+        rows.insert(500, "{not json")
+        os.kill(spool["daemon"].proc.pid, signal.SIGSTOP)  # so that the second daemon claims and splits it
+        try:
+            drop(spool["root"], tmp_path, "shared.jsonl", rows)
+            wait_for(lambda: list((spool["root"] / "groups").glob("shared-*/parts")), 60, "the drop split")
+        finally:
+            os.kill(spool["daemon"].proc.pid, signal.SIGCONT)
+        job = finished(spool["root"], "shared.jsonl", timeout=300)
+        alive = second.proc.poll() is None
+    finally:
+        second.terminate()
+    assert alive, second.log_tail()
+    check_exactly_once(job, {r["custom_id"] for r in rows if isinstance(r, dict)}, {501})
+    batch = json.loads((job / "batch.json").read_text())
+    assert [(p["lines"], p["status"]) for p in batch["parts"]] == [(400, "completed")] * 3, batch["parts"]
+    assert {p["host"] for p in batch["parts"]} == {"testhost", "second"}, batch["parts"]
+    assert batch["request_counts"] == {"total": 1201, "completed": 1200, "failed": 1}
+    outputs = read_jsonl(job / "output.jsonl")
+    assert {o["response"]["status_code"] for o in outputs} == {200}
+    ChatCompletion.model_validate(outputs[-1]["response"]["body"])
+    assert batch["usage"]["output_tokens"] == sum(o["response"]["body"]["usage"]["completion_tokens"] for o in outputs)
+    assert not list((spool["root"] / "groups").iterdir())
+
+
 def test_three_kill9s_on_real_vllm_then_exactly_once(spool, tmp_path):
     """SIGKILL (engine processes too) mid-job, while the model loads, and mid-job again."""
     rows, output = running_job(spool, tmp_path, "crash", 3000, 300)

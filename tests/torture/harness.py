@@ -69,7 +69,7 @@ def make_failing_drops(root: Path) -> list[Drop]:
 
 def write_config(path: Path, root: Path, host: str = "testhost", *, delay: float = 0.0,
                  inflight: int = 8, heartbeat: float = 0.2, spool: str = "", engine: str = "",
-                 args: str = "", extra: str = "", settle: float = 0.05) -> Path:
+                 args: str = "", extra: str = "", settle: float = 0.05, progress: float = 0.05) -> Path:
     """A fast-double config: short settle and poll, events on an ipc socket beside it.
 
     `spool`, `engine` and `args` add keys to [spool], [engine] and
@@ -99,7 +99,7 @@ seconds = {heartbeat}
 
 [events]
 endpoint = "ipc://{path.parent}/{path.stem}.sock"
-progress_seconds = 0.05
+progress_seconds = {progress}
 
 [metrics]
 listen = ""

@@ -16,7 +16,10 @@ JSON in $SPOOLD_TORTURE:
   (every matching call fails for that long from the first one that does);
   ops are the steps above plus `open` (any open, reading too) and `close`
   (the descriptor is closed, then the error raised); a rename
-  matches on "SRC -> DST".
+  matches on "SRC -> DST";
+- `delays`: seconds to wait before each rename and each directory fsync
+  under `root`, e.g. `{"rename": 0.003, "fsync_dir": 0.003}`, as on NFS,
+  where every metadata operation is a round trip to the server.
 
 The product has none of this: it lives under tests/ and wraps `os` from
 outside, the way an LD_PRELOAD shim would wrap libc.
@@ -47,6 +50,7 @@ class Wrapper:
         self.root = os.path.realpath(plan["root"])
         self.crash_at = plan.get("crash_at")
         self.faults = plan.get("faults", [])
+        self.delays = plan.get("delays", {})
         self.steps = 0
         self.lock = threading.RLock()
         self.fds: dict[int, str] = {}
@@ -139,7 +143,8 @@ class Wrapper:
             return _real["write"](fd, data)
         self.step("write", path)
         n = _real["write"](fd, data)
-        self.record(op="write", path=path, id=self.identity(os.fstat(fd).st_ino), n=n, step=self.steps)
+        if self.record_fd is not None:
+            self.record(op="write", path=path, id=self.identity(os.fstat(fd).st_ino), n=n, step=self.steps)
         return n
 
     def fsync(self, fd):
@@ -147,6 +152,8 @@ class Wrapper:
         if path is None:
             return _real["fsync"](fd)
         self.step("fsync", path)
+        if self.delays.get("fsync_dir") and stat.S_ISDIR(os.fstat(fd).st_mode):
+            time.sleep(self.delays["fsync_dir"])  # outside the lock: other threads' steps go on
         _real["fsync"](fd)
         if self.record_fd is not None:
             self.record_durable(fd, path)
@@ -174,6 +181,8 @@ class Wrapper:
             return _real[_name](src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
         src, dst = os.path.abspath(os.fsdecode(src)), os.path.abspath(os.fsdecode(dst))
         self.step("rename", f"{src} -> {dst}")
+        if self.delays.get("rename"):
+            time.sleep(self.delays["rename"])
         ino = os.lstat(src).st_ino
         _real[_name](src, dst)
         self.record(op="rename", path=src, dst=dst, id=self.identity(ino), step=self.steps,

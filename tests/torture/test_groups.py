@@ -54,6 +54,9 @@ def test_a_split_batch_is_shown_as_one_and_cancelled_as_one(tmp_path):
         group = wait_for(lambda: next((root / "groups").glob("slow-*"), None), 60, "the drop split")
         wait_for(lambda: json.loads(_spoold("status", "--json", config))["split"][0]["completed"] > 0, 60,
                  "a part's progress in spoold status")
+        whole = wait_for(lambda: [p for p in feed.of("spoold.job.progress", job=group.name) if "parts" in p], 30,
+                         "the batch's combined progress on the feed")[-1]  # (the unsplit job had this id too)
+        assert whole["parts"] == 3 and whole["total"] == 3000 and whole["done"] > 0, whole
         shown = json.loads(_spoold("status", "--json", config))["split"][0]
         assert shown["id"] == group.name and shown["parts"] == 3 and shown["total"] == 3000, shown
         assert group.name in _spoold("status", config)
@@ -65,6 +68,8 @@ def test_a_split_batch_is_shown_as_one_and_cancelled_as_one(tmp_path):
         feed.close()
         _reap(proc)
     assert feed.of("spoold.job.split", job=group.name)[0]["parts"] == 3
+    of_parts = [p for p in feed.of("spoold.job.progress") if p["job"].startswith(f"{group.name}-part")]
+    assert of_parts and {p.get("group") for p in of_parts} == {group.name}, "a part's progress does not name its batch"
     assert ended[0]["parts"] == 3 and ended[0]["request_counts"]["total"] == 3000
     assert alive, tail(tmp_path / "h.log")
     batch = json.loads((root / "outbox" / group.name / "batch.json").read_text())
