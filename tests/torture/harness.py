@@ -426,13 +426,22 @@ def published(root: Path, job_id: str) -> bool:
     return (root / "outbox" / job_id).is_dir()
 
 
+def _part_ids(group: Path) -> list[str]:
+    try:
+        return [p["id"] for p in json.loads((group / "batch.json").read_text()).get("parts") or []]
+    except (OSError, ValueError):
+        return []
+
+
 def durable_lines(root: Path, job_id: str) -> int | None:
     """Complete result lines a job holds in a rebuilt spool; None if the job is nowhere.
 
     A split batch's validation errors are in its group's directory until it
-    is assembled. A part of it may be in its group's done/, or assembled into
-    its batch in outbox/: then the batch's result lines in the part's range
-    of the original's line numbers count (its validation errors among them).
+    is assembled, and its lines so far are those and its parts' (the batch's
+    combined progress announces them). A part of it may be in its group's
+    done/, or assembled into its batch in outbox/: then the batch's result
+    lines in the part's range of the original's line numbers count (its
+    validation errors among them).
     """
     for job in [*root.glob(f"processing/*/{job_id}"), root / "outbox" / job_id,
                 *root.glob(f"groups/*/done/{job_id}"), root / "groups" / job_id]:
@@ -443,6 +452,8 @@ def durable_lines(root: Path, job_id: str) -> int | None:
                     n += (job / name).read_bytes().count(b"\n")
                 except FileNotFoundError:
                     pass
+            if job == root / "groups" / job_id:
+                n += sum(durable_lines(root, part_id) or 0 for part_id in _part_ids(job))
             return n
     group_id, _, number = job_id.rpartition("-part")
     batch = root / "outbox" / group_id / "batch.json"
