@@ -279,12 +279,18 @@ def test_a_killed_engine_core_is_replaced_and_the_job_completes(spool, tmp_path)
     """SIGKILL of vLLM's EngineCore process only: the daemon loads a fresh engine itself."""
     rows, _ = running_job(spool, tmp_path, "enginedeath", 1500, 200)
     daemon_pid = spool["daemon"].proc.pid
-    cores = [pid for pid in subprocess.run(["pgrep", "-P", str(daemon_pid)], capture_output=True,
-                                           text=True).stdout.split()
-             if b"EngineCore" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-    assert cores, "no EngineCore child found"
-    for pid in cores:
-        os.kill(int(pid), signal.SIGKILL)
+    # The daemon is frozen while its engine is killed, so the job cannot end first: a fresh clone's run
+    # once finished all 1,500 lines (343 req/s) before the kill landed, and the next test met the dead engine.
+    os.kill(daemon_pid, signal.SIGSTOP)
+    try:
+        cores = [pid for pid in subprocess.run(["pgrep", "-P", str(daemon_pid)], capture_output=True,
+                                               text=True).stdout.split()
+                 if b"EngineCore" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert cores, "no EngineCore child found"
+        for pid in cores:
+            os.kill(int(pid), signal.SIGKILL)
+    finally:
+        os.kill(daemon_pid, signal.SIGCONT)
     job = finished(spool["root"], "enginedeath.jsonl", timeout=300)
     assert spool["daemon"].proc.poll() is None, "the daemon itself went down"
     v = Verdict()
