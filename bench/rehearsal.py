@@ -69,7 +69,7 @@ def rehearse(tmp: Path, lines: int, kills: int, rng: random.Random) -> dict:
     killed = []
     try:
         for host, d in daemons.items():
-            _wait_ready(d, root, host)
+            d.wait_ready(root, timeout=600, host=host)
         started = time.monotonic()
         os.rename(staging / "scoring.jsonl", root / "inbox" / "scoring.jsonl")
         spool = Spool(load_config(configs["a"]).spool)
@@ -97,19 +97,6 @@ def rehearse(tmp: Path, lines: int, kills: int, rng: random.Random) -> dict:
             "kills": killed, "parts": [{k: p[k] for k in ("id", "lines", "host", "status")} for p in batch["parts"]],
             "request_counts": batch["request_counts"], "lost": v.lost, "doubled": v.doubled,
             "problems": v.problems[:5]}
-
-
-def _wait_ready(daemon: DaemonProcess, root: Path, host: str) -> None:
-    beat = root / "processing" / host / "heartbeat.json"
-
-    def ready() -> bool:
-        assert daemon.proc.poll() is None, daemon.log_tail()
-        try:
-            return json.loads(beat.read_text())["state"] == "idle"
-        except (OSError, ValueError, KeyError):
-            return False
-
-    wait_for(ready, 600, f"daemon {host} ready", interval=0.5)
 
 
 def _assembled(root: Path, daemons: dict[str, DaemonProcess]) -> bool:

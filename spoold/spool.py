@@ -29,7 +29,7 @@ from .durable import (atomic_write_bytes, atomic_write_json, durable_mkdir, dura
                       hidden_temp, write_all)
 from .apibatch import read_api_batch
 from .jobrecord import API_FIELDS, JobRecord
-from .names import display_name
+from .names import display_name, is_plain_name
 from .readymarker import READY_SUFFIX, read_metadata
 from .retries import accept_retry_of
 
@@ -449,9 +449,11 @@ class Spool:
 
     def request_cancel(self, job_id: str) -> JobDir | None:
         """Ask whichever daemon owns a claimed job to cancel it; None if no such job is running."""
+        if not is_plain_name(job_id):
+            return None
         for host in subdirs(self.processing):
             job = JobDir(host / job_id)
-            if job_id and "/" not in job_id and job.path.is_dir():
+            if job.path.is_dir():
                 self.mark_cancelled(job.cancel_request)
                 return job
         return None

@@ -157,9 +157,9 @@ class DaemonProcess:
                                          start_new_session=True, cwd=REPO)
         return self
 
-    def wait_ready(self, root: Path, timeout: float = 300) -> None:
+    def wait_ready(self, root: Path, timeout: float = 300, host: str = "testhost") -> None:
         """Wait until the host heartbeat says the engine is loaded."""
-        beat = root / "processing" / "testhost" / "heartbeat.json"
+        beat = root / "processing" / host / "heartbeat.json"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"daemon exited early:\n{self.log_tail()}"

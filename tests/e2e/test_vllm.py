@@ -342,8 +342,7 @@ def test_two_daemons_on_real_vllm_share_a_split_batch(spool, tmp_path):
                       .replace(spool["metrics"].split("/")[2], ""))
     second = DaemonProcess(config, tmp_path / "second.log").start()
     try:
-        beat = spool["root"] / "processing" / "second" / "heartbeat.json"
-        wait_for(lambda: _beat(beat).get("state") == "idle", 300, "the second daemon's model loaded")
+        second.wait_ready(spool["root"], host="second")
         rows = [chat(i) for i in range(1200)]
         rows.insert(500, "{not json")
         os.kill(spool["daemon"].proc.pid, signal.SIGSTOP)  # so that the second daemon claims and splits it
