@@ -2,10 +2,12 @@
 
     .venv/bin/python -m bench.concurrency_bench [--requests 2000] [--rounds 3] [--big 5000] [--tries 10]
         [--only small_vs_big|head_of_line|fairness] [--engine-arg max_num_seqs=16 ...]
+        [--spool-arg max_active_jobs=256 ...]
 
 Three measurements, as a user would see them (drop to outbox):
 - many small against one big: N one-line drops, then one N-line drop, alternating,
-  requests/s of each and the median ratio (small / big);
+  requests/s of each and the median ratio (small / big), and the CPU per request
+  of the daemon's process and of vLLM's engine processes in each;
 - head of line: a 10-line drop on an idle daemon, then the same beside a running
   `--big`-line job; p50/p95 of its drop-to-outbox time, their ratio, and where
   the seconds went (drop to claim, validation, the run and its engine phase,
@@ -108,14 +110,45 @@ def _median_phases(phases: list[dict]) -> dict:
 
 
 def small_vs_big(drops: Drops, n: int, rounds: int) -> dict:
+    """Requests/s of `n` one-line drops and of one `n`-line drop, alternating; and the CPU each
+    request cost the daemon's process (spool, vLLM's front end) and vLLM's engine processes."""
     pairs = []
     for _ in range(rounds):
         smalls = [drops.stage(1) for _ in range(n)]
-        small_s = drops.time(smalls)
-        big_s = drops.time([drops.stage(n)])
-        pairs.append({"small_rps": n / small_s, "big_rps": n / big_s, "ratio": big_s / small_s})
-        print(f"  {n} one-line drops {n / small_s:.1f} req/s, one {n}-line drop {n / big_s:.1f} req/s", flush=True)
+        small_s, small_cpu = _with_cpu(drops, lambda: drops.time(smalls))
+        big_s, big_cpu = _with_cpu(drops, lambda: drops.time([drops.stage(n)]))
+        pairs.append({"small_rps": n / small_s, "big_rps": n / big_s, "ratio": big_s / small_s,
+                      **{f"small_{k}_cpu_ms_per_request": round(v / n * 1000, 2) for k, v in small_cpu.items()},
+                      **{f"big_{k}_cpu_ms_per_request": round(v / n * 1000, 2) for k, v in big_cpu.items()}})
+        print(f"  {n} one-line drops {n / small_s:.1f} req/s (CPU ms/request: daemon "
+              f"{pairs[-1]['small_daemon_cpu_ms_per_request']}, engine {pairs[-1]['small_engine_cpu_ms_per_request']}), "
+              f"one {n}-line drop {n / big_s:.1f} req/s (daemon {pairs[-1]['big_daemon_cpu_ms_per_request']}, "
+              f"engine {pairs[-1]['big_engine_cpu_ms_per_request']})", flush=True)
     return {"rounds": pairs, "median_ratio": statistics.median(p["ratio"] for p in pairs)}
+
+
+def _with_cpu(drops: Drops, timed) -> tuple[float, dict]:
+    """`timed()`'s result, and the CPU seconds (user + system) the daemon's process and its
+    children (vLLM's engine core and workers) spent meanwhile."""
+    before = _cpu_seconds(drops.daemon.proc.pid)
+    result = timed()
+    after = _cpu_seconds(drops.daemon.proc.pid)
+    return result, {k: after[k] - before[k] for k in after}
+
+
+def _cpu_seconds(pid: int) -> dict:
+    import psutil
+
+    daemon = psutil.Process(pid)
+    engine = 0.0
+    for child in daemon.children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        engine += times.user + times.system
+    own = daemon.cpu_times()
+    return {"daemon": own.user + own.system, "engine": engine}
 
 
 def head_of_line(drops: Drops, big_lines: int, tries: int) -> dict:
@@ -188,13 +221,16 @@ def main() -> None:
     parser.add_argument("--only", choices=("small_vs_big", "head_of_line", "fairness"), help="run this measurement alone")
     parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=JSON",
                         help="an [engine] setting for the daemon under test, e.g. max_num_seqs=16")
+    parser.add_argument("--spool-arg", action="append", default=[], metavar="KEY=JSON",
+                        help="a [spool] setting for the daemon under test, e.g. max_active_jobs=256")
     args = parser.parse_args()
     engine = {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.engine_arg)}
+    spool = {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.spool_arg)}
     with tempfile.TemporaryDirectory(prefix="spoold-bench-") as tmp:
         model = build_tiny_model(REPO / ".cache" / "tiny-llama")
-        daemon = Spoold(model, Path(tmp), engine_settings=engine)
+        daemon = Spoold(model, Path(tmp), engine_settings=engine, spool_settings=spool)
         drops = Drops(daemon, str(model), Path(tmp))
-        report = {"machine": machine(), "engine_settings": engine}
+        report = {"machine": machine(), "engine_settings": engine, "spool_settings": spool}
         try:
             if args.only in (None, "small_vs_big"):
                 print("many small drops against one big one:", flush=True)

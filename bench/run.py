@@ -91,18 +91,20 @@ def run_run_batch(model: Path, workload: Path, tmp: Path) -> dict:
 class Spoold:
     """One `spoold run` daemon, loaded once; each run drops the workload into its inbox.
 
-    `engine_settings` override `[engine]` keys (max_num_seqs, max_inflight) and
-    `engine_args` go to `[engine.args]`, for trying variants.
+    `engine_settings` override `[engine]` keys (max_num_seqs, max_inflight),
+    `spool_settings` `[spool]` keys (max_active_jobs), and `engine_args` go to
+    `[engine.args]`, for trying variants.
     """
 
     def __init__(self, model: Path, tmp: Path, engine_args: dict | None = None,
-                 engine_settings: dict | None = None) -> None:
+                 engine_settings: dict | None = None, spool_settings: dict | None = None) -> None:
         self.root = tmp / "spool"
         (self.root / "inbox").mkdir(parents=True)
         config = tmp / "spoold.toml"
         engine = "\n".join(f"{k} = {json.dumps(v)}" for k, v in {**ENGINE, **(engine_settings or {})}.items())
         extra = "\n".join(f"{k} = {json.dumps(v)}" for k, v in (engine_args or {}).items())
-        config.write_text(f'[spool]\nroot = "{self.root}"\nhost_id = "bench"\npoll_seconds = 0.2\n'
+        spool = "".join(f"{k} = {json.dumps(v)}\n" for k, v in (spool_settings or {}).items())
+        config.write_text(f'[spool]\nroot = "{self.root}"\nhost_id = "bench"\npoll_seconds = 0.2\n{spool}'
                           f'[engine]\nmodel = "{model}"\n{engine}\n[engine.args]\n{extra}\n'
                           f'[events]\nendpoint = "ipc://{tmp}/events.sock"\n[metrics]\nlisten = ""\n')
         self.log = tmp / "spoold.log"

@@ -177,6 +177,7 @@ class Daemon:
         Woken by the inbox (a drop, a poll) and by every job that ends.
         """
         while not self._stop.is_set():
+            self._notice_dead_engine()
             if self._trouble is not None:
                 await self._replace_engine()
                 continue
@@ -268,6 +269,17 @@ class Daemon:
             self.jobs.window.close()  # a request sent to it now would be lost, and blamed on its line
             self.jobs.stop_all()
             self.inbox.wake()
+
+    def _notice_dead_engine(self) -> None:
+        """An engine that died between requests (an idle daemon's, say) is replaced now.
+
+        A request would find it dead too, but only when the next job comes:
+        until then `spoold status` shows a healthy idle daemon, and that job
+        waits out the load of a fresh engine.
+        """
+        reason = self.engine_host.dead_reason()
+        if reason is not None and self._trouble is None:
+            self._engine_trouble(f"{reason} (seen while {self.state.value})")
 
     def _pause_for(self, reason: str, job_id: str | None = None) -> None:
         """A full or failing disk: say so everywhere (pause.py); the loop waits, then tries again."""

@@ -30,6 +30,10 @@ class Engine(Protocol):
     async def close(self) -> None:
         """Release the engine and whatever memory it holds."""
 
+    # Optional: `dead_reason() -> str | None`, why the engine can run nothing
+    # more (its process died) or None while it can. An engine that has it is
+    # replaced as soon as it dies, even with no request in flight.
+
 
 class EngineDead(Exception):
     """The engine can run no request at all: its process died, or `handle` broke.

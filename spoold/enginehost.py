@@ -94,6 +94,11 @@ class EngineHost:
             return False
         return True
 
+    def dead_reason(self) -> str | None:
+        """Why the current engine can run nothing more, if it says (`Engine`'s optional `dead_reason`)."""
+        probe = getattr(self.engine, "dead_reason", None)
+        return probe() if probe is not None else None
+
     async def close(self) -> None:
         """Shut the current engine down at stop, within CLOSE_SECONDS."""
         await close_quietly(self.engine)

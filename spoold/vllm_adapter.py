@@ -152,8 +152,19 @@ class VllmEngine:
         vLLM turns EngineDeadError into a 500 response like any other error;
         written down, it would fail every remaining line of the job.
         """
+        reason = self.dead_reason()
+        if reason is not None:
+            raise EngineDead(reason) from error
+
+    def dead_reason(self) -> str | None:
+        """Why the engine can run nothing more (its core process died), or None while it can.
+
+        vLLM's own monitor thread marks the client dead the moment the core
+        process exits, request or not, so an idle daemon can see it too.
+        """
         if self._client is not None and self._client.errored:
-            raise EngineDead(f"the vLLM engine core died: {self._client.dead_error!r}") from error
+            return f"the vLLM engine core died: {self._client.dead_error!r}"
+        return None
 
     async def close(self) -> None:
         """Shut down the engine process and free its memory."""

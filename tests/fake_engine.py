@@ -6,7 +6,9 @@ Selected the way production selects vLLM, by `[engine] adapter =
 loading a model), `fail_on` (a custom_id whose request raises EngineDead, as
 a dead engine would; or a list: the Nth engine of the process dies on the
 Nth custom_id, and engines past the list do not fail), `fail_all` (every request raises EngineDead: a broken
-GPU rather than a poison line), `hang_on` (a custom_id whose request never returns, as
+GPU rather than a poison line), `dies_when` (a path: once it exists, the
+engine says it died, as vLLM's client does when its core process exits,
+request or not), `hang_on` (a custom_id whose request never returns, as
 a stuck engine would), `faulty_engines` (how many engines of a process
 fail or hang that way; by default all, so a restart does not help),
 `fail_load` (a model whose loading fails) and `fail_load_from` (engines of
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 
 from spoold.config import EngineSettings
@@ -47,6 +50,7 @@ class EchoEngine:
             fail_on = fail_on[EchoEngine.instances - 1] if EchoEngine.instances <= len(fail_on) else None
         self.fail_on = fail_on if faulty else None
         self.fail_all = bool(settings.args.get("fail_all")) and faulty
+        self.dies_when = settings.args.get("dies_when") if faulty else None
         self.load_delay = float(settings.args.get("load_delay", 0))
         self.hang_on = settings.args.get("hang_on") if faulty else None
         self.fail_load = settings.args.get("fail_load")
@@ -87,6 +91,11 @@ class EchoEngine:
         # spoold's own write path as little as possible.
         body = _BODY % (request.line, int(time.time()), json.dumps(request.body["model"]), request.line)
         return EngineResult(200, body, 3, 2)
+
+    def dead_reason(self) -> str | None:
+        if self.dies_when and os.path.exists(self.dies_when):
+            return "the engine double's process died"
+        return None
 
     async def close(self) -> None:
         self.closed = True

@@ -275,6 +275,12 @@ def running_job(spool, tmp_path, stem, lines, results):
     return rows, output
 
 
+def engine_cores(daemon_pid: int) -> list[int]:
+    """The pids of vLLM's EngineCore processes under the daemon."""
+    children = subprocess.run(["pgrep", "-P", str(daemon_pid)], capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in children if b"EngineCore" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
 def test_a_killed_engine_core_is_replaced_and_the_job_completes(spool, tmp_path):
     """SIGKILL of vLLM's EngineCore process only: the daemon loads a fresh engine itself."""
     rows, _ = running_job(spool, tmp_path, "enginedeath", 1500, 200)
@@ -283,12 +289,10 @@ def test_a_killed_engine_core_is_replaced_and_the_job_completes(spool, tmp_path)
     # once finished all 1,500 lines (343 req/s) before the kill landed, and the next test met the dead engine.
     os.kill(daemon_pid, signal.SIGSTOP)
     try:
-        cores = [pid for pid in subprocess.run(["pgrep", "-P", str(daemon_pid)], capture_output=True,
-                                               text=True).stdout.split()
-                 if b"EngineCore" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        cores = engine_cores(daemon_pid)
         assert cores, "no EngineCore child found"
         for pid in cores:
-            os.kill(int(pid), signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
     finally:
         os.kill(daemon_pid, signal.SIGCONT)
     job = finished(spool["root"], "enginedeath.jsonl", timeout=300)
@@ -324,6 +328,27 @@ def test_daemon_threads_keep_off_the_cores_vllm_computes_on(spool):
     assert masks
     for tid, mask in masks.items():
         assert not mask & worker_cpus, f"daemon thread {tid} may run on the worker's CPUs {worker_cpus}: {mask}"
+
+
+def test_an_engine_core_killed_while_idle_is_replaced_before_the_next_drop(spool, tmp_path):
+    """vLLM's client marks itself dead when its core process exits, request or not: the idle daemon loads
+    a fresh engine then, instead of showing itself idle on a dead one until the next drop meets it."""
+    daemon_pid, log = spool["daemon"].proc.pid, spool["log"]
+    beat = spool["root"] / "processing" / "testhost" / "heartbeat.json"
+    wait_for(lambda: _beat(beat).get("state") == "idle", 60, "the daemon idle")
+    restarts = log.read_text().count("starting a fresh engine")
+    (core,) = engine_cores(daemon_pid)
+    os.kill(core, signal.SIGKILL)
+    wait_for(lambda: log.read_text().count("starting a fresh engine") > restarts, 60,
+             "the idle daemon noticing its engine died")
+    assert "(seen while idle); starting a fresh engine" in log.read_text()
+    wait_for(lambda: _beat(beat).get("state") == "idle" and engine_cores(daemon_pid) not in ([], [core]), 300,
+             "a fresh engine loaded")
+    rows = [chat(i) for i in range(5)]
+    drop(spool["root"], tmp_path, "afteridle.jsonl", rows)
+    job = finished(spool["root"], "afteridle.jsonl")
+    check_exactly_once(job, {r["custom_id"] for r in rows}, set())
+    assert {o["response"]["status_code"] for o in read_jsonl(job / "output.jsonl")} == {200}
 
 
 def _beat(path) -> dict:

@@ -177,6 +177,33 @@ def test_a_hung_engine_is_replaced_in_process_and_the_job_completes(tmp_path):
     assert "the engine looks stuck" in log and log.count("starting a fresh engine") == 1
 
 
+def test_an_engine_that_dies_while_idle_is_replaced_before_the_next_drop(tmp_path):
+    """vLLM's client knows its core process died with no request in flight: the idle daemon replaces the
+    engine then, instead of showing itself idle on a dead engine until a drop meets it."""
+    root, log, died = tmp_path / "spool", tmp_path / "log", tmp_path / "engine-died"
+    proc = start(write_config(tmp_path / "c.toml", root, args=f'dies_when = "{died}"\nfaulty_engines = 1'), log)
+    try:
+        beat = root / "processing" / "testhost" / "heartbeat.json"
+        wait_for(lambda: _state(beat) == "idle", 60, "the daemon idle")
+        died.touch()
+        wait_for(lambda: tail(log).count("model loaded") == 2, 30, f"a fresh engine loaded:\n{tail(log)}")
+        assert "the engine double's process died (seen while idle); starting a fresh engine" in tail(log)
+        drops = [make_drop(root / "inbox", "after.jsonl", 20)]
+        wait_for(lambda: job_of(root, "outbox", "after.jsonl"), 30, "the next drop done")
+        assert proc.poll() is None, tail(log)
+    finally:
+        _reap(proc)
+    v = verdict(root, drops)
+    assert v.ok, v.problems[:5]
+
+
+def _state(heartbeat: Path) -> str | None:
+    try:
+        return json.loads(heartbeat.read_text()).get("state")
+    except (OSError, ValueError):
+        return None
+
+
 def exits_for_systemd(tmp_path: Path, name: str, lines: int, args: str) -> tuple[Path, str]:
     """Run one drop through a daemon that must exit 1; its job (left in processing/) and its log."""
     root = tmp_path / "spool"
