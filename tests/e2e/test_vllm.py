@@ -276,9 +276,16 @@ def running_job(spool, tmp_path, stem, lines, results):
 
 
 def engine_cores(daemon_pid: int) -> list[int]:
-    """The pids of vLLM's EngineCore processes under the daemon."""
+    """The pids of vLLM's EngineCore processes under the daemon (one that exits meanwhile is not one)."""
     children = subprocess.run(["pgrep", "-P", str(daemon_pid)], capture_output=True, text=True).stdout.split()
-    return [int(pid) for pid in children if b"EngineCore" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    return [int(pid) for pid in children if b"EngineCore" in _cmdline(int(pid))]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def test_a_killed_engine_core_is_replaced_and_the_job_completes(spool, tmp_path):
