@@ -106,7 +106,7 @@ def test_install_runs_the_service_as_its_user_and_uninstall_keeps_spool_and_conf
 
     removed = box.run("make", "-C", str(REPO), "uninstall", timeout=300)
     assert "kept: /etc/spoold" in removed.stdout
-    assert box.show("spoold", "ActiveState") == "inactive"
+    assert box.show("spoold", "ActiveState") == "inactive", box.journal("spoold")[-6000:]
     for gone in ("/usr/bin/spoold", "/opt/spoold", "/usr/lib/systemd/system/spoold.service",
                  "/usr/lib/tmpfiles.d/spoold.conf", "/etc/spoold/spoold.toml.example"):
         assert box.run("test", "-e", gone, check=False).returncode == 1, gone
