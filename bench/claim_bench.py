@@ -24,6 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.cpu import cpu_seconds  # noqa: E402
 from tests.helpers import DaemonProcess, write_config  # noqa: E402  (the double lives under tests/ only)
 
 LINE = ('{"custom_id": "c-0", "method": "POST", "url": "/v1/chat/completions", "body": '
@@ -42,7 +43,7 @@ def backlog(tmp: Path, drops: int) -> dict:
         for i in range(drops):
             (staging / f"d{i:05d}.jsonl").write_text(LINE)
             os.rename(staging / f"d{i:05d}.jsonl", root / "inbox" / f"d{i:05d}.jsonl")
-        start, cpu_before = time.monotonic(), _cpu_seconds(daemon.proc.pid)
+        start, cpu_before = time.monotonic(), cpu_seconds(daemon.proc.pid)
         os.kill(daemon.proc.pid, signal.SIGCONT)
         half_at = None
         while (done := _count(root / "outbox")) < drops:
@@ -50,7 +51,7 @@ def backlog(tmp: Path, drops: int) -> dict:
                 half_at = time.monotonic()
             assert daemon.proc.poll() is None, daemon.log_tail()
             time.sleep(0.2)
-        end, cpu_after = time.monotonic(), _cpu_seconds(daemon.proc.pid)
+        end, cpu_after = time.monotonic(), cpu_seconds(daemon.proc.pid)
     finally:
         daemon.terminate()
     half_at = half_at or end
@@ -59,15 +60,7 @@ def backlog(tmp: Path, drops: int) -> dict:
             "first_half_jobs_per_second": round(drops / 2 / (half_at - start), 1),
             "second_half_jobs_per_second": round(drops / 2 / max(end - half_at, 1e-9), 1),
             **{f"daemon_{k}_cpu_ms_per_job": round((cpu_after[k] - cpu_before[k]) / drops * 1000, 2)
-               for k in cpu_after}}
-
-
-def _cpu_seconds(pid: int) -> dict:
-    """The daemon's CPU seconds so far, in user space and in the kernel (its fsyncs, creations, renames)."""
-    import psutil
-
-    times = psutil.Process(pid).cpu_times()
-    return {"user": times.user, "system": times.system}
+               for k in ("user", "system")}}
 
 
 def _count(directory: Path) -> int:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from spoold.tinymodel import build_tiny_model
 
+from .cpu import cpu_seconds
 from .run import Spoold, machine
 from .workloads import default_rows, write_workload
 
@@ -130,25 +131,15 @@ def small_vs_big(drops: Drops, n: int, rounds: int) -> dict:
 def _with_cpu(drops: Drops, timed) -> tuple[float, dict]:
     """`timed()`'s result, and the CPU seconds (user + system) the daemon's process and its
     children (vLLM's engine core and workers) spent meanwhile."""
-    before = _cpu_seconds(drops.daemon.proc.pid)
+    before = _daemon_and_engine(drops.daemon.proc.pid)
     result = timed()
-    after = _cpu_seconds(drops.daemon.proc.pid)
+    after = _daemon_and_engine(drops.daemon.proc.pid)
     return result, {k: after[k] - before[k] for k in after}
 
 
-def _cpu_seconds(pid: int) -> dict:
-    import psutil
-
-    daemon = psutil.Process(pid)
-    engine = 0.0
-    for child in daemon.children(recursive=True):
-        try:
-            times = child.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        engine += times.user + times.system
-    own = daemon.cpu_times()
-    return {"daemon": own.user + own.system, "engine": engine}
+def _daemon_and_engine(pid: int) -> dict[str, float]:
+    spent = cpu_seconds(pid)
+    return {"daemon": spent["user"] + spent["system"], "engine": spent["children"]}
 
 
 def head_of_line(drops: Drops, big_lines: int, tries: int) -> dict:

@@ -42,6 +42,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.cpu import cpu_seconds  # noqa: E402
 # The double, the feed subscriber and the verdict live under tests/ only.
 from tests.helpers import Subscriber, wait_for  # noqa: E402
 from tests.torture.harness import _reap, make_drop, start, tail, verdict, write_config  # noqa: E402
@@ -71,12 +72,7 @@ class Daemons:
 
     def cpu_seconds(self) -> float:
         """User + system seconds of every daemon so far (the double runs inside them)."""
-        tick = os.sysconf("SC_CLK_TCK")
-        total = 0
-        for p in self.procs:
-            fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        return total / tick
+        return sum(spent["user"] + spent["system"] for spent in map(cpu_seconds, (p.pid for p in self.procs)))
 
     def check_alive(self) -> None:
         for h, p in zip(self.hosts, self.procs):
