@@ -278,8 +278,8 @@ class Daemon:
         waits out the load of a fresh engine.
         """
         reason = self.engine_host.dead_reason()
-        if reason is not None and self._trouble is None:
-            self._engine_trouble(f"{reason} (seen while {self.state.value})")
+        if reason is not None:
+            self._engine_trouble(f"{reason} (seen while {self.state.value})")  # acts once per death
 
     def _pause_for(self, reason: str, job_id: str | None = None) -> None:
         """A full or failing disk: say so everywhere (pause.py); the loop waits, then tries again."""
