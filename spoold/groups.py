@@ -296,8 +296,13 @@ class Groups:
 
         Safe to call from any daemon at any time, from two at once too: each
         try stages in a directory of its own and the publishing rename never
-        replaces, so one assembly wins and the other lets go.
+        replaces, so one assembly wins and the other lets go. One daemon's
+        threads take turns (`Spool.assembling`).
         """
+        with self.spool.assembling:
+            return self._assemble(group_id)
+
+    def _assemble(self, group_id: str) -> JobDir | None:
         group = self.group(group_id)
         dest = self.spool.outbox / group_id
         if dest.is_dir():
@@ -322,8 +327,8 @@ class Groups:
 
     def _publish(self, group: GroupDir, record: JobRecord, done: list[JobDir], dest: Path) -> JobDir | None:
         started = time.monotonic()
-        # Its own staging per try (two threads of one daemon may assemble at once: the last part's
-        # runner and the periodic look); leftovers of a crashed try go with the group.
+        # Its own staging per try (another host may assemble at once); leftovers of a crashed try go
+        # with the group.
         staging = JobDir(group.path / f"{ASSEMBLY}{self.spool.settings.host_id}.{secrets.token_hex(4)}" / group.id)
         durable_mkdir(staging.path)
         if self.spool.gid != -1:
@@ -331,8 +336,9 @@ class Groups:
         parts, tally = self._assemble_files(group, record, done, staging)
         _finish_record(record, parts, tally, self.spool.settings.host_id, time.monotonic() - started)
         self.spool.save(staging, record)
+        withdraw = None
         if self.spool.before_publish is not None:
-            self.spool.before_publish(staging)  # the group's webhook, once: its id names the delivery
+            withdraw = self.spool.before_publish(staging)  # the group's webhook: its id names the delivery
         try:
             with self.spool._moves:
                 rename_noreplace(staging.path, dest)
@@ -342,6 +348,8 @@ class Groups:
             if not dest.is_dir():
                 raise
             log.info("group %s was assembled by another daemon meanwhile", group.id)
+            if withdraw is not None:
+                withdraw()  # that daemon recorded the batch's webhook too: one of them is sent
             self._remove(group)
             return None
         self._remove(group)

@@ -125,10 +125,15 @@ class DropRefused(Exception):
         self.job = job
 
 
+#: `Spool.before_publish`: told of a finished job just before its publish; returns how to take back what it
+#: did, for a publish that another daemon made first (a split batch's assembly), or None.
+PublishHook = Callable[["JobDir"], "Callable[[], None] | None"]
+
+
 class Spool:
     """The directories of one spool root, seen from one host."""
 
-    def __init__(self, settings: SpoolSettings, before_publish: Callable[["JobDir"], None] | None = None) -> None:
+    def __init__(self, settings: SpoolSettings, before_publish: PublishHook | None = None) -> None:
         self.settings = settings
         #: called (in the mover's thread) with a finished job just before it goes to outbox/ or failed/: the
         #: daemon records the job's webhook delivery there, so no crash publishes a job without one
@@ -150,6 +155,10 @@ class Spool:
         #: removal durable before the arrival, and a power cut there would
         #: lose the drop or the job. (A job's own directory needs no lock.)
         self._moves = threading.RLock()
+        #: Held by an assembly of a split batch (groups.py) from its first look to its publish: two threads
+        #: of this daemon (the last part's runner, the periodic look) then never assemble one batch at once,
+        #: so an assembly that loses the publish always lost it to another host.
+        self.assembling = threading.Lock()
         self._inbox_error: int | None = None
 
     def ensure_dirs(self) -> None:

@@ -40,7 +40,7 @@ from .backoff import backoff_seconds
 from .config import ConfigError, WebhooksSettings
 from .durable import atomic_write_json, durable_mkdir, durable_rename, fsync_dir
 from .jobrecord import JobRecord
-from .spool import JobDir, PeerClocks, file_signature, subdirs
+from .spool import JobDir, PeerClocks, PublishHook, file_signature, subdirs
 
 if TYPE_CHECKING:
     import httpx
@@ -150,6 +150,13 @@ class Deliveries:
 
     def sent(self, delivery: Delivery) -> None:
         """A 2xx came back: the delivery is done."""
+        self._remove(delivery)
+
+    def withdraw(self, delivery: Delivery) -> None:
+        """Recorded for a publish that another host made first: that host's delivery is the one sent."""
+        self._remove(delivery)
+
+    def _remove(self, delivery: Delivery) -> None:
         (self.dir / f"{delivery.id}.json").unlink(missing_ok=True)
         fsync_dir(self.dir)
 
@@ -301,14 +308,17 @@ def backoff(attempts: int) -> float:
     return backoff_seconds(attempts, FIRST_BACKOFF_SECONDS, MAX_BACKOFF_SECONDS)
 
 
-def record_end(deliveries: Deliveries, secrets: dict[str, str]) -> Callable[[JobDir], None]:
+def record_end(deliveries: Deliveries, secrets: dict[str, str]) -> PublishHook:
     """`Spool.before_publish` for a daemon with webhooks: record the delivery of the job's end (its status),
-    when its tenant or `[webhooks]` has a receiver (`secrets`, as read_secrets gives them)."""
-    def record(job: JobDir) -> None:
+    when its tenant or `[webhooks]` has a receiver (`secrets`, as read_secrets gives them). Returns how to
+    withdraw it, for an assembly that another host published first (it recorded its own)."""
+    def record(job: JobDir) -> Callable[[], None] | None:
         ended, _ = JobRecord.load(job.batch)
         tenant = ended.tenant if ended is not None else ""
-        if tenant in secrets or "" in secrets:
-            deliveries.record(job.id, ended.status if ended is not None else "failed", tenant)
+        if tenant not in secrets and "" not in secrets:
+            return None
+        delivery = deliveries.record(job.id, ended.status if ended is not None else "failed", tenant)
+        return lambda: deliveries.withdraw(delivery)
     return record
 
 
