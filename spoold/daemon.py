@@ -304,6 +304,9 @@ class Daemon:
         """
         await self.jobs.settle()
         reason, self._trouble = self._trouble, None
+        if self._stop.is_set():  # asked for meanwhile: stop now, not after a load (Ctrl-C kills the engine too)
+            log.info("%s; not replaced: stopping", reason)
+            return
         if not await self.engine_host.restart(reason, self._start_engine):
             self.exit_code = 1
             self._stop.set()

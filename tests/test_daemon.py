@@ -163,3 +163,29 @@ def test_a_peers_job_silent_for_claim_timeout_is_taken_over_and_run_here(tmp_pat
     clock[0] += 31
     (taken,) = daemon.work.take_over_orphans()
     assert taken.job.path == daemon.spool.host_dir / job.id and not job.path.exists()
+
+
+def test_a_stop_asked_for_while_a_dead_engines_jobs_settle_is_not_held_up_by_a_fresh_engine(tmp_path, caplog):
+    """Ctrl-C in a terminal reaches vLLM's processes too: the daemon may see its engine die just before the
+    signal, and must then stop rather than first load a fresh engine (tens of seconds, minutes on a GPU)."""
+    import logging
+    import signal
+
+    caplog.set_level(logging.INFO, logger="spoold")
+    config = Config(spool=SpoolSettings(root=tmp_path / "spool", host_id="h"),
+                    engine=EngineSettings(adapter="tests.fake_engine:EchoEngine", model="fake-model"))
+    made = []
+    daemon = Daemon(config, EchoEngine(config.engine),
+                    make_engine=lambda model: made.append(model) or EchoEngine(config.engine))
+
+    async def settle_while_the_signal_comes():
+        daemon._on_signal(signal.SIGINT)
+
+    async def go():
+        daemon._stop = asyncio.Event()
+        daemon._trouble = "the engine died: EngineCore exited"
+        daemon.jobs.settle = settle_while_the_signal_comes
+        await daemon._replace_engine()
+    asyncio.run(go())
+    assert made == [] and daemon.exit_code == 0
+    assert "not replaced: stopping" in caplog.text
