@@ -1,10 +1,10 @@
 """Many batches at once on one daemon and one real engine (vLLM, the tiny model).
 
     .venv/bin/python -m bench.concurrency_bench [--requests 2000] [--rounds 3] [--big 5000] [--tries 10]
-        [--only small_vs_big|head_of_line|fairness] [--engine-arg max_num_seqs=16 ...]
+        [--only small_vs_big|head_of_line|fairness|tenants] [--engine-arg max_num_seqs=16 ...]
         [--spool-arg max_active_jobs=256 ...]
 
-Three measurements, as a user would see them (drop to outbox):
+Four measurements, as a user would see them (drop to outbox):
 - many small against one big: N one-line drops, then one N-line drop, alternating,
   requests/s of each and the median ratio (small / big), and the CPU per request
   of the daemon's process and of vLLM's engine processes in each;
@@ -15,7 +15,10 @@ Three measurements, as a user would see them (drop to outbox):
 - fairness: one `--big`-line job and twenty 100-line jobs dropped together; the
   small jobs' share of the requests completed in each second while both have
   work, against the 20/21 that equal per-job shares give (drops are all one
-  tenant; per-tenant shares come with API keys).
+  tenant);
+- tenants: the same through `spoold api` and the `openai` SDK, the big batch
+  one tenant's and the twenty another's: the second tenant's share each
+  second, against the half that per-tenant shares give.
 Writes bench/concurrency_results.json (`--only`: concurrency_<name>_results.json).
 """
 
@@ -26,7 +29,10 @@ import datetime
 import json
 import os
 import re
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +40,7 @@ from pathlib import Path
 from spoold.tinymodel import build_tiny_model
 
 from .cpu import cpu_seconds
-from .run import Spoold, machine
+from .run import ENV, Spoold, machine
 from .workloads import default_rows, write_workload
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,6 +96,14 @@ class Drops:
                 "validate_s": round(at["validated"] - at["claimed"], 3),
                 "run_s": round(at["completed"] - at["validated"], 3), "engine_s": engine_s,
                 "to_outbox_s": round(in_outbox - at["completed"], 3)}
+
+    def wait_for_dir(self, job_id: str, timeout: float = 1800) -> None:
+        """Until outbox/<job_id>/ exists (an API batch's job keeps its id)."""
+        deadline = time.monotonic() + timeout
+        while not (self.daemon.root / "outbox" / job_id / "batch.json").exists():
+            if self.daemon.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("spoold exited or took too long:\n" + self.daemon.log.read_text()[-3000:])
+            time.sleep(0.05)
 
     def wait(self, names: set[str], timeout: float = 1800) -> float:
         deadline = time.monotonic() + timeout
@@ -176,28 +190,109 @@ def head_of_line(drops: Drops, big_lines: int, tries: int) -> dict:
 def fairness(drops: Drops, big_lines: int) -> dict:
     big = drops.stage(big_lines)
     smalls = [drops.stage(100) for _ in range(20)]
-    processing = drops.daemon.root / "processing" / "bench"
     drops.publish([big, *smalls])
     small_names = {name for name, _ in smalls}
+    samples = _small_shares(drops.daemon.root, [f"{big[0]}-*"], [f"{name}-*" for name in small_names],
+                            lambda: drops.finished(small_names) == small_names)
+    drops.wait({big[0]})
+    # Drops are all one tenant, so shares are per job: the twenty get 20/21.
+    return _share_report(samples, len(smalls) / (len(smalls) + 1))
+
+
+def tenants(drops: Drops, big_lines: int, tmp: Path) -> dict:
+    """The issue's fairness as tenants meet it: through `spoold api` and the `openai` SDK, tenant `big`
+    creates one `big_lines` batch, then tenant `small` twenty 100-line batches; the window shares per
+    tenant first, so the small tenant's due is half while both have work."""
+    api = ApiProcess(drops.daemon, tmp)
+    try:
+        big = api.create("big", default_rows(big_lines, drops.model))
+        smalls = [api.create("small", default_rows(100, drops.model)) for _ in range(20)]
+        outbox = drops.daemon.root / "outbox"
+        samples = _small_shares(drops.daemon.root, [big], smalls,
+                                lambda: all((outbox / batch / "batch.json").exists() for batch in smalls))
+        drops.wait_for_dir(big)
+    finally:
+        api.close()
+    return _share_report(samples, 0.5)
+
+
+class ApiProcess:
+    """`spoold api` on the bench daemon's spool, with one key per tenant, and the SDK's client for each."""
+
+    def __init__(self, daemon: Spoold, tmp: Path) -> None:
+        import openai
+
+        self.tenants = ("big", "small")
+        keys = tmp / "api-keys"
+        keys.write_text("".join(f"{name}:{name}-key-{os.urandom(12).hex()}\n" for name in self.tenants))
+        port = _free_port()
+        config = tmp / "api.toml"
+        config.write_text(daemon.config.read_text() + f'[api]\nlisten = "127.0.0.1:{port}"\nkeys_file = "{keys}"\n')
+        self.proc = subprocess.Popen([sys.executable, "-m", "spoold", "api", "--config", str(config)],
+                                     stdout=open(tmp / "api.log", "wb"), stderr=subprocess.STDOUT, env=ENV, cwd=REPO)
+        self.clients = {line.split(":")[0]: openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1",
+                                                          api_key=line.split(":")[1], max_retries=0)
+                        for line in keys.read_text().split()}
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.clients["big"].files.list()
+                return
+            except openai.APIConnectionError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("spoold api did not start:\n" + (tmp / "api.log").read_text()[-3000:])
+                time.sleep(0.1)
+
+    def create(self, tenant: str, rows: list[dict]) -> str:
+        """Upload `rows` and create a batch of them as `tenant`; its id (also its job directory's name)."""
+        client = self.clients[tenant]
+        body = "".join(json.dumps(dict(row, custom_id=f"r{i}")) + "\n" for i, row in enumerate(rows)).encode()
+        upload = client.files.create(file=("batch.jsonl", body), purpose="batch")
+        return client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                     completion_window="24h").id
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _small_shares(root: Path, big: list[str], small: list[str], done) -> list[float]:
+    """The small side's share of the result lines written in each second, until `done()`: job directories
+    by glob pattern, in this host's processing/ or in the outbox."""
     samples, last = [], None
-    while drops.finished(small_names) != small_names:
-        counts = {"big": 0, "small": 0}
-        for name in [big[0], *small_names]:
-            out = list(processing.glob(f"{name}-*/output.jsonl")) + list(
-                (drops.daemon.root / "outbox").glob(f"{name}-*/output.jsonl"))
-            lines = sum(1 for _ in open(out[0])) if out else 0
-            counts["big" if name == big[0] else "small"] += lines
+    while not done():
+        counts = {side: sum(_lines(root, pattern) for pattern in patterns)
+                  for side, patterns in (("big", big), ("small", small))}
         if last is not None:
             got = {k: counts[k] - last[k] for k in counts}
             if sum(got.values()):
                 samples.append(got["small"] / sum(got.values()))
         last = counts
         time.sleep(1)
-    drops.wait({big[0]})
+    return samples
+
+
+def _lines(root: Path, pattern: str) -> int:
+    """Result lines of the job `pattern` names, where it is now (looked for again if it moves meanwhile)."""
+    for _ in range(3):
+        for where in (root / "processing" / "bench", root / "outbox"):
+            for out in where.glob(f"{pattern}/output.jsonl"):
+                try:
+                    with open(out, "rb") as f:
+                        return sum(1 for _ in f)
+                except FileNotFoundError:
+                    continue  # published between the look and the open
+    return 0
+
+
+def _share_report(samples: list[float], expected: float) -> dict:
     both = samples[1:-1] or samples  # the first and last seconds hold claims and the end
-    # Drops are all one tenant, so shares are per job: the twenty get 20/21.
-    # Tenants (API keys, per tenant first) are the window's, tests/test_window.py.
-    expected = len(smalls) / (len(smalls) + 1)
     return {"small_share_per_second": [round(s, 3) for s in samples], "expected_small_share": round(expected, 3),
             "median_small_share": statistics.median(both) if both else None,
             "seconds_within_10_percent": sum(abs(s - expected) <= 0.1 for s in both) / len(both) if both else None}
@@ -209,7 +304,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--big", type=int, default=5000, help="lines of the running job (head of line, fairness)")
     parser.add_argument("--tries", type=int, default=10)
-    parser.add_argument("--only", choices=("small_vs_big", "head_of_line", "fairness"), help="run this measurement alone")
+    parser.add_argument("--only", choices=("small_vs_big", "head_of_line", "fairness", "tenants"),
+                        help="run this measurement alone")
     parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=JSON",
                         help="an [engine] setting for the daemon under test, e.g. max_num_seqs=16")
     parser.add_argument("--spool-arg", action="append", default=[], metavar="KEY=JSON",
@@ -234,6 +330,10 @@ def main() -> None:
                 print("fairness:", flush=True)
                 report["fairness"] = fairness(drops, args.big)
                 print(json.dumps(report["fairness"]), flush=True)
+            if args.only in (None, "tenants"):
+                print("fairness between two tenants of the API:", flush=True)
+                report["tenants"] = tenants(drops, args.big, Path(tmp))
+                print(json.dumps(report["tenants"]), flush=True)
         finally:
             daemon.close()
     name = "concurrency_results.json" if not args.only else f"concurrency_{args.only}_results.json"

@@ -100,7 +100,7 @@ class Spoold:
                  engine_settings: dict | None = None, spool_settings: dict | None = None) -> None:
         self.root = tmp / "spool"
         (self.root / "inbox").mkdir(parents=True)
-        config = tmp / "spoold.toml"
+        self.config = config = tmp / "spoold.toml"
         engine = "\n".join(f"{k} = {json.dumps(v)}" for k, v in {**ENGINE, **(engine_settings or {})}.items())
         extra = "\n".join(f"{k} = {json.dumps(v)}" for k, v in (engine_args or {}).items())
         spool = "".join(f"{k} = {json.dumps(v)}\n" for k, v in (spool_settings or {}).items())
