@@ -36,7 +36,8 @@ def ready_group(tmp_path, monkeypatch):
 
 def daemon(settings, host):
     """`host`'s view of the spool, recording webhook deliveries as a daemon with a receiver does."""
-    return Spool(dataclasses.replace(settings, host_id=host), before_publish=record_end(Deliveries(settings.root, host), SECRETS))
+    return Spool(dataclasses.replace(settings, host_id=host),
+                 before_publish=record_end(Deliveries(settings.root, host), SECRETS))
 
 
 def deliveries(settings, host):
