@@ -59,7 +59,7 @@ def run(lines: int) -> dict:
         try:
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="local", max_retries=0,
                                    timeout=600)
-            wait_for(lambda: _answers(client), 60, "spoold api to listen")
+            wait_for(lambda: answers(client), 60, "spoold api to listen")
             idle = peak_rss_mib(proc.pid)
             started = time.monotonic()
             with open(source, "rb") as f:
@@ -83,7 +83,8 @@ def run(lines: int) -> dict:
             "identical": same}
 
 
-def _answers(client: openai.OpenAI) -> bool:
+def answers(client: openai.OpenAI) -> bool:
+    """Whether `spoold api` answers `client` yet (it is still starting while the connection is refused)."""
     try:
         client.models.list()
         return True

@@ -29,7 +29,6 @@ import datetime
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,11 +38,14 @@ from pathlib import Path
 
 from spoold.tinymodel import build_tiny_model
 
+from .api_bench import answers
 from .cpu import cpu_seconds
 from .run import ENV, Spoold, machine
 from .workloads import default_rows, write_workload
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from tests.helpers import free_port, wait_for  # noqa: E402
 
 
 class Drops:
@@ -97,17 +99,17 @@ class Drops:
                 "run_s": round(at["completed"] - at["validated"], 3), "engine_s": engine_s,
                 "to_outbox_s": round(in_outbox - at["completed"], 3)}
 
-    def wait_for_dir(self, job_id: str, timeout: float = 1800) -> None:
-        """Until outbox/<job_id>/ exists (an API batch's job keeps its id)."""
-        deadline = time.monotonic() + timeout
-        while not (self.daemon.root / "outbox" / job_id / "batch.json").exists():
-            if self.daemon.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("spoold exited or took too long:\n" + self.daemon.log.read_text()[-3000:])
-            time.sleep(0.05)
+    def published(self, job_id: str) -> bool:
+        """Whether outbox/<job_id>/ is there (an API batch's job keeps its id)."""
+        return (self.daemon.root / "outbox" / job_id / "batch.json").exists()
 
     def wait(self, names: set[str], timeout: float = 1800) -> float:
+        return self.wait_until(lambda: self.finished(names) == names, timeout)
+
+    def wait_until(self, done, timeout: float = 1800) -> float:
+        """Poll until `done()`; when it was; fails if the daemon exits first."""
         deadline = time.monotonic() + timeout
-        while self.finished(names) != names:
+        while not done():
             if self.daemon.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("spoold exited or took too long:\n" + self.daemon.log.read_text()[-3000:])
             time.sleep(0.02)
@@ -207,10 +209,8 @@ def tenants(drops: Drops, big_lines: int, tmp: Path) -> dict:
     try:
         big = api.create("big", default_rows(big_lines, drops.model))
         smalls = [api.create("small", default_rows(100, drops.model)) for _ in range(20)]
-        outbox = drops.daemon.root / "outbox"
-        samples = _small_shares(drops.daemon.root, [big], smalls,
-                                lambda: all((outbox / batch / "batch.json").exists() for batch in smalls))
-        drops.wait_for_dir(big)
+        samples = _small_shares(drops.daemon.root, [big], smalls, lambda: all(map(drops.published, smalls)))
+        drops.wait_until(lambda: drops.published(big))
     finally:
         api.close()
     return _share_report(samples, 0.5)
@@ -222,26 +222,19 @@ class ApiProcess:
     def __init__(self, daemon: Spoold, tmp: Path) -> None:
         import openai
 
-        self.tenants = ("big", "small")
-        keys = tmp / "api-keys"
-        keys.write_text("".join(f"{name}:{name}-key-{os.urandom(12).hex()}\n" for name in self.tenants))
-        port = _free_port()
+        keys = {tenant: f"{tenant}-key-{os.urandom(12).hex()}" for tenant in ("big", "small")}
+        (tmp / "api-keys").write_text("".join(f"{tenant}:{key}\n" for tenant, key in keys.items()))
+        port = free_port()
         config = tmp / "api.toml"
-        config.write_text(daemon.config.read_text() + f'[api]\nlisten = "127.0.0.1:{port}"\nkeys_file = "{keys}"\n')
+        config.write_text(daemon.config.read_text() +
+                          f'[api]\nlisten = "127.0.0.1:{port}"\nkeys_file = "{tmp / "api-keys"}"\n')
         self.proc = subprocess.Popen([sys.executable, "-m", "spoold", "api", "--config", str(config)],
                                      stdout=open(tmp / "api.log", "wb"), stderr=subprocess.STDOUT, env=ENV, cwd=REPO)
-        self.clients = {line.split(":")[0]: openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1",
-                                                          api_key=line.split(":")[1], max_retries=0)
-                        for line in keys.read_text().split()}
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                self.clients["big"].files.list()
-                return
-            except openai.APIConnectionError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("spoold api did not start:\n" + (tmp / "api.log").read_text()[-3000:])
-                time.sleep(0.1)
+        self.clients = {tenant: openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+                        for tenant, key in keys.items()}
+        wait_for(lambda: self.proc.poll() is not None or answers(self.clients["big"]), 60, "spoold api to listen")
+        if self.proc.poll() is not None:
+            raise RuntimeError("spoold api exited:\n" + (tmp / "api.log").read_text()[-3000:])
 
     def create(self, tenant: str, rows: list[dict]) -> str:
         """Upload `rows` and create a batch of them as `tenant`; its id (also its job directory's name)."""
@@ -254,12 +247,6 @@ class ApiProcess:
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=60)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _small_shares(root: Path, big: list[str], small: list[str], done) -> list[float]:
