@@ -222,7 +222,7 @@ class Daemon:
         await self.work.finish_groups_now_and_then()
         for claimed in self.work.take_over_orphans():
             self._start(claimed)
-        chosen, swap_to = await self.work.next_round(self.engine.model, self.jobs.ids(),
+        chosen, swap_to = await self.work.next_round(self.engine.model, self.jobs.tenants(),
                                                     self.config.spool.max_active_jobs - len(self.jobs))
         if self.pause.reason:
             return None

@@ -177,9 +177,9 @@ class Groups:
 
     # -- parts ----------------------------------------------------------------
 
-    def claimable(self, held: set[str]) -> Iterator[tuple[JobDir, float]]:
+    def claimable(self, held: set[str]) -> Iterator[tuple[JobDir, JobRecord | None]]:
         """The first unclaimed part of each group of which this host holds no part (`held`: its job ids),
-        with its group's creation time (its age in the queue).
+        with its group's record (its age in the queue, its tenant and weight; None if unreadable).
 
         One part per group per daemon at a time: a part fills an engine's
         window on its own, and the other parts are left for the other
@@ -192,7 +192,7 @@ class Groups:
                 continue
             parts = subdirs(group.parts)
             if parts:
-                yield JobDir(parts[0]), _created_at(group)
+                yield JobDir(parts[0]), group.read_record()[0]
 
     def claim(self, part: JobDir) -> JobDir | None:
         """Make an unclaimed part this host's job; None when another daemon was first.
@@ -458,11 +458,6 @@ def _errors_for_failed_part(part: JobDir, record: JobRecord | None, offset: int)
 
 def _error_number(raw: bytes) -> int:
     return int(json.loads(raw)["error"]["line"])
-
-
-def _created_at(group: GroupDir) -> float:
-    record, _ = group.read_record()
-    return float(record.created_at) if record is not None else 0.0
 
 
 class _PartFile:

@@ -78,6 +78,8 @@ class InboxTracker:
         self._seen: dict[str, _Seen] = {}
         #: the complete drops in queue order; the others are looked at again on every ask
         self._queue: list[str] = []
+        #: drops found complete since the last `take_arrived`
+        self._arrived: list[str] = []
         self._unsorted = False
         self._pending: set[str] = set()
         self._ready: set[str] = set()
@@ -184,11 +186,18 @@ class InboxTracker:
             self._pending.discard(name)
             self._seen[name].complete = True
             self._queue.append(name)
+            self._arrived.append(name)
             self._unsorted = True
         if self._unsorted:
             self._queue.sort(key=lambda name: self._seen[name].order)
             self._unsorted = False
         return list(self._queue)
+
+    def take_arrived(self) -> list[str]:
+        """The drops found complete since the last call (some may have left since): what is new to
+        look at, without a pass over a backlog of 10,000."""
+        arrived, self._arrived = self._arrived, []
+        return arrived
 
     def seen_at(self, name: str) -> float:
         """When this daemon first saw a drop (epoch seconds): how long it has waited."""

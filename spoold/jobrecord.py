@@ -37,6 +37,18 @@ def parse_priority(text: str) -> int | None:
     return None
 
 
+def weight_of(metadata: object) -> int:
+    """A job's weight from its batch metadata: its `priority` (1-100), else 1.
+
+    Another host or a submitter wrote it: anything but a whole number in
+    range counts as the default.
+    """
+    text = metadata.get("priority", "") if isinstance(metadata, dict) else ""
+    if isinstance(text, str) and text.strip().isdigit():
+        return min(max(int(text), 1), MAX_PRIORITY)
+    return 1
+
+
 def check_metadata(value: Any) -> dict[str, str]:
     """`value` as a batch's `metadata`, within OpenAI's limits; ValueError saying what is wrong.
 
@@ -216,15 +228,8 @@ class JobRecord:
         atomic_write_json(path, self.to_doc(), mode, gid)
 
     def weight(self) -> int:
-        """The job's weight in the engine's in-flight window: `priority` in its metadata (1-100), else 1.
-
-        Another host or a submitter wrote it: anything but a whole number in
-        range counts as the default.
-        """
-        text = (self.metadata or {}).get("priority", "")
-        if isinstance(text, str) and text.strip().isdigit():
-            return min(max(int(text), 1), MAX_PRIORITY)
-        return 1
+        """The job's weight in the engine's in-flight window: `priority` in its metadata (1-100), else 1."""
+        return weight_of(self.metadata)
 
     def part_of(self) -> tuple[str, int] | None:
         """(group id, the original line number of the part's line 1) when this job is a part of a split

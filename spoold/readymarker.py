@@ -43,11 +43,12 @@ def may_mark(marker_uid: int, drop_uid: int) -> bool:
     return marker_uid in (drop_uid, 0, os.geteuid())
 
 
-def read_metadata(marker: Path, owner_uid: int) -> dict[str, str] | None:
+def read_metadata(marker: Path, owner_uid: int, warn: bool = True) -> dict[str, str] | None:
     """The metadata in the marker `marker` of a drop owned by `owner_uid`; None when it holds none.
 
-    None too (with a warning) when it cannot be read, was made by someone
-    else, is too large or is not valid metadata.
+    None too (with a warning, unless `warn` is False: the scheduler's look
+    before the claim, which warns once) when it cannot be read, was made by
+    someone else, is too large or is not valid metadata.
     """
     from .validation import open_regular  # here, not above: validation loads numpy, which `spoold status` need not
 
@@ -58,20 +59,22 @@ def read_metadata(marker: Path, owner_uid: int) -> dict[str, str] | None:
     except FileNotFoundError:
         return None
     except OSError as e:
-        return _ignored(marker, f"cannot read it ({e.strerror or e})")
+        return _ignored(marker, f"cannot read it ({e.strerror or e})", warn)
     if not may_mark(uid, owner_uid):
-        return _ignored(marker, f"made by uid {uid}, not by the drop's owner (uid {owner_uid})")
+        return _ignored(marker, f"made by uid {uid}, not by the drop's owner (uid {owner_uid})", warn)
     if not data.strip():
         return None
     if len(data) > MAX_MARKER_BYTES:
-        return _ignored(marker, f"larger than {MAX_MARKER_BYTES} bytes")
+        return _ignored(marker, f"larger than {MAX_MARKER_BYTES} bytes", warn)
     try:
         return check_metadata(json.loads(data.decode()))
     except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-        return _ignored(marker, str(e))
+        return _ignored(marker, str(e), warn)
 
 
-def _ignored(marker: Path, why: str) -> None:
+def _ignored(marker: Path, why: str, warn: bool) -> None:
+    if not warn:
+        return None
     log.warning("inbox/%s: its metadata is ignored (%s); the drop runs with the default priority",
                 display_name(marker.name), why)
     return None

@@ -68,9 +68,9 @@ class RunningJobs:
     def __len__(self) -> int:
         return len(self._running)
 
-    def ids(self) -> set[str]:
-        """The ids of the jobs running now."""
-        return set(self._running)
+    def tenants(self) -> dict[str, str]:
+        """The jobs running now, each id with its tenant (whose turn the next claim is: scheduler.py)."""
+        return {job_id: r.runner.share.tenant for job_id, r in self._running.items()}
 
     def runners(self) -> tuple[JobRunner, ...]:
         """The running jobs' runners, oldest first (their progress is what is shown)."""

@@ -1,4 +1,13 @@
-"""Which job next, when jobs need different models: few swaps, nobody starved.
+"""Which job next: each tenant in turn, few model swaps, nobody starved.
+
+Jobs run together up to `[spool] max_active_jobs`; when more wait, the
+order of claims decides who waits. By age alone, one tenant's 500 queued
+batches would all be claimed before another tenant's one batch that came a
+second later, whatever the in-flight window then shares (window.py). So
+tenants take turns: the next claim goes to the tenant with the fewest jobs
+running, among those to the one whose last turn is longest ago, and within
+a tenant to its heaviest job (`priority`), then its oldest. Filesystem
+drops are all one tenant, so among them this is age, a priority drop first.
 
 Loading a model takes from seconds to minutes, so among the waiting work
 (this host's claimed jobs and the complete drops in the inbox) the work for
@@ -8,6 +17,8 @@ waited longer than `[models] max_wait_seconds`.
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,15 +33,57 @@ class Candidate:
     model: str | None
     #: when it started waiting (epoch seconds)
     since: float
+    #: whose it is: the API key's name, "" for a filesystem drop
+    tenant: str = ""
+    #: its `priority` (1-100): heavier goes first within its tenant
+    weight: int = 1
 
 
-def in_order(candidates: list[Candidate], loaded: str, max_wait: float, now: float) -> list[Candidate]:
-    """The candidates in the order to try them: first the one to run next, then by age."""
-    by_age = sorted(candidates, key=lambda c: c.since)
-    if not by_age:
+def fair_order(candidates: list[Candidate], running: Mapping[str, int],
+               turns: Mapping[str, int] | None = None) -> list[Candidate]:
+    """The candidates in the order tenants take turns.
+
+    `running`: each tenant's jobs running now; `turns`: when each tenant's
+    last turn was (a count that grows; never: 0). Each next place goes to
+    the tenant with the fewest jobs running or placed before, then the
+    longest since its turn, then whose next candidate waited longest; a
+    tenant's own candidates go heaviest first, then oldest first.
+    """
+    queues: dict[str, list[Candidate]] = {}
+    for c in sorted(candidates, key=lambda c: (-c.weight, c.since)):
+        queues.setdefault(c.tenant, []).append(c)
+    if len(queues) <= 1:
+        return next(iter(queues.values()), [])
+    turns = turns or {}
+    clock = max(turns.values(), default=0)
+    heap = [(running.get(tenant, 0), turns.get(tenant, 0), queue[0].since, tenant, 0)
+            for tenant, queue in queues.items()]
+    heapq.heapify(heap)
+    ordered = []
+    while heap:
+        load, _, _, tenant, index = heapq.heappop(heap)
+        queue = queues[tenant]
+        ordered.append(queue[index])
+        clock += 1
+        if index + 1 < len(queue):
+            heapq.heappush(heap, (load + 1, clock, queue[index + 1].since, tenant, index + 1))
+    return ordered
+
+
+def in_order(candidates: list[Candidate], loaded: str, max_wait: float, now: float,
+             running: Mapping[str, int] | None = None, turns: Mapping[str, int] | None = None) -> list[Candidate]:
+    """The candidates in the order to try them: first the one to run next, then in `fair_order`.
+
+    The one to run next is the first that needs the loaded model (or any),
+    unless the oldest candidate needs another model and has waited past
+    `max_wait`: then it is, and its model is swapped to.
+    """
+    if not candidates:
         return []
-    oldest = by_age[0]
-    if oldest.model in (None, loaded) or now - oldest.since > max_wait:
-        return by_age
-    same = [c for c in by_age if c.model in (None, loaded)]
-    return same[:1] + [c for c in by_age if c is not (same[0] if same else None)]
+    fair = fair_order(candidates, running or {}, turns)
+    oldest = min(candidates, key=lambda c: c.since)
+    if oldest.model not in (None, loaded) and now - oldest.since > max_wait:
+        first = oldest
+    else:
+        first = next((c for c in fair if c.model in (None, loaded)), fair[0])
+    return [first] + [c for c in fair if c is not first]

@@ -27,8 +27,8 @@ from typing import Any
 from .config import SpoolSettings
 from .durable import (atomic_write_bytes, atomic_write_json, durable_mkdir, durable_rename, fsync_dir,
                       hidden_temp, write_all)
-from .apibatch import read_api_batch
-from .jobrecord import API_FIELDS, JobRecord
+from .apibatch import ApiBatch, read_api_batch
+from .jobrecord import API_FIELDS, JobRecord, weight_of
 from .names import display_name, is_plain_name
 from .readymarker import READY_SUFFIX, read_metadata
 from .retries import accept_retry_of
@@ -219,11 +219,7 @@ class Spool:
             # through) must never be read or claimed.
             raise DropRefused(self.fail_drop(name, f"the file has {st.st_nlink} hard links; submit a file of "
                                                    "its own (copy it, do not `ln` it)", "not_regular"))
-        # A batch made through the API keeps its id, owner and request: its
-        # record is the API's own (batches/), and so must the drop be (the API
-        # runs as the daemon's user), or a submitter could drop a file under
-        # a batch's name and run it as that batch's owner.
-        api = read_api_batch(self.batches, name.removesuffix(".jsonl")) if st.st_uid in (0, os.geteuid()) else None
+        api = self._api_batch(name, st)
         # Group `[spool] group`: its members may read the results in outbox/.
         job = self.new_job_dir(self.host_dir, name, self.gid, api.id if api else None)
         # How the drop looked when claimed: lets recover() tell a stale inbox
@@ -248,6 +244,31 @@ class Spool:
             fsync_dir(self.inbox)
             _unlink_durably(self.inbox / (name + READY_SUFFIX))
         return job
+
+    def drop_owner(self, name: str) -> tuple[str, int]:
+        """Whose the drop `inbox/NAME` is and its weight, as its claim will record them: (the API key's
+        name, or "" for a filesystem drop; its `priority`, 1-100). For the scheduler, which lets tenants
+        take turns before any claim; a drop it cannot read is ("", 1), and its claim says what is wrong."""
+        try:
+            st = os.lstat(self.inbox / name)
+        except OSError:
+            return "", 1
+        api = self._api_batch(name, st)
+        if api is not None:
+            return api.owner, weight_of(api.metadata)
+        return "", weight_of(read_metadata(self.inbox / (name + READY_SUFFIX), st.st_uid, warn=False))
+
+    def _api_batch(self, name: str, st: os.stat_result) -> ApiBatch | None:
+        """The API's record of the batch whose drop is `inbox/NAME` (stat `st`), or None for a plain drop.
+
+        A batch made through the API keeps its id, owner and request: its
+        record is the API's own (batches/), and so must the drop be (the API
+        runs as the daemon's user), or a submitter could drop a file under
+        a batch's name and run it as that batch's owner.
+        """
+        if st.st_uid not in (0, os.geteuid()):
+            return None
+        return read_api_batch(self.batches, name.removesuffix(".jsonl"))
 
     def fail_drop(self, name: str, reason: str, code: str) -> JobDir:
         """Move an unreadable drop to failed/<job-id>/ with a batch.json saying why.

@@ -7,10 +7,15 @@ asks it to. It decides nothing about when to run, swap or stop.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import itertools
 import logging
 import time
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from .config import Config
 from .durable import finish_in_thread
@@ -21,7 +26,7 @@ from .lifecycle import JobStatus, Outcome
 from .names import display_name
 from .inbox import InboxTracker
 from .reporter import Reporter
-from .scheduler import Candidate, in_order
+from .scheduler import Candidate, fair_order, in_order
 from .spool import DropRefused, JobDir, PeerClocks, Spool
 from .validation import ModelResolver, first_model
 
@@ -64,6 +69,9 @@ class WorkList:
         self._peer_clocks = PeerClocks()
         self.groups = Groups(spool)
         self._groups_checked = time.monotonic()
+        self.owners = DropOwners(spool)
+        #: each tenant's last turn (scheduler.fair_order): a count that grows with every job chosen
+        self.turns: dict[str, int] = {}
 
     def recover(self) -> None:
         """Before READY: clean half-made claims, finish the assemblies a crash cut short (of any host:
@@ -75,10 +83,11 @@ class WorkList:
             log.info("%d unfinished job(s) of this host will be resumed first: %s",
                      len(pending), ", ".join(job.id for job in pending))
 
-    async def next_round(self, loaded: str, running: set[str],
+    async def next_round(self, loaded: str, running: Mapping[str, str],
                          free: int) -> tuple[list[Claimed | Unclaimed | str], str | None]:
-        """What may start now beside the running jobs (at most `free`), in the scheduler's order,
-        and the model to swap to once they are done (None: no swap is due).
+        """What may start now beside the running jobs (`running`: their ids, each with its tenant), at
+        most `free`, in the scheduler's order, and the model to swap to once they are done (None: no
+        swap is due).
 
         Only jobs of the loaded model run together. When the job whose turn
         it is needs another model, nothing after it starts: its model is
@@ -95,11 +104,13 @@ class WorkList:
                 if self.validated(choice):
                     return chosen, choice.model
             chosen.append(choice.item)
+            self.turns[choice.tenant] = max(self.turns.values(), default=0) + 1
         return chosen, None
 
-    async def in_order(self, loaded: str, running: set[str]) -> list[Candidate]:
+    async def in_order(self, loaded: str, running: Mapping[str, str]) -> list[Candidate]:
         """Every job of this host not running now, the first unclaimed parts of split batches and the first
-        complete drops, in the order to try them.
+        complete drops of each tenant, in the order to try them (scheduler.py; `running`: the running
+        jobs' ids, each with its tenant).
 
         A candidate's `item` is a `Claimed` job, an `Unclaimed` part or a
         drop's name; its `model` is what it needs next (None: any will do).
@@ -111,19 +122,25 @@ class WorkList:
         await self.inbox.refresh()
         drops = [name for name in self.inbox.complete_drops() if name not in self.unclaimable]
         self.queued = len(drops)
-        several = len(self.resolver.known) > 1  # only then is a peek at the drops worth it
-        parts = [Candidate(Unclaimed(part), first_model(part.input, self.resolver) if several else None, created)
-                 for part, created in itertools.islice(self.groups.claimable({job.id for job in held}),
-                                                       SCHEDULE_WINDOW)]
-        waiting = own + parts + [Candidate(name, first_model(self.spool.inbox / name, self.resolver)
-                                           if several else None, self.inbox.seen_at(name))
-                                 for name in drops[:SCHEDULE_WINDOW]]
-        return in_order(waiting, loaded, self.config.models.max_wait_seconds, time.time())
+        await self.owners.learn(self.inbox.take_arrived(), drops)
+        load = Counter(running.values())
+        parts = [_part(part, record) for part, record in
+                 itertools.islice(self.groups.claimable({job.id for job in held}), SCHEDULE_WINDOW)]
+        drops_first = [Candidate(name, None, self.inbox.seen_at(name), tenant, weight)
+                       for name, tenant, weight in self.owners.first(drops, SCHEDULE_WINDOW)]
+        fresh = fair_order(parts + drops_first, load, self.turns)[:SCHEDULE_WINDOW]
+        if len(self.resolver.known) > 1:  # only then is a peek at what they need worth it
+            fresh = [dataclasses.replace(c, model=first_model(self._input(c.item), self.resolver)) for c in fresh]
+        return in_order(own + fresh, loaded, self.config.models.max_wait_seconds, time.time(), load,
+                        self.turns)
+
+    def _input(self, item: Unclaimed | str) -> Path:
+        return item.part.input if isinstance(item, Unclaimed) else self.spool.inbox / item
 
     def _candidate(self, job: JobDir) -> Candidate:
         """A claimed job for the scheduler: the model it needs next (from its record, or a
-        peek at a job not validated yet) and when it was claimed. Its record is read here
-        once for the pass, and the runner reuses it."""
+        peek at a job not validated yet), when it was claimed, whose it is. Its record is
+        read here once for the pass, and the runner reuses it."""
         record, problem = read = job.read_record()
         if problem or job.cancel_request.exists():
             model = None  # the runner fails or cancels it, on whatever model is loaded
@@ -131,7 +148,9 @@ class WorkList:
             model = first_model(job.input, self.resolver)
         else:
             model = self.known(record.next_model())
-        return Candidate(Claimed(job, read), model, record.created_at if record is not None else 0)
+        if record is None:
+            return Candidate(Claimed(job, read), model, 0)
+        return Candidate(Claimed(job, read), model, record.created_at, record.tenant, record.weight())
 
     @staticmethod
     def validated(candidate: Candidate) -> bool:
@@ -216,6 +235,7 @@ class WorkList:
             job = await finish_in_thread(self.spool.claim_drop, name)
         except DropRefused as refused:
             self.inbox.forget(name)
+            self.owners.forget(name)
             record, _ = refused.job.read_record()
             self.report.publish("spoold.job.failed", {"job": refused.job.id, "input_file": shown,
                                                       "errors": record.errors if record else []})
@@ -228,11 +248,72 @@ class WorkList:
             self.unclaimable.add(name)
             return None
         self.inbox.forget(name)
+        self.owners.forget(name)
         if job is None:
             return None
         log.info("claimed '%s' as job %s", shown, job.id, **job_fields(job.id))
         self.report.publish("spoold.job.claimed", {"job": job.id, "input_file": shown})
         return Claimed(job, None)
+
+
+class DropOwners:
+    """Whose each complete drop in the inbox is, and its weight: read once per drop (its API record
+    or `.ready` marker, `Spool.drop_owner`), so tenants take turns over a backlog of any length."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self._known: dict[str, tuple[str, int]] = {}
+        #: how many known drops are not ("", 1): while none is, the queue's own order is the fair one
+        self._distinct = 0
+
+    async def learn(self, arrived: list[str], drops: list[str]) -> None:
+        """Read whose the drops that `arrived` (complete since the last pass) are; forget the ones
+        that left the inbox (`drops`: the complete drops now).
+
+        A few (a stream of drops) are read here, a backlog in a thread: a
+        hop to a thread for every drop of a stream costs more than the reads.
+        """
+        if arrived:
+            def read() -> list[tuple[str, int]]:
+                return [self.spool.drop_owner(name) for name in arrived]
+            found = await asyncio.to_thread(read) if len(arrived) > SCHEDULE_WINDOW else read()
+            for name, owner in zip(arrived, found):
+                self.forget(name)  # a drop that changed and settled again: its marker may be new
+                self._known[name] = owner
+                self._distinct += owner != ("", 1)
+        if len(self._known) > len(drops) + SCHEDULE_WINDOW:  # taken by other daemons, withdrawn, removed
+            present = set(drops)
+            for name in [name for name in self._known if name not in present]:
+                self.forget(name)
+
+    def forget(self, name: str) -> None:
+        """Forget a drop: it left the inbox, or is to be read again."""
+        owner = self._known.pop(name, None)
+        self._distinct -= owner is not None and owner != ("", 1)
+
+    def first(self, drops: list[str], each: int) -> list[tuple[str, str, int]]:
+        """(name, tenant, weight) of the first `each` of `drops` (in queue order) of every tenant:
+        its heaviest, then the others in queue order. One pass, no sort of the whole backlog."""
+        if not self._distinct:
+            return [(name, "", 1) for name in drops[:each]]
+        light: dict[str, list[str]] = {}
+        heavy: dict[str, list[str]] = {}
+        for name in drops:
+            tenant, weight = self._known.get(name, ("", 1))
+            (heavy if weight > 1 else light).setdefault(tenant, []).append(name)
+        chosen = []
+        for tenant in heavy.keys() | light.keys():
+            mine = sorted(heavy.get(tenant, []), key=lambda name: -self._known[name][1])
+            mine += light.get(tenant, [])[:each]
+            chosen += [(name, tenant, self._known.get(name, ("", 1))[1]) for name in mine[:each]]
+        return chosen
+
+
+def _part(part: JobDir, group: JobRecord | None) -> Candidate:
+    """An unclaimed part for the scheduler: as old as its batch, and its batch's tenant's."""
+    if group is None:
+        return Candidate(Unclaimed(part), None, 0.0)
+    return Candidate(Unclaimed(part), None, float(group.created_at), group.tenant, group.weight())
 
 
 def describe(error: BaseException) -> str:

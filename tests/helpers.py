@@ -53,6 +53,22 @@ def complete_lines(path: Path) -> int:
         return 0
 
 
+def api_drop(root: Path, owner: str, rows: list, metadata: dict | None = None) -> str:
+    """A batch of tenant `owner` as `spoold api` makes one, without the HTTP in front: its record in
+    batches/ (spoold.apibatch, as the API writes it), then its input renamed into the inbox. Returns
+    the drop's name."""
+    from spoold.apibatch import ApiBatch, drop_name, random_id
+
+    now = int(time.time())
+    batch = ApiBatch(random_id("batch_"), owner, random_id("file-"), "/v1/chat/completions", "24h", now,
+                     now + 86400, random_id("file-"), random_id("file-"), metadata)
+    (root / "batches").mkdir(exist_ok=True)
+    batch.save(root / "batches")
+    staged = write_jsonl(root / f"{batch.id}.staged", rows)
+    os.rename(staged, root / "inbox" / drop_name(batch.id))
+    return drop_name(batch.id)
+
+
 def write_config(path: Path, root: Path, *, adapter: str = "tests.fake_engine:EchoEngine",
                  model: str = "fake-model", engine: str = "", extra: str = "",
                  metrics_listen: str = "", progress_seconds: float = 0.2,

@@ -15,7 +15,9 @@ def claim_with_marker(tmp_path, marker_bytes):
     spool.ensure_dirs()
     (spool.inbox / "b.jsonl").write_text("{}\n")
     (spool.inbox / "b.jsonl.ready").write_bytes(marker_bytes)
+    looked = spool.drop_owner("b.jsonl")  # the scheduler's look before the claim
     job = spool.claim_drop("b.jsonl")
+    assert looked == ("", job.read_record()[0].weight())
     assert not (spool.inbox / "b.jsonl.ready").exists()
     return job.read_record()[0]
 
@@ -44,6 +46,7 @@ def test_a_bad_marker_is_reported_by_name_and_the_drop_still_runs_at_the_default
         record = claim_with_marker(tmp_path, content)
     assert record.metadata is None and record.weight() == 1 and record.status == "validating"
     assert "inbox/b.jsonl.ready: its metadata is ignored" in caplog.text and why in caplog.text
+    assert caplog.text.count("its metadata is ignored") == 1  # by the claim; the scheduler's look said nothing
 
 
 def test_a_marker_is_never_read_through_a_symlink(tmp_path, caplog):

@@ -1,18 +1,73 @@
-"""The worklist's claims: a drop that meets a bug in spoold is set aside, the others still run."""
+"""The worklist: what is claimed next (tenants take turns, priority first), and a drop that meets a
+bug in spoold is set aside while the others still run."""
 
 import asyncio
+import json
 
 from spoold.config import Config, EngineSettings, SpoolSettings
 from spoold.daemon import Daemon
+from spoold.worklist import SCHEDULE_WINDOW
 
 from .fake_engine import EchoEngine
+from .helpers import api_drop, chat_line
 
 
-def test_a_drop_whose_claim_meets_a_bug_is_set_aside_and_the_next_is_claimed(tmp_path, monkeypatch, caplog):
+def make_daemon(tmp_path):
     config = Config(spool=SpoolSettings(root=tmp_path / "spool", host_id="h"),
                     engine=EngineSettings(adapter="tests.fake_engine:EchoEngine", model="fake-model"))
     daemon = Daemon(config, EchoEngine(config.engine))
     daemon.spool.ensure_dirs()
+    return daemon
+
+
+def mark_ready(daemon, name, metadata=""):
+    """Complete at once (no inotify in these tests), with the metadata `spoold submit --priority` writes."""
+    (daemon.spool.inbox / (name + ".ready")).write_text(metadata)
+    return name
+
+
+def choose(daemon, running, free):
+    return asyncio.run(daemon.work.next_round("fake-model", running, free))[0]
+
+
+def test_another_tenants_batch_is_claimed_next_however_many_batches_the_first_has_queued(tmp_path):
+    daemon = make_daemon(tmp_path)
+    root = daemon.spool.settings.root
+    alices = [mark_ready(daemon, api_drop(root, "alice", [chat_line(0)])) for _ in range(SCHEDULE_WINDOW + 36)]
+    bobs = mark_ready(daemon, api_drop(root, "bob", [chat_line(0)]))
+    # By age alone, bob's one batch waited for all 100 of alice's to be claimed.
+    chosen = choose(daemon, {"job1": "alice", "job2": "alice"}, 2)
+    assert chosen[0] == bobs and chosen[1] in alices
+
+
+def test_tenants_with_nothing_running_take_turns_claim_by_claim(tmp_path):
+    daemon = make_daemon(tmp_path)
+    root = daemon.spool.settings.root
+    alices = [mark_ready(daemon, api_drop(root, "alice", [chat_line(0)])) for _ in range(3)]
+    bobs = [mark_ready(daemon, api_drop(root, "bob", [chat_line(0)])) for _ in range(2)]
+
+    async def one_at_a_time():  # as with max_active_jobs = 1: nothing else is running at each claim
+        claimed = []
+        for _ in range(5):
+            (name,), _ = await daemon.work.next_round("fake-model", {}, 1)
+            daemon.spool.move_to_outbox((await daemon.work.claim(name)).job)  # done before the next claim
+            claimed.append("alice" if name in alices else "bob")
+        return claimed
+    assert asyncio.run(one_at_a_time()) == ["alice", "bob", "alice", "bob", "alice"]
+
+
+def test_a_priority_drop_is_claimed_before_older_drops_beyond_the_first_window(tmp_path):
+    daemon = make_daemon(tmp_path)
+    for i in range(SCHEDULE_WINDOW + 6):
+        (daemon.spool.inbox / f"plain{i}.jsonl").write_text(json.dumps(chat_line(i)) + "\n")
+        mark_ready(daemon, f"plain{i}.jsonl")
+    (daemon.spool.inbox / "urgent.jsonl").write_text(json.dumps(chat_line(0)) + "\n")
+    mark_ready(daemon, "urgent.jsonl", json.dumps({"priority": "5"}))
+    assert choose(daemon, {}, 1) == ["urgent.jsonl"]
+
+
+def test_a_drop_whose_claim_meets_a_bug_is_set_aside_and_the_next_is_claimed(tmp_path, monkeypatch, caplog):
+    daemon = make_daemon(tmp_path)
     for name in ("bad.jsonl", "good.jsonl"):
         (daemon.spool.inbox / name).write_text("{}\n")
         (daemon.spool.inbox / (name + ".ready")).touch()
@@ -25,9 +80,9 @@ def test_a_drop_whose_claim_meets_a_bug_is_set_aside_and_the_next_is_claimed(tmp
     monkeypatch.setattr(daemon.spool, "claim_drop", buggy)
 
     async def rounds():
-        chosen, _ = await daemon.work.next_round("fake-model", set(), 10)
+        chosen, _ = await daemon.work.next_round("fake-model", {}, 10)
         claims = [await daemon.work.claim(name) for name in chosen]
-        again, _ = await daemon.work.next_round("fake-model", set(), 10)
+        again, _ = await daemon.work.next_round("fake-model", {}, 10)
         return chosen, claims, again
     chosen, claims, again = asyncio.run(rounds())
     assert chosen == ["bad.jsonl", "good.jsonl"]

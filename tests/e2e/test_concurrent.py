@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from ..helpers import (REPO, DaemonProcess, Subscriber, chat_line, check_exactly_once, complete_lines,
+from ..helpers import (REPO, DaemonProcess, Subscriber, api_drop, chat_line, check_exactly_once, complete_lines,
                        outbox_jobs, wait_for, write_config, write_jsonl)
 
 
@@ -125,6 +125,37 @@ def test_a_batch_submitted_with_priority_overtakes_one_that_started_first(tmp_pa
     for name, ids in want.items():
         check_exactly_once(jobs[name], ids, set())
     assert json.loads((jobs["urgent.jsonl"] / "batch.json").read_text())["metadata"] == {"priority": "10"}
+
+
+def test_with_every_slot_taken_tenants_take_turns_and_a_priority_drop_goes_before_older_ones(tmp_path):
+    root = tmp_path / "spool"
+    config = config_for(tmp_path, delay=0.02)
+    config.write_text(config.read_text().replace("poll_seconds = 0.2", "poll_seconds = 0.2\nmax_active_jobs = 1"))
+    d = DaemonProcess(config, tmp_path / "daemon.log").start()
+    d.wait_ready(root, timeout=60)
+    sub = Subscriber(f"ipc://{tmp_path}/events.sock")
+    try:
+        drop(root, tmp_path, "first.jsonl", 4000)  # about 5 s alone: the one slot is taken while the rest queue
+        wait_for(lambda: running(root), 20, "the first job's results")
+        names = {api_drop(root, "alice", [chat_line(i) for i in range(100)]): f"alice{n}" for n in range(3)}
+        names[api_drop(root, "bob", [chat_line(i) for i in range(100)])] = "bob"
+        for n in range(2):
+            drop(root, tmp_path, f"plain{n}.jsonl", 100)
+        write_jsonl(tmp_path / "urgent.jsonl", [chat_line(i) for i in range(100)])
+        done = subprocess.run([sys.executable, "-m", "spoold", "submit", str(tmp_path / "urgent.jsonl"),
+                               "--priority", "10", "--config", str(config)], capture_output=True, text=True, cwd=REPO)
+        assert done.returncode == 0, done.stderr
+        assert not outbox_jobs(root), "the first job ended before everything was queued behind it"
+        completed = wait_for(lambda: len(sub.of("spoold.job.completed")) == 8 and sub.of("spoold.job.completed"),
+                             120, "all eight jobs completed")
+    finally:
+        d.terminate()
+        sub.close()
+    order = [names.get(event["input_file"], event["input_file"].removesuffix(".jsonl")) for event in completed]
+    assert order[:2] == ["first", "alice0"] and len(set(order)) == 8, order
+    # Claimed by age, bob waited for all three of alice's batches and urgent for both older plain drops.
+    assert order.index("bob") < order.index("alice1") and order.index("alice0") < order.index("alice1"), order
+    assert order.index("urgent") < min(order.index("plain0"), order.index("plain1")), order
 
 
 def _read(path):
