@@ -124,7 +124,7 @@ class WorkList:
         self.queued = len(drops)
         await self.owners.learn(self.inbox.take_arrived(), drops)
         load = Counter(running.values())
-        parts = [_part(part, record) for part, record in
+        parts = [_waiting(Unclaimed(part), None, record) for part, record in
                  itertools.islice(self.groups.claimable({job.id for job in held}), SCHEDULE_WINDOW)]
         drops_first = [Candidate(name, None, self.inbox.seen_at(name), tenant, weight)
                        for name, tenant, weight in self.owners.first(drops, SCHEDULE_WINDOW)]
@@ -148,9 +148,7 @@ class WorkList:
             model = first_model(job.input, self.resolver)
         else:
             model = self.known(record.next_model())
-        if record is None:
-            return Candidate(Claimed(job, read), model, 0)
-        return Candidate(Claimed(job, read), model, record.created_at, record.tenant, record.weight())
+        return _waiting(Claimed(job, read), model, record)
 
     @staticmethod
     def validated(candidate: Candidate) -> bool:
@@ -309,11 +307,12 @@ class DropOwners:
         return chosen
 
 
-def _part(part: JobDir, group: JobRecord | None) -> Candidate:
-    """An unclaimed part for the scheduler: as old as its batch, and its batch's tenant's."""
-    if group is None:
-        return Candidate(Unclaimed(part), None, 0.0)
-    return Candidate(Unclaimed(part), None, float(group.created_at), group.tenant, group.weight())
+def _waiting(item: Claimed | Unclaimed, model: str | None, record: JobRecord | None) -> Candidate:
+    """A job or part for the scheduler, as old, whose and as heavy as `record` says (a part's: its
+    batch's); an unreadable record waits from 0, the default tenant's, at weight 1."""
+    if record is None:
+        return Candidate(item, model, 0.0)
+    return Candidate(item, model, float(record.created_at), record.tenant, record.weight())
 
 
 def describe(error: BaseException) -> str:
