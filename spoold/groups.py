@@ -37,7 +37,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -254,9 +254,13 @@ class Groups:
                         continue  # it moved on (claimed, or finished) meanwhile: looked at again below
         return group
 
-    def progress(self, group_id: str) -> dict[str, Any] | None:
+    def progress(self, group_id: str, running: Mapping[str, dict[str, Any]] | None = None) -> dict[str, Any] | None:
         """A split batch's combined progress, as one batch: its parts' durable counts (finished parts'
-        records, running parts' heartbeats) and its validation errors; None when there is no such group."""
+        records, running parts' heartbeats) and its validation errors; None when there is no such group.
+
+        `running`: the progress summaries of the parts the caller runs itself, by part id. Their counts
+        are used instead of their heartbeats, which are a heartbeat period old, so the combined figure
+        moves with the parts' own instead of in steps."""
         group = self.group(group_id)
         record, _ = group.read_record()
         if record is None or not record.parts:
@@ -265,7 +269,7 @@ class Groups:
         completed = parts_done = 0
         rate = 0.0
         for part in record.parts:
-            counts = _part_counts(self.spool, group, str(part.get("id", "")))
+            counts = _part_counts(self.spool, group, str(part.get("id", "")), running or {})
             if counts is not None:
                 completed, failed = completed + counts[0], failed + counts[1]
                 parts_done, rate = parts_done + counts[2], rate + counts[3]
@@ -415,21 +419,28 @@ def _finish_record(record: JobRecord, parts: list[dict[str, Any]], tally: Tally,
                                   "lines without a result has an error line"})
 
 
-def _part_counts(spool: Spool, group: GroupDir, part_id: str) -> tuple[int, int, int, float] | None:
-    """(completed, failed, 1 if finished, lines per second) of one part: its record once done, its
-    heartbeat while it runs."""
+def _part_counts(spool: Spool, group: GroupDir, part_id: str,
+                 running: Mapping[str, dict[str, Any]]) -> tuple[int, int, int, float] | None:
+    """(completed, failed, 1 if finished, lines per second) of one part: its record once done, while it
+    runs the caller's own count of it (`running`) or else its heartbeat."""
     if not is_plain_name(part_id):
         return None
     record, _ = JobRecord.load(group.done / part_id / "batch.json")
     if record is not None:
         return record.request_counts.completed, record.request_counts.failed, 1, 0.0
+    if part_id in running:
+        return _summary_counts(running[part_id])
     for host in subdirs(spool.processing):
         try:
-            job = json.loads((host / part_id / "heartbeat.json").read_text())["job"]
-            return int(job["completed"]), int(job["failed"]), 0, float(job.get("requests_per_second") or 0)
+            return _summary_counts(json.loads((host / part_id / "heartbeat.json").read_text())["job"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return None
+
+
+def _summary_counts(job: dict[str, Any]) -> tuple[int, int, int, float]:
+    """A running part's counts from its progress summary (JobProgress.summary, as its heartbeat holds it)."""
+    return int(job["completed"]), int(job["failed"]), 0, float(job.get("requests_per_second") or 0)
 
 
 def _renumbered_errors(part: JobDir, offset: int) -> Iterator[tuple[int, bytes]]:

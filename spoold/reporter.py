@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -187,16 +187,20 @@ class Reporter:
         stall = self._measure_stall(progress, told)
         self._count_requests(progress, told)
         if force or progress.done != told.announced:
-            told.announced = progress.done
-            for event in self._progress_events(progress):
+            told.announced, told.summary = progress.done, progress.summary()
+            for event in self._progress_events(told.summary):
                 self.publish(*event)
         return stall
 
-    def _progress_events(self, progress: "JobProgress") -> list[tuple[str, dict]]:
-        """A job's progress event; for a part of a split batch, also the whole batch's, as one job, so a
-        watcher sees one bar per batch whichever daemons run its parts."""
-        events = [("spoold.job.progress", {**progress.summary(), "gpus": self.readings})]
-        combined = Groups(self.spool).progress(progress.group) if progress.group else None
+    def _progress_events(self, summary: dict[str, Any]) -> list[tuple[str, dict]]:
+        """A job's progress event (from its JobProgress.summary); for a part of a split batch, also the
+        whole batch's, as one job, so a watcher sees one bar per batch whichever daemons run its parts."""
+        events = [("spoold.job.progress", {**summary, "gpus": self.readings})]
+        group = summary.get("group")
+        if not group:
+            return events
+        own_parts = {job_id: told.summary for job_id, told in self._jobs.items() if told.summary.get("group") == group}
+        combined = Groups(self.spool).progress(group, own_parts)
         if combined is not None:
             events.append(("spoold.job.progress", _group_progress(combined, self.readings)))
         return events
@@ -244,7 +248,7 @@ class Reporter:
         """The current state, sent to a subscriber that has just connected."""
         events = [("spoold.daemon.heartbeat", self._heartbeat_payload(shown))]
         for runner in shown.runners:
-            events += self._progress_events(runner.refresh())
+            events += self._progress_events(runner.refresh().summary())
         return events
 
     # -- heartbeats and the status line ------------------------------------
@@ -325,6 +329,8 @@ class _Told:
 
     counted: tuple[int, int] = (0, 0)
     announced: int = -1
+    #: its progress as last told (JobProgress.summary): a split batch's combined count sums its parts'
+    summary: dict[str, Any] = field(default_factory=dict)
     stalled: bool = False
 
 

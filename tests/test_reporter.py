@@ -114,3 +114,33 @@ def test_a_split_batch_is_counted_once_when_assembled_and_its_parts_are_told_as_
     assert [(p["job"], p.get("group"), p.get("parts")) for p in ends] == [
         ("big-1-part0001", "big-1", None), ("big-1-part0002", "big-1", None), ("big-1", None, 2)]
     assert finished._value.get() == 1, "a split batch's parts were counted as finished jobs beside it"
+
+
+def test_a_split_batchs_progress_counts_the_part_this_daemon_runs_as_it_stands_not_as_last_beaten(tmp_path):
+    """The combined bar of a split batch moves with its part's own: the part this daemon runs is counted
+    from what it tells of it, not from its heartbeat ([heartbeat] seconds old); another host's part from
+    that host's heartbeat."""
+    import dataclasses
+    import json
+
+    from spoold.groups import Groups
+
+    from .helpers import chat_line
+    from .test_jobrunner import run_job, setup
+
+    spool, job, engine = setup(tmp_path, [chat_line(i) for i in range(6)])
+    spool.settings = dataclasses.replace(spool.settings, split_lines=2)
+    run_job(spool, job, engine)  # split into three parts of 2 lines
+    peer = Spool(dataclasses.replace(spool.settings, host_id="h2"))
+    peer.ensure_dirs()
+    (theirs, _), = Groups(peer).claimable(set())
+    theirs = Groups(peer).claim(theirs)
+    theirs.heartbeat.write_text(json.dumps({"job": {"completed": 1, "failed": 0, "requests_per_second": 0.5}}))
+    (ours, _), = Groups(spool).claimable(set())
+    ours = Groups(spool).claim(ours)
+    report = Reporter(Config(spool=spool.settings), spool, Notifier(), GpuReader(), events=Events())
+    for done in (1, 2):
+        report.progress(Running(JobProgress(ours.id, "batch.jsonl", JobStatus.IN_PROGRESS, total=2, done=done,
+                                            completed=done, group=job.id)))
+    whole = [p for t, p in report.events.sent if t == "spoold.job.progress" and p["job"] == job.id]
+    assert [(p["done"], p["parts"], p["total"]) for p in whole] == [(2, 3, 6), (3, 3, 6)]
