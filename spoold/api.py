@@ -164,8 +164,11 @@ def create_app(config: Config, keys: ApiKeys | None) -> FastAPI:
     @app.post("/v1/batches")
     async def create_batch(body: BatchCreate, who: Tenant = Depends(tenant)) -> dict[str, Any]:
         source = files.get(body.input_file_id, who.name)
-        if source is None or source.purpose != "batch":
+        if source is None:
             raise ApiError(404, f"No such File object: {_shown_id(body.input_file_id)}", param="input_file_id")
+        if source.purpose != "batch":  # a batch's results: OpenAI refuses them as input with a 400 too
+            raise ApiError(400, f"File {source.id} has purpose {source.purpose!r}; a batch's input must be a "
+                                "file uploaded with purpose 'batch'.", param="input_file_id")
         if body.endpoint not in SUPPORTED_URLS:
             raise ApiError(400, f"'endpoint' must be one of {list(SUPPORTED_URLS)}.", param="endpoint")
         _checked("completion_window", lambda: window_seconds(body.completion_window))

@@ -67,6 +67,20 @@ def test_a_batch_runs_to_completed_and_its_results_download_through_the_sdk(setu
     assert {done.output_file_id, done.error_file_id} <= {f.id for f in outputs}
 
 
+def test_a_batchs_results_cannot_be_the_input_of_another_and_the_error_says_why(setup):
+    alice = setup["api"].client(ALICE)
+    source = alice.files.create(file=("one.jsonl", jsonl([chat_line(0)])), purpose="batch")
+    done = finished(alice, alice.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions",
+                                                completion_window="24h").id)
+    assert alice.files.retrieve(done.output_file_id).purpose == "batch_output"
+    with pytest.raises(openai.BadRequestError) as refused:  # as OpenAI: 400, not "no such file"
+        alice.batches.create(input_file_id=done.output_file_id, endpoint="/v1/chat/completions",
+                             completion_window="24h")
+    error = refused.value.body
+    assert error["param"] == "input_file_id" and "'batch_output'" in error["message"]
+    assert "purpose 'batch'" in error["message"]
+
+
 def test_a_running_batch_cancelled_through_the_sdk_keeps_what_was_done(setup):
     alice = setup["api"].client(ALICE)
     source = alice.files.create(file=("long.jsonl", jsonl([chat_line(i) for i in range(3000)])), purpose="batch")
