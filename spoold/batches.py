@@ -33,7 +33,7 @@ from .groups import Groups
 from .jobrecord import JobRecord
 from .lifecycle import ACTIVE, JobStatus
 from .names import is_plain_name
-from .spool import JobDir, Spool, subdirs
+from .spool import JobDir, Spool, cancel_asked_at, subdirs
 
 #: `completion_window`: OpenAI's "24h", or any number of hours or days up to 30 days.
 WINDOW = re.compile(r"([1-9][0-9]{0,3})([hd])")
@@ -145,7 +145,7 @@ class BatchStore:
             "completion_window": batch.completion_window, "created_at": batch.created_at,
             "expires_at": batch.expires_at, "metadata": batch.metadata,
             "status": JobStatus.CANCELLED if batch.cancelled_at else JobStatus.VALIDATING,
-            "cancelled_at": batch.cancelled_at}
+            "cancelling_at": batch.cancelled_at, "cancelled_at": batch.cancelled_at}  # withdrawn at once
         if job is None and not batch.cancelled_at and not (self.spool.inbox / drop_name(batch.id)).exists():
             job, where = self._locate(batch.id)  # claimed since we looked; else withdrawn, or never queued
             if job is None and self._withdrawn(batch).exists():
@@ -261,7 +261,8 @@ def _from_record(record: JobRecord, job: JobDir, where: str, groups: Groups) -> 
     fields: dict[str, Any] = {
         "status": record.status, "model": record.model, "in_progress_at": record.in_progress_at,
         "finalizing_at": record.finalizing_at, "completed_at": record.completed_at,
-        "failed_at": record.failed_at, "cancelled_at": record.cancelled_at, "expired_at": record.expired_at,
+        "failed_at": record.failed_at, "cancelling_at": record.cancelling_at, "cancelled_at": record.cancelled_at,
+        "expired_at": record.expired_at,
         "request_counts": record.request_counts.__dict__.copy(),
         "errors": {"object": "list", "data": [{"code": e.get("code"), "message": e.get("message"),
                                                "line": None, "param": None} for e in record.errors]}
@@ -272,7 +273,7 @@ def _from_record(record: JobRecord, job: JobDir, where: str, groups: Groups) -> 
             fields["status"] = JobStatus.FINALIZING
         if job.cancel_request.exists() and record.status in (*ACTIVE, JobStatus.CANCELLED):
             fields["status"] = JobStatus.CANCELLING
-            fields["cancelling_at"] = int(job.cancel_request.stat().st_mtime)
+            fields["cancelling_at"] = int(cancel_asked_at(job.cancel_request) or time.time())
     if where == "outbox":
         for key, path in (("output_file_id", job.output), ("error_file_id", job.errors)):
             if path.exists() and path.stat().st_size:

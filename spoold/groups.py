@@ -49,7 +49,7 @@ from .lifecycle import JobStatus
 from .lineset import LineSet
 from .names import is_plain_name
 from .records import LineError
-from .spool import JobDir, Spool, subdirs
+from .spool import JobDir, Spool, cancel_asked_at, subdirs
 from .validation import iter_lines
 from .writer import parse_output_line
 
@@ -338,7 +338,8 @@ class Groups:
         if self.spool.gid != -1:
             os.chown(staging.path, -1, self.spool.gid)
         parts, tally = self._assemble_files(group, record, done, staging)
-        _finish_record(record, parts, tally, self.spool.settings.host_id, time.monotonic() - started)
+        _finish_record(record, parts, tally, self.spool.settings.host_id, time.monotonic() - started,
+                       cancel_asked_at(group.cancel_request))
         self.spool.save(staging, record)
         withdraw = None
         if self.spool.before_publish is not None:
@@ -400,12 +401,13 @@ class Groups:
 
 
 def _finish_record(record: JobRecord, parts: list[dict[str, Any]], tally: Tally, host: str,
-                   assembly_seconds: float) -> None:
-    """The group's batch.json over the whole batch: the parts' ends; counts and usage from the files."""
+                   assembly_seconds: float, asked_at: float | None) -> None:
+    """The group's batch.json over the whole batch: the parts' ends; counts and usage from the files;
+    `asked_at`, when the batch's cancel was asked for, if it was."""
     statuses = {p["status"] for p in parts}
     counted = (tally.completed, tally.failed, tally.usage())
     if JobStatus.CANCELLED in statuses:
-        record.cancel(*counted)
+        record.cancel(*counted, asked_at)
     elif JobStatus.EXPIRED in statuses:
         record.expire(*counted)
     else:

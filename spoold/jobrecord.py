@@ -103,6 +103,8 @@ class JobRecord:
     finalizing_at: int | None = None
     completed_at: int | None = None
     failed_at: int | None = None
+    #: when the cancel was asked for (its marker's time), kept once cancelled, as OpenAI's Batch keeps it
+    cancelling_at: int | None = None
     cancelled_at: int | None = None
     expired_at: int | None = None
     request_counts: RequestCounts = field(default_factory=RequestCounts)
@@ -172,8 +174,8 @@ class JobRecord:
         kwargs["status"] = _status(doc.get("status"))
         for name in ("endpoint", "model"):
             kwargs[name] = _typed(doc, name, (str, type(None)), None)
-        for name in ("created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at", "cancelled_at",
-                     "expired_at"):
+        for name in ("created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at", "cancelling_at",
+                     "cancelled_at", "expired_at"):
             kwargs[name] = _typed(doc, name, (int, float, type(None)), None)
         kwargs["created_at"] = kwargs["created_at"] or 0
         counts = _typed(doc, "request_counts", dict, {})
@@ -218,7 +220,7 @@ class JobRecord:
         for name in ("models", "models_done", "engine_crashes", "retries", "tenant", "retry_of"):
             if not doc[name]:
                 del doc[name]
-        for name in ("metadata", "expired_at", "group", "parts", *API_FIELDS):
+        for name in ("metadata", "cancelling_at", "expired_at", "group", "parts", *API_FIELDS):
             if doc[name] is None:
                 del doc[name]
         return {**self.extra, **doc}
@@ -266,9 +268,11 @@ class JobRecord:
         self._counted(completed, failed, usage)
         self.timings = timings
 
-    def cancel(self, completed: int, failed: int, usage: dict[str, int]) -> None:
-        """`spoold cancel`: what is done so far is the job."""
-        self.status, self.cancelled_at = JobStatus.CANCELLED, int(time.time())
+    def cancel(self, completed: int, failed: int, usage: dict[str, int], asked_at: float | None = None) -> None:
+        """`spoold cancel` (asked at `asked_at`, when known): what is done so far is the job."""
+        now = int(time.time())
+        self.status, self.cancelled_at = JobStatus.CANCELLED, now
+        self.cancelling_at = min(int(asked_at), now) if asked_at is not None else now
         self._counted(completed, failed, usage)
 
     @property

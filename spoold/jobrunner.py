@@ -31,7 +31,7 @@ from .lifecycle import JobStatus, Outcome
 from .names import display_name
 from .progress import JobProgress
 from .records import EngineRequest, LineError
-from .spool import JobDir, Spool
+from .spool import JobDir, Spool, cancel_asked_at
 from .validation import TICK, LineValidator, ModelResolver, Repeat, check_file, iter_lines
 from .window import Share
 from .writer import GroupCommitWriter, Recovered, recover_results
@@ -434,7 +434,7 @@ class JobRunner:
         one, and the job goes to the outbox like a finished one.
         """
         tally = self._writer.tally if self._writer else recover_results(self.job.output, self.job.errors).tally
-        self.record.cancel(tally.completed, tally.failed, tally.usage())
+        self.record.cancel(tally.completed, tally.failed, tally.usage(), cancel_asked_at(self.job.cancel_request))
         await self._publish()
         log.info("job %s cancelled: %d of %d lines have a result", self.job.id, tally.done,
                  self.record.request_counts.total, **job_fields(self.job.id))

@@ -592,6 +592,14 @@ def drop_record(name: str, st: os.stat_result) -> dict[str, Any]:
     return {"name": name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def cancel_asked_at(marker: Path) -> float | None:
+    """When a cancel marker was left (its mtime): the Batch's `cancelling_at`; None if there is none."""
+    try:
+        return marker.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
 def file_signature(path: Path) -> tuple[int, int, int] | None:
     """What changes when a file is rewritten or replaced: inode, size, mtime."""
     try:

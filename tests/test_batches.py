@@ -59,7 +59,7 @@ def test_a_batch_cancelled_before_any_claim_is_withdrawn_from_the_inbox(api):
     client = api.client(KEY)
     made = create(client)
     cancelled = client.batches.cancel(made.id)
-    assert cancelled.status == "cancelled" and cancelled.cancelled_at
+    assert cancelled.status == "cancelled" and cancelled.cancelled_at and cancelled.cancelling_at
     assert f"{made.id}.jsonl" not in queued(api.root) and not any(n.startswith(".") for n in queued(api.root))
     assert client.batches.retrieve(made.id).status == "cancelled"
     with pytest.raises(openai.ConflictError):

@@ -52,3 +52,15 @@ def test_the_transitions_set_what_the_openai_batch_object_says(tmp_path):
     record.note_model_load_failed("m2", "out of memory")
     record.note_model_load_failed("m2", "out of memory")
     assert [e["code"] for e in record.errors] == ["input_changed", "model_load_failed"]
+
+
+def test_a_cancelled_record_keeps_when_the_cancel_was_asked_for_as_openais_batch_does(tmp_path):
+    record = JobRecord("j", "a.jsonl", "h")
+    assert "cancelling_at" not in record.to_doc()  # never asked: not in batch.json at all
+    record.cancel(3, 0, {}, asked_at=1_000_000.7)
+    path = tmp_path / "batch.json"
+    record.save(path)
+    loaded, _ = JobRecord.load(path)
+    assert loaded.cancelling_at == 1_000_000 and loaded.cancelled_at >= loaded.cancelling_at
+    record.cancel(3, 0, {})  # no marker time known: asked and done at once
+    assert record.cancelling_at == record.cancelled_at

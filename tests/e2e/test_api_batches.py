@@ -93,6 +93,7 @@ def test_a_running_batch_cancelled_through_the_sdk_keeps_what_was_done(setup):
     assert asked.status in ("cancelling", "cancelled")
     done = finished(alice, made.id)
     assert done.status == "cancelled" and done.cancelled_at
+    assert asked.cancelling_at and done.cancelling_at == asked.cancelling_at <= done.cancelled_at  # kept, as OpenAI
     counts = done.request_counts
     assert 50 <= counts.completed < 3000 and counts.total == 3000
     output = alice.files.content(done.output_file_id).text.splitlines()

@@ -76,6 +76,7 @@ def test_a_split_batch_is_shown_as_one_and_cancelled_as_one(tmp_path):
     assert alive, tail(tmp_path / "h.log")
     batch = json.loads((root / "outbox" / group.name / "batch.json").read_text())
     assert batch["status"] == "cancelled" and {p["status"] for p in batch["parts"]} == {"cancelled"}, batch["parts"]
+    assert batch["cancelling_at"] <= batch["cancelled_at"]
     done = [json.loads(line)["custom_id"] for line in (root / "outbox" / group.name / "output.jsonl").open()]
     assert 0 < len(done) < 3000 and len(set(done)) == len(done) and set(done) <= drop.valid_ids
     assert batch["request_counts"]["completed"] == len(done)
