@@ -282,6 +282,21 @@ def _shown_id(value: str) -> str:
     return repr(shown + ("..." if len(value) > 64 else ""))
 
 
+def _invalid_request(first: dict[str, Any]) -> tuple[str, str | None]:
+    """(message, param) for FastAPI's first complaint about a request, worded as OpenAI words them: a body
+    that is not JSON says so (pydantic's location there is a character offset, not a parameter)."""
+    loc, kind = tuple(first.get("loc", ())), first.get("type")
+    if kind == "json_invalid":
+        return f"The request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')} at " \
+               f"character {loc[-1] if len(loc) > 1 else 0}); send the parameters as a JSON object.", None
+    if loc == ("body",):  # none, or not an object
+        return "The request body must be a JSON object of the parameters.", None
+    param = str(loc[-1]) if loc else None
+    if kind == "missing":
+        return f"Missing required parameter: '{param}'.", param
+    return f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     """Every error in OpenAI's shape; never a bare 500 with a traceback."""
 
@@ -291,9 +306,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0] if error.errors() else {}
-        param = str(first.get("loc", ["", ""])[-1]) or None
-        return ApiError(400, f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param=param).response()
+        message, param = _invalid_request(error.errors()[0] if error.errors() else {})
+        return ApiError(400, message, param=param).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:

@@ -2,6 +2,7 @@
 
 import json
 
+import httpx
 import openai
 import pytest
 
@@ -87,6 +88,21 @@ def test_a_bad_batch_request_is_a_clear_error_and_queues_nothing(api, overrides,
         create(client, **overrides)
     assert refused.value.body["param"] == param and refused.value.body["message"]
     assert (queued(api.root), sorted(p.name for p in (api.root / "batches").iterdir())) == before
+
+
+@pytest.mark.parametrize("body, param, says", [
+    (b'{"input_file_id": "file-x", oops', None, "not valid JSON"),  # curl with a typo
+    (b"", None, "must be a JSON object"),
+    (b'["file-x"]', None, "must be a JSON object"),
+    (b'{"endpoint": "/v1/chat/completions", "completion_window": "24h"}', "input_file_id",
+     "Missing required parameter: 'input_file_id'"),
+])
+def test_a_request_that_is_not_the_parameters_as_json_says_what_is_wrong_as_openai_words_it(api, body, param, says):
+    answer = httpx.post(f"{api.url}/batches", content=body, headers={
+        "Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    error = answer.json()["error"]
+    assert answer.status_code == 400 and error["type"] == "invalid_request_error"
+    assert error["param"] == param and says in error["message"], error
 
 
 def test_malformed_batch_ids_are_not_found(api):
