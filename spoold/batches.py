@@ -274,11 +274,21 @@ def _from_record(record: JobRecord, job: JobDir, where: str, groups: Groups) -> 
         if job.cancel_request.exists() and record.status in (*ACTIVE, JobStatus.CANCELLED):
             fields["status"] = JobStatus.CANCELLING
             fields["cancelling_at"] = int(cancel_asked_at(job.cancel_request) or time.time())
+    if where in ("outbox", "failed"):
+        fields["usage"] = _batch_usage(record.usage)
     if where == "outbox":
         for key, path in (("output_file_id", job.output), ("error_file_id", job.errors)):
             if path.exists() and path.stat().st_size:
                 fields[key] = getattr(record, key)
     return fields
+
+
+def _batch_usage(usage: dict[str, int]) -> dict[str, Any]:
+    """An ended batch's token totals (batch.json's `usage`) as the Batch object's `usage`. Cached and
+    reasoning tokens are not counted (vLLM reports them per line only when asked to): they show as 0."""
+    return {"input_tokens": usage["input_tokens"], "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": usage["output_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": usage["total_tokens"]}
 
 
 def _live_counts(job: JobDir, groups: Groups) -> dict[str, int] | None:

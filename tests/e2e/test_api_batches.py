@@ -57,6 +57,10 @@ def test_a_batch_runs_to_completed_and_its_results_download_through_the_sdk(setu
     assert sorted(o["custom_id"] for o in output) == [f"req-{i}" for i in range(5)]
     for o in output:
         ChatCompletion.model_validate(o["response"]["body"])
+    used = [o["response"]["body"]["usage"] for o in output]  # the batch's tokens: its lines' summed, for billing
+    assert (done.usage.input_tokens, done.usage.output_tokens, done.usage.total_tokens) == (
+        sum(u["prompt_tokens"] for u in used), sum(u["completion_tokens"] for u in used),
+        sum(u["total_tokens"] for u in used)) != (0, 0, 0)
     errors = [json.loads(line) for line in alice.files.content(done.error_file_id).text.splitlines()]
     assert sorted(e["error"]["line"] for e in errors) == [6, 7, 8]
     assert [e["error"]["code"] for e in errors if e["error"]["line"] == 8] == ["url_mismatch"]  # as OpenAI: one endpoint
