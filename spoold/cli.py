@@ -18,9 +18,11 @@ $SPOOLD_CONFIG).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from dataclasses import replace
 
@@ -397,7 +399,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     bad = False
     for path in args.files:
         try:
-            report = validate_file(path, _resolver(config), config.limits)
+            with _file_bar(path, "checking") as progress:
+                report = validate_file(path, _resolver(config), config.limits, progress=progress)
         except OSError as e:
             print(f"{path}: cannot read: {e.strerror or e}", file=sys.stderr)
             bad = True
@@ -405,6 +408,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
         _print_report(report)
         bad = bad or bool(report.errors)
     return EXIT_BAD_INPUT if bad else EXIT_OK
+
+
+@contextlib.contextmanager
+def _file_bar(path: str, doing: str) -> Iterator[Callable[[int], None]]:
+    """A progress bar over `path`'s bytes on stderr, shown only on a terminal (scripts and logs get none),
+    cleared when done; yields what to tell how many bytes are done."""
+    from tqdm import tqdm
+
+    try:
+        size = os.stat(path).st_size
+    except OSError:
+        size = None  # the caller's open says why
+    with tqdm(total=size, desc=f"{doing} {Path(path).name}", unit="B", unit_scale=True, leave=False,
+              disable=None, file=sys.stderr, mininterval=0.25) as bar:
+        yield lambda done: bar.update(done - bar.n)
 
 
 def _priority(text: str) -> int:
@@ -435,14 +453,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
     status = EXIT_OK
     for path in args.files:
         try:
-            report = validate_file(path, resolver, config.limits, args.model)
+            with _file_bar(path, "checking") as progress:
+                report = validate_file(path, resolver, config.limits, args.model, progress)
             if report.errors:
                 _print_report(report, sys.stderr)
                 if args.strict:
                     status = EXIT_BAD_INPUT
                     continue
             metadata = {"priority": str(args.priority)} if args.priority else None
-            dest = submit_file(path, inbox, args.model, config.limits.max_line_bytes, metadata)
+            with _file_bar(path, "copying") as progress:
+                dest = submit_file(path, inbox, args.model, config.limits.max_line_bytes, metadata, progress)
         except OSError as e:
             print(f"{path}: cannot submit: {e.strerror or e}", file=sys.stderr)
             status = EXIT_BAD_INPUT

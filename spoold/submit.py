@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -35,9 +35,17 @@ class Report:
         return self.lines - len(self.errors)
 
 
+#: How many lines between two calls of a `progress` callback: often enough for a bar, rarely enough to cost nothing.
+PROGRESS_EVERY_LINES = 4096
+
+#: Told how many bytes of the file are done so far (a progress bar's update).
+Progress = Callable[[int], None]
+
+
 def validate_file(path: str, resolver: ModelResolver, limits: LimitsSettings,
-                  force_model: str | None = None) -> Report:
-    """Check every line of a file as the daemon would (after a `--model` rewrite)."""
+                  force_model: str | None = None, progress: Progress | None = None) -> Report:
+    """Check every line of a file as the daemon would (after a `--model` rewrite); `progress` is told how
+    far the check has read, now and then, so a large file is not minutes of silence."""
     report = Report(path)
     max_line_bytes, max_tokens = limits.max_line_bytes, limits.max_output_tokens_per_line
     def validator(finder: DuplicateFinder | None) -> LineValidator:
@@ -51,6 +59,8 @@ def validate_file(path: str, resolver: ModelResolver, limits: LimitsSettings,
             report.lines += 1
             if isinstance(item, LineError):
                 report.errors.append(item)
+            if progress is not None and report.lines % PROGRESS_EVERY_LINES == 0:
+                progress(f.tell())
     report.errors.sort(key=lambda e: e.line)
     return report
 
@@ -86,23 +96,27 @@ def _with_model(raw: bytes, model: str) -> bytes:
 
 
 def submit_file(path: str, inbox: Path, model: str | None = None, max_line_bytes: int = 0,
-                metadata: dict[str, str] | None = None) -> Path:
+                metadata: dict[str, str] | None = None, progress: Progress | None = None) -> Path:
     """Copy a file into the inbox atomically; return its name there.
 
     An existing drop of the same name is never overwritten, not even one
     that appears while this copy is made: a numbered name is chosen instead.
     `metadata` (e.g. {"priority": "5"}) goes into the drop's `.ready`
-    marker, made before the drop appears (readymarker).
+    marker, made before the drop appears (readymarker). `progress` is told how much of the file is copied.
     """
     src = Path(path)
     with hidden_temp(inbox, src.name) as (fd, tmp):
         with open(src, "rb") as f:
             if model:
-                for piece in rewrite_models(f, model, max_line_bytes):
+                for n, piece in enumerate(rewrite_models(f, model, max_line_bytes), 1):
                     write_all(fd, piece)
+                    if progress is not None and n % PROGRESS_EVERY_LINES == 0:
+                        progress(f.tell())
             else:
                 while chunk := f.read(1 << 20):
                     write_all(fd, chunk)
+                    if progress is not None:
+                        progress(f.tell())
     return publish_drop(tmp, inbox, src.name if src.name.endswith(".jsonl") else src.name + ".jsonl", metadata)
 
 

@@ -1,6 +1,10 @@
+import fcntl
 import json
+import os
+import struct
 import subprocess
 import sys
+import termios
 
 from .helpers import REPO, chat_line, read_jsonl, write_config, write_jsonl
 
@@ -34,6 +38,42 @@ def test_validate_clean_file_exits_0(tmp_path):
     result = spoold("validate", str(good), config=config)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 lines, 2 valid, 0 bad" in result.stdout
+
+
+def on_a_terminal(*args, config):
+    """`spoold ARGS` with its stderr on a 120-column pseudo-terminal, as a person at a shell runs it:
+    (exit code, stdout, what the terminal received)."""
+    master, terminal = os.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "spoold", *args, "--config", str(config)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=terminal, text=True)
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the program has exited and closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    return proc.wait(60), proc.stdout.read(), shown.decode(errors="replace")
+
+
+def test_validate_and_submit_show_a_progress_bar_on_a_terminal_and_none_in_a_script(tmp_path):
+    root = tmp_path / "spool"
+    (root / "inbox").mkdir(parents=True)
+    config = write_config(tmp_path / "c.toml", root)
+    src = write_jsonl(tmp_path / "scores.jsonl", [chat_line(i) for i in range(10_000)])
+    code, out, shown = on_a_terminal("validate", str(src), config=config)
+    assert code == 0 and "10000 lines, 10000 valid" in out
+    assert "checking scores.jsonl" in shown and "B/s" in shown, shown  # the bar, on stderr
+    code, out, shown = on_a_terminal("submit", str(src), config=config)
+    assert code == 0 and "checking scores.jsonl" in shown and "copying scores.jsonl" in shown, shown
+    assert (root / "inbox" / "scores.jsonl").read_bytes() == src.read_bytes()
+    piped = spoold("validate", str(src), config=config)  # a script, a pipe, a log: no bar to clutter it
+    assert piped.returncode == 0 and piped.stderr == ""
 
 
 def test_config_error_names_the_key_and_exits_2(tmp_path):
