@@ -287,7 +287,7 @@ def _invalid_request(first: dict[str, Any]) -> tuple[str, str | None]:
     that is not JSON says so (pydantic's location there is a character offset, not a parameter)."""
     loc, kind = tuple(first.get("loc", ())), first.get("type")
     if kind == "json_invalid":
-        return f"The request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')} at " \
+        return f"The request body is not valid JSON ({(first.get('ctx') or {}).get('error', 'parse error')} at " \
                f"character {loc[-1] if len(loc) > 1 else 0}); send the parameters as a JSON object.", None
     if loc == ("body",):  # none, or not an object
         return "The request body must be a JSON object of the parameters.", None
