@@ -52,6 +52,8 @@ def validate_file(path: str, resolver: ModelResolver, limits: LimitsSettings,
         return LineValidator(resolver, force_model, finder, max_tokens, allowed_media=limits.allowed_media_domains)
 
     with open(path, "rb") as f:
+        if not f.seekable():
+            progress = None  # a pipe (`<(zcat x.gz)`, /dev/stdin) has no position to show
         for item in check_file(f, validator, max_line_bytes):
             if isinstance(item, Repeat):
                 report.errors.append(item.error)
@@ -107,6 +109,8 @@ def submit_file(path: str, inbox: Path, model: str | None = None, max_line_bytes
     src = Path(path)
     with hidden_temp(inbox, src.name) as (fd, tmp):
         with open(src, "rb") as f:
+            if not f.seekable():
+                progress = None  # a pipe has no position to show
             if model:
                 for n, piece in enumerate(rewrite_models(f, model, max_line_bytes), 1):
                     write_all(fd, piece)

@@ -77,6 +77,15 @@ def test_validate_and_submit_show_a_progress_bar_on_a_terminal_and_none_in_a_scr
     assert piped.returncode == 0 and piped.stderr == ""
 
 
+def test_validate_reads_a_pipe_as_well_as_a_file(tmp_path):
+    config = write_config(tmp_path / "c.toml", tmp_path / "spool")
+    rows = [chat_line(i) for i in range(10_000)]  # past the lines between two progress updates
+    piped = subprocess.run([sys.executable, "-m", "spoold", "validate", "/dev/stdin", "--config", str(config)],
+                           input="".join(json.dumps(r) + "\n" for r in rows), capture_output=True, text=True,
+                           cwd=REPO, timeout=60)  # as `spoold validate <(zcat scores.jsonl.gz)` reads one
+    assert piped.returncode == 0 and "10000 lines, 10000 valid, 0 bad" in piped.stdout, piped.stderr
+
+
 def test_config_error_names_the_key_and_exits_2(tmp_path):
     config = tmp_path / "c.toml"
     config.write_text("[spool]\nsettle_secs = 3\n")
