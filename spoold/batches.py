@@ -271,9 +271,9 @@ def _from_record(record: JobRecord, job: JobDir, where: str, groups: Groups) -> 
         fields["request_counts"] = _live_counts(job, groups) or fields["request_counts"]
         if record.status == JobStatus.COMPLETED:  # its move to outbox/ is the last step: results not there yet
             fields["status"] = JobStatus.FINALIZING
-        if job.cancel_request.exists() and record.status in (*ACTIVE, JobStatus.CANCELLED):
-            fields["status"] = JobStatus.CANCELLING
-            fields["cancelling_at"] = int(cancel_asked_at(job.cancel_request) or time.time())
+        asked_at = cancel_asked_at(job.cancel_request)
+        if asked_at is not None and record.status in (*ACTIVE, JobStatus.CANCELLED):
+            fields["status"], fields["cancelling_at"] = JobStatus.CANCELLING, int(asked_at)
     if where in ("outbox", "failed"):
         fields["usage"] = _batch_usage(record.usage)
     if where == "outbox":
