@@ -40,6 +40,9 @@ WINDOW = re.compile(r"([1-9][0-9]{0,3})([hd])")
 MAX_WINDOW_SECONDS = 30 * 86400
 #: A job made from a file dropped into the inbox (spool.new_job_id): its name's stem, UTC time, 64 random bits.
 DROP_JOB_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,79}-([0-9]{8}T[0-9]{6})-[0-9a-f]{16}")
+#: `request_counts` before a daemon has counted the batch's lines: zeros, as OpenAI shows a new batch
+#: (an app may read `batch.request_counts.total` straight after create).
+UNCOUNTED = {"total": 0, "completed": 0, "failed": 0}
 #: Statuses a batch never leaves.
 FINISHED = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED})
 
@@ -143,7 +146,7 @@ class BatchStore:
         fields: dict[str, Any] = {
             "id": batch.id, "object": "batch", "endpoint": batch.endpoint, "input_file_id": batch.input_file_id,
             "completion_window": batch.completion_window, "created_at": batch.created_at,
-            "expires_at": batch.expires_at, "metadata": batch.metadata,
+            "expires_at": batch.expires_at, "metadata": batch.metadata, "request_counts": dict(UNCOUNTED),
             "status": JobStatus.CANCELLED if batch.cancelled_at else JobStatus.VALIDATING,
             "cancelling_at": batch.cancelled_at, "cancelled_at": batch.cancelled_at}  # withdrawn at once
         if job is None and not batch.cancelled_at and not (self.spool.inbox / drop_name(batch.id)).exists():
@@ -163,7 +166,7 @@ class BatchStore:
         """A drop's job as a Batch: what its batch.json says; no file ids (its files are in the spool)."""
         fields: dict[str, Any] = {"id": drop.id, "object": "batch", "endpoint": "", "input_file_id": "",
                                   "completion_window": "", "created_at": drop.created_at,
-                                  "status": JobStatus.VALIDATING}
+                                  "request_counts": dict(UNCOUNTED), "status": JobStatus.VALIDATING}
         job, where = self._locate(drop.id)
         record = JobRecord.load(job.batch)[0] if job is not None else None
         if record is not None:
