@@ -219,8 +219,8 @@ class JobRunner:
         if self.record.status == JobStatus.VALIDATING:
             if not await self._validate(f, writer, recovered):
                 return Outcome.INTERRUPTED
-            if self.record.request_counts.total == 0:
-                return await self._fail("no request lines: the file is empty or only blank lines", "empty")
+            if self.record.status == JobStatus.VALIDATING:  # _validate found no request lines
+                return await self._fail("no request lines: the file is empty or only blank lines", "empty_file")
             f.seek(0)
         if self._split_due(recovered):
             return await self._split(f, recovered)
@@ -298,6 +298,8 @@ class JobRunner:
                     models[item.body["model"]] = models.get(item.body["model"], 0) + 1
         await writer.flush()
         check_unchanged(f, self._input)
+        if total == 0:  # nothing to run: it fails while validating, never in progress (as OpenAI's does)
+            return True
         self.record.validated(total, first_valid.url if first_valid else self.record.endpoint,
                               first_valid.body["model"] if first_valid else self.resolver.served,
                               models, self._input)

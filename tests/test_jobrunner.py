@@ -156,6 +156,17 @@ def test_in_flight_is_bounded(tmp_path):
     assert peak == 5
 
 
+def test_a_file_of_blank_lines_fails_validating_with_openais_empty_file_code_and_never_ran(tmp_path):
+    spool, job, engine = setup(tmp_path, [])
+    job.input.write_bytes(b"\n  \n\r\n")
+    status, _ = run_job(spool, job, engine)
+    assert status == "failed" and engine.handled == 0
+    batch = json.loads((spool.failed / job.id / "batch.json").read_text())
+    assert [e["code"] for e in batch["errors"]] == ["empty_file"] and "no request lines" in batch["errors"][0]["message"]
+    # as OpenAI shows a batch that fails validation: failed, never in progress
+    assert batch["failed_at"] and batch["in_progress_at"] is None
+
+
 def test_a_symlinked_input_fails_the_job_without_reading_it(tmp_path):
     spool, job, engine = setup(tmp_path, [chat_line(0)])
     target = tmp_path / "secret"
