@@ -71,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("submit", parents=[common], help="copy batch files into the inbox",
                          description="Validate each FILE, then copy it into the inbox atomically "
-                                     "(hidden temp name, fsync, rename).")
+                                     "(hidden temp name, fsync, rename). Bad lines are reported and the "
+                                     "file goes in (each gets an error record) unless --strict; a file "
+                                     "the daemon would fail whole (compressed, too big, no request lines) "
+                                     "never goes in.")
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--model", metavar="NAME",
                    help="set every line's body.model to NAME (e.g. an alias from [models])")
@@ -83,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("validate", parents=[common], help="check batch files line by line",
                          description="Print one line per bad input line (FILE:LINE: code: what is "
-                                     "wrong) and a summary; exit 1 if any line is bad.")
+                                     "wrong) and a summary; exit 1 if any line is bad. A file the daemon "
+                                     "would fail whole (compressed, over [limits] max_file_bytes, no request "
+                                     "lines) gets one line (FILE: code: why) and exit 1.")
     p.add_argument("files", nargs="+", metavar="FILE")
     p.set_defaults(func=cmd_validate)
 
@@ -387,6 +392,10 @@ def _resolver(config: Config):
 
 
 def _print_report(report, out=sys.stdout) -> None:
+    if report.refused is not None:  # the daemon would fail it unread: no line counts to show
+        print(f"{report.path}: {report.refused.code}: {report.refused}; the daemon would fail the whole file",
+              file=out)
+        return
     for err in report.errors:
         print(f"{report.path}:{err.line}: {err.code}: {err.message}", file=out)
     print(f"{report.path}: {report.lines} lines, {report.valid} valid, {len(report.errors)} bad", file=out)
@@ -406,7 +415,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             bad = True
             continue
         _print_report(report)
-        bad = bad or bool(report.errors)
+        bad = bad or bool(report.errors) or report.refused is not None
     return EXIT_BAD_INPUT if bad else EXIT_OK
 
 
@@ -455,6 +464,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         try:
             with _file_bar(path, "checking") as progress:
                 report = validate_file(path, resolver, config.limits, args.model, progress)
+            if report.refused is not None:  # it would fail unrun: never submit it
+                _print_report(report, sys.stderr)
+                status = EXIT_BAD_INPUT
+                continue
             if report.errors:
                 _print_report(report, sys.stderr)
                 if args.strict:

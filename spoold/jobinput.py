@@ -20,6 +20,10 @@ from typing import IO, Any
 from .validation import binary_kind, open_regular
 
 
+#: Why a file with no request lines fails, unrun (code `empty_file`, OpenAI's).
+NO_REQUEST_LINES = "no request lines: the file is empty or only blank lines"
+
+
 class InputRejected(Exception):
     """The job's input can never be processed (too big, not a regular file): it fails.
 
@@ -49,10 +53,8 @@ def open_input(path: os.PathLike | str, max_file_bytes: int, validated: Any) -> 
         raise
     try:
         st = os.fstat(f.fileno())
-        _check(st, max_file_bytes, validated)
-        kind = binary_kind(f.peek(16)[:16])
-        if kind is not None:
-            raise InputRejected("binary", f"this is {kind}, not JSONL")
+        _check(st, validated)
+        check_contents(f, st.st_size, max_file_bytes)
     except BaseException:
         f.close()
         raise
@@ -67,14 +69,22 @@ def check_unchanged(f: IO[bytes], opened: os.stat_result) -> None:
         raise InputRejected("input_changed", _changed(opened.st_size, st.st_size))
 
 
-def _check(st: os.stat_result, max_file_bytes: int, validated: Any) -> None:
-    """Refuse what may not be read, and an input that changed since it was validated."""
+def check_contents(f: IO[bytes], size: int, max_file_bytes: int) -> None:
+    """InputRejected if a file of `size` bytes that starts as `f` does is one no job can run: over
+    `[limits] max_file_bytes`, or a compressed or binary file. Reads nothing of `f` (it peeks), so
+    `spoold validate` asks the same of a file, or a pipe, before checking its lines."""
+    if max_file_bytes and size > max_file_bytes:
+        raise InputRejected("too_big", f"file is {size} bytes, over [limits] max_file_bytes ({max_file_bytes})")
+    kind = binary_kind(f.peek(16)[:16])
+    if kind is not None:
+        raise InputRejected("binary", f"this is {kind}, not JSONL")
+
+
+def _check(st: os.stat_result, validated: Any) -> None:
+    """Refuse an input with another name outside the spool, and one that changed since it was validated."""
     if st.st_nlink != 1:
         raise InputRejected("not_regular", f"input.jsonl has {st.st_nlink} hard links: another name "
                                            "for it is outside the spool; submit a file of its own")
-    if max_file_bytes and st.st_size > max_file_bytes:
-        raise InputRejected("too_big", f"file is {st.st_size} bytes, over [limits] max_file_bytes "
-                                       f"({max_file_bytes})")
     if isinstance(validated, dict) and (st.st_size, st.st_mtime_ns) != (validated.get("bytes"),
                                                                           validated.get("mtime_ns")):
         raise InputRejected("input_changed", _changed(validated.get("bytes"), st.st_size))

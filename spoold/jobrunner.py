@@ -25,7 +25,7 @@ from .duplicates import DuplicateFinder
 from .durable import finish_in_thread
 from .engine import Engine, EngineDead
 from .groups import Groups
-from .jobinput import InputRejected, check_unchanged, open_input
+from .jobinput import NO_REQUEST_LINES, InputRejected, check_unchanged, open_input
 from .jobrecord import JobRecord
 from .lifecycle import JobStatus, Outcome
 from .names import display_name
@@ -220,7 +220,7 @@ class JobRunner:
             if not await self._validate(f, writer, recovered):
                 return Outcome.INTERRUPTED
             if self.record.status == JobStatus.VALIDATING:  # _validate found no request lines
-                return await self._fail("no request lines: the file is empty or only blank lines", "empty_file")
+                return await self._fail(NO_REQUEST_LINES, "empty_file")
             f.seek(0)
         if self._split_due(recovered):
             return await self._split(f, recovered)

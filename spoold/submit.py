@@ -17,6 +17,7 @@ from typing import IO
 from .config import LimitsSettings
 from .durable import fsync_dir, hidden_temp, rename_noreplace, write_all
 from .duplicates import DuplicateFinder
+from .jobinput import NO_REQUEST_LINES, InputRejected, check_contents
 from .readymarker import publish_with_metadata
 from .records import LineError
 from .validation import LineValidator, ModelResolver, Repeat, check_file
@@ -29,6 +30,8 @@ class Report:
     path: str
     lines: int = 0
     errors: list[LineError] = field(default_factory=list)
+    #: why the daemon would fail the whole file without running a line (a gzip file, no request lines)
+    refused: InputRejected | None = None
 
     @property
     def valid(self) -> int:
@@ -44,8 +47,9 @@ Progress = Callable[[int], None]
 
 def validate_file(path: str, resolver: ModelResolver, limits: LimitsSettings,
                   force_model: str | None = None, progress: Progress | None = None) -> Report:
-    """Check every line of a file as the daemon would (after a `--model` rewrite); `progress` is told how
-    far the check has read, now and then, so a large file is not minutes of silence."""
+    """Check a file as the daemon would (after a `--model` rewrite): the whole file first (`refused`:
+    too big, compressed, no request lines), then every line. `progress` is told how far the check has
+    read, now and then, so a large file is not minutes of silence."""
     report = Report(path)
     max_line_bytes, max_tokens = limits.max_line_bytes, limits.max_output_tokens_per_line
     def validator(finder: DuplicateFinder | None) -> LineValidator:
@@ -54,6 +58,11 @@ def validate_file(path: str, resolver: ModelResolver, limits: LimitsSettings,
     with open(path, "rb") as f:
         if not f.seekable():
             progress = None  # a pipe (`<(zcat x.gz)`, /dev/stdin) has no position to show
+        try:
+            check_contents(f, os.fstat(f.fileno()).st_size if f.seekable() else 0, limits.max_file_bytes)
+        except InputRejected as e:
+            report.refused = e
+            return report
         for item in check_file(f, validator, max_line_bytes):
             if isinstance(item, Repeat):
                 report.errors.append(item.error)
@@ -64,6 +73,8 @@ def validate_file(path: str, resolver: ModelResolver, limits: LimitsSettings,
             if progress is not None and report.lines % PROGRESS_EVERY_LINES == 0:
                 progress(f.tell())
     report.errors.sort(key=lambda e: e.line)
+    if not report.lines:
+        report.refused = InputRejected("empty_file", NO_REQUEST_LINES)
     return report
 
 

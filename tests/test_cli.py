@@ -41,6 +41,25 @@ def test_validate_clean_file_exits_0(tmp_path):
     assert "2 lines, 2 valid, 0 bad" in result.stdout
 
 
+def test_validate_and_submit_refuse_a_file_the_daemon_would_fail_whole_and_say_why(tmp_path):
+    import gzip
+
+    root = tmp_path / "spool"
+    (root / "inbox").mkdir(parents=True)
+    config = write_config(tmp_path / "c.toml", root)
+    blank = tmp_path / "blank.jsonl"
+    blank.write_bytes(b"\n  \n")
+    packed = tmp_path / "packed.jsonl"
+    packed.write_bytes(gzip.compress(json.dumps(chat_line(1)).encode() + b"\n"))
+    for path, said in ((blank, "empty_file: no request lines"), (packed, "binary: this is a gzip file")):
+        checked = spoold("validate", str(path), config=config)
+        assert checked.returncode == 1 and f"{path}: {said}" in checked.stdout, checked.stdout
+        assert "invalid_json" not in checked.stdout  # not one error per line of compressed bytes
+        submitted = spoold("submit", str(path), config=config)  # without --strict too: it could never run
+        assert submitted.returncode == 1 and f"{path}: {said}" in submitted.stderr, submitted.stderr
+    assert list((root / "inbox").iterdir()) == []
+
+
 def on_a_terminal(*args, config):
     """`spoold ARGS` with its stderr on a 120-column pseudo-terminal, as a person at a shell runs it:
     (exit code, stdout, what the terminal received)."""
