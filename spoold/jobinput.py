@@ -28,7 +28,8 @@ class InputRejected(Exception):
     """The job's input can never be processed (too big, not a regular file): it fails.
 
     `code` is the file-level error code batch.json records (`too_big`,
-    `binary`, `not_regular`, `input_changed`).
+    `binary`, `not_regular`, `input_changed`; `spoold validate` also says
+    `empty_file`, which the runner finds only once it has read the file).
     """
 
     def __init__(self, code: str, message: str) -> None:
