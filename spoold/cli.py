@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -391,6 +392,10 @@ def _resolver(config: Config):
     return ModelResolver(config.models.aliases, config.engine.model)
 
 
+#: Line errors that say a line is not one JSON object at all (rather than a request with a wrong field).
+NOT_JSONL_CODES = frozenset({"invalid_json", "not_an_object"})
+
+
 def _print_report(report, out=sys.stdout) -> None:
     if report.refused is not None:  # the daemon would fail it unread: no line counts to show
         print(f"{report.path}: {report.refused.code}: {report.refused}; the daemon would fail the whole file",
@@ -399,6 +404,12 @@ def _print_report(report, out=sys.stdout) -> None:
     for err in report.errors:
         print(f"{report.path}:{err.line}: {err.code}: {err.message}", file=out)
     print(f"{report.path}: {report.lines} lines, {report.valid} valid, {len(report.errors)} bad", file=out)
+    if report.errors and not report.valid and all(e.code in NOT_JSONL_CODES for e in report.errors):
+        # the whole file is another shape: say which conversion makes it JSONL, not only what each line lacks
+        src = shlex.quote(report.path)
+        print(f"{report.path}: no line is a JSON object: JSONL has one request object per line. A JSON array "
+              f"converts with `jq -c '.[]' {src} > fixed.jsonl`, pretty-printed JSON with "
+              f"`jq -c . {src} > fixed.jsonl`", file=out)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -60,6 +60,23 @@ def test_validate_and_submit_refuse_a_file_the_daemon_would_fail_whole_and_say_w
     assert list((root / "inbox").iterdir()) == []
 
 
+def test_validate_says_how_to_convert_a_file_that_is_json_but_not_jsonl(tmp_path):
+    config = write_config(tmp_path / "c.toml", tmp_path / "spool")
+    rows = [chat_line(1), chat_line(2)]
+    array = tmp_path / "array.jsonl"
+    array.write_text(json.dumps(rows) + "\n")
+    pretty = tmp_path / "pretty.jsonl"
+    pretty.write_text("".join(json.dumps(r, indent=2) + "\n" for r in rows))
+    for path, conversion in ((array, f"jq -c '.[]' {array} > fixed.jsonl"), (pretty, f"jq -c . {pretty} > fixed.jsonl")):
+        result = spoold("validate", str(path), config=config)
+        assert result.returncode == 1 and "0 valid" in result.stdout
+        assert f"{path}: no line is a JSON object" in result.stdout and conversion in result.stdout, result.stdout
+    # lines that are requests, only wrong ones, get no such hint
+    wrong = write_jsonl(tmp_path / "wrong.jsonl", [chat_line(1, model="no-such-model")])
+    result = spoold("validate", str(wrong), config=config)
+    assert result.returncode == 1 and "unknown_model" in result.stdout and "jq" not in result.stdout
+
+
 def on_a_terminal(*args, config):
     """`spoold ARGS` with its stderr on a 120-column pseudo-terminal, as a person at a shell runs it:
     (exit code, stdout, what the terminal received)."""
