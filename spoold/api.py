@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -71,6 +72,31 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status, headers=headers)
 
 
+class RequestIds:
+    """Every response carries `x-request-id` (`req_` and 32 hex digits, as OpenAI's): the `openai` SDK shows
+    it as a result's `_request_id` and an error's `request_id`, and a failed request's log line names it, so
+    "request req_... failed" in a user's report finds its traceback in the server's log.
+
+    Plain ASGI middleware (a `BaseHTTPMiddleware` would buffer every download through itself).
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = f"req_{secrets.token_hex(16)}"
+        scope.setdefault("state", {})["request_id"] = request_id  # request.state.request_id, for the handlers
+
+        async def send_with_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
 def create_app(config: Config, keys: ApiKeys | None) -> FastAPI:
     """The API over `config`'s spool; `keys` None means one tenant, `local` (loopback only: see `serve`)."""
     app = FastAPI(title="spoold", summary="The OpenAI Files and Batches API over a spoold spool",
@@ -83,6 +109,7 @@ def create_app(config: Config, keys: ApiKeys | None) -> FastAPI:
                          record_withdrawn(config.spool.root, config.webhooks, config.spool.file_mode))
     upload_limit = min(config.api.max_upload_bytes, config.limits.max_file_bytes)
     app.state.sweeper = Sweeper(files, batches)  # run by `serve` (apiserver.py) every SWEEP_EVERY_SECONDS
+    app.add_middleware(RequestIds)
     _add_error_handlers(app)
 
     def tenant(request: Request) -> Tenant:
@@ -315,6 +342,12 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
-        log.error("%s %s failed: %s", request.method, request.url.path, type(error).__name__, exc_info=True)
-        return ApiError(500, "The server had an error while processing your request.", kind="server_error").response()
+        # Answered from outside RequestIds (Starlette's outermost layer), so the id goes on here as well.
+        request_id = getattr(request.state, "request_id", "")
+        log.error("%s %s failed (request %s): %s", request.method, request.url.path, request_id,
+                  type(error).__name__, exc_info=True)
+        response = ApiError(500, f"The server had an error while processing your request; its log has the details "
+                                 f"under request {request_id}.", kind="server_error").response()
+        response.headers["x-request-id"] = request_id
+        return response
 

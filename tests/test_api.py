@@ -215,3 +215,23 @@ def test_a_full_disk_is_a_retryable_error_that_leaves_nothing(api, monkeypatch):
         alice.files.create(file=("x.jsonl", BATCH), purpose="batch")
     assert refused.value.status_code == 503 and "No space left on device" in refused.value.message
     assert {f.id for f in alice.files.list()} == before and leftovers(api.root) == []
+
+
+def test_every_answer_has_a_request_id_and_a_server_error_names_it_in_the_log(api, monkeypatch, caplog):
+    alice = api.client(ALICE)
+    uploaded = alice.files.with_raw_response.create(file=("x.jsonl", BATCH), purpose="batch")
+    first = uploaded.headers["x-request-id"]
+    assert first.startswith("req_") and uploaded.parse()._request_id == first  # as the SDK shows OpenAI's
+    with pytest.raises(openai.NotFoundError) as missing:
+        alice.files.retrieve("file-nope")
+    assert missing.value.request_id.startswith("req_") and missing.value.request_id != first
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr("spoold.filestore.FileStore.list", broken)
+    with caplog.at_level("ERROR", logger="spoold.api"), pytest.raises(openai.InternalServerError) as failed:
+        alice.files.list()
+    request_id = failed.value.request_id
+    assert failed.value.status_code == 500 and request_id.startswith("req_")
+    assert request_id in failed.value.message  # what the user quotes ...
+    assert any(request_id in r.getMessage() and r.exc_info for r in caplog.records)  # ... finds the traceback
