@@ -20,16 +20,12 @@ from typing import IO, Any
 from .validation import binary_kind, open_regular
 
 
-#: Why a file with no request lines fails, unrun (code `empty_file`, OpenAI's).
-NO_REQUEST_LINES = "no request lines: the file is empty or only blank lines"
-
-
 class InputRejected(Exception):
     """The job's input can never be processed (too big, not a regular file): it fails.
 
     `code` is the file-level error code batch.json records (`too_big`,
-    `binary`, `not_regular`, `input_changed`; `spoold validate` also says
-    `empty_file`, which the runner finds only once it has read the file).
+    `binary`, `not_regular`, `input_changed`, and `empty_file`, known only
+    once the whole file is read: `no_request_lines`).
     """
 
     def __init__(self, code: str, message: str) -> None:
@@ -68,6 +64,12 @@ def check_unchanged(f: IO[bytes], opened: os.stat_result) -> None:
     st = os.fstat(f.fileno())
     if (st.st_size, st.st_mtime_ns) != (opened.st_size, opened.st_mtime_ns):
         raise InputRejected("input_changed", _changed(opened.st_size, st.st_size))
+
+
+def no_request_lines() -> InputRejected:
+    """The refusal of a file with no request lines (`empty_file`, OpenAI's code): known only once the
+    whole file is read, by the runner's validation pass or `spoold validate`."""
+    return InputRejected("empty_file", "no request lines: the file is empty or only blank lines")
 
 
 def check_contents(f: IO[bytes], size: int, max_file_bytes: int) -> None:

@@ -25,7 +25,7 @@ from .duplicates import DuplicateFinder
 from .durable import finish_in_thread
 from .engine import Engine, EngineDead
 from .groups import Groups
-from .jobinput import NO_REQUEST_LINES, InputRejected, check_unchanged, open_input
+from .jobinput import InputRejected, check_unchanged, no_request_lines, open_input
 from .jobrecord import JobRecord
 from .lifecycle import JobStatus, Outcome
 from .names import display_name
@@ -219,8 +219,6 @@ class JobRunner:
         if self.record.status == JobStatus.VALIDATING:
             if not await self._validate(f, writer, recovered):
                 return Outcome.INTERRUPTED
-            if self.record.status == JobStatus.VALIDATING:  # _validate found no request lines
-                return await self._fail(NO_REQUEST_LINES, "empty_file")
             f.seek(0)
         if self._split_due(recovered):
             return await self._split(f, recovered)
@@ -271,7 +269,8 @@ class JobRunner:
             self.record.note_model_load_failed(self.engine.model, reason)
 
     async def _validate(self, f: IO[bytes], writer: GroupCommitWriter, recovered: Recovered) -> bool:
-        """Stream the file once: count lines, write an error for each bad one.
+        """Stream the file once: count lines, write an error for each bad one. A file that changed
+        meanwhile, or has no request lines, is InputRejected (the job fails, still validating).
 
         Repeated custom_ids are known only at the end of the file; their
         errors are written then, after a short second read of the suspects.
@@ -299,7 +298,7 @@ class JobRunner:
         await writer.flush()
         check_unchanged(f, self._input)
         if total == 0:  # nothing to run: it fails while validating, never in progress (as OpenAI's does)
-            return True
+            raise no_request_lines()
         self.record.validated(total, first_valid.url if first_valid else self.record.endpoint,
                               first_valid.body["model"] if first_valid else self.resolver.served,
                               models, self._input)

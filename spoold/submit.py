@@ -17,7 +17,7 @@ from typing import IO
 from .config import LimitsSettings
 from .durable import fsync_dir, hidden_temp, rename_noreplace, write_all
 from .duplicates import DuplicateFinder
-from .jobinput import NO_REQUEST_LINES, InputRejected, check_contents
+from .jobinput import InputRejected, check_contents, no_request_lines
 from .readymarker import publish_with_metadata
 from .records import LineError
 from .validation import LineValidator, ModelResolver, Repeat, check_file
@@ -74,7 +74,7 @@ def validate_file(path: str, resolver: ModelResolver, limits: LimitsSettings,
                 progress(f.tell())
     report.errors.sort(key=lambda e: e.line)
     if not report.lines:
-        report.refused = InputRejected("empty_file", NO_REQUEST_LINES)
+        report.refused = no_request_lines()
     return report
 
 
