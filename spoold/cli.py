@@ -34,6 +34,10 @@ log = logging.getLogger("spoold")
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_USAGE = 0, 1, 2
 
+#: What a JOB argument is, for every verb that takes one.
+JOB_HELP = ("a job id, as `spoold status` shows it (scores-20261206T132548-a725bfbe3bca02a4); given the name "
+            "of a file submitted instead, it says which jobs came from it and does nothing")
+
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the verb; returns the exit code."""
@@ -124,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "stop it: lines with a result keep it, the rest get none, and the "
                                      "job goes to the outbox with status \"cancelled\". A drop not yet "
                                      "claimed is withdrawn by deleting it from the inbox.")
-    p.add_argument("jobs", nargs="+", metavar="JOB")
+    p.add_argument("jobs", nargs="+", metavar="JOB", help=JOB_HELP)
     p.set_defaults(func=cmd_cancel)
 
     p = verbs.add_parser("retry", parents=[common], help="run a finished job's failed lines again",
@@ -134,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "cancelled job). Bad lines and 4xx answers are final and are not retried. "
                                      "The new job's batch.json names JOB as retry_of; `spoold results JOB` "
                                      "then merges them.")
-    p.add_argument("jobs", nargs="+", metavar="JOB")
+    p.add_argument("jobs", nargs="+", metavar="JOB", help=JOB_HELP)
     p.set_defaults(func=cmd_retry)
 
     p = verbs.add_parser("results", parents=[common], help="one result per custom_id over a job and its retries",
@@ -142,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "retry`, retries of retries too), one line per custom_id: the latest "
                                      "success, else the latest answer. Output and error lines in the OpenAI "
                                      "batch output format, streamed; a summary goes to stderr.")
-    p.add_argument("job", metavar="JOB")
+    p.add_argument("job", metavar="JOB", help=JOB_HELP)
     p.add_argument("-o", "--output", metavar="FILE", help="write here, atomically (default: standard output)")
     p.set_defaults(func=cmd_results)
 
@@ -280,6 +284,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
             missing += 1
             print(f"spoold: no job {job_id!r} in {spool.processing}/ (finished ones are in outbox/; "
                   f"a drop not yet claimed is withdrawn by deleting it from the inbox)", file=sys.stderr)
+            _say_where(spool, job_id)
         else:
             where = "every daemon running its parts" if job.path.parent.name == "groups" else job.path.parent.name
             print(f"cancelling {job.id} on {where}: its results so far go to {spool.outbox / job.id}")
@@ -298,6 +303,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
             drop = write_retry(finished_job(spool.outbox, job_id), spool.inbox, config.limits.max_line_bytes)
         except NoSuchJob as e:
             print(f"spoold: {e}", file=sys.stderr)
+            _say_where(spool, job_id)
             missing += 1
             continue
         if drop.path is None:
@@ -318,6 +324,7 @@ def cmd_results(args: argparse.Namespace) -> int:
         chain = retry_chain(spool.outbox, args.job)
     except NoSuchJob as e:
         print(f"spoold: {e}", file=sys.stderr)
+        _say_where(spool, args.job)
         return EXIT_BAD_INPUT
     if args.output:
         from .durable import atomic_output
@@ -330,6 +337,14 @@ def cmd_results(args: argparse.Namespace) -> int:
     print(f"{args.job}: {merged.results} results, {merged.from_retries} of them from {len(chain) - 1} "
           f"retries; {merged.failing} still without a success", file=sys.stderr)
     return EXIT_OK
+
+
+def _say_where(spool: "Spool", typed: str) -> None:
+    """After "no such job": where the job typed is, or which jobs came from a drop of that name."""
+    from .joblookup import hint
+
+    if (where := hint(spool, typed)) is not None:
+        print(f"spoold: {where}", file=sys.stderr)
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -49,8 +49,7 @@ def finished_job(outbox: Path, job_id: str) -> Path:
     """The directory of finished job `job_id` in `outbox`; NoSuchJob when there is none."""
     path = outbox / job_id
     if not JOB_ID.fullmatch(job_id) or not (path / "input.jsonl").is_file():
-        raise NoSuchJob(f"no finished job {job_id!r} in {outbox}/ (`spoold status` lists them; a job still "
-                        "running can be retried once it is finished or cancelled)")
+        raise NoSuchJob(f"no finished job {job_id!r} in {outbox}/ (`spoold status` lists them)")
     return path
 
 

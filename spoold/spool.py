@@ -60,6 +60,11 @@ def new_job_id(drop_name: str, now: float | None = None) -> str:
     return f"{_job_stem(drop_name)}-{stamp}-{secrets.token_hex(8)}"
 
 
+def job_ids_of(drop_name: str) -> re.Pattern[str]:
+    """What every job id made from a drop of this name matches; its group 1 is the claim's time."""
+    return re.compile(re.escape(_job_stem(drop_name)) + r"-(\d{8}T\d{6})-[0-9a-f]{16}")
+
+
 def _job_stem(drop_name: str) -> str:
     """The start of every job id made from a drop of this name."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", drop_name.removesuffix(".jsonl"))[:80].lstrip(".") or "batch"

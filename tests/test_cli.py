@@ -193,6 +193,25 @@ def test_status_lists_queued_drops_as_json(tmp_path):
     assert "waiting.jsonl" in spoold("status", config=config).stdout
 
 
+def test_cancel_retry_and_results_by_file_name_say_which_job_it_became_and_touch_nothing(tmp_path):
+    root = tmp_path / "spool"
+    config = write_config(tmp_path / "c.toml", root)
+    finished = root / "outbox" / "scores-20261201T090000-0123456789abcdef"
+    running = root / "processing" / "gpu1" / "scores-20261202T090000-fedcba9876543210"
+    for job in (finished, running):
+        job.mkdir(parents=True)
+        write_jsonl(job / "input.jsonl", [chat_line(1)])
+    for verb in ("cancel", "retry", "results"):
+        done = spoold(verb, "scores.jsonl", config=config)
+        assert done.returncode == 1, done.stderr
+        assert (f"jobs from drops named scores.jsonl, newest first: {running.name} (running on gpu1), "
+                f"{finished.name} (finished, in outbox/)") in done.stderr, done.stderr
+    done = spoold("results", running.name, config=config)
+    assert f"{running.name} is running on gpu1" in done.stderr and done.returncode == 1
+    assert sorted(p.name for p in running.iterdir()) == ["input.jsonl"]  # no cancel asked on a guess
+    assert not (root / "inbox").exists() or not list((root / "inbox").iterdir())  # no retry dropped
+
+
 def test_models_lists_aliases_settings_and_where_each_is_loaded(tmp_path):
     import time
 

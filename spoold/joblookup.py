@@ -1,0 +1,64 @@
+"""Which job a person means when the name they typed names none: a hint, never an action.
+
+People know the file they submitted (`scores.jsonl`), not the id its job was
+given when a daemon claimed it (`scores-20261206T132548-a725bfbe3bca02a4`),
+and `spoold submit` cannot tell them that id: the claim comes later. So when
+`spoold cancel`, `retry` or `results` finds no job by the name typed, they
+say where that name is instead: the jobs made from drops of that name, with
+the state of each (running, finished, failed whole), or the one state of the
+job id typed, or that the drop is still queued and has no id yet. The next
+command is one copy away. It only reads directory names; it never picks a
+job for the person, as a guess could cancel the wrong one of two runs of a
+daily `scores.jsonl`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .groups import Groups
+from .spool import Spool, is_drop_name, job_ids_of, subdirs
+
+#: At most this many suggestions are listed (newest first), then how many more there are.
+MAX_SHOWN = 5
+
+
+def hint(spool: Spool, typed: str) -> str | None:
+    """One line saying where the job `typed` names is, or which jobs came from a drop of that name;
+    None when the spool has nothing by that name."""
+    places = _places(spool)
+    if typed in places:
+        return f"{typed} is {places[typed]}"
+    name = Path(typed).name  # a path to the file submitted: its name is what the job id was made from
+    if not name:
+        return None
+    said = [s for s in (_jobs_from_drop(places, name), _queued(spool, name)) if s]
+    return "; ".join(said) or None
+
+
+def _jobs_from_drop(places: dict[str, str], name: str) -> str | None:
+    wanted = job_ids_of(name)
+    found = sorted(((m.group(1), job_id) for job_id in places if (m := wanted.fullmatch(job_id))), reverse=True)
+    shown = [f"{job_id} ({places[job_id]})" for _, job_id in found[:MAX_SHOWN]]  # newest first: stamps sort as time
+    if len(found) > MAX_SHOWN:
+        shown.append(f"and {len(found) - MAX_SHOWN} more (`spoold status` lists them)")
+    if len(found) == 1:
+        return f"the job from a drop named {name}: {shown[0]}"
+    return f"jobs from drops named {name}, newest first: {', '.join(shown)}" if found else None
+
+
+def _queued(spool: Spool, name: str) -> str | None:
+    if is_drop_name(name) and (spool.inbox / name).is_file():
+        return f"{name} is queued in {spool.inbox}/, not claimed yet: it has no job id until a daemon claims it"
+    return None
+
+
+def _places(spool: Spool) -> dict[str, str]:
+    """Every job id in the spool, with where it is in words (a job is in one place; a later place wins)."""
+    places: dict[str, str] = {}
+    for host in subdirs(spool.processing):
+        places.update((job.name, f"running on {host.name}") for job in subdirs(host))
+    places.update((group.name, "running, split across daemons") for group in subdirs(Groups(spool).root))
+    places.update((job.name, "finished, in outbox/") for job in subdirs(spool.outbox))
+    places.update((job.name, "failed whole, in failed/: `spoold status` says why") for job in subdirs(spool.failed))
+    return places
