@@ -6,19 +6,17 @@ daemons sharing the spool have it loaded right now (from their heartbeats).
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import Any
 
 from .config import Config, engine_settings_for
+from .heartbeat import host_beats
 from .lifecycle import NOT_SERVING
-from .spool import subdirs
 
 
 def model_rows(config: Config) -> list[dict[str, Any]]:
     """One row per configured model: names, resolution, own settings, where loaded."""
-    loaded = _loaded_on(Path(config.spool.root) / "processing", max(30.0, 3 * config.heartbeat.seconds))
+    loaded = _loaded_on(Path(config.spool.root) / "processing", config.heartbeat.seconds)
     default = config.models.aliases.get(config.engine.model, config.engine.model)
     by_model: dict[str, list[str]] = {}
     for alias, model in config.models.aliases.items():
@@ -47,15 +45,10 @@ def render(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _loaded_on(processing: Path, fresh_seconds: float) -> dict[str, list[str]]:
-    """model → hosts whose heartbeat is fresh and names it (a stopped daemon's says `stopping`)."""
+def _loaded_on(processing: Path, beat_seconds: float) -> dict[str, list[str]]:
+    """model → hosts still beating that have it loaded (a stopped daemon's last beat says `stopping`)."""
     loaded: dict[str, list[str]] = {}
-    for host in subdirs(processing):
-        try:
-            beat = json.loads((host / "heartbeat.json").read_text())
-        except (OSError, ValueError):
-            continue
-        fresh = time.time() - beat.get("ts", 0) < fresh_seconds
-        if fresh and beat.get("model") and beat.get("state") not in NOT_SERVING:
-            loaded.setdefault(beat["model"], []).append(host.name)
+    for beat in host_beats(processing, beat_seconds):
+        if beat.beating and beat.model and beat.state not in NOT_SERVING:
+            loaded.setdefault(beat.model, []).append(beat.host)
     return loaded

@@ -26,13 +26,19 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, config_path, engine_settings_for, load_config
 
+if TYPE_CHECKING:  # the verbs import what they use when they run: `spoold --help` stays quick
+    from .spool import Spool
+
 log = logging.getLogger("spoold")
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_USAGE = 0, 1, 2
+#: What a shell sees of a program SIGPIPE ends (128 + 13); Python ignores SIGPIPE and raises instead.
+EXIT_BROKEN_PIPE = 141
 
 #: What a JOB argument is, for every verb that takes one.
 JOB_HELP = ("a job id, as `spoold status` shows it (scores-20261206T132548-a725bfbe3bca02a4); given the name "
@@ -47,10 +53,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, not at exit, so that a reader gone away is met below
+        return code
     except ConfigError as e:
         print(f"spoold: config error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `spoold status | head`: the reader has all it wants; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor one at exit's flush
+        return EXIT_BROKEN_PIPE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -339,7 +350,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _say_where(spool: "Spool", typed: str) -> None:
+def _say_where(spool: Spool, typed: str) -> None:
     """After "no such job": where the job typed is, or which jobs came from a drop of that name."""
     from .joblookup import hint
 
@@ -515,7 +526,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .status import render_status, spool_status, status_json
 
     config = _config(args)
-    status = spool_status(Spool(config.spool), config.watchdog.stall_seconds)
+    status = spool_status(Spool(config.spool), config.watchdog.stall_seconds, config.heartbeat.seconds)
     print(status_json(status) if args.json else render_status(status))
     return EXIT_OK
 

@@ -26,7 +26,6 @@ import shutil
 import socket
 import stat
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,15 +35,13 @@ from .config import Config, ConfigError, load_config
 from .durable import atomic_write_json, durable_rename, fsync_dir
 from .events import resolve_endpoint
 from .gpu import GpuReader
+from .heartbeat import host_beats
 from .validation import ModelResolver
 
 OK, FAIL, SKIP = "ok", "fail", "skip"
 
 #: The spool's directories: each must keep others out; the inbox, where the group may write, sticky.
 SPOOL_DIRS = ("inbox", "processing", "outbox", "failed")
-
-#: A heartbeat older than this many periods means the daemon is not beating.
-STALE_BEATS = 3
 
 GIB = 2**30
 
@@ -329,29 +326,19 @@ def check_unit(unit: str) -> Check:
 
 def check_heartbeat(config: Config) -> Check:
     """The newest heartbeat on this spool: which host, its state, how old."""
-    processing, beats = config.spool.root / "processing", []
+    processing = config.spool.root / "processing"
     if processing.is_dir() and not os.access(processing, os.R_OK | os.X_OK):
         return Check("heartbeat", SKIP, f"{processing} is spoold's; not readable by this user (run as root or spoold)")
-    for path in processing.glob("*/heartbeat.json"):
-        with contextlib.suppress(OSError, ValueError):
-            beats.append((path.stat().st_mtime, path))
+    beats = host_beats(processing, config.heartbeat.seconds)
     if not beats:
         return Check("heartbeat", FAIL, "no heartbeat: spoold has not run on this spool",
                      "systemctl enable --now spoold (or spoold run)")
-    mtime, path = max(beats)
-    age, state = time.time() - mtime, _read_state(path)
-    where = f"{path.parent.name} ({state}) beat {age:.0f}s ago"
-    if age > STALE_BEATS * config.heartbeat.seconds:
+    beat = min(beats, key=lambda b: b.age_seconds)
+    where = f"{beat.host} ({beat.state}) beat {beat.age_seconds:.0f}s ago"
+    if not beat.beating:
         return Check("heartbeat", FAIL, f"{where}: spoold is not running there, or is stuck",
                      "systemctl status spoold; journalctl -u spoold -n 50")
     return Check("heartbeat", OK, where)
-
-
-def _read_state(path: Path) -> str:
-    with contextlib.suppress(OSError, ValueError):
-        state = json.loads(path.read_text()).get("state")
-        return state if isinstance(state, str) else "?"
-    return "?"
 
 
 def check_disk(root: Path) -> Check:

@@ -7,13 +7,16 @@ can tell a working daemon from a dead or stuck one without talking to it.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .durable import replace_json
-from .lifecycle import ACTIVE, JobStatus
+from .lifecycle import ACTIVE, DaemonState, JobStatus
 
 
 def heartbeat_document(host: str, state: str, progresses: list[Any], gpus: list[dict]) -> dict[str, Any]:
@@ -44,6 +47,59 @@ def write_heartbeat(beats: list[tuple[Path, dict[str, Any]]], mode: int = 0o640,
         except OSError as e:
             failures.append(f"{path}: {e.strerror or e}")
     return failures
+
+
+#: A daemon whose host heartbeat is older than this many periods, and than STALE_FLOOR_SECONDS (a beat
+#: can be late on a busy disk or a paused VM), is not beating: stopped, dead or stuck.
+STALE_BEATS = 3
+STALE_FLOOR_SECONDS = 30.0
+
+
+@dataclass
+class HostBeat:
+    """What one host's heartbeat (processing/<host>/heartbeat.json) says, and whether it is still beating.
+
+    Read from a file another host writes: every field is checked for its type, and one of the wrong
+    type is left out (the state shows as `?`) rather than ending the command that looks."""
+
+    host: str
+    state: str
+    age_seconds: float
+    beating: bool
+    model: str | None = None
+    pid: int | None = None
+    gpus: list[dict[str, Any]] = field(default_factory=list)
+
+
+def host_beats(processing: Path, beat_seconds: float, now: float | None = None) -> list[HostBeat]:
+    """Every host that has beaten on this spool, by name; `beat_seconds` is `[heartbeat] seconds`."""
+    now = time.time() if now is None else now
+    try:
+        hosts = sorted(e.name for e in os.scandir(processing) if e.is_dir(follow_symlinks=False)
+                       and not e.name.startswith("."))
+    except FileNotFoundError:
+        return []
+    beats = (_host_beat(host, processing / host / "heartbeat.json", now, beat_seconds) for host in hosts)
+    return [beat for beat in beats if beat is not None]
+
+
+def _host_beat(host: str, path: Path, now: float, beat_seconds: float) -> HostBeat | None:
+    """The age is from the beat's own `ts`, as the daemon's other readers take it; from the file's
+    mtime where it has none."""
+    try:
+        mtime = path.stat().st_mtime
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    doc = doc if isinstance(doc, dict) else {}
+    ts, state, model, pid, gpus = (doc.get(k) for k in ("ts", "state", "model", "pid", "gpus"))
+    age = max(0.0, now - (ts if type(ts) in (int, float) and math.isfinite(ts) else mtime))
+    # A stopping daemon beats on until its last write is done; once its beat is two periods old, it has exited.
+    stale_after = 2 * beat_seconds if state == DaemonState.STOPPING else max(STALE_FLOOR_SECONDS,
+                                                                               STALE_BEATS * beat_seconds)
+    return HostBeat(host, state if isinstance(state, str) else "?", age, age <= stale_after,
+                    model if isinstance(model, str) else None, pid if type(pid) is int else None,
+                    [g for g in gpus if isinstance(g, dict)] if isinstance(gpus, list) else [])
 
 
 def status_line(progresses: list[Any], queued: int, gpus: list[dict]) -> str:

@@ -11,9 +11,11 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from .heartbeat import host_beats
 from .lifecycle import DaemonState
 from .names import display_name
 from .spool import JobDir, Spool, is_drop_name, subdirs
@@ -24,8 +26,9 @@ from .webhooks import UNCLAIMED, Deliveries
 RECENT = 10
 
 
-def spool_status(spool: Spool, stall_seconds: float = 300.0) -> dict[str, Any]:
-    """Queued, processing (every host) and recent finished/failed jobs.
+def spool_status(spool: Spool, stall_seconds: float = 300.0, beat_seconds: float = 5.0) -> dict[str, Any]:
+    """The daemons on this spool (from their heartbeats), queued, processing (every host) and recent
+    finished/failed jobs.
 
     A job whose heartbeat shows requests in flight but no progress for
     `stall_seconds` is marked `stalled`. What this user may not read (a
@@ -38,9 +41,11 @@ def spool_status(spool: Spool, stall_seconds: float = 300.0) -> dict[str, Any]:
         try:
             return read()
         except PermissionError:
-            unreadable.append(section)
+            if section not in unreadable:  # processing/ is read twice: daemons, then jobs
+                unreadable.append(section)
             return []
     status = {
+        "daemons": readable("processing", lambda: [asdict(b) for b in host_beats(spool.processing, beat_seconds)]),
         "queued": readable("inbox", lambda: _queued(spool.inbox)),
         "processing": readable("processing", lambda: _processing(spool.processing, stall_seconds)),
         "split": readable("groups", lambda: Groups(spool).all_progress()),
@@ -128,7 +133,9 @@ def _webhooks(root: Path) -> list[dict[str, Any]]:
 
 def render_status(status: dict[str, Any]) -> str:
     """The status as a few plain tables for a terminal."""
-    lines = [f"queued ({len(status['queued'])}):"]
+    lines = (["daemons: not readable by this user (below)"] if "processing" in status["unreadable"]
+             else _render_daemons(status["daemons"], len(status["queued"])))
+    lines.append(f"queued ({len(status['queued'])}):")
     lines += [f"  {q['name']}  {q['bytes']} bytes" for q in status["queued"]] or ["  -"]
     lines.append(f"processing ({len(status['processing'])}):")
     for p in status["processing"]:
@@ -165,6 +172,37 @@ def render_status(status: dict[str, Any]) -> str:
         lines.append(f"not readable by this user: {', '.join(status['unreadable'])} (run as root, or as a "
                      "member of the daemon's group, to see them)")
     return "\n".join(lines)
+
+
+def _render_daemons(daemons: list[dict[str, Any]], queued: int) -> list[str]:
+    """One line per daemon that has run on the spool, and what it means when none is running now."""
+    lines = [f"daemons ({sum(d['beating'] for d in daemons)} running):"] + [f"  {_daemon_line(d)}" for d in daemons]
+    if not any(d["beating"] for d in daemons):
+        waiting = ", so the queued drops wait" if queued else ""
+        lines.append(f"  no daemon is running on this spool{waiting}: start one with `systemctl start spoold` "
+                     "(or `spoold run`); `spoold doctor` says what is wrong")
+    return lines
+
+
+def _daemon_line(d: dict[str, Any]) -> str:
+    """Another host's heartbeat is data: every value is shown in display form."""
+    host, state, ago = display_name(d["host"]), display_name(d["state"]), _ago(d["age_seconds"])
+    if not d["beating"]:
+        if d["state"] == DaemonState.STOPPING:
+            return f"{host}: stopped {ago} ago"
+        return f"{host}: not running, or stuck: its last heartbeat, {ago} ago, said {state}"
+    pid = f" (pid {d['pid']})" if d["pid"] is not None else ""
+    model = f", {display_name(d['model'])}" if d["model"] else ""
+    gpus = "".join(display_name(f", GPU{g.get('index', '')} {g.get('utilization_pct')}%") for g in d["gpus"])
+    return f"{host}{pid}: {state}{model}{gpus}, heartbeat {ago} ago"
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h" if seconds < 172800 else f"{seconds / 86400:.0f} days"
 
 
 def status_json(status: dict[str, Any]) -> str:

@@ -212,6 +212,21 @@ def test_cancel_retry_and_results_by_file_name_say_which_job_it_became_and_touch
     assert not (root / "inbox").exists() or not list((root / "inbox").iterdir())  # no retry dropped
 
 
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
+    root = tmp_path / "spool"
+    (root / "inbox").mkdir(parents=True)
+    config = write_config(tmp_path / "c.toml", root)
+    for verb in ("status", "models"):
+        read, write = os.pipe()
+        os.close(read)  # as `spoold status | head -1` once head has its line
+        try:
+            done = subprocess.run([sys.executable, "-m", "spoold", verb, "--config", str(config)], stdout=write,
+                                  stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=60)
+        finally:
+            os.close(write)
+        assert done.returncode == 141 and done.stderr == "", (verb, done.returncode, done.stderr)
+
+
 def test_models_lists_aliases_settings_and_where_each_is_loaded(tmp_path):
     import time
 

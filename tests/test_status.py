@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,57 @@ def test_a_user_who_may_not_look_into_processing_sees_the_rest_and_is_told():
         assert shown["processing"] == [] and shown["unreadable"] == ["processing"]
         text = result["ok"]["text"]
         assert "not readable by this user: processing" in text
+        assert "daemons: not readable by this user" in text and "no daemon is running" not in text
         (failed,) = shown["failed"]
         assert f"{failed['id']}: details not readable by this user" in text
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def beat(spool: Spool, host: str, age: float, **doc) -> None:
+    path = spool.processing / host / "heartbeat.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"host": host, "ts": time.time() - age, **doc}))
+
+
+def test_status_says_which_daemons_run_and_that_queued_drops_wait_when_none_does(tmp_path):
+    spool = Spool(SpoolSettings(root=tmp_path, host_id="gpu1"))
+    spool.ensure_dirs()
+    write_jsonl(spool.inbox / "waiting.jsonl", [chat_line(0)])
+    beat(spool, "gpu1", 1, pid=4242, state="working", model="org/m",
+         gpus=[{"index": 0, "utilization_pct": 97}])
+    beat(spool, "gpu2", 7200, pid=77, state="working", model="org/m")
+    beat(spool, "gpu3", 3 * 86400, pid=78, state="stopping")
+    beat(spool, "gpu5", 11, pid=79, state="stopping")  # two beats missed while stopping: it has exited
+    (spool.processing / "gpu4").mkdir()
+    (spool.processing / "gpu4" / "heartbeat.json").write_text('["not", "a", "beat"]')
+    os.utime(spool.processing / "gpu4" / "heartbeat.json", (time.time() - 60, time.time() - 60))
+
+    shown = spool_status(spool, beat_seconds=5)
+    text = render_status(shown)
+    assert [(d["host"], d["beating"]) for d in shown["daemons"]] == [
+        ("gpu1", True), ("gpu2", False), ("gpu3", False), ("gpu4", False), ("gpu5", False)]
+    assert "daemons (1 running):" in text
+    assert "  gpu1 (pid 4242): working, org/m, GPU0 97%, heartbeat 1s ago" in text
+    assert "  gpu2: not running, or stuck: its last heartbeat, 2.0h ago, said working" in text
+    assert "  gpu3: stopped 3 days ago" in text and "  gpu5: stopped 11s ago" in text
+    assert "  gpu4: not running, or stuck: its last heartbeat, 60s ago, said ?" in text
+    assert "no daemon is running" not in text
+
+    beat(spool, "gpu1", 600, pid=4242, state="working")  # silent for ten minutes
+    text = render_status(spool_status(spool, beat_seconds=5))
+    assert "daemons (0 running):" in text and "  gpu1: not running, or stuck: its last heartbeat, 10m ago" in text
+    assert ("no daemon is running on this spool, so the queued drops wait: start one with `systemctl start "
+            "spoold`") in text
+
+
+def test_a_daemon_that_never_ran_and_a_hostile_beat_are_shown_plainly(tmp_path):
+    spool = Spool(SpoolSettings(root=tmp_path, host_id="gpu1"))
+    spool.ensure_dirs()
+    text = render_status(spool_status(spool))
+    assert "daemons (0 running):\n  no daemon is running on this spool: start one" in text
+
+    beat(spool, "gpu1", float("nan"), pid="1; rm -rf /", state="working\x1b[2J", model=["x"], gpus="all")
+    (daemon,) = spool_status(spool)["daemons"]
+    assert daemon["pid"] is None and daemon["model"] is None and daemon["gpus"] == []
+    assert "gpu1: working\\x1b[2J, heartbeat" in render_status(spool_status(spool))  # a fresh file, no escape
