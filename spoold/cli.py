@@ -492,11 +492,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if model is None:
             print(f"spoold: --model: {why}", file=sys.stderr)
             return EXIT_USAGE
-    inbox = Spool(config.spool).inbox
+    spool = Spool(config.spool)
+    inbox = spool.inbox
     if not inbox.is_dir():
         print(f"spoold: inbox {inbox} does not exist; is [spool] root right?", file=sys.stderr)
         return EXIT_USAGE
-    status = EXIT_OK
+    status, submitted = EXIT_OK, False
     for path in args.files:
         try:
             with _file_bar(path, "checking") as progress:
@@ -518,7 +519,23 @@ def cmd_submit(args: argparse.Namespace) -> int:
             status = EXIT_BAD_INPUT
             continue
         print(f"{path} -> {dest}")
+        submitted = True
+    if submitted:
+        _warn_if_no_daemon(spool, config.heartbeat.seconds)
     return status
+
+
+def _warn_if_no_daemon(spool: Spool, beat_seconds: float) -> None:
+    """A drop with no daemon to claim it waits silently: say so, and what to do, once it is in."""
+    from .heartbeat import START_A_DAEMON, host_beats
+
+    try:
+        beats = host_beats(spool.processing, beat_seconds)
+    except PermissionError:
+        return  # processing/ is the daemon's (a submitter outside its group): unknown, so not said
+    if not any(beat.beating for beat in beats):
+        print(f"spoold: no daemon is running on this spool, so the drops wait in {spool.inbox}/: {START_A_DAEMON}",
+              file=sys.stderr)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

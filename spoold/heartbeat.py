@@ -55,6 +55,10 @@ STALE_BEATS = 3
 STALE_FLOOR_SECONDS = 30.0
 
 
+#: What to do when no daemon beats on a spool, for every verb that finds none.
+START_A_DAEMON = "start one with `systemctl start spoold` (or `spoold run`); `spoold doctor` says what is wrong"
+
+
 @dataclass
 class HostBeat:
     """What one host's heartbeat (processing/<host>/heartbeat.json) says, and whether it is still beating.

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .heartbeat import host_beats
+from .heartbeat import START_A_DAEMON, host_beats
 from .lifecycle import DaemonState
 from .names import display_name
 from .spool import JobDir, Spool, is_drop_name, subdirs
@@ -179,8 +179,7 @@ def _render_daemons(daemons: list[dict[str, Any]], queued: int) -> list[str]:
     lines = [f"daemons ({sum(d['beating'] for d in daemons)} running):"] + [f"  {_daemon_line(d)}" for d in daemons]
     if not any(d["beating"] for d in daemons):
         waiting = ", so the queued drops wait" if queued else ""
-        lines.append(f"  no daemon is running on this spool{waiting}: start one with `systemctl start spoold` "
-                     "(or `spoold run`); `spoold doctor` says what is wrong")
+        lines.append(f"  no daemon is running on this spool{waiting}: {START_A_DAEMON}")
     return lines
 
 

@@ -173,6 +173,25 @@ def test_submit_priority_travels_in_the_ready_marker_to_the_claimed_job(tmp_path
         assert result.returncode == 2 and "not a whole number from 1 to 100" in result.stderr
 
 
+def test_submit_says_when_no_daemon_runs_to_claim_the_drop(tmp_path):
+    import time
+
+    root = tmp_path / "spool"
+    (root / "inbox").mkdir(parents=True)
+    config = write_config(tmp_path / "c.toml", root)
+    src = write_jsonl(tmp_path / "scores.jsonl", [chat_line(0)])
+    alone = spoold("submit", str(src), config=config)
+    assert alone.returncode == 0 and (root / "inbox" / "scores.jsonl").exists()
+    assert (f"spoold: no daemon is running on this spool, so the drops wait in {root / 'inbox'}/: start one with "
+            "`systemctl start spoold`") in alone.stderr, alone.stderr
+
+    beat = root / "processing" / "testhost" / "heartbeat.json"
+    beat.parent.mkdir(parents=True)
+    beat.write_text(json.dumps({"state": "idle", "ts": time.time()}))
+    served = spoold("submit", str(src), config=config)
+    assert served.returncode == 0 and "no daemon" not in served.stderr, served.stderr
+
+
 def test_submit_rejects_an_unknown_model(tmp_path):
     root = tmp_path / "spool"
     (root / "inbox").mkdir(parents=True)
