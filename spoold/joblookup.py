@@ -32,6 +32,8 @@ def hint(spool: Spool, typed: str) -> str | None:
     name = Path(typed).name  # a path to the file submitted: its name is what the job id was made from
     if not name:
         return None
+    if name in places:  # a path to the job's directory, as a shell completes it
+        return f"{name} is {places[name]}: name it by its id alone, without the directory"
     said = [s for s in (_jobs_from_drop(places, name), _queued(spool, name)) if s]
     return "; ".join(said) or None
 

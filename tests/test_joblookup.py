@@ -55,6 +55,8 @@ def test_a_job_id_says_where_it_is_and_a_queued_drop_says_it_has_no_id_yet(tmp_p
     spool = make_spool(tmp_path)
     running = job(spool.host_dir, "a.jsonl", at(1, 0))
     assert hint(spool, running) == f"{running} is running on gpu1"
+    assert hint(spool, f"{spool.host_dir}/{running}/") == (f"{running} is running on gpu1: name it by its id "
+                                                           "alone, without the directory")
 
     (spool.inbox / "b.jsonl").write_text("{}\n")
     assert hint(spool, "b.jsonl") == (f"b.jsonl is queued in {spool.inbox}/, not claimed yet: it has no job id "
