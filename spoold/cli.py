@@ -521,12 +521,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"{path} -> {dest}")
         submitted = True
     if submitted:
-        _warn_if_no_daemon(spool, config.heartbeat.seconds)
+        _warn_if_no_daemon(spool, config.heartbeat.seconds, f"the drops wait in {spool.inbox}/")
     return status
 
 
-def _warn_if_no_daemon(spool: Spool, beat_seconds: float) -> None:
-    """A drop with no daemon to claim it waits silently: say so, and what to do, once it is in."""
+def _warn_if_no_daemon(spool: Spool, beat_seconds: float, so: str) -> None:
+    """With no daemon beating, a drop waits and a watch shows nothing, silently: say so (`so`: what waits),
+    and what to do."""
     from .heartbeat import START_A_DAEMON, host_beats
 
     try:
@@ -534,8 +535,7 @@ def _warn_if_no_daemon(spool: Spool, beat_seconds: float) -> None:
     except PermissionError:
         return  # processing/ is the daemon's (a submitter outside its group): unknown, so not said
     if not any(beat.beating for beat in beats):
-        print(f"spoold: no daemon is running on this spool, so the drops wait in {spool.inbox}/: {START_A_DAEMON}",
-              file=sys.stderr)
+        print(f"spoold: no daemon is running on this spool, so {so}: {START_A_DAEMON}", file=sys.stderr)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -557,9 +557,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
+    from .spool import Spool
     from .viewer import watch_bars, watch_json
 
-    endpoint = args.endpoint or _config(args).events.endpoint
+    if args.endpoint:  # another host's feed: this spool says nothing of it
+        endpoint = args.endpoint
+    else:
+        config = _config(args)
+        endpoint = config.events.endpoint
+        _warn_if_no_daemon(Spool(config.spool), config.heartbeat.seconds, "no events come until one starts")
     return watch_json(endpoint) if args.json else watch_bars(endpoint)
 
 

@@ -192,6 +192,20 @@ def test_submit_says_when_no_daemon_runs_to_claim_the_drop(tmp_path):
     assert served.returncode == 0 and "no daemon" not in served.stderr, served.stderr
 
 
+def test_watch_says_when_no_daemon_runs_to_send_events(tmp_path):
+    config = write_config(tmp_path / "c.toml", tmp_path / "spool")
+    watch = subprocess.Popen([sys.executable, "-m", "spoold", "watch", "--json", "--config", str(config)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert select.select([watch.stderr], [], [], 60)[0], "nothing said within a minute"
+        said = watch.stderr.readline()
+    finally:
+        watch.terminate()
+        watch.wait(10)
+    assert said.startswith("spoold: no daemon is running on this spool, so no events come until one starts: "
+                           "start one with `systemctl start spoold`"), said
+
+
 def test_submit_rejects_an_unknown_model(tmp_path):
     root = tmp_path / "spool"
     (root / "inbox").mkdir(parents=True)
