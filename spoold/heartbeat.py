@@ -81,7 +81,7 @@ def host_beats(processing: Path, beat_seconds: float, now: float | None = None) 
     try:
         hosts = sorted(e.name for e in os.scandir(processing) if e.is_dir(follow_symlinks=False)
                        and not e.name.startswith("."))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
     beats = (_host_beat(host, processing / host / "heartbeat.json", now, beat_seconds) for host in hosts)
     return [beat for beat in beats if beat is not None]
@@ -144,14 +144,17 @@ def _one_job(progress: Any, gpu: str) -> str:
         return f"{name}: validating{gpu}"
     total = progress.total or 1
     eta = progress.eta_seconds()
-    eta_text = f" ETA {_human(eta)}" if eta is not None else ""
+    eta_text = f" ETA {short_duration(eta)}" if eta is not None else ""
     return (f"{name}: {progress.done}/{progress.total} ({100 * progress.done // total}%) "
             f"{progress.rate():.1f} req/s{eta_text}{gpu}")
 
 
-def _human(seconds: float) -> str:
+def short_duration(seconds: float) -> str:
+    """`45s`, `14m`, `3.5h`, `3 days`: a time as a person reads it at a glance (an ETA, a heartbeat's age)."""
     if seconds < 90:
         return f"{seconds:.0f}s"
     if seconds < 5400:
         return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.1f}h"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.0f} days"

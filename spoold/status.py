@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .heartbeat import START_A_DAEMON, host_beats
+from .heartbeat import START_A_DAEMON, host_beats, short_duration
 from .lifecycle import DaemonState
 from .names import display_name
 from .spool import JobDir, Spool, is_drop_name, subdirs
@@ -185,7 +185,7 @@ def _render_daemons(daemons: list[dict[str, Any]], queued: int) -> list[str]:
 
 def _daemon_line(d: dict[str, Any]) -> str:
     """Another host's heartbeat is data: every value is shown in display form."""
-    host, state, ago = display_name(d["host"]), display_name(d["state"]), _ago(d["age_seconds"])
+    host, state, ago = display_name(d["host"]), display_name(d["state"]), short_duration(d["age_seconds"])
     if not d["beating"]:
         if d["state"] == DaemonState.STOPPING:
             return f"{host}: stopped {ago} ago"
@@ -194,14 +194,6 @@ def _daemon_line(d: dict[str, Any]) -> str:
     model = f", {display_name(d['model'])}" if d["model"] else ""
     gpus = "".join(display_name(f", GPU{g.get('index', '')} {g.get('utilization_pct')}%") for g in d["gpus"])
     return f"{host}{pid}: {state}{model}{gpus}, heartbeat {ago} ago"
-
-
-def _ago(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f}s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.1f}h" if seconds < 172800 else f"{seconds / 86400:.0f} days"
 
 
 def status_json(status: dict[str, Any]) -> str:
