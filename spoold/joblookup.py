@@ -43,24 +43,37 @@ def _jobs_from_drop(places: dict[str, str], name: str) -> str | None:
     found = sorted(((m.group(1), job_id) for job_id in places if (m := wanted.fullmatch(job_id))), reverse=True)
     shown = [f"{job_id} ({places[job_id]})" for _, job_id in found[:MAX_SHOWN]]  # newest first: stamps sort as time
     if len(found) > MAX_SHOWN:
-        shown.append(f"and {len(found) - MAX_SHOWN} more (`spoold status` lists them)")
+        shown.append(f"and {len(found) - MAX_SHOWN} older")
     if len(found) == 1:
         return f"the job from a drop named {name}: {shown[0]}"
     return f"jobs from drops named {name}, newest first: {', '.join(shown)}" if found else None
 
 
 def _queued(spool: Spool, name: str) -> str | None:
-    if is_drop_name(name) and (spool.inbox / name).is_file():
-        return f"{name} is queued in {spool.inbox}/, not claimed yet: it has no job id until a daemon claims it"
-    return None
+    try:
+        queued = is_drop_name(name) and (spool.inbox / name).is_file()
+    except PermissionError:  # an inbox this user may not look into: not said
+        return None
+    if not queued:
+        return None
+    return f"{name} is queued in {spool.inbox}/, not claimed yet: it has no job id until a daemon claims it"
 
 
 def _places(spool: Spool) -> dict[str, str]:
-    """Every job id in the spool, with where it is in words (a job is in one place; a later place wins)."""
+    """Every job id in the spool this user may see, with where it is in words (a job is in one place;
+    a later place wins)."""
     places: dict[str, str] = {}
-    for host in subdirs(spool.processing):
-        places.update((job.name, f"running on {host.name}") for job in subdirs(host))
-    places.update((group.name, "running, split across daemons") for group in subdirs(Groups(spool).root))
-    places.update((job.name, "finished, in outbox/") for job in subdirs(spool.outbox))
-    places.update((job.name, "failed whole, in failed/: `spoold status` says why") for job in subdirs(spool.failed))
+    for host in _dirs(spool.processing):
+        places.update((job.name, f"running on {host.name}") for job in _dirs(host))
+    places.update((group.name, "running, split across daemons") for group in _dirs(Groups(spool).root))
+    places.update((job.name, "finished, in outbox/") for job in _dirs(spool.outbox))
+    places.update((job.name, "failed whole, in failed/: `spoold status` says why") for job in _dirs(spool.failed))
     return places
+
+
+def _dirs(parent: Path) -> list[Path]:
+    """The directories in `parent`; none where this user may not look (processing/ is the daemon's)."""
+    try:
+        return subdirs(parent)
+    except PermissionError:
+        return []

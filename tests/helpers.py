@@ -225,6 +225,33 @@ def as_user(name: str) -> dict:
     return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": groups}
 
 
+NOBODY = 65534
+
+
+def as_nobody(work) -> dict:
+    """`work()` in a forked child that dropped root for uid/gid 65534: the kernel's own permission checks."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        os.close(read)
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            out = {"ok": work()}
+        except BaseException as e:
+            out = {"error": f"{type(e).__name__}: {e}"}
+        os.write(write, json.dumps(out).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

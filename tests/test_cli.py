@@ -67,7 +67,8 @@ def test_validate_says_how_to_convert_a_file_that_is_json_but_not_jsonl(tmp_path
     array.write_text(json.dumps(rows) + "\n")
     pretty = tmp_path / "pretty.jsonl"
     pretty.write_text("".join(json.dumps(r, indent=2) + "\n" for r in rows))
-    for path, conversion in ((array, f"jq -c '.[]' {array} > fixed.jsonl"), (pretty, f"jq -c . {pretty} > fixed.jsonl")):
+    for path, conversion in ((array, f"jq -c '.[]' {array} > fixed.jsonl"),
+                             (pretty, f"jq -c . {pretty} > fixed.jsonl")):
         result = spoold("validate", str(path), config=config)
         assert result.returncode == 1 and "0 valid" in result.stdout
         assert f"{path}: no line is a JSON object" in result.stdout and conversion in result.stdout, result.stdout

@@ -1,10 +1,18 @@
 """Where a job is, found from the name of the file a person submitted."""
 
 import calendar
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
 
 from spoold.config import SpoolSettings
 from spoold.joblookup import MAX_SHOWN, hint
 from spoold.spool import Spool, new_job_id
+
+from .helpers import as_nobody
 
 
 def at(day: int, hour: int) -> float:
@@ -48,7 +56,7 @@ def test_one_job_is_named_as_one_and_a_long_list_is_cut(tmp_path):
     daily = [job(spool.outbox, "daily.jsonl", at(1, hour)) for hour in range(MAX_SHOWN + 3)]
     said = hint(spool, "daily.jsonl")
     assert all(job_id in said for job_id in daily[-MAX_SHOWN:]) and daily[0] not in said
-    assert said.endswith("and 3 more (`spoold status` lists them)")
+    assert said.endswith("and 3 older")
 
 
 def test_a_job_id_says_where_it_is_and_a_queued_drop_says_it_has_no_id_yet(tmp_path):
@@ -70,3 +78,20 @@ def test_nothing_by_that_name_gives_no_hint(tmp_path):
     (spool.inbox / "notes.txt").write_text("not a drop")
     for typed in ("nope", "", "..", "notes.txt", "../outbox", "a.jsonl.part"):
         assert hint(spool, typed) is None, typed
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another user needs root")
+def test_a_user_who_may_not_look_into_processing_is_told_what_they_may_see():
+    base = Path(tempfile.mkdtemp(prefix="spoold-lookup-"))  # not under pytest's tmp_path, which is root's alone
+    try:
+        base.chmod(0o755)
+        spool = Spool(SpoolSettings(root=base, host_id="gpu1"))
+        spool.ensure_dirs()
+        for d, mode in ((spool.inbox, 0o755), (spool.processing, 0o750), (spool.outbox, 0o755), (spool.failed, 0o755)):
+            d.chmod(mode)  # as packaged: processing/ is the daemon's
+        finished = job(spool.outbox, "scores.jsonl", at(1, 0))
+        job(spool.host_dir, "scores.jsonl", at(2, 0))
+        said = as_nobody(lambda: hint(spool, "scores.jsonl"))
+        assert said == {"ok": f"the job from a drop named scores.jsonl: {finished} (finished, in outbox/)"}
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

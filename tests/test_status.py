@@ -13,31 +13,7 @@ from spoold.config import SpoolSettings
 from spoold.spool import DropRefused, Spool
 from spoold.status import render_status, spool_status
 
-from .helpers import chat_line, write_jsonl
-
-NOBODY = 65534
-
-
-def as_nobody(work) -> dict:
-    """`work()` in a forked child that dropped root for uid/gid 65534: the kernel's own permission checks."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        os.close(read)
-        try:
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            out = {"ok": work()}
-        except BaseException as e:
-            out = {"error": f"{type(e).__name__}: {e}"}
-        os.write(write, json.dumps(out).encode())
-        os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    return json.loads(data)
+from .helpers import as_nobody, chat_line, write_jsonl
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another user needs root")
