@@ -290,7 +290,13 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     spool = Spool(_config(args).spool)
     missing = 0
     for job_id in args.jobs:
-        job = spool.request_cancel(job_id) or Groups(spool).request_cancel(job_id)
+        try:
+            job = spool.request_cancel(job_id) or Groups(spool).request_cancel(job_id)
+        except PermissionError as e:  # processing/ is the daemon's: a submitter may not leave a marker there
+            missing += 1
+            print(f"spoold: cannot cancel {job_id!r}: {e.filename} is the daemon's, not this user's; run it as "
+                  f"root (sudo spoold cancel ...) or as a member of the daemon's group", file=sys.stderr)
+            continue
         if job is None:
             missing += 1
             print(f"spoold: no job {job_id!r} in {spool.processing}/ (finished ones are in outbox/; "

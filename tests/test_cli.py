@@ -7,7 +7,9 @@ import subprocess
 import sys
 import termios
 
-from .helpers import REPO, chat_line, read_jsonl, write_config, write_jsonl
+import pytest
+
+from .helpers import REPO, as_nobody, chat_line, read_jsonl, write_config, write_jsonl
 
 
 def spoold(*args, config=None):
@@ -244,6 +246,41 @@ def test_cancel_retry_and_results_by_file_name_say_which_job_it_became_and_touch
     assert f"{running.name} is running on gpu1" in done.stderr and done.returncode == 1
     assert sorted(p.name for p in running.iterdir()) == ["input.jsonl"]  # no cancel asked on a guess
     assert not (root / "inbox").exists() or not list((root / "inbox").iterdir())  # no retry dropped
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another user needs root")
+def test_cancel_by_a_user_who_may_not_write_processing_says_who_may():
+    import contextlib
+    import io
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import spoold.groups  # noqa: F401  (imported here: the child may not read this interpreter's library)
+    from spoold.cli import main
+
+    base = Path(tempfile.mkdtemp(prefix="spoold-cancel-"))  # not under pytest's tmp_path, which is root's alone
+    try:
+        base.chmod(0o755)
+        root = base / "spool"
+        running = root / "processing" / "gpu1" / "scores-20261202T090000-fedcba9876543210"
+        running.mkdir(parents=True)
+        for d in (root, root / "processing", root / "processing" / "gpu1"):
+            d.chmod(0o755 if d == root else 0o750)  # as packaged: processing/ is the daemon's
+        config = write_config(base / "c.toml", root)
+        config.chmod(0o644)
+
+        def cancel():
+            said = io.StringIO()
+            with contextlib.redirect_stderr(said):
+                return main(["cancel", running.name, "--config", str(config)]), said.getvalue()
+        result = as_nobody(cancel)
+        assert result == {"ok": [1, f"spoold: cannot cancel '{running.name}': {root / 'processing'} is the "
+                                    "daemon's, not this user's; run it as root (sudo spoold cancel ...) or as a "
+                                    "member of the daemon's group\n"]}, result
+        assert not (running / "cancel.requested").exists()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
