@@ -35,7 +35,8 @@ from .config import Config, ConfigError, load_config
 from .durable import atomic_write_json, durable_rename, fsync_dir
 from .events import resolve_endpoint
 from .gpu import GpuReader
-from .heartbeat import host_beats
+from .heartbeat import host_beats, short_duration
+from .lifecycle import DaemonState
 from .validation import ModelResolver
 
 OK, FAIL, SKIP = "ok", "fail", "skip"
@@ -335,6 +336,9 @@ def check_heartbeat(config: Config) -> Check:
                      "systemctl enable --now spoold (or spoold run)")
     beat = min(beats, key=lambda b: b.age_seconds)
     where = f"{beat.host} ({beat.state}) beat {beat.age_seconds:.0f}s ago"
+    if not beat.beating and beat.state == DaemonState.STOPPING:  # it said goodbye: stopped, not stuck
+        return Check("heartbeat", FAIL, f"{beat.host}: spoold stopped {short_duration(beat.age_seconds)} ago",
+                     "systemctl start spoold (or spoold run)")
     if not beat.beating:
         return Check("heartbeat", FAIL, f"{where}: spoold is not running there, or is stuck",
                      "systemctl status spoold; journalctl -u spoold -n 50")

@@ -106,6 +106,18 @@ def test_a_spool_with_a_wrong_mode_fails_the_spool_check(tmp_path):
     assert "outbox" not in message and "failed/" not in message
 
 
+def test_a_daemon_that_stopped_is_told_apart_from_one_that_is_stuck(tmp_path):
+    root = tmp_path / "spool"
+    beat = root / "processing" / "testhost" / "heartbeat.json"
+    beat.parent.mkdir(parents=True)
+    beat.write_text(json.dumps({"state": "stopping", "ts": time.time() - 3 * 3600}))
+    code, checks = doctor(write_config(tmp_path / "c.toml", root))
+    (heartbeat,) = checks["heartbeat"]
+    assert code == 1 and heartbeat["status"] == "fail"
+    assert heartbeat["message"] == "testhost: spoold stopped 3.0h ago"
+    assert heartbeat["fix"] == "systemctl start spoold (or spoold run)"
+
+
 def test_a_metrics_port_held_by_another_program_and_a_stale_heartbeat_fail(tmp_path):
     root = tmp_path / "spool"
     beat = root / "processing" / "testhost" / "heartbeat.json"
