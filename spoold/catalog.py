@@ -13,9 +13,14 @@ from .config import Config, engine_settings_for
 from .heartbeat import host_beats
 from .lifecycle import NOT_SERVING
 
+#: Said under the table when the daemons' heartbeats were not readable (as packaged, a submitter's case).
+UNREADABLE_BEATS = ("where models are loaded is in processing/, which this user may not read (run as root, or as "
+                    "a member of the daemon's group, to see it)")
+
 
 def model_rows(config: Config) -> list[dict[str, Any]]:
-    """One row per configured model: names, resolution, own settings, where loaded."""
+    """One row per configured model: names, resolution, own settings, where loaded (`loaded_on` is None
+    where this user may not read the daemons' heartbeats: unknown, not nowhere)."""
     loaded = _loaded_on(Path(config.spool.root) / "processing", config.heartbeat.seconds)
     default = config.models.aliases.get(config.engine.model, config.engine.model)
     by_model: dict[str, list[str]] = {}
@@ -29,7 +34,7 @@ def model_rows(config: Config) -> list[dict[str, Any]]:
         rows.append({"names": aliases, "model": model, "default": model == default,
                      "settings": config.models.settings.get(model, {}),
                      "max_model_len": settings.max_model_len or None,
-                     "loaded_on": loaded.get(model, [])})
+                     "loaded_on": None if loaded is None else loaded.get(model, [])})
     return rows
 
 
@@ -41,14 +46,22 @@ def render(rows: list[dict[str, Any]]) -> str:
         if r["default"]:
             names += " (default)"
         settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "-"
-        lines.append(f"{names:30} {r['model']:50} {', '.join(r['loaded_on']) or '-':20} {settings}")
+        loaded_on = "?" if r["loaded_on"] is None else ", ".join(r["loaded_on"]) or "-"
+        lines.append(f"{names:30} {r['model']:50} {loaded_on:20} {settings}")
+    if any(r["loaded_on"] is None for r in rows):
+        lines.append(f"LOADED ON ?: {UNREADABLE_BEATS}")
     return "\n".join(lines)
 
 
-def _loaded_on(processing: Path, beat_seconds: float) -> dict[str, list[str]]:
-    """model → hosts still beating that have it loaded (a stopped daemon's last beat says `stopping`)."""
+def _loaded_on(processing: Path, beat_seconds: float) -> dict[str, list[str]] | None:
+    """model → hosts still beating that have it loaded (a stopped daemon's last beat says `stopping`);
+    None where this user may not look into processing/."""
+    try:
+        beats = host_beats(processing, beat_seconds)
+    except PermissionError:
+        return None
     loaded: dict[str, list[str]] = {}
-    for beat in host_beats(processing, beat_seconds):
+    for beat in beats:
         if beat.beating and beat.model and beat.state not in NOT_SERVING:
             loaded.setdefault(beat.model, []).append(beat.host)
     return loaded

@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `spoold status | head`: the reader has all it wants; no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor one at exit's flush
         return EXIT_BROKEN_PIPE
+    except PermissionError as e:  # a part of the spool this user is kept out of: whose it is, how to get in
+        from .access import refused
+
+        print(f"spoold: {refused(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -521,7 +526,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             with _file_bar(path, "copying") as progress:
                 dest = submit_file(path, inbox, args.model, config.limits.max_line_bytes, metadata, progress)
         except OSError as e:
-            print(f"{path}: cannot submit: {e.strerror or e}", file=sys.stderr)
+            print(f"{path}: cannot submit: {_why_not(e, inbox)}", file=sys.stderr)
             status = EXIT_BAD_INPUT
             continue
         print(f"{path} -> {dest}")
@@ -529,6 +534,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if submitted:
         _warn_if_no_daemon(spool, config.heartbeat.seconds, f"the drops wait in {spool.inbox}/")
     return status
+
+
+def _why_not(e: OSError, inbox: Path) -> str:
+    """Why a file could not be submitted: the inbox refusing this user says whose it is and how to get in;
+    anything else (the file itself unreadable, a full disk) is the system's own words."""
+    from .access import refused
+
+    if isinstance(e, PermissionError) and e.filename and Path(os.fsdecode(e.filename)).is_relative_to(inbox):
+        return refused(e)
+    return str(e.strerror or e)
 
 
 def _warn_if_no_daemon(spool: Spool, beat_seconds: float, so: str) -> None:

@@ -283,6 +283,61 @@ def test_cancel_by_a_user_who_may_not_write_processing_says_who_may():
         shutil.rmtree(base, ignore_errors=True)
 
 
+def test_a_user_kept_out_of_the_spool_is_told_whose_it_is_and_how_to_get_in():
+    import contextlib
+    import io
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import tqdm  # noqa: F401  (imported here: the child may not read this interpreter's library)
+
+    import spoold.access, spoold.catalog, spoold.joblookup, spoold.retries, spoold.spool  # noqa: F401, E401
+    import spoold.submit  # noqa: F401
+    from spoold.cli import main
+
+    base = Path(tempfile.mkdtemp(prefix="spoold-access-"))  # not under pytest's tmp_path, which is root's alone
+    try:
+        base.chmod(0o755)
+        root = base / "spool"
+        finished = root / "outbox" / "scores-20261202T090000-fedcba9876543210"
+        finished.mkdir(parents=True)
+        (finished / "input.jsonl").write_text("")
+        for name in ("inbox", "processing", "failed"):
+            (root / name).mkdir()
+        for d in (root / "inbox", root / "processing", root / "outbox", root / "failed"):
+            d.chmod(0o750)  # a user outside the group of each, as a packaged spool is to a non-submitter
+        root.chmod(0o755)
+        config = write_config(base / "c.toml", root)
+        lines = write_jsonl(base / "in.jsonl", [chat_line(1)])
+        for f in (config, lines):
+            f.chmod(0o644)
+
+        def run(*argv):
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = main([*argv, "--config", str(config)])
+            return code, out.getvalue(), err.getvalue()
+
+        def closed(path):
+            return (f"{path} (owner root, group root, drwxr-x---) is closed to nobody, who is not in group root: "
+                    f"ask for it (sudo usermod -aG root nobody, then log in again), or run it as root")
+
+        said = as_nobody(lambda: [run("results", finished.name), run("retry", finished.name),
+                                  run("submit", str(lines)), run("models")])
+        results, retry, submit, models = said["ok"]
+        assert results == [1, "", f"spoold: {closed(root / 'outbox')}\n"]
+        assert retry == results
+        assert submit == [1, "", f"{lines}: cannot submit: {closed(root / 'inbox')}\n"]
+        code, table, err = models
+        assert code == 0 and err == "", models
+        assert table.splitlines()[1].split()[-2] == "?", table  # where it is loaded: unknown, not nowhere
+        assert "which this user may not read" in table.splitlines()[-1]
+        assert not list((root / "inbox").iterdir())
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
     root = tmp_path / "spool"
     (root / "inbox").mkdir(parents=True)

@@ -1,0 +1,68 @@
+"""What a person is told when the kernel keeps them out of part of the spool: whose it is, how to get in.
+
+As packaged, the spool is shared through groups: members of `spoold-submit`
+may write inbox/ and read outbox/, and processing/ is spoold's own. A user
+outside a group meets EACCES somewhere deep inside a verb; the sentence here
+names the directory that said no, its owner, group and mode, and the ways in.
+The commonest case gets its own words: a user added to the group who has not
+logged in again since, whose processes do not have the group yet.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import stat
+from pathlib import Path
+
+
+def refused(e: PermissionError) -> str:
+    """One line, for after `spoold: `, saying what refused this user and what to do about it."""
+    user = _user_name(os.geteuid())
+    if not e.filename:
+        return f"permission denied to {user}: {e.strerror or e}"
+    path, st = closed_part(Path(os.fsdecode(e.filename)))
+    if st is None:
+        return f"{e.filename}: permission denied to {user}"
+    group = _group(st.st_gid)
+    members = group.gr_mem if group else []
+    return advice(path, st, user, group.gr_name if group else str(st.st_gid), members,
+                  in_group=st.st_gid == os.getegid() or st.st_gid in os.getgroups())
+
+
+def advice(path: Path, st: os.stat_result, user: str, group: str, members: list[str], in_group: bool) -> str:
+    """The sentence for `path` (as `st` says it is) refusing `user`, given the group's listed `members`
+    and whether this process has the group."""
+    what = f"{path} (owner {_user_name(st.st_uid)}, group {group}, {stat.filemode(st.st_mode)})"
+    if in_group:  # the group may not do this either: the part is the owner's alone
+        return f"{what} is closed to {user}, group members included: run it as root or as its owner"
+    if user in members:
+        return (f"{what} is closed to {user}: {user} was added to group {group} after this login began, so it "
+                f"does not have the group yet; log out and in again (or run `newgrp {group}`)")
+    return (f"{what} is closed to {user}, who is not in group {group}: ask for it (sudo usermod -aG {group} "
+            f"{user}, then log in again), or run it as root")
+
+
+def closed_part(path: Path) -> tuple[Path, os.stat_result | None]:
+    """The nearest of `path` and its parents that this user can see: the one that keeps them out."""
+    for candidate in (path, *path.parents):
+        try:
+            return candidate, os.stat(candidate)
+        except OSError:
+            continue
+    return path, None
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _group(gid: int) -> grp.struct_group | None:
+    try:
+        return grp.getgrgid(gid)
+    except KeyError:
+        return None
