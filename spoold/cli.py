@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"spoold: config error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except NoSpool as e:
+        print(f"spoold: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except BrokenPipeError:  # `spoold status | head`: the reader has all it wants; no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor one at exit's flush
         return EXIT_BROKEN_PIPE
@@ -212,6 +215,31 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(path, must_exist=bool(args.config))
 
 
+class NoSpool(Exception):
+    """The spool the config names does not exist; the message says which config named it."""
+
+
+def _spool(args: argparse.Namespace, config: Config) -> Spool:
+    """The spool `config` names, for a verb that looks into it. A missing one is said, with where its
+    path came from (a config not found means the default: the commonest reason is a forgotten --config),
+    rather than shown as an empty queue or a job that is not there."""
+    from .spool import Spool
+
+    root = Path(config.spool.root)
+    try:
+        is_dir = root.is_dir()
+    except OSError:  # kept out of a parent: the verb's own look says whose it is
+        is_dir = True
+    if not is_dir:
+        path = config_path(args.config)
+        named = (f"that is [spool] root in {path}; the daemon makes the spool when it first starts"
+                 if Path(path).exists() else
+                 f"{path} does not exist, so that is the default [spool] root; name your config with --config "
+                 f"PATH (or $SPOOLD_CONFIG)")
+        raise NoSpool(f"no spool at {root}: {named}")
+    return Spool(config.spool)
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Journal when started by systemd, stderr otherwise; never prompt text either way."""
     level = logging.DEBUG if verbose else logging.INFO
@@ -290,9 +318,8 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     from .groups import Groups
-    from .spool import Spool
 
-    spool = Spool(_config(args).spool)
+    spool = _spool(args, _config(args))
     missing = 0
     for job_id in args.jobs:
         try:
@@ -315,10 +342,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_retry(args: argparse.Namespace) -> int:
     from .retries import NoSuchJob, finished_job, write_retry
-    from .spool import Spool
 
     config = _config(args)
-    spool = Spool(config.spool)
+    spool = _spool(args, config)
     missing = 0
     for job_id in args.jobs:
         try:
@@ -339,9 +365,8 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 def cmd_results(args: argparse.Namespace) -> int:
     from .retries import NoSuchJob, merge_results, retry_chain
-    from .spool import Spool
 
-    spool = Spool(_config(args).spool)
+    spool = _spool(args, _config(args))
     try:
         chain = retry_chain(spool.outbox, args.job)
     except NoSuchJob as e:
@@ -493,7 +518,7 @@ def _priority(text: str) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from .spool import Spool
+    from .heartbeat import START_A_DAEMON
     from .submit import submit_file, validate_file
 
     config = _config(args)
@@ -503,10 +528,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if model is None:
             print(f"spoold: --model: {why}", file=sys.stderr)
             return EXIT_USAGE
-    spool = Spool(config.spool)
+    spool = _spool(args, config)
     inbox = spool.inbox
     if not inbox.is_dir():
-        print(f"spoold: inbox {inbox} does not exist; is [spool] root right?", file=sys.stderr)
+        print(f"spoold: inbox {inbox} does not exist: the daemon makes it when it first starts ({START_A_DAEMON})",
+              file=sys.stderr)
         return EXIT_USAGE
     status, submitted = EXIT_OK, False
     for path in args.files:
@@ -560,11 +586,10 @@ def _warn_if_no_daemon(spool: Spool, beat_seconds: float, so: str) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .spool import Spool
     from .status import render_status, spool_status, status_json
 
     config = _config(args)
-    status = spool_status(Spool(config.spool), config.watchdog.stall_seconds, config.heartbeat.seconds)
+    status = spool_status(_spool(args, config), config.watchdog.stall_seconds, config.heartbeat.seconds)
     print(status_json(status) if args.json else render_status(status))
     return EXIT_OK
 
@@ -586,6 +611,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     else:
         config = _config(args)
         endpoint = config.events.endpoint
+        # not _spool(): a watch may well be started before the daemon first makes the spool
         _warn_if_no_daemon(Spool(config.spool), config.heartbeat.seconds, "no events come until one starts")
     return watch_json(endpoint) if args.json else watch_bars(endpoint)
 

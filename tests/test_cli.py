@@ -338,6 +338,38 @@ def test_a_user_kept_out_of_the_spool_is_told_whose_it_is_and_how_to_get_in():
         shutil.rmtree(base, ignore_errors=True)
 
 
+def test_a_spool_that_is_not_there_is_said_with_the_config_that_named_it(tmp_path, monkeypatch):
+    import argparse
+
+    from spoold.cli import NoSpool, _spool
+    from spoold.config import load_config
+
+    root = tmp_path / "spool"
+    config = write_config(tmp_path / "c.toml", root)
+    lines = write_jsonl(tmp_path / "in.jsonl", [chat_line(1)])
+    for argv in (["status"], ["status", "--json"], ["submit", str(lines)], ["results", "x-20261202T090000-0123"],
+                 ["cancel", "x"], ["retry", "x"]):
+        result = spoold(*argv, config=config)
+        assert (result.returncode, result.stdout) == (2, ""), (argv, result)
+        assert result.stderr == (f"spoold: no spool at {root}: that is [spool] root in {config}; the daemon makes "
+                                 f"the spool when it first starts\n"), argv
+    assert not root.exists()
+
+    # no config where one was looked for: the default root, and the likely cause named
+    missing = tmp_path / "nowhere.toml"
+    monkeypatch.setenv("SPOOLD_CONFIG", str(missing))
+    with pytest.raises(NoSpool) as said:
+        _spool(argparse.Namespace(config=None), load_config(config))
+    assert str(said.value) == (f"no spool at {root}: {missing} does not exist, so that is the default [spool] root; "
+                               f"name your config with --config PATH (or $SPOOLD_CONFIG)")
+
+    # the spool made, its inbox not yet: the daemon makes it
+    root.mkdir()
+    result = spoold("submit", str(lines), config=config)
+    assert result.returncode == 2 and result.stderr.startswith(
+        f"spoold: inbox {root / 'inbox'} does not exist: the daemon makes it when it first starts"), result
+
+
 def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
     root = tmp_path / "spool"
     (root / "inbox").mkdir(parents=True)
