@@ -348,7 +348,7 @@ def test_a_stop_during_a_retry_wait_leaves_the_line_for_the_next_start(tmp_path)
 
 def test_an_input_appended_to_after_its_claim_fails_with_its_results_kept(tmp_path):
     spool, job, engine = setup(tmp_path, ROWS)
-    with open(job.input, "ab") as held:  # a descriptor opened before the claim, still writing
+    with open(job.input, "ab"):  # a descriptor opened before the claim, still writing
         status, runner = run_job(spool, job, engine)
         assert status == "completed"
     spool, job, engine = setup(tmp_path / "2", ROWS)
