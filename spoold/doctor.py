@@ -37,6 +37,7 @@ from .events import resolve_endpoint
 from .gpu import GpuReader
 from .heartbeat import host_beats, short_duration
 from .lifecycle import DaemonState
+from .names import display_name
 from .validation import ModelResolver
 
 OK, FAIL, SKIP = "ok", "fail", "skip"
@@ -335,9 +336,10 @@ def check_heartbeat(config: Config) -> Check:
         return Check("heartbeat", FAIL, "no heartbeat: spoold has not run on this spool",
                      "systemctl enable --now spoold (or spoold run)")
     beat = min(beats, key=lambda b: b.age_seconds)
-    where = f"{beat.host} ({beat.state}) beat {beat.age_seconds:.0f}s ago"
+    host = display_name(beat.host)  # another host's heartbeat is data: shown, never sent to the terminal as is
+    where = f"{host} ({display_name(beat.state)}) beat {beat.age_seconds:.0f}s ago"
     if not beat.beating and beat.state == DaemonState.STOPPING:  # it said goodbye: stopped, not stuck
-        return Check("heartbeat", FAIL, f"{beat.host}: spoold stopped {short_duration(beat.age_seconds)} ago",
+        return Check("heartbeat", FAIL, f"{host}: spoold stopped {short_duration(beat.age_seconds)} ago",
                      "systemctl start spoold (or spoold run)")
     if not beat.beating:
         return Check("heartbeat", FAIL, f"{where}: spoold is not running there, or is stuck",

@@ -118,6 +118,16 @@ def test_a_daemon_that_stopped_is_told_apart_from_one_that_is_stuck(tmp_path):
     assert heartbeat["fix"] == "systemctl start spoold (or spoold run)"
 
 
+def test_a_heartbeat_is_shown_in_display_form_never_sent_to_the_terminal_as_written(tmp_path):
+    root = tmp_path / "spool"
+    beat = root / "processing" / "gpu\x1b]0;owned\x07" / "heartbeat.json"
+    beat.parent.mkdir(parents=True)
+    beat.write_text(json.dumps({"state": "\x1b[2Jworking", "ts": time.time() - 3600}))
+    _, checks = doctor(write_config(tmp_path / "c.toml", root))
+    message = checks["heartbeat"][0]["message"]
+    assert re.fullmatch(r"gpu\\x1b]0;owned\\x07 \(\\x1b\[2Jworking\) beat 36\d\ds ago: .*", message), message
+
+
 def test_a_metrics_port_held_by_another_program_and_a_stale_heartbeat_fail(tmp_path):
     root = tmp_path / "spool"
     beat = root / "processing" / "testhost" / "heartbeat.json"
