@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .groups import Groups
-from .spool import Spool, is_drop_name, job_ids_of, subdirs
+from .spool import Spool, copy_name, is_drop_name, job_ids_of, subdirs
 
 #: At most this many suggestions are listed (newest first), then how many more there are.
 MAX_SHOWN = 5
@@ -39,14 +39,19 @@ def hint(spool: Spool, typed: str) -> str | None:
 
 
 def _jobs_from_drop(places: dict[str, str], name: str) -> str | None:
-    wanted = job_ids_of(name)
+    """Submitted twice while the first waited, a file's second drop is `scores-2.jsonl`: the person still
+    calls both `scores.jsonl`, so the copies' jobs are listed too, and said to be copies."""
+    wanted = job_ids_of(name, with_copies=True)
     found = sorted(((m.group(1), job_id) for job_id in places if (m := wanted.fullmatch(job_id))), reverse=True)
     shown = [f"{job_id} ({places[job_id]})" for _, job_id in found[:MAX_SHOWN]]  # newest first: stamps sort as time
     if len(found) > MAX_SHOWN:
         shown.append(f"and {len(found) - MAX_SHOWN} older")
+    exact = job_ids_of(name)
+    named = name if all(exact.fullmatch(job_id) for _, job_id in found) else \
+        f"{name} (or {copy_name(name, 2)}, ..., as `spoold submit` names another while one waits)"
     if len(found) == 1:
-        return f"the job from a drop named {name}: {shown[0]}"
-    return f"jobs from drops named {name}, newest first: {', '.join(shown)}" if found else None
+        return f"the job from a drop named {named}: {shown[0]}"
+    return f"jobs from drops named {named}, newest first: {', '.join(shown)}" if found else None
 
 
 def _queued(spool: Spool, name: str) -> str | None:

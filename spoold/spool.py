@@ -60,9 +60,22 @@ def new_job_id(drop_name: str, now: float | None = None) -> str:
     return f"{_job_stem(drop_name)}-{stamp}-{secrets.token_hex(8)}"
 
 
-def job_ids_of(drop_name: str) -> re.Pattern[str]:
-    """What every job id made from a drop of this name matches; its group 1 is the claim's time."""
-    return re.compile(re.escape(_job_stem(drop_name)) + r"-(\d{8}T\d{6})-[0-9a-f]{16}")
+def job_ids_of(drop_name: str, with_copies: bool = False) -> re.Pattern[str]:
+    """What every job id made from a drop of this name matches (`with_copies`: also from the names
+    `copy_name` gives further drops of it); its group 1 is the claim's time."""
+    copies = f"(?:{COPY_SUFFIX})?" if with_copies else ""
+    return re.compile(re.escape(_job_stem(drop_name)) + copies + r"-(\d{8}T\d{6})-[0-9a-f]{16}")
+
+
+#: How a copy's name ends, as `copy_name` makes it: two digits at most, so that a dated name
+#: (`scores-2026.jsonl`) is not taken for a copy of `scores.jsonl`.
+COPY_SUFFIX = r"-(?:[2-9]|[1-9][0-9])"
+
+
+def copy_name(drop_name: str, n: int) -> str:
+    """The name the `n`th drop of `drop_name` gets while the others still wait (`scores-2.jsonl`):
+    a drop is never overwritten. The first keeps its name."""
+    return drop_name if n == 1 else f"{drop_name.removesuffix('.jsonl')}-{n}.jsonl"
 
 
 def _job_stem(drop_name: str) -> str:

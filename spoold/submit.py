@@ -20,6 +20,7 @@ from .duplicates import DuplicateFinder
 from .jobinput import InputRejected, check_contents, no_request_lines
 from .readymarker import publish_with_metadata
 from .records import LineError
+from .spool import copy_name
 from .validation import LineValidator, ModelResolver, Repeat, check_file
 
 
@@ -143,9 +144,9 @@ def publish_drop(tmp: Path, inbox: Path, name: str, metadata: dict[str, str] | N
     instead. `metadata` goes into the drop's `.ready` marker. On failure
     `tmp` is removed.
     """
-    stem, n = name.removesuffix(".jsonl"), 1
+    n = 1
     while True:
-        dest = inbox / (name if n == 1 else f"{stem}-{n}.jsonl")
+        dest = inbox / copy_name(name, n)
         try:
             if metadata:
                 publish_with_metadata(tmp, dest, metadata)

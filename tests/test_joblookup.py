@@ -48,6 +48,20 @@ def test_a_drop_name_lists_its_jobs_newest_first_with_where_each_is(tmp_path):
     assert hint(spool, "scores") == said.replace("named scores.jsonl", "named scores")
 
 
+def test_the_jobs_of_a_second_drop_of_the_same_file_are_listed_as_copies(tmp_path):
+    spool = make_spool(tmp_path)
+    first = job(spool.outbox, "scores.jsonl", at(1, 9))
+    second = job(spool.host_dir, "scores-2.jsonl", at(1, 10))  # submitted again while the first waited
+    job(spool.outbox, "scores-2026.jsonl", at(1, 11))  # a dated file of its own, not a copy
+    job(spool.outbox, "scores-2-final.jsonl", at(1, 11))
+
+    assert hint(spool, "scores.jsonl") == (
+        f"jobs from drops named scores.jsonl (or scores-2.jsonl, ..., as `spoold submit` names another while one "
+        f"waits), newest first: {second} (running on gpu1), {first} (finished, in outbox/)")
+    # the copy typed by its own name is no copy of anything
+    assert hint(spool, "scores-2.jsonl") == f"the job from a drop named scores-2.jsonl: {second} (running on gpu1)"
+
+
 def test_one_job_is_named_as_one_and_a_long_list_is_cut(tmp_path):
     spool = make_spool(tmp_path)
     only = job(spool.outbox, "leads.jsonl", at(1, 0))
