@@ -13,9 +13,9 @@ from .config import Config, engine_settings_for
 from .heartbeat import host_beats
 from .lifecycle import NOT_SERVING
 
-#: Said under the table when the daemons' heartbeats were not readable (as packaged, a submitter's case).
+#: Said under the table when the daemons' heartbeats were not readable (a user outside the spool's group).
 UNREADABLE_BEATS = ("where models are loaded is in processing/, which this user may not read (run as root, or as "
-                    "a member of the daemon's group, to see it)")
+                    "a member of the spool's group, [spool] group, to see it)")
 
 
 def model_rows(config: Config) -> list[dict[str, Any]]:

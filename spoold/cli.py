@@ -262,7 +262,7 @@ def setup_logging(verbose: bool = False) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import Daemon
     from .engine import EngineLoadError, load_engine
-    from .spool import check_results_group
+    from .spool import check_results_group, results_gid
 
     setup_logging(args.verbose)
 
@@ -299,7 +299,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     metrics = Metrics()
     metrics.serve(config.metrics.listen)
     try:
-        events = EventPublisher(config.events.endpoint, config.spool.host_id)
+        events = EventPublisher(config.events.endpoint, config.spool.host_id, results_gid(config.spool.group))
     except Exception as e:  # zmq.ZMQError: a bad or busy endpoint
         raise ConfigError(f"[events] endpoint {config.events.endpoint!r}: {e}") from None
     return Daemon(config, engine, metrics=metrics, events=events, reload_config=read_config,
@@ -324,10 +324,10 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     for job_id in args.jobs:
         try:
             job = spool.request_cancel(job_id) or Groups(spool).request_cancel(job_id)
-        except PermissionError as e:  # processing/ is the daemon's: a submitter may not leave a marker there
+        except PermissionError:  # a running job is the daemon's to change: its group may look, not touch
             missing += 1
-            print(f"spoold: cannot cancel {job_id!r}: {e.filename} is the daemon's, not this user's; run it as "
-                  f"root (sudo spoold cancel ...) or as a member of the daemon's group", file=sys.stderr)
+            print(f"spoold: cannot cancel {job_id!r}: a running job in {spool.processing}/ is changed by the "
+                  f"daemon's user and root only; run it as root (sudo spoold cancel ...)", file=sys.stderr)
             continue
         if job is None:
             missing += 1
@@ -580,7 +580,7 @@ def _warn_if_no_daemon(spool: Spool, beat_seconds: float, so: str) -> None:
     try:
         beats = host_beats(spool.processing, beat_seconds)
     except PermissionError:
-        return  # processing/ is the daemon's (a submitter outside its group): unknown, so not said
+        return  # a user outside the spool's group: unknown, so not said
     if not any(beat.beating for beat in beats):
         print(f"spoold: no daemon is running on this spool, so {so}: {START_A_DAEMON}", file=sys.stderr)
 

@@ -196,12 +196,12 @@ def check_spool_dirs(config: Config) -> Check:
             problems.append(f"{name}/ is mode {mode:04o}: others may {'write' if mode & 0o002 else 'read'} it")
         if name == "inbox" and mode & 0o022 and not mode & stat.S_ISVTX:
             problems.append(f"inbox/ is mode {mode:04o}, not sticky: a submitter may remove another's drop")
-        if group and name in ("inbox", "outbox") and _group_name(st.st_gid) != group:
+        if group and name in ("inbox", "processing", "outbox") and _group_name(st.st_gid) != group:
             problems.append(f"{name}/ has group {_group_name(st.st_gid)}, not [spool] group {group}")
     if problems:
         return Check("spool", FAIL, f"{root}: " + "; ".join(problems),
-                     "systemd-tmpfiles --create (the packaged modes: inbox 3770, processing 0750, outbox and "
-                     "failed 2750), or chmod/chgrp to match")
+                     "systemd-tmpfiles --create (the packaged modes: inbox 3770, processing 0750, outbox "
+                     "and failed 2750), or chmod/chgrp to match")
     return Check("spool", OK, f"{root}: the four directories, with modes that keep others out")
 
 
@@ -330,7 +330,8 @@ def check_heartbeat(config: Config) -> Check:
     """The newest heartbeat on this spool: which host, its state, how old."""
     processing = config.spool.root / "processing"
     if processing.is_dir() and not os.access(processing, os.R_OK | os.X_OK):
-        return Check("heartbeat", SKIP, f"{processing} is spoold's; not readable by this user (run as root or spoold)")
+        return Check("heartbeat", SKIP, f"{processing} is not readable by this user (run as root, or as a member of "
+                                        f"[spool] group)")
     beats = host_beats(processing, config.heartbeat.seconds)
     if not beats:
         return Check("heartbeat", FAIL, "no heartbeat: spoold has not run on this spool",

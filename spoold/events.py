@@ -89,11 +89,14 @@ def resolve_endpoint(endpoint: str, connect: bool = False) -> str:
 class EventPublisher:
     """Publishes spoold.* events; answers each new subscription with a snapshot."""
 
-    def __init__(self, endpoint: str, host: str) -> None:
+    def __init__(self, endpoint: str, host: str, gid: int = -1) -> None:
+        """`gid`: the group (`[spool] group`) whose members may connect to an ipc socket, as they may read
+        the results; -1 leaves it the daemon's own."""
         import zmq
 
         self.endpoint = resolve_endpoint(endpoint)
         self.host = host
+        self._gid = gid
         self._snapshot: Callable[[], list[tuple[str, dict]]] = list
         self._seq = 0
         self._zmq = zmq
@@ -108,7 +111,7 @@ class EventPublisher:
     def _bind(self) -> None:
         if self.endpoint.startswith("ipc://"):
             path = Path(self.endpoint[len("ipc://"):])
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)  # the socket's own mode keeps others out
             _check_socket_dir(path.parent)
             if path.exists():
                 path.unlink()  # a socket left by a crashed daemon
@@ -117,6 +120,8 @@ class EventPublisher:
                 self._sock.bind(self.endpoint)
             finally:
                 os.umask(old_umask)
+            if self._gid != -1:  # the spool's group may connect, as it may read the results
+                os.chown(path, -1, self._gid)
         else:
             self._sock.bind(self.endpoint)
         log.info("progress events on %s", self.endpoint)

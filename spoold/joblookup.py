@@ -77,7 +77,7 @@ def _places(spool: Spool) -> dict[str, str]:
 
 
 def _dirs(parent: Path) -> list[Path]:
-    """The directories in `parent`; none where this user may not look (processing/ is the daemon's)."""
+    """The directories in `parent`; none where this user may not look (outside the spool's group)."""
     try:
         return subdirs(parent)
     except PermissionError:

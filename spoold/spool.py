@@ -180,9 +180,12 @@ class Spool:
         self._inbox_error: int | None = None
 
     def ensure_dirs(self) -> None:
-        """Create the spool's directories if they are missing."""
+        """Create the spool's directories if they are missing. This host's directory gets `[spool] group`,
+        as its job directories and heartbeats do: the group may look in (not write) and see what runs."""
         for d in (self.inbox, self.host_dir, self.outbox, self.failed):
             durable_mkdir(d)
+        if self.gid != -1 and os.stat(self.host_dir).st_gid != self.gid:  # made before the group was set
+            os.chown(self.host_dir, -1, self.gid)
 
     def save(self, job: JobDir, record: JobRecord) -> None:
         """Replace a job's batch.json atomically and durably, with the spool's mode and group."""

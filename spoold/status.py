@@ -31,9 +31,10 @@ def spool_status(spool: Spool, stall_seconds: float = 300.0, beat_seconds: float
     finished/failed jobs.
 
     A job whose heartbeat shows requests in flight but no progress for
-    `stall_seconds` is marked `stalled`. What this user may not read (a
-    submitter may not look into processing/, see the README's "Who may read
-    what") is listed under `unreadable` instead of ending the command.
+    `stall_seconds` is marked `stalled`. What this user may not read (a user
+    outside the spool's group may not look into processing/, see the README's
+    "Who may read what") is listed under `unreadable` instead of ending the
+    command.
     """
     unreadable: list[str] = []
 
@@ -170,7 +171,7 @@ def render_status(status: dict[str, Any]) -> str:
                          f"(webhooks/{w['host']}/given_up/)")
     if status.get("unreadable"):
         lines.append(f"not readable by this user: {', '.join(status['unreadable'])} (run as root, or as a "
-                     "member of the daemon's group, to see them)")
+                     "member of the spool's group, [spool] group, to see them)")
     return "\n".join(lines)
 
 

@@ -228,15 +228,16 @@ def as_user(name: str) -> dict:
 NOBODY = 65534
 
 
-def as_nobody(work) -> dict:
-    """`work()` in a forked child that dropped root for uid/gid 65534: the kernel's own permission checks."""
+def as_nobody(work, gid: int = 65534) -> dict:
+    """`work()` in a forked child that dropped root for uid 65534 and group `gid` (nobody's own by default):
+    the kernel's own permission checks."""
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         os.close(read)
         try:
             os.setgroups([])
-            os.setgid(NOBODY)
+            os.setgid(gid)
             os.setuid(NOBODY)
             out = {"ok": work()}
         except BaseException as e:

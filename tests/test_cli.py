@@ -265,8 +265,6 @@ def test_cancel_by_a_user_who_may_not_write_processing_says_who_may():
         root = base / "spool"
         running = root / "processing" / "gpu1" / "scores-20261202T090000-fedcba9876543210"
         running.mkdir(parents=True)
-        for d in (root, root / "processing", root / "processing" / "gpu1"):
-            d.chmod(0o755 if d == root else 0o750)  # as packaged: processing/ is the daemon's
         config = write_config(base / "c.toml", root)
         config.chmod(0o644)
 
@@ -274,11 +272,15 @@ def test_cancel_by_a_user_who_may_not_write_processing_says_who_may():
             said = io.StringIO()
             with contextlib.redirect_stderr(said):
                 return main(["cancel", running.name, "--config", str(config)]), said.getvalue()
-        result = as_nobody(cancel)
-        assert result == {"ok": [1, f"spoold: cannot cancel '{running.name}': {root / 'processing'} is the "
-                                    "daemon's, not this user's; run it as root (sudo spoold cancel ...) or as a "
-                                    "member of the daemon's group\n"]}, result
-        assert not (running / "cancel.requested").exists()
+        # as packaged, to a member of the group (may look in, not write), then to a user outside it
+        for mode in (0o755, 0o750):
+            for d in (root / "processing", root / "processing" / "gpu1", running):
+                d.chmod(mode)
+            result = as_nobody(cancel)
+            assert result == {"ok": [1, f"spoold: cannot cancel '{running.name}': a running job in "
+                                        f"{root / 'processing'}/ is changed by the daemon's user and root only; "
+                                        "run it as root (sudo spoold cancel ...)\n"]}, (mode, result)
+            assert not (running / "cancel.requested").exists()
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

@@ -28,6 +28,7 @@ def test_only_engine_model_is_enough(tmp_path):
 
 def test_example_config_parses_and_maps_ollama_names():
     config = load_config(REPO / "etc/spoold/spoold.toml", must_exist=True)
+    assert config.spool.group == "spoold-submit"  # as installed: submitters read their results, see progress
     for name in ("qwen3:4b", "gemma3:4b", "llama3.2:3b", "llama3.2:1b"):
         assert "/" in config.models.aliases[name]
 

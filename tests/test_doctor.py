@@ -106,6 +106,23 @@ def test_a_spool_with_a_wrong_mode_fails_the_spool_check(tmp_path):
     assert "outbox" not in message and "failed/" not in message
 
 
+def test_a_processing_directory_its_group_may_not_look_into_fails_the_spool_check(tmp_path):
+    import grp
+
+    group = grp.getgrgid(os.getegid()).gr_name
+    root = tmp_path / "spool"
+    for name in ("inbox", "processing", "outbox", "failed"):
+        (root / name).mkdir(parents=True, mode=0o750)
+    os.chown(root / "processing", -1, 65534)  # as spoold.tmpfiles made it before: the daemon's group
+    config = write_config(tmp_path / "c.toml", root)
+    config.write_text(config.read_text().replace("[spool]\n", f'[spool]\ngroup = "{group}"\n', 1))
+    code, checks = doctor(config)
+    assert status(checks, "spool") == ["fail"]
+    assert f"processing/ has group {grp.getgrgid(65534).gr_name}, not [spool] group {group}" in \
+        checks["spool"][0]["message"]
+    assert "processing 0750" in checks["spool"][0]["fix"]
+
+
 def test_a_daemon_that_stopped_is_told_apart_from_one_that_is_stuck(tmp_path):
     root = tmp_path / "spool"
     beat = root / "processing" / "testhost" / "heartbeat.json"

@@ -7,7 +7,7 @@ import pytest
 
 from spoold.events import EventPublisher, resolve_endpoint
 
-from .helpers import Subscriber, wait_for
+from .helpers import NOBODY, Subscriber, as_nobody, wait_for
 
 
 def test_tcp_without_a_host_binds_to_loopback():
@@ -67,3 +67,37 @@ def test_the_socket_never_goes_in_a_directory_someone_else_controls(tmp_path):
         with pytest.raises(EventsError, match="owned by uid 65534"):
             EventPublisher(f"ipc://{theirs}/events.sock", "h")
     assert not (shared / "events.sock").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a socket's group to one of another user's needs root")
+def test_members_of_the_spools_group_may_connect_to_the_feed_and_others_may_not():
+    import shutil
+    import socket
+    import tempfile
+    from pathlib import Path
+
+    base = Path(tempfile.mkdtemp(prefix="spoold-events-"))  # not under pytest's tmp_path, which is root's alone
+    base.chmod(0o755)
+    path = base / "run" / "events.sock"
+
+    def connect():
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(str(path))
+            except PermissionError:
+                return "refused"
+            return "connected"
+
+    async def go():
+        pub = EventPublisher(f"ipc://{path}", "h", gid=NOBODY)  # as [spool] group: the submitters' group
+        try:
+            return as_nobody(connect), as_nobody(connect, gid=1), stat.S_IMODE(os.stat(path).st_mode)
+        finally:
+            await pub.close()
+    try:
+        member, outsider, mode = asyncio.run(go())
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert member == {"ok": "connected"}  # `spoold watch` as a submitter, like `spoold status`
+    assert outsider == {"ok": "refused"}
+    assert mode & 0o007 == 0, oct(mode)

@@ -48,6 +48,8 @@ def test_units_have_what_a_notify_service_needs():
         assert line in api
     instance = (PACKAGING / "spoold@.service").read_text()
     assert "Environment=CUDA_VISIBLE_DEVICES=%i" in instance and "--host-id %H-gpu%i" in instance
+    for text in (unit, instance):  # submitters reach the event socket (its own mode is owner+group)
+        assert "RuntimeDirectoryMode=0755" in text
 
 
 @needs_systemd
@@ -64,4 +66,6 @@ def test_sysusers_and_tmpfiles_create_the_user_and_the_spool(tmp_path):
     inbox = os.stat(root / "var/spool/spoold/inbox")
     assert stat.S_IMODE(inbox.st_mode) == 0o3770  # setgid (drops keep the group), sticky (only their own)
     assert inbox.st_uid == int(users["spoold"][2]) and inbox.st_gid == int(groups["spoold-submit"][2])
-    assert stat.S_IMODE(os.stat(root / "var/spool/spoold/processing").st_mode) == 0o750
+    processing = os.stat(root / "var/spool/spoold/processing")
+    assert stat.S_IMODE(processing.st_mode) == 0o750  # members may look in and see what runs; only spoold writes
+    assert processing.st_gid == int(groups["spoold-submit"][2])

@@ -183,8 +183,10 @@ def test_job_directories_get_the_results_group_and_failed_ones_the_daemons(tmp_p
     group = next(g for g in grp.getgrall() if g.gr_gid != os.getegid())
     if os.geteuid() != 0 and group.gr_gid not in os.getgroups():
         pytest.skip("needs a group this user may chown to")
+    (tmp_path / "processing" / "h").mkdir(parents=True)  # made before [spool] group was set
     spool = Spool(SpoolSettings(root=tmp_path, host_id="h", group=group.gr_name))
     spool.ensure_dirs()
+    assert os.stat(spool.host_dir).st_gid == group.gr_gid  # the group may look in: what runs, its progress
     (spool.inbox / "a.jsonl").write_text("{}\n")
     job = spool.claim_drop("a.jsonl")
     assert os.stat(job.path).st_gid == group.gr_gid

@@ -10,7 +10,9 @@ not go (/root/.pyenv); what it creates (groups, modes) is what is tested.
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -147,3 +149,31 @@ def test_a_drop_stays_its_submitters_results_are_the_groups_failed_inputs_the_da
         refused(as_(ALICE, f"cat {job}/input.jsonl"))
     ok(as_(BOB, f"ls {failed}"))  # the names are there to see
     assert daemon.proc.poll() is None
+
+
+def test_the_group_sees_what_runs_and_how_far_it_is_and_only_spoold_changes_it(spool):
+    root, home, lines, daemon = spool
+    inbox, host = root / "inbox", root / "processing" / "testhost"
+    big = write_jsonl(home[ALICE].parent / "big.jsonl", [chat_line(i) for i in range(20_000)])
+    big.chmod(0o644)
+    ok(as_(ALICE, f"cp {big} {inbox}/.big.tmp && mv {inbox}/.big.tmp {inbox}/big.jsonl"))
+    job = wait_for(lambda: job_of(host, "big.jsonl"), 20, "the big drop claimed")
+    os.kill(daemon.proc.pid, signal.SIGSTOP)  # held running while the others look
+    try:
+        # another member of the group sees the daemon and the running job: `spoold status` reads just these
+        ok(as_(BOB, f"cat {host}/heartbeat.json"))
+        listed = as_(BOB, f"ls {host}")
+        ok(listed)
+        assert job.name in listed.stdout.split()
+        shown = as_(BOB, f"cat {job}/batch.json")
+        ok(shown)
+        assert json.loads(shown.stdout)["input_file"] == "big.jsonl"
+        # ...but may not change it (a cancel is spoold's or root's), and an outsider sees nothing
+        refused(as_(BOB, f"touch {job}/cancel.requested"))
+        refused(as_(CAROL, f"ls {root}/processing"))
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+    cancel = subprocess.run([sys.executable, "-m", "spoold", "cancel", job.name, "--config",
+                             str(daemon.config)], capture_output=True, text=True, timeout=60)
+    assert cancel.returncode == 0, cancel.stderr
+    wait_for(lambda: job_of(root / "outbox", "big.jsonl"), 30, "the cancelled job in the outbox")
