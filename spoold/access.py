@@ -19,7 +19,7 @@ from pathlib import Path
 
 def refused(e: PermissionError) -> str:
     """One line, for after `spoold: `, saying what refused this user and what to do about it."""
-    user = _user_name(os.geteuid())
+    user = user_name(os.geteuid())
     if not e.filename:
         return f"permission denied to {user}: {e.strerror or e}"
     path, st = closed_part(Path(os.fsdecode(e.filename)))
@@ -34,7 +34,7 @@ def refused(e: PermissionError) -> str:
 def advice(path: Path, st: os.stat_result, user: str, group: str, members: list[str], in_group: bool) -> str:
     """The sentence for `path` (as `st` says it is) refusing `user`, given the group's listed `members`
     and whether this process has the group."""
-    what = f"{path} (owner {_user_name(st.st_uid)}, group {group}, {stat.filemode(st.st_mode)})"
+    what = f"{path} (owner {user_name(st.st_uid)}, group {group}, {stat.filemode(st.st_mode)})"
     if in_group:  # the group may not do this either: the part is the owner's alone
         return f"{what} is closed to {user}, group members included: run it as root or as its owner"
     if user in members:
@@ -54,7 +54,8 @@ def closed_part(path: Path) -> tuple[Path, os.stat_result | None]:
     return path, None
 
 
-def _user_name(uid: int) -> str:
+def user_name(uid: int) -> str:
+    """The login name of `uid`, or `uid N` where it has none."""
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:

@@ -145,8 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("cancel", parents=[common], help="stop a running or waiting job",
                          description="Ask the daemon that owns each JOB (an id from `spoold status`) to "
                                      "stop it: lines with a result keep it, the rest get none, and the "
-                                     "job goes to the outbox with status \"cancelled\". A drop not yet "
-                                     "claimed is withdrawn by deleting it from the inbox.")
+                                     "job goes to the outbox with status \"cancelled\". A job may be "
+                                     "cancelled by its owner (who submitted it), the daemon's user or root; a "
+                                     "submitter's cancel is asked for in the inbox and taken by the daemon "
+                                     "within a second or so. A drop not yet claimed is withdrawn by deleting "
+                                     "it from the inbox.")
     p.add_argument("jobs", nargs="+", metavar="JOB", help=JOB_HELP)
     p.set_defaults(func=cmd_cancel)
 
@@ -324,10 +327,11 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     for job_id in args.jobs:
         try:
             job = spool.request_cancel(job_id) or Groups(spool).request_cancel(job_id)
-        except PermissionError:  # a running job is the daemon's to change: its group may look, not touch
-            missing += 1
-            print(f"spoold: cannot cancel {job_id!r}: a running job in {spool.processing}/ is changed by the "
-                  f"daemon's user and root only; run it as root (sudo spoold cancel ...)", file=sys.stderr)
+        except PermissionError:  # a running job is the daemon's to change: its owner asks in the inbox
+            outcome = _cancel_own(spool, job_id)
+            missing += not outcome.asked
+            print(outcome.said if outcome.asked else f"spoold: {outcome.said}",
+                  file=sys.stdout if outcome.asked else sys.stderr)
             continue
         if job is None:
             missing += 1
@@ -338,6 +342,19 @@ def cmd_cancel(args: argparse.Namespace) -> int:
             where = "every daemon running its parts" if job.path.parent.name == "groups" else job.path.parent.name
             print(f"cancelling {job.id} on {where}: its results so far go to {spool.outbox / job.id}")
     return 1 if missing else 0
+
+
+def _cancel_own(spool: Spool, job_id: str):
+    """The cancel of a running job this user may not mark: asked for in the inbox, if the job is theirs."""
+    from .owncancel import OwnCancel, cancel_own_job
+
+    try:
+        outcome = cancel_own_job(spool, job_id)
+    except PermissionError:
+        outcome = None
+    return outcome or OwnCancel(False, f"cannot cancel {job_id!r}: a running job in {spool.processing}/ is "
+                                       f"changed by its owner, the daemon's user and root only; run it as root "
+                                       f"(sudo spoold cancel ...)")
 
 
 def cmd_retry(args: argparse.Namespace) -> int:

@@ -129,6 +129,8 @@ class JobRunner:
 
     async def _watch_for_cancel(self) -> None:
         while not self.job.cancel_request.exists() and not self._expiry_due():
+            if self.spool.owner_cancel_asked(self.job.id):  # from the inbox: made the job's own if its owner's
+                await finish_in_thread(self.spool.take_owner_cancel, self.job)
             await asyncio.sleep(CANCEL_POLL_SECONDS)
         self.stop.set()  # this run's stop: what is in flight settles, then run() cancels or expires the job
 

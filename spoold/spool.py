@@ -30,10 +30,14 @@ from .durable import (atomic_write_bytes, atomic_write_json, durable_mkdir, dura
 from .apibatch import ApiBatch, read_api_batch
 from .jobrecord import API_FIELDS, JobRecord, weight_of
 from .names import display_name, is_plain_name
-from .readymarker import READY_SUFFIX, read_metadata
+from .readymarker import READY_SUFFIX, may_mark, read_metadata
 from .retries import accept_retry_of
 
 log = logging.getLogger(__name__)
+
+#: `inbox/<job-id>.cancel`: a job's owner asking for its cancel (`spoold cancel` by a submitter, who may
+#: look into a running job's directory but not write there). Not a drop: `.jsonl` names only are claimed.
+OWNER_CANCEL_SUFFIX = ".cancel"
 
 #: Suffixes of files still being written by some tool; never claimed.
 IGNORED_SUFFIXES = (".tmp", ".part", "~")
@@ -500,14 +504,63 @@ class Spool:
 
     def request_cancel(self, job_id: str) -> JobDir | None:
         """Ask whichever daemon owns a claimed job to cancel it; None if no such job is running."""
+        job = self.running_job(job_id)
+        if job is not None:
+            self.mark_cancelled(job.cancel_request)
+        return job
+
+    def running_job(self, job_id: str) -> JobDir | None:
+        """The claimed job `job_id` on whichever host runs it; None if there is none."""
         if not is_plain_name(job_id):
             return None
         for host in subdirs(self.processing):
             job = JobDir(host / job_id)
             if job.path.is_dir():
-                self.mark_cancelled(job.cancel_request)
                 return job
         return None
+
+    def owner_cancel_request(self, job_id: str) -> Path:
+        """Where the owner of running job `job_id` asks for its cancel (the daemon takes it: take_owner_cancel)."""
+        return self.inbox / f"{job_id}{OWNER_CANCEL_SUFFIX}"
+
+    def owner_cancel_asked(self, job_id: str) -> bool:
+        """Whether a cancel of `job_id` was asked for in the inbox: a plain file (a link or a directory by
+        that name is never followed, and stays there as any other stray entry does)."""
+        try:
+            return stat.S_ISREG(os.lstat(self.owner_cancel_request(job_id)).st_mode)
+        except OSError:
+            return False
+
+    def ask_owner_cancel(self, job_id: str) -> Path:
+        """Ask, as this user, for the cancel of running job `job_id`, which this user may not mark itself;
+        the daemon running it honours the request if the job is this user's (take_owner_cancel)."""
+        marker = self.owner_cancel_request(job_id)
+        atomic_write_bytes(marker, f"{time.time():.3f}\n".encode(), 0o644)
+        return marker
+
+    def take_owner_cancel(self, job: JobDir) -> bool:
+        """Make the cancel `job`'s owner asked for in the inbox the job's own; True when it did.
+
+        Its owner is whoever owns its input (the drop's owner, kept by the
+        claim's rename), as for a `.ready` marker: anyone may write the
+        inbox, but nobody may cancel another's job. A request from anyone
+        else, or one that is not a plain file, is removed with a warning.
+        """
+        request = self.owner_cancel_request(job.id)
+        try:
+            st, owner = os.lstat(request), os.lstat(job.input).st_uid
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        honoured = may_mark(st.st_uid, owner)
+        if honoured:
+            self.mark_cancelled(job.cancel_request)
+        else:
+            log.warning("a cancel request for job %s by uid %d is not its owner's (uid %d); removed", job.id,
+                        st.st_uid, owner)
+        _unlink_quietly(request)
+        return honoured
 
     def mark_cancelled(self, marker: Path) -> None:
         """Leave a cancel marker (a job's, a split batch's) for whichever daemon runs it to notice."""

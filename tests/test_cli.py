@@ -9,7 +9,7 @@ import termios
 
 import pytest
 
-from .helpers import REPO, as_nobody, chat_line, read_jsonl, write_config, write_jsonl
+from .helpers import NOBODY, REPO, as_nobody, chat_line, read_jsonl, write_config, write_jsonl
 
 
 def spoold(*args, config=None):
@@ -249,7 +249,7 @@ def test_cancel_retry_and_results_by_file_name_say_which_job_it_became_and_touch
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another user needs root")
-def test_cancel_by_a_user_who_may_not_write_processing_says_who_may():
+def test_cancel_by_a_user_who_may_not_write_the_job_asks_the_daemon_if_the_job_is_theirs(monkeypatch):
     import contextlib
     import io
     import shutil
@@ -257,30 +257,52 @@ def test_cancel_by_a_user_who_may_not_write_processing_says_who_may():
     from pathlib import Path
 
     import spoold.groups  # noqa: F401  (imported here: the child may not read this interpreter's library)
+    from spoold import owncancel
     from spoold.cli import main
 
+    monkeypatch.setattr(owncancel, "TAKE_WAIT_SECONDS", 0.3)  # no daemon here: how long it waits to be taken
     base = Path(tempfile.mkdtemp(prefix="spoold-cancel-"))  # not under pytest's tmp_path, which is root's alone
     try:
         base.chmod(0o755)
         root = base / "spool"
         running = root / "processing" / "gpu1" / "scores-20261202T090000-fedcba9876543210"
         running.mkdir(parents=True)
+        (running / "input.jsonl").write_text("{}\n")  # root's: as another submitter's drop is to nobody
+        inbox = root / "inbox"
+        inbox.mkdir(mode=0o1777)
+        inbox.chmod(0o1777)  # sticky and open, as the packaged inbox is to its group
+        request = inbox / f"{running.name}.cancel"
         config = write_config(base / "c.toml", root)
         config.chmod(0o644)
 
         def cancel():
-            said = io.StringIO()
-            with contextlib.redirect_stderr(said):
-                return main(["cancel", running.name, "--config", str(config)]), said.getvalue()
-        # as packaged, to a member of the group (may look in, not write), then to a user outside it
-        for mode in (0o755, 0o750):
-            for d in (root / "processing", root / "processing" / "gpu1", running):
-                d.chmod(mode)
-            result = as_nobody(cancel)
-            assert result == {"ok": [1, f"spoold: cannot cancel '{running.name}': a running job in "
-                                        f"{root / 'processing'}/ is changed by the daemon's user and root only; "
-                                        "run it as root (sudo spoold cancel ...)\n"]}, (mode, result)
-            assert not (running / "cancel.requested").exists()
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                return main(["cancel", running.name, "--config", str(config)]), out.getvalue(), err.getvalue()
+
+        # a member of the group may look into the running job, not write there; it is not theirs
+        for d in (root / "processing", root / "processing" / "gpu1", running):
+            d.chmod(0o755)
+        assert as_nobody(cancel) == {"ok": [1, "", f"spoold: cannot cancel '{running.name}': it is root's job; only "
+                                                   "its owner, the daemon's user and root may cancel it\n"]}
+        assert not request.exists() and not (running / "cancel.requested").exists()
+
+        # their own: asked for in the inbox, for the daemon to take (none runs here, so it waits there)
+        os.chown(running / "input.jsonl", NOBODY, NOBODY)
+        code, out, err = as_nobody(cancel)["ok"]
+        assert (code, err) == (0, "") and out == (f"asked for the cancel of {running.name} in {inbox}/; its daemon "
+                                                  "has not taken the request yet, and will once it runs the job "
+                                                  "again (`spoold status`)\n")
+        assert os.stat(request).st_uid == NOBODY
+        request.unlink()
+
+        # a user outside the group sees no running job at all
+        for d in (root / "processing", root / "processing" / "gpu1", running):
+            d.chmod(0o750)
+        assert as_nobody(cancel) == {"ok": [1, "", f"spoold: cannot cancel '{running.name}': a running job in "
+                                                   f"{root / 'processing'}/ is changed by its owner, the daemon's "
+                                                   "user and root only; run it as root (sudo spoold cancel ...)\n"]}
+        assert not request.exists()
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

@@ -119,6 +119,35 @@ def test_a_cancel_stops_the_job_and_publishes_what_is_done_without_the_daemon(tm
     assert 10 <= done < 2000 and batch["request_counts"]["completed"] + batch["request_counts"]["failed"] == done
 
 
+def test_a_cancel_its_owner_asks_for_in_the_inbox_stops_the_job_and_anyone_elses_is_removed_unheeded(tmp_path):
+    rows = [chat_line(i) for i in range(2000)]  # some 5 s of work: the cancel lands long before the end
+    spool, job, engine = setup(tmp_path, rows, delay=0.01)
+    os.chown(job.input, 1000, 1000)  # a submitter's drop
+    request = spool.owner_cancel_request(job.id)
+
+    def ask_as(uid):  # made whole, then renamed in: the runner never sees it as root's
+        made = spool.inbox / ".request.tmp"
+        made.write_text("")
+        os.chown(made, uid, uid)
+        os.rename(made, request)
+
+    async def go():
+        runner = JobRunner(spool, job, engine, ModelResolver({}, "fake-model"), LimitsSettings(), FairWindow(4).join(job.id),
+                           asyncio.Event())
+        task = asyncio.create_task(runner.run())
+        while runner.refresh().done < 10:
+            await asyncio.sleep(0.01)
+        ask_as(1001)  # another submitter's request: removed, and the job runs on
+        while request.exists():
+            await asyncio.sleep(0.01)
+        assert not task.done() and not job.cancel_request.exists()
+        ask_as(1000)  # its owner's, as `spoold cancel` by the owner leaves it
+        return await task
+    assert asyncio.run(go()) == Outcome.CANCELLED
+    assert JobDir(spool.outbox / job.id).read_batch()["status"] == "cancelled"
+    assert not request.exists()
+
+
 def test_a_job_cancelled_before_it_runs_is_published_unrun(tmp_path):
     spool, job, engine = setup(tmp_path, ROWS)
     spool.request_cancel(job.id)

@@ -238,3 +238,27 @@ def test_a_batch_record_someone_else_wrote_is_not_believed(tmp_path):
     os.chown(spool.batches / f"{batch_id}.json", 12345, 12345)
     job = spool.claim_drop(f"{batch_id}.jsonl")
     assert job.id != batch_id and job.read_record()[0].tenant == ""
+
+
+def test_a_cancel_asked_for_in_the_inbox_counts_only_as_a_plain_file_of_the_jobs_owner(tmp_path):
+    spool = make_spool(tmp_path)
+    (spool.inbox / "a.jsonl").write_text("{}\n")
+    os.chown(spool.inbox / "a.jsonl", 1000, 1000)  # a submitter's drop
+    job = spool.claim_drop("a.jsonl")
+    request = spool.owner_cancel_request(job.id)
+    assert request.parent == spool.inbox and not is_drop_name(request.name)  # never claimed as a drop
+
+    os.symlink(job.input, request)  # a link is never followed, nor removed: a stray entry like any other
+    assert not spool.owner_cancel_asked(job.id) and not spool.take_owner_cancel(job)
+    assert request.is_symlink() and not job.cancel_request.exists()
+    request.unlink()
+
+    request.write_text("")
+    os.chown(request, 1001, 1001)  # another submitter
+    assert spool.owner_cancel_asked(job.id) and not spool.take_owner_cancel(job)
+    assert not request.exists() and not job.cancel_request.exists()
+
+    request.write_text("")
+    os.chown(request, 1000, 1000)  # the owner
+    assert spool.take_owner_cancel(job)
+    assert not request.exists() and job.cancel_request.exists()
