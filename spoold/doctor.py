@@ -329,10 +329,11 @@ def check_unit(unit: str) -> Check:
 def check_heartbeat(config: Config) -> Check:
     """The newest heartbeat on this spool: which host, its state, how old."""
     processing = config.spool.root / "processing"
-    if processing.is_dir() and not os.access(processing, os.R_OK | os.X_OK):
-        return Check("heartbeat", SKIP, f"{processing} is not readable by this user (run as root, or as a member of "
-                                        f"[spool] group)")
-    beats = host_beats(processing, config.heartbeat.seconds)
+    try:
+        beats = host_beats(processing, config.heartbeat.seconds)
+    except PermissionError as e:
+        return Check("heartbeat", SKIP, f"{e.filename} is not readable by this user (run as root, or as a member "
+                                        f"of [spool] group)")
     if not beats:
         return Check("heartbeat", FAIL, "no heartbeat: spoold has not run on this spool",
                      "systemctl enable --now spoold (or spoold run)")

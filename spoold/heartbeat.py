@@ -76,7 +76,8 @@ class HostBeat:
 
 
 def host_beats(processing: Path, beat_seconds: float, now: float | None = None) -> list[HostBeat]:
-    """Every host that has beaten on this spool, by name; `beat_seconds` is `[heartbeat] seconds`."""
+    """Every host that has beaten on this spool, by name; `beat_seconds` is `[heartbeat] seconds`.
+    PermissionError where this user may not read a host's beat (outside the spool's group)."""
     now = time.time() if now is None else now
     try:
         hosts = sorted(e.name for e in os.scandir(processing) if e.is_dir(follow_symlinks=False)
@@ -93,6 +94,8 @@ def _host_beat(host: str, path: Path, now: float, beat_seconds: float) -> HostBe
     try:
         mtime = path.stat().st_mtime
         doc = json.loads(path.read_bytes())
+    except PermissionError:
+        raise  # a beat this user may not read is no proof that no daemon runs: the caller says so
     except (OSError, ValueError):
         return None
     doc = doc if isinstance(doc, dict) else {}

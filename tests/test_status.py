@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from spoold.config import SpoolSettings
+from spoold.heartbeat import host_beats
 from spoold.spool import DropRefused, Spool
 from spoold.status import render_status, spool_status
 
@@ -33,19 +34,30 @@ def test_a_user_who_may_not_look_into_processing_sees_the_rest_and_is_told():
         with pytest.raises(DropRefused):
             spool.claim_drop("link.jsonl")  # a failed job: its directory is the daemon's alone
 
+        beat(spool, "h", 0, state="idle")  # a daemon runs: it must never be said that none does
+
         def status():
             shown = spool_status(spool)
             return {"status": shown, "text": render_status(shown)}
-        result = as_nobody(status)
-        assert "error" not in result, result
-        shown = result["ok"]["status"]
-        assert [q["name"] for q in shown["queued"]] == ["waiting.jsonl"]
-        assert shown["processing"] == [] and shown["unreadable"] == ["processing"]
-        text = result["ok"]["text"]
-        assert "not readable by this user: processing" in text
-        assert "daemons: not readable by this user" in text and "no daemon is running" not in text
-        (failed,) = shown["failed"]
-        assert f"{failed['id']}: details not readable by this user" in text
+        # processing/ closed; then open, but this host's directory closed (a spool whose [spool] group is
+        # unset: processing/ has the submitters' group as packaged, its host directories the daemon's)
+        for processing_mode in (0o750, 0o755):
+            spool.processing.chmod(processing_mode)
+            spool.host_dir.chmod(0o750)
+            result = as_nobody(status)
+            assert "error" not in result, result
+            shown = result["ok"]["status"]
+            assert [q["name"] for q in shown["queued"]] == ["waiting.jsonl"]
+            assert shown["processing"] == [] and shown["unreadable"] == ["processing"]
+            text = result["ok"]["text"]
+            assert "not readable by this user: processing" in text
+            assert "daemons: not readable by this user" in text and "no daemon is running" not in text, text
+            (failed,) = shown["failed"]
+            assert f"{failed['id']}: details not readable by this user" in text
+            # every reader of the beats (submit's and watch's warning, models, doctor) is told it may not look,
+            # rather than given no beats, which would say that no daemon runs
+            said = as_nobody(lambda: host_beats(spool.processing, 1.0))
+            assert said.get("error", "").startswith("PermissionError"), said
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
