@@ -35,7 +35,8 @@ def advice(path: Path, st: os.stat_result, user: str, group: str, members: list[
     """The sentence for `path` (as `st` says it is) refusing `user`, given the group's listed `members`
     and whether this process has the group."""
     what = f"{path} (owner {user_name(st.st_uid)}, group {group}, {stat.filemode(st.st_mode)})"
-    if in_group:  # the group may not do this either: the part is the owner's alone
+    group_bits, other_bits = (st.st_mode >> 3) & 7, st.st_mode & 7
+    if in_group or not group_bits & ~other_bits:  # joining would not help: the part is the owner's alone
         return f"{what} is closed to {user}, group members included: run it as root or as its owner"
     if user in members:
         return (f"{what} is closed to {user}: {user} was added to group {group} after this login began, so it "

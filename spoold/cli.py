@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         from .access import refused
 
         print(f"spoold: {refused(e)}", file=sys.stderr)
+        if args.func is cmd_run:  # the daemon's log keeps where it met the refusal, for a bug report
+            log.error("stopped by a refused %s", e.filename, exc_info=True)
         return EXIT_BAD_INPUT
 
 

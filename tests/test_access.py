@@ -21,6 +21,12 @@ def test_the_sentence_says_which_way_in_fits_this_user(tmp_path):
     # the group has it and is kept out too (processing/ is the daemon's alone): joining would not help
     assert advice(closed, st, "alice", "spoold-submit", ["alice"], in_group=True) == (
         f"{what} is closed to alice, group members included: run it as root or as its owner")
+    # nor where the group may do no more than anyone (a spool root of 0755 to a daemon run as a user)
+    closed.chmod(0o755)
+    st = os.stat(closed)
+    assert advice(closed, st, "carol", "spoold-submit", [], in_group=False) == (
+        f"{what.replace('drwxr-s---', 'drwxr-xr-x')} is closed to carol, group members included: run it as "
+        f"root or as its owner")
 
 
 def test_the_part_named_is_the_nearest_one_this_user_can_see(tmp_path):
