@@ -1,9 +1,10 @@
 """What a person is told when the kernel keeps them out of part of the spool: whose it is, how to get in.
 
 As packaged, the spool is shared through groups: members of `spoold-submit`
-may write inbox/ and read outbox/, and processing/ is spoold's own. A user
-outside a group meets EACCES somewhere deep inside a verb; the sentence here
-names the directory that said no, its owner, group and mode, and the ways in.
+may write inbox/, read outbox/ and look into processing/, which only spoold
+writes. A user outside a group meets EACCES somewhere deep inside a verb;
+the sentence here names the directory that said no, its owner, group and
+mode, and the ways in.
 The commonest case gets its own words: a user added to the group who has not
 logged in again since, whose processes do not have the group yet.
 """

@@ -32,6 +32,7 @@ from . import __version__
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, config_path, engine_settings_for, load_config
 
 if TYPE_CHECKING:  # the verbs import what they use when they run: `spoold --help` stays quick
+    from .owncancel import OwnCancel
     from .spool import Spool
 
 log = logging.getLogger("spoold")
@@ -346,7 +347,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 1 if missing else 0
 
 
-def _cancel_own(spool: Spool, job_id: str):
+def _cancel_own(spool: Spool, job_id: str) -> OwnCancel:
     """The cancel of a running job this user may not mark: asked for in the inbox, if the job is theirs."""
     from .owncancel import OwnCancel, cancel_own_job
 

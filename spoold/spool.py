@@ -544,7 +544,8 @@ class Spool:
         Its owner is whoever owns its input (the drop's owner, kept by the
         claim's rename), as for a `.ready` marker: anyone may write the
         inbox, but nobody may cancel another's job. A request from anyone
-        else, or one that is not a plain file, is removed with a warning.
+        else is removed with a warning; an entry by that name that is not a
+        plain file is never followed, and left where it is.
         """
         request = self.owner_cancel_request(job.id)
         try:
