@@ -45,6 +45,9 @@ def cancel_own_job(spool: Spool, job_id: str) -> OwnCancel | None:
         owner = None
     if job is None or owner is None:
         return None
+    if owner != os.geteuid() and job.read_batch().get("input_file_id"):
+        return OwnCancel(False, f"cannot cancel {job_id!r} here: it is a batch made through `spoold api`, which its "
+                                f"owner cancels through the API (client.batches.cancel)")
     if owner != os.geteuid():
         return OwnCancel(False, f"cannot cancel {job_id!r}: it is {user_name(owner)}'s job; only its owner, the "
                                 f"daemon's user and root may cancel it")

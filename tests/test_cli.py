@@ -286,6 +286,11 @@ def test_cancel_by_a_user_who_may_not_write_the_job_asks_the_daemon_if_the_job_i
         assert as_nobody(cancel) == {"ok": [1, "", f"spoold: cannot cancel '{running.name}': it is root's job; only "
                                                    "its owner, the daemon's user and root may cancel it\n"]}
         assert not request.exists() and not (running / "cancel.requested").exists()
+        (running / "batch.json").write_text(json.dumps({"input_file_id": "file-abc"}))  # made through the API
+        assert as_nobody(cancel) == {"ok": [1, "", f"spoold: cannot cancel '{running.name}' here: it is a batch made "
+                                                   "through `spoold api`, which its owner cancels through the API "
+                                                   "(client.batches.cancel)\n"]}
+        (running / "batch.json").unlink()
 
         # their own: asked for in the inbox, for the daemon to take (none runs here, so it waits there)
         os.chown(running / "input.jsonl", NOBODY, NOBODY)
