@@ -560,7 +560,8 @@ class Spool:
         else:
             log.warning("a cancel request for job %s by uid %d is not its owner's (uid %d); removed", job.id,
                         st.st_uid, owner)
-        _unlink_quietly(request)
+        with self._moves:  # a change to the inbox, as every other one is made
+            _unlink_quietly(request)
         return honoured
 
     def mark_cancelled(self, marker: Path) -> None:
