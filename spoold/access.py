@@ -26,9 +26,7 @@ def refused(e: PermissionError) -> str:
     path, st = closed_part(Path(os.fsdecode(e.filename)))
     if st is None:
         return f"{e.filename}: permission denied to {user}"
-    group = _group(st.st_gid)
-    members = group.gr_mem if group else []
-    return advice(path, st, user, group.gr_name if group else str(st.st_gid), members,
+    return advice(path, st, user, group_name(st.st_gid), _members(st.st_gid),
                   in_group=st.st_gid == os.getegid() or st.st_gid in os.getgroups())
 
 
@@ -64,8 +62,17 @@ def user_name(uid: int) -> str:
         return f"uid {uid}"
 
 
-def _group(gid: int) -> grp.struct_group | None:
+def group_name(gid: int) -> str:
+    """The name of group `gid`, or the number where it has none."""
     try:
-        return grp.getgrgid(gid)
+        return grp.getgrgid(gid).gr_name
     except KeyError:
-        return None
+        return str(gid)
+
+
+def _members(gid: int) -> list[str]:
+    """Who /etc/group lists in group `gid` (a login that began before a user was added lacks it)."""
+    try:
+        return grp.getgrgid(gid).gr_mem
+    except KeyError:
+        return []

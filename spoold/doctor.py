@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .access import group_name
 from .config import Config, ConfigError, load_config
 from .durable import atomic_write_json, durable_rename, fsync_dir
 from .events import resolve_endpoint
@@ -196,20 +197,13 @@ def check_spool_dirs(config: Config) -> Check:
             problems.append(f"{name}/ is mode {mode:04o}: others may {'write' if mode & 0o002 else 'read'} it")
         if name == "inbox" and mode & 0o022 and not mode & stat.S_ISVTX:
             problems.append(f"inbox/ is mode {mode:04o}, not sticky: a submitter may remove another's drop")
-        if group and name in ("inbox", "processing", "outbox") and _group_name(st.st_gid) != group:
-            problems.append(f"{name}/ has group {_group_name(st.st_gid)}, not [spool] group {group}")
+        if group and name in ("inbox", "processing", "outbox") and group_name(st.st_gid) != group:
+            problems.append(f"{name}/ has group {group_name(st.st_gid)}, not [spool] group {group}")
     if problems:
         return Check("spool", FAIL, f"{root}: " + "; ".join(problems),
                      "systemd-tmpfiles --create (the packaged modes: inbox 3770, processing 0750, outbox "
                      "and failed 2750), or chmod/chgrp to match")
     return Check("spool", OK, f"{root}: the four directories, with modes that keep others out")
-
-
-def _group_name(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
 
 
 def check_filesystem(root: Path) -> Check:
