@@ -5,10 +5,11 @@ jobs they come from. Each running job holds a `Share` and asks it for a slot
 before every request. While slots are free a request goes at once (one
 job alone uses the whole window, as before); when jobs compete, each freed
 slot goes to the tenant with the fewest requests in flight, and within it
-to the job with the fewest per unit of weight. So a 10-line batch dropped
-behind a 170,000-line one gets half the window at once and finishes in
-about its own work time, and one tenant's many jobs share what one job of
-another tenant gets.
+to the job with the fewest per unit of weight (among equals, the one served
+least so far, so slots that do not divide evenly go round). So a 10-line
+batch dropped behind a 170,000-line one gets half the window at once and
+finishes in about its own work time, and one tenant's many jobs share what
+one job of another tenant gets.
 
 The window alone is not enough: vLLM queues what it cannot run yet, first
 come first served, so a small job's requests would still wait behind every
@@ -90,23 +91,29 @@ class FairWindow:
         if share.inflight == 0:  # back from idle: no credit for the time it sent nothing
             share.tag = max(share.tag, self._oldest_tag())
         self.inflight += 1
-        share.inflight += 1
         self._tenants[share.tenant] += 1
         place = share.tag
+        share.places.append(place)
         share.tag += PLACE_STEP * self._tenant_jobs[share.tenant] / share.weight
         return int(place)
 
     def _oldest_tag(self) -> float:
-        """About the oldest place of a request in the engine now (each share's last `inflight` grants)."""
-        busy = [s.tag - s.inflight * PLACE_STEP * self._tenant_jobs[s.tenant] / s.weight
-                for s in self._shares if s.inflight]
+        """About the oldest place of a request in the engine now (each share's oldest in flight).
+
+        Read from the places granted, not worked back from a share's clock:
+        the clock's step grows with its tenant's job count, and worked back
+        with today's count a burst granted to one job alone reads as far in
+        the past, so every job that joined after it was owed slots it never
+        waited for, and the latest to join most.
+        """
+        busy = [s.places[0] for s in self._shares if s.places]
         if busy:
             return min(busy)
         return max([s.tag for s in self._shares] + [self._last_tag])
 
     def _give_back(self, share: "Share") -> None:
         self.inflight -= 1
-        share.inflight -= 1
+        share.places.popleft()  # requests are answered about in the order they were sent
         self._tenants[share.tenant] -= 1
         if self._only is not None and self.inflight == self._only.inflight:
             self._others_drained.set()
@@ -125,10 +132,14 @@ class FairWindow:
             waiter.set_result(self._take(share))
 
     def _next_share(self) -> "Share | None":
+        """The waiting share of the tenant with the fewest requests in flight, and of its jobs the one
+        with the fewest per unit of weight; among equals, the one served least so far (lowest virtual
+        clock). Slots that do not divide evenly (64 among 40 jobs) so go round: broken by age instead,
+        the oldest 24 jobs would hold the second slot and run at twice the others' rate."""
         eligible = [s for s in self._shares if s.waiters and (self._only is None or s is self._only)]
         if not eligible:
             return None
-        return min(eligible, key=lambda s: (self._tenants[s.tenant], s.inflight / s.weight, s.order))
+        return min(eligible, key=lambda s: (self._tenants[s.tenant], s.inflight / s.weight, s.tag, s.order))
 
     def _leave(self, share: "Share") -> None:
         self._waiting -= len(share.waiters)
@@ -149,11 +160,16 @@ class Share:
 
     def __init__(self, window: FairWindow, name: str, tenant: str, weight: float, order: int) -> None:
         self.window, self.name, self.tenant, self.weight, self.order = window, name, tenant, weight, order
-        #: this job's requests in the engine now
-        self.inflight = 0
+        #: the queue places of this job's requests in the engine now, oldest first
+        self.places: deque[float] = deque()
         #: the queue place its next request gets (its virtual clock)
         self.tag = 0.0
         self.waiters: deque[asyncio.Future] = deque()
+
+    @property
+    def inflight(self) -> int:
+        """This job's requests in the engine now."""
+        return len(self.places)
 
     @property
     def capacity(self) -> int:

@@ -13,28 +13,41 @@ async def hold(share, n):
         await asyncio.wait_for(share.acquire(), 1)
 
 
-async def contend(window, shares, rounds):
+async def contend(window, shares, rounds, together=False, arriving=(), count_after=0):
     """Every share keeps `capacity` workers asking for slots; the oldest request is answered
     each round, and its slot goes to whoever the window picks.
 
     Returns how many slots each share was granted (the first share's workers
-    start first, so it alone fills the window before the others ask).
+    start first, so it alone fills the window before the others ask; with
+    `together`, the shares' workers ask in turn from the start, as jobs
+    claimed at once do). `arriving`: names of jobs that join one per round,
+    as drops claimed one by one while others run; `count_after`: grants of
+    the first rounds are not counted.
     """
     got = {s.name: 0 for s in shares}
     held = []
+    counting = [count_after == 0]
 
     async def worker(share):
         while True:
             await share.acquire()
-            got[share.name] += 1
+            got[share.name] += counting[0]
             answered = asyncio.Event()
             held.append((share, answered))
             await answered.wait()
 
-    workers = [asyncio.create_task(worker(s)) for s in shares for _ in range(window.capacity)]
+    if together:
+        workers = [asyncio.create_task(worker(s)) for _ in range(window.capacity) for s in shares]
+    else:
+        workers = [asyncio.create_task(worker(s)) for s in shares for _ in range(window.capacity)]
     for _ in range(3):
         await asyncio.sleep(0)
-    for _ in range(rounds):
+    for n in range(rounds):
+        counting[0] = n >= count_after
+        if n < len(arriving):
+            share = window.join(arriving[n])
+            got[share.name] = 0
+            workers += [asyncio.create_task(worker(share)) for _ in range(window.capacity)]
         share, answered = held.pop(0)
         share.release()
         answered.set()
@@ -77,6 +90,41 @@ def test_two_equal_jobs_share_the_window_evenly_over_time():
         a, b = window.join("a"), window.join("b")
         got = await contend(window, [a, b], rounds=400)
         assert abs(got["a"] - got["b"]) <= 8, got
+    asyncio.run(go())
+
+
+def test_jobs_that_cannot_split_the_window_evenly_take_turns_with_the_slots_left_over():
+    # 40 jobs in 64 slots get 1.6 each: the 24 slots left over once each has one must go round,
+    # or the same 24 jobs run at twice the others' rate for as long as all 40 run
+    async def go():
+        for capacity, jobs in ((4, 3), (64, 40)):
+            window = FairWindow(capacity)
+            shares = [window.join(f"job{i:02d}") for i in range(jobs)]
+            got = await contend(window, shares, rounds=30 * capacity, together=True)
+            fair = sum(got.values()) / jobs
+            assert max(got.values()) < 1.15 * fair and min(got.values()) > 0.85 * fair, (capacity, got)
+    asyncio.run(go())
+
+
+def test_jobs_that_join_one_by_one_share_evenly_whatever_their_turn_to_join():
+    # drops claimed one after another while the first job's requests fill the engine: a job
+    # that joins later must not be owed the time before it came, nor any job stay ahead
+    async def go():
+        window = FairWindow(64)
+        late = [f"late{i:02d}" for i in range(40)]
+        got = await contend(window, [window.join("first")], rounds=3200, arriving=late, count_after=64)
+        fair = sum(got[name] for name in late) / len(late)
+        assert all(0.85 * fair < got[name] < 1.15 * fair for name in late), got
+    asyncio.run(go())
+
+
+def test_weights_that_do_not_divide_the_window_evenly_still_hold_over_time():
+    async def go():
+        window = FairWindow(5)
+        light = [window.join(f"light{i}") for i in range(2)]
+        heavy = window.join("heavy", weight=2)
+        got = await contend(window, [*light, heavy], rounds=500)  # due: 1.25, 1.25 and 2.5 of every 5
+        assert all(0.85 < got[s.name] / (got["heavy"] / 2) < 1.15 for s in light), got
     asyncio.run(go())
 
 
