@@ -78,13 +78,26 @@ def bar_columns() -> list:
             TextColumn("{task.fields[eta]}"), TextColumn("{task.fields[gpu]}")]
 
 
+#: Terminal rows kept free of bars: the latest notes above them stay in sight.
+NOTE_ROWS = 3
+
+
 class JobBars:
-    """Turns events into progress bars and one-line notes."""
+    """Turns events into progress bars and one-line notes.
+
+    More running jobs than the terminal has rows (64 run at once by default)
+    would push the bars past its bottom edge; the jobs that do not fit share
+    one last row instead: how many, their lines done of their total, their
+    rate together.
+    """
 
     def __init__(self) -> None:
         self.tasks: dict[str, Any] = {}
+        #: each job's latest requests/s, for the row of the jobs not shown
+        self.rates: dict[str, float] = {}
         self.last_seq: int | None = None
         self.daemon_state = ""
+        self._more: Any = None
 
     def show(self, progress, topic: str, payload: dict[str, Any]) -> None:
         """Apply one event and print its note, as plain text, above the bars."""
@@ -129,13 +142,35 @@ class JobBars:
         if topic == "spoold.daemon.heartbeat":
             for job in payload.get("jobs") or ([payload["job"]] if payload.get("job") else []):
                 self._update(progress, {**job, "gpus": payload.get("gpus", [])})
+        self._fit(progress)
         return note
 
     def _remove(self, progress, job: Any) -> None:
         """A job that ended leaves the bars (its note stays above them): many small jobs must not pile up."""
         task = self.tasks.pop(job, None)
+        self.rates.pop(job, None)
         if task is not None:
             progress.remove_task(task)
+
+    def _fit(self, progress) -> None:
+        """Show the bars of the jobs that have run longest, as many as the terminal has rows for, and
+        one last row for the rest."""
+        rows = max(2, progress.console.size.height - NOTE_ROWS)
+        jobs = list(self.tasks)
+        shown = set(jobs if len(jobs) <= rows else jobs[:rows - 1])
+        for job, task in self.tasks.items():
+            progress.update(task, visible=job in shown)
+        if self._more is not None:  # made again below, so that it stays the last row
+            progress.remove_task(self._more)
+            self._more = None
+        rest = [job for job in jobs if job not in shown]
+        if rest:
+            tasks = {task.id: task for task in progress.tasks}
+            total = sum(tasks[self.tasks[job]].total or 0 for job in rest)
+            self._more = progress.add_task(
+                f"... and {len(rest)} more jobs", total=total or None,
+                completed=sum(tasks[self.tasks[job]].completed for job in rest),
+                rate=f"{sum(self.rates.get(job, 0) for job in rest):.1f} req/s", eta="", gpu="")
 
     def _gap(self, seq: int | None) -> str | None:
         note = None
@@ -157,6 +192,7 @@ class JobBars:
         description = f"{_shown(p.get('input_file') or job)} [{p.get('state', '')}]"
         if p.get("parts"):  # a split batch: its parts run on any daemon of the spool
             description += f" {p.get('parts_done', 0)}/{p['parts']} parts"
+        self.rates[job] = float(p.get("requests_per_second") or 0)
         if job not in self.tasks:
             self.tasks[job] = progress.add_task(description, total=p.get("total") or None, **fields)
         progress.update(self.tasks[job], description=description, total=p.get("total") or None,

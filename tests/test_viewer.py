@@ -42,6 +42,29 @@ def test_every_running_job_gets_a_bar_and_an_ended_one_leaves_them():
     assert "cancelled b1.jsonl: 5 of 10 lines have a result" in text and "FAILED b2.jsonl: not JSONL" in text
 
 
+def test_more_jobs_than_the_terminal_has_rows_for_share_one_last_row():
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=200, height=10)  # 7 rows for bars
+    bars = JobBars()
+    jobs = [{"job": f"j{i:02d}", "input_file": f"b{i:02d}.jsonl", "state": "in_progress", "total": 100,
+             "done": i, "requests_per_second": 2.5} for i in range(12)]
+    with Progress(*bar_columns(), console=console, auto_refresh=False) as progress:
+        bars.show(progress, "spoold.daemon.heartbeat", {"seq": 1, "host": "h", "state": "working", "jobs": jobs})
+        shown = [(t.description, t.completed, t.total, t.fields["rate"]) for t in progress.tasks if t.visible]
+        assert shown == [(f"b{i:02d}.jsonl [in_progress]", i, 100, "2.5 req/s") for i in range(6)] + [
+            ("... and 6 more jobs", sum(range(6, 12)), 600, "15.0 req/s")]
+        screen = Console(file=io.StringIO(), width=200)
+        screen.print(progress.get_renderable())
+        assert "... and 6 more jobs" in screen.file.getvalue() and "b06.jsonl" not in screen.file.getvalue()
+        for i in range(5):
+            bars.show(progress, "spoold.job.completed", {"seq": 2 + i, "job": f"j{i:02d}", "input_file": "",
+                                                         "request_counts": {"total": 100, "completed": 100,
+                                                                            "failed": 0}})
+        assert [t.description for t in progress.tasks if t.visible] == [
+            f"b{i:02d}.jsonl [in_progress]" for i in range(5, 12)]  # seven fit: no row for the rest
+    assert len(progress.tasks) == 7
+
+
 def test_a_split_batch_is_one_bar_with_its_parts_counted_not_a_bar_per_part():
     out = io.StringIO()
     console = Console(file=out, force_terminal=False, width=200)
