@@ -50,6 +50,9 @@ class FairWindow:
         self._tenants: dict[str, int] = {}
         #: tenant -> how many of its jobs hold a share
         self._tenant_jobs: dict[str, int] = {}
+        #: tenant -> slots granted to it, counted from the least served tenant's count when it came:
+        #: which tenant a slot left over goes to (its jobs' own clocks would favour the tenant with most jobs)
+        self._tenant_served: dict[str, int] = {}
         self._waiting = 0
         self._closed = False
         #: while set, only this share is granted slots (a job pinning down a poison line)
@@ -64,7 +67,9 @@ class FairWindow:
         share = Share(self, name, tenant, max(weight, 1e-3), next(self._order))
         share.tag = self._oldest_tag()
         self._shares.append(share)
-        self._tenants.setdefault(tenant, 0)
+        if tenant not in self._tenant_jobs:
+            self._tenants[tenant] = 0
+            self._tenant_served[tenant] = min(self._tenant_served.values(), default=0)
         self._tenant_jobs[tenant] = self._tenant_jobs.get(tenant, 0) + 1
         return share
 
@@ -92,6 +97,7 @@ class FairWindow:
             share.tag = max(share.tag, self._oldest_tag())
         self.inflight += 1
         self._tenants[share.tenant] += 1
+        self._tenant_served[share.tenant] += 1
         place = share.tag
         share.places.append(place)
         share.tag += PLACE_STEP * self._tenant_jobs[share.tenant] / share.weight
@@ -133,13 +139,14 @@ class FairWindow:
 
     def _next_share(self) -> "Share | None":
         """The waiting share of the tenant with the fewest requests in flight, and of its jobs the one
-        with the fewest per unit of weight; among equals, the one served least so far (lowest virtual
-        clock). Slots that do not divide evenly (64 among 40 jobs) so go round: broken by age instead,
-        the oldest 24 jobs would hold the second slot and run at twice the others' rate."""
+        with the fewest per unit of weight; among equal tenants or jobs, the one served least so far.
+        Slots that do not divide evenly (64 among 40 jobs) so go round: broken by age instead, the
+        oldest 24 jobs would hold a second slot and run at twice the others' rate."""
         eligible = [s for s in self._shares if s.waiters and (self._only is None or s is self._only)]
         if not eligible:
             return None
-        return min(eligible, key=lambda s: (self._tenants[s.tenant], s.inflight / s.weight, s.tag, s.order))
+        return min(eligible, key=lambda s: (self._tenants[s.tenant], self._tenant_served[s.tenant],
+                                            s.inflight / s.weight, s.tag, s.order))
 
     def _leave(self, share: "Share") -> None:
         self._waiting -= len(share.waiters)
@@ -152,6 +159,7 @@ class FairWindow:
         if not self._tenant_jobs[share.tenant]:
             del self._tenant_jobs[share.tenant]
             self._tenants.pop(share.tenant, None)
+            self._tenant_served.pop(share.tenant, None)
         self._grant()
 
 

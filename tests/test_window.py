@@ -148,6 +148,20 @@ def test_tenants_share_first_then_their_jobs():
     asyncio.run(go())
 
 
+def test_a_tenant_with_many_jobs_gets_no_more_of_a_window_that_does_not_divide_evenly():
+    # three tenants in 4 or 8 slots: the slot left over goes round the tenants, not to the one
+    # whose many jobs each have few requests in flight
+    async def go():
+        for capacity in (4, 8):
+            window = FairWindow(capacity)
+            alice, carol = window.join("alice-only", tenant="alice"), window.join("carol-only", tenant="carol")
+            bob = [window.join(f"bob-{i}", tenant="bob") for i in range(20)]
+            got = await contend(window, [alice, carol, *bob], rounds=300 * capacity, together=True)
+            shares = [got["alice-only"], got["carol-only"], sum(got[s.name] for s in bob)]
+            assert all(0.85 < share / (sum(shares) / 3) < 1.15 for share in shares), (capacity, shares)
+    asyncio.run(go())
+
+
 def test_an_exclusive_run_waits_for_the_others_and_holds_them_off():
     async def go():
         window = FairWindow(8)
