@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .apibatch import ApiBatch
 from .apikeys import LOCAL, ApiKeys, Tenant
-from .batches import BatchStore, CannotCancel, DropJob, window_seconds
+from .batches import BatchStore, CannotCancel, DropJob, ListedBatch, window_seconds
 from .config import Config, retention_seconds
 from .jobrecord import check_metadata
 from .retention import Sweeper, expires_after_seconds
@@ -229,10 +229,12 @@ def create_app(config: Config, keys: ApiKeys | None) -> FastAPI:
             raise ApiError(400, f"'limit' must be between 1 and {MAX_BATCHES_PAGE}.", param="limit")
 
         def page() -> dict[str, Any]:
-            visible: list[ApiBatch | DropJob] = [*batches.list(who.name), *(batches.drops() if who.admin else [])]
+            visible: list[ListedBatch | DropJob] = [*batches.index(who.name),
+                                                    *(batches.drops() if who.admin else [])]
             visible.sort(key=lambda b: (b.created_at, b.id), reverse=True)
             found, more = page_of(visible, after, limit)
-            return list_object([_shown(batches.batch_object(b)) for b in found], more)
+            shown = [batches.full(b) if isinstance(b, ListedBatch) else b for b in found]
+            return list_object([_shown(batches.batch_object(b)) for b in shown if b is not None], more)
         return await asyncio.to_thread(page)
 
     @app.post("/v1/batches/{batch_id}/cancel")

@@ -8,8 +8,10 @@ import pytest
 
 from spoold.apibatch import read_api_batch
 from spoold.apikeys import ApiKeys, Tenant
-from spoold.batches import window_seconds
+from spoold.batches import BatchStore, window_seconds
 from spoold.config import Config, SpoolSettings
+from spoold.filestore import FileStore
+from spoold.spool import Spool
 
 from .helpers import ApiServer, chat_line
 
@@ -56,6 +58,19 @@ def test_the_sdk_pages_through_every_batch_once_newest_first(api):
     assert set(made) <= set(walked) and len(walked) == len(set(walked))
     created = [client.batches.retrieve(i).created_at for i in walked]
     assert created == sorted(created, reverse=True)
+
+
+def test_a_listing_shows_each_batch_as_it_is_now_and_none_that_was_deleted(api):
+    # the API reads a record once for listings (what never changes in it): what changes must still show
+    client = api.client(KEY)
+    kept, doomed = create(client), create(client)
+    assert {kept.id, doomed.id} <= {b.id for b in client.batches.list()}
+    client.batches.cancel(kept.id)
+    client.batches.cancel(doomed.id)
+    sweep = BatchStore(Spool(SpoolSettings(root=api.root, host_id="h")), FileStore(api.root))  # as retention's
+    sweep.delete(read_api_batch(api.root / "batches", doomed.id))
+    listed = {b.id: b.status for b in client.batches.list()}
+    assert listed[kept.id] == "cancelled" and doomed.id not in listed
 
 
 def test_a_batch_cancelled_before_any_claim_is_withdrawn_from_the_inbox(api):

@@ -1,0 +1,106 @@
+"""Listing batches through `spoold api` with the `openai` SDK when many exist: seconds per page.
+
+    .venv/bin/python -m bench.list_bench [--batches 20000] [--pages 20]
+
+An app written for OpenAI's Batch API finds its batches with
+`client.batches.list()`, whose iterator fetches page after page of 20. The
+spool is given BATCHES records, as `spoold api` writes them (a month of a
+busy app's batches, before `[api] file_retention` removes them); the API
+runs as its own process, and the bench times the first page (the API's
+first look at the records, beside its start-up retention sweep), waits
+for that sweep to end, and times PAGES more, followed as the SDK follows
+them. Every record is of the one loopback tenant, so every page is
+full.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import openai
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from bench.api_bench import answers  # noqa: E402
+from spoold.apibatch import ApiBatch, random_id  # noqa: E402
+from spoold.apikeys import LOCAL  # noqa: E402
+from tests.helpers import free_port, wait_for  # noqa: E402
+
+
+def make_records(directory: Path, count: int) -> None:
+    """`count` batch records of the loopback tenant, one second apart, as the API saves them."""
+    directory.mkdir(parents=True)
+    now = int(time.time())
+    for i in range(count):
+        ApiBatch(random_id("batch_"), LOCAL, random_id("file-"), "/v1/chat/completions", "24h", now - i,
+                 now - i + 86400, random_id("file-"), random_id("file-"), {"run": str(i)}).save(directory)
+
+
+def wait_until_idle(pid: int) -> float:
+    """Wait out the retention sweep that `spoold api` starts with (it reads every record too, and would
+    share the CPU with the pages timed next): until the process uses under a tenth of a core for a
+    second. Returns how long that took."""
+    process, started = psutil.Process(pid), time.monotonic()
+    while True:
+        before = sum(process.cpu_times()[:2])
+        time.sleep(1)
+        if sum(process.cpu_times()[:2]) - before < 0.1:
+            return time.monotonic() - started
+
+
+def run(batches: int, pages: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="spoold-list-bench-") as tmp:
+        tmp = Path(tmp)
+        make_records(tmp / "spool" / "batches", batches)
+        port = free_port()
+        config = tmp / "c.toml"
+        config.write_text(f'[spool]\nroot = "{tmp / "spool"}"\n[api]\nlisten = "127.0.0.1:{port}"\n'
+                          f'keys_file = "{tmp / "none"}"\n')
+        proc = subprocess.Popen([sys.executable, "-m", "spoold", "api", "--config", str(config)], cwd=REPO,
+                                env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT)
+        try:
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="local", max_retries=0,
+                                   timeout=600)
+            wait_for(lambda: answers(client), 60, "spoold api to listen")
+            started = time.monotonic()
+            page = client.batches.list(limit=20)
+            first_s = time.monotonic() - started
+            settled_s = wait_until_idle(proc.pid)
+            seconds, seen = [], [b.id for b in page.data]
+            for _ in range(pages):
+                started = time.monotonic()
+                page = page.get_next_page()
+                seconds.append(time.monotonic() - started)
+                seen += [b.id for b in page.data]
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    return {"batches": batches, "first_page_s": round(first_s, 3), "startup_sweep_s": round(settled_s, 1),
+            "next_page_median_s": round(statistics.median(seconds), 3), "next_page_max_s": round(max(seconds), 3),
+            "pages": pages + 1, "listed_once_each": len(seen) == len(set(seen)) == 20 * (pages + 1),
+            "whole_walk_estimate_s": round(first_s + statistics.median(seconds) * (batches / 20 - 1), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, default=20_000)
+    parser.add_argument("--pages", type=int, default=20)
+    parser.add_argument("--out", default=str(REPO / "bench" / "list_results.json"))
+    args = parser.parse_args()
+    result = run(args.batches, args.pages)
+    print(json.dumps(result, indent=2))
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
