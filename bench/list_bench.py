@@ -1,16 +1,18 @@
-"""Listing batches through `spoold api` with the `openai` SDK when many exist: seconds per page.
+"""Listing batches and files through `spoold api` with the `openai` SDK when many exist: seconds per page.
 
     .venv/bin/python -m bench.list_bench [--batches 20000] [--pages 20]
 
 An app written for OpenAI's Batch API finds its batches with
 `client.batches.list()`, whose iterator fetches page after page of 20. The
-spool is given BATCHES records, as `spoold api` writes them (a month of a
-busy app's batches, before `[api] file_retention` removes them); the API
+spool is given BATCHES finished batches, as `spoold api` and a daemon leave
+them (a month of a busy app's batches, before `[api] file_retention`
+removes them: a record, an uploaded input, output and error files); the API
 runs as its own process, and the bench times the first page (the API's
 first look at the records, beside its start-up retention sweep), waits
 for that sweep to end, and times PAGES more, followed as the SDK follows
-them. Every record is of the one loopback tenant, so every page is
-full.
+them; then `client.files.list()` (its first page: 10,000 of the 3 x
+BATCHES files) three times. Every record is of the one loopback tenant, so
+every page is full.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import openai
@@ -33,16 +36,40 @@ sys.path.insert(0, str(REPO))
 from bench.api_bench import answers  # noqa: E402
 from spoold.apibatch import ApiBatch, random_id  # noqa: E402
 from spoold.apikeys import LOCAL  # noqa: E402
+from spoold.filestore import StoredFile  # noqa: E402
 from tests.helpers import free_port, wait_for  # noqa: E402
 
 
-def make_records(directory: Path, count: int) -> None:
-    """`count` batch records of the loopback tenant, one second apart, as the API saves them."""
-    directory.mkdir(parents=True)
+def make_records(root: Path, count: int) -> None:
+    """`count` finished batches of the loopback tenant, one second apart, as `spoold api` and a daemon
+    leave them: the batch's record, its uploaded input, and its output and error files in outbox/."""
+    for directory in ("batches", "files", "outbox"):
+        (root / directory).mkdir(parents=True)
     now = int(time.time())
     for i in range(count):
-        ApiBatch(random_id("batch_"), LOCAL, random_id("file-"), "/v1/chat/completions", "24h", now - i,
-                 now - i + 86400, random_id("file-"), random_id("file-"), {"run": str(i)}).save(directory)
+        batch = ApiBatch(random_id("batch_"), LOCAL, random_id("file-"), "/v1/chat/completions", "24h", now - i,
+                         now - i + 86400, random_id("file-"), random_id("file-"), {"run": str(i)})
+        batch.save(root / "batches")
+        job = root / "outbox" / batch.id
+        job.mkdir()
+        (job / "batch.json").write_text(json.dumps({"id": batch.id, "status": "completed", "created_at": now - i,
+                                                    "completed_at": now - i + 60, "request_counts": {
+                                                        "total": 1, "completed": 1, "failed": 0}}))
+        for name in ("output.jsonl", "errors.jsonl"):
+            (job / name).write_text("{}\n")
+        _file(root, StoredFile(batch.input_file_id, 2, now - i, "input.jsonl", "batch", LOCAL), b"{}")
+        _file(root, StoredFile(batch.output_file_id, 0, now - i + 60, f"{batch.id}_output.jsonl", "batch_output",
+                               LOCAL, result_of=f"outbox/{batch.id}/output.jsonl"))
+        _file(root, StoredFile(batch.error_file_id, 0, now - i + 60, f"{batch.id}_errors.jsonl", "batch_output",
+                               LOCAL, result_of=f"outbox/{batch.id}/errors.jsonl"))
+
+
+def _file(root: Path, stored: StoredFile, content: bytes | None = None) -> None:
+    """A file's record (and an upload's bytes) where the API keeps them."""
+    (root / "files" / stored.id).mkdir()
+    (root / "files" / stored.id / "file.json").write_text(json.dumps(asdict(stored)))
+    if content is not None:
+        (root / "files" / stored.id / "content").write_bytes(content)
 
 
 def wait_until_idle(pid: int) -> float:
@@ -60,7 +87,7 @@ def wait_until_idle(pid: int) -> float:
 def run(batches: int, pages: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="spoold-list-bench-") as tmp:
         tmp = Path(tmp)
-        make_records(tmp / "spool" / "batches", batches)
+        make_records(tmp / "spool", batches)
         port = free_port()
         config = tmp / "c.toml"
         config.write_text(f'[spool]\nroot = "{tmp / "spool"}"\n[api]\nlisten = "127.0.0.1:{port}"\n'
@@ -82,13 +109,20 @@ def run(batches: int, pages: int) -> dict:
                 page = page.get_next_page()
                 seconds.append(time.monotonic() - started)
                 seen += [b.id for b in page.data]
+            files_s = []
+            for _ in range(3):
+                started = time.monotonic()
+                listed = client.files.list()
+                files_s.append(time.monotonic() - started)
         finally:
             proc.terminate()
             proc.wait(30)
     return {"batches": batches, "first_page_s": round(first_s, 3), "startup_sweep_s": round(settled_s, 1),
             "next_page_median_s": round(statistics.median(seconds), 3), "next_page_max_s": round(max(seconds), 3),
             "pages": pages + 1, "listed_once_each": len(seen) == len(set(seen)) == 20 * (pages + 1),
-            "whole_walk_estimate_s": round(first_s + statistics.median(seconds) * (batches / 20 - 1), 1)}
+            "whole_walk_estimate_s": round(first_s + statistics.median(seconds) * (batches / 20 - 1), 1),
+            "files": 3 * batches, "files_list_s": [round(x, 3) for x in files_s],
+            "files_listed": len(listed.data)}
 
 
 def main() -> None:

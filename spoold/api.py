@@ -165,11 +165,14 @@ def create_app(config: Config, keys: ApiKeys | None) -> FastAPI:
             raise ApiError(400, "'order' must be 'asc' or 'desc'.", param="order")
         if not 1 <= limit <= MAX_FILES_PAGE:
             raise ApiError(400, f"'limit' must be between 1 and {MAX_FILES_PAGE}.", param="limit")
-        found = await asyncio.to_thread(files.list, who.name, purpose)
-        if order == "asc":
-            found.reverse()
-        page, more = page_of(found, after, limit)
-        return list_object([_shown(f.file_object()) for f in page], more)
+        def page() -> dict[str, Any]:
+            found = files.index(who.name, purpose)
+            if order == "asc":
+                found.reverse()
+            listed, more = page_of(found, after, limit)
+            shown = [stored for stored in map(files.now, listed) if stored is not None]
+            return list_object([_shown(f.file_object()) for f in shown], more)
+        return await asyncio.to_thread(page)
 
     @app.get("/v1/files/{file_id}")
     async def retrieve_file(file_id: str, who: Tenant = Depends(tenant)) -> dict[str, Any]:

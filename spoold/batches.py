@@ -4,10 +4,11 @@ Creating a batch writes its record (`batches/<id>.json`, apibatch.py),
 names its result files, and then puts a copy of the input file into the
 inbox as `<batch-id>.jsonl` by one rename: from there it is an ordinary
 drop, claimed by whichever daemon gets it first, under the batch's id.
-The API runs no job and keeps no state of its own beyond the record: a
-batch's status, counts and errors are read from wherever its job
-directory is (processing/<host>/, outbox/, failed/), so the API can be
-restarted, or run beside others on one spool, at any moment.
+The API runs no job and keeps no state of its own beyond the record (and,
+in memory, what listings sort by, which never changes): a batch's status,
+counts and errors are read from wherever its job directory is
+(processing/<host>/, outbox/, failed/), so the API can be restarted, or
+run beside others on one spool, at any moment.
 """
 
 from __future__ import annotations
@@ -160,8 +161,8 @@ class BatchStore:
         """Every job made from a drop in the inbox, wherever it is now (claimed ones: they have a record)."""
         found = {}
         for parent in (*subdirs(self.spool.processing), self.spool.outbox, self.spool.failed, self.groups.root):
-            for job in subdirs(parent):
-                if (drop := _drop_job(job.name)) is not None:
+            for name in _dir_names(parent):  # names only: an outbox of 20,000 jobs is listed for every page
+                if (drop := _drop_job(name)) is not None:
                     found[drop.id] = drop
         return list(found.values())
 
@@ -283,6 +284,14 @@ class BatchStore:
             if is_plain_name(batch_id) and group.path.is_dir():  # split: its parts run on any daemon
                 return JobDir(group.path), "processing"
         return None, ""
+
+
+def _dir_names(parent: Path) -> list[str]:
+    """The names of the directories in `parent` (as `subdirs`, unsorted and without a path for each)."""
+    try:
+        return [e.name for e in os.scandir(parent) if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")]
+    except FileNotFoundError:
+        return []
 
 
 def _drop_job(job_id: str) -> DropJob | None:

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -75,6 +76,11 @@ class FileStore:
         self.file_mode, self.gid = file_mode, gid
         #: `[api] file_retention` in seconds; None keeps files until they are deleted
         self.retention = retention
+        #: every record listed so far, as written (a record never changes once it is in sight)
+        self._records: dict[str, StoredFile] = {}
+        #: the batch results among them whose bytes were there at a listing (they stay till deleted)
+        self._there: set[str] = set()
+        self._listing = threading.Lock()
 
     def ensure_dir(self) -> None:
         """Create `files/` if it is missing."""
@@ -96,14 +102,27 @@ class FileStore:
 
     def read(self, file_id: str) -> StoredFile | None:
         """The file `file_id`, whoever's it is, with its size and expiry as of now; None if there is none."""
+        return self.now(self._record(file_id))
+
+    def _record(self, file_id: str) -> StoredFile | None:
+        """The record of `file_id` as it was written; None if there is none."""
         if not FILE_ID.fullmatch(file_id):
             return None
         try:
-            stored = StoredFile(**json.loads((self.dir / file_id / "file.json").read_text()))
-            if stored.result_of is not None:  # there once the batch is finished, with its size then
-                stored = replace(stored, bytes=os.stat(self.content_path(stored)).st_size)
+            return StoredFile(**json.loads((self.dir / file_id / "file.json").read_text()))
         except (OSError, ValueError, TypeError):
             return None
+
+    def now(self, stored: StoredFile | None) -> StoredFile | None:
+        """A record with its size and expiry as of now; None for a batch's results not there (yet, or any
+        more)."""
+        if stored is None:
+            return None
+        if stored.result_of is not None:  # there once the batch is finished, with its size then
+            try:
+                stored = replace(stored, bytes=os.stat(self.content_path(stored)).st_size)
+            except OSError:
+                return None
         return self.with_expiry(stored)
 
     def with_expiry(self, stored: StoredFile) -> StoredFile:
@@ -143,15 +162,40 @@ class FileStore:
         durable_rename(tmp, self.dir / stored.id)
 
     def list(self, owner: str | None, purpose: str | None = None) -> list[StoredFile]:
-        """`owner`'s files (everyone's for None) of `purpose`, newest first; ties by id, so pages never
-        skip or repeat one."""
+        """`owner`'s files (everyone's for None) of `purpose`, newest first, with their size and expiry as
+        of now; ties by id, so pages never skip or repeat one."""
+        return [stored for listed in self.index(owner, purpose) if (stored := self.now(listed)) is not None]
+
+    def index(self, owner: str | None, purpose: str | None = None) -> list[StoredFile]:
+        """`list` as the records were written: `now` gives a page's own files their size and expiry.
+
+        A record is read once, the first time a listing sees it, and a
+        batch's results are looked for until they are there; after that a
+        listing is one look at `files/`. Reading every record (and every
+        batch.json, for the results' expiry) for every listing made
+        `files.list()` over a month of a busy app's batches take seconds.
+        """
         try:
-            names = [n for n in os.listdir(self.dir) if FILE_ID.fullmatch(n)]
+            names = {n for n in os.listdir(self.dir) if FILE_ID.fullmatch(n)}
         except FileNotFoundError:
-            return []
-        found = [f for f in map(self.read, names)
-                 if f and (owner is None or f.owner == owner) and (purpose is None or f.purpose == purpose)]
+            names = set()
+        with self._listing:
+            for gone in self._records.keys() - names:
+                del self._records[gone]
+                self._there.discard(gone)
+            for name in names - self._records.keys():
+                if (stored := self._record(name)) is not None:
+                    self._records[name] = stored
+            mine = [f for f in self._records.values()
+                    if (owner is None or f.owner == owner) and (purpose is None or f.purpose == purpose)]
+        found = [f for f in mine if f.result_of is None or self._is_there(f)]
         return sorted(found, key=lambda f: (f.created_at, f.id), reverse=True)
+
+    def _is_there(self, stored: StoredFile) -> bool:
+        """Whether a batch's result file exists (from its batch's end until it is deleted)."""
+        if stored.id not in self._there and os.path.exists(self.content_path(stored)):
+            self._there.add(stored.id)
+        return stored.id in self._there
 
     def delete(self, stored: StoredFile) -> None:
         """Remove a stored file: first out of sight (one rename), then its bytes."""

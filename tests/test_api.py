@@ -228,7 +228,7 @@ def test_every_answer_has_a_request_id_and_a_server_error_names_it_in_the_log(ap
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
-    monkeypatch.setattr("spoold.filestore.FileStore.list", broken)
+    monkeypatch.setattr("spoold.filestore.FileStore.index", broken)
     with caplog.at_level("ERROR", logger="spoold.api"), pytest.raises(openai.InternalServerError) as failed:
         alice.files.list()
     request_id = failed.value.request_id
