@@ -573,12 +573,14 @@ class Spool:
         return len(subdirs(self.host_dir))
 
     def move_to_outbox(self, job: JobDir) -> JobDir:
-        """Publish a finished job: one directory rename into outbox/, made durable."""
+        """Publish a finished job: one directory rename into outbox/, made durable. A cancel its owner asked
+        for in the inbox too late to be taken (`ask_owner_cancel`) goes with it."""
         dest = self.outbox / job.id
         if self.before_publish is not None:
             self.before_publish(job)
         with self._moves:
             durable_rename(job.path, dest)
+            _unlink_quietly(self.owner_cancel_request(job.id))
         return JobDir(dest)
 
     def move_to_failed(self, job: JobDir) -> JobDir:
@@ -586,7 +588,8 @@ class Spool:
 
         A failed input is not a result: members of the results group may not
         read it (it may be what an attacker hoped to get read, or someone's
-        data in a file the daemon could not make sense of).
+        data in a file the daemon could not make sense of). A cancel asked
+        for in the inbox goes with it, as with `move_to_outbox`.
         """
         dest = self.failed / job.id
         os.chown(job.path, -1, os.getegid())
@@ -594,6 +597,7 @@ class Spool:
             self.before_publish(job)
         with self._moves:
             durable_rename(job.path, dest)
+            _unlink_quietly(self.owner_cancel_request(job.id))
         return JobDir(dest)
 
 

@@ -240,6 +240,19 @@ def test_a_batch_record_someone_else_wrote_is_not_believed(tmp_path):
     assert job.id != batch_id and job.read_record()[0].tenant == ""
 
 
+def test_a_cancel_asked_for_a_job_that_ends_first_leaves_the_inbox_with_the_job(tmp_path):
+    # its owner's `spoold cancel` removes it itself, unless it was stopped while it waited
+    spool = make_spool(tmp_path)
+    for name in ("a.jsonl", "b.jsonl"):
+        (spool.inbox / name).write_text("{}\n")
+    done, failed = spool.claim_drop("a.jsonl"), spool.claim_drop("b.jsonl")
+    for job in (done, failed):
+        spool.ask_owner_cancel(job.id)
+    spool.move_to_outbox(done)
+    spool.move_to_failed(failed)
+    assert sorted(p.name for p in spool.inbox.iterdir()) == []
+
+
 def test_a_cancel_asked_for_in_the_inbox_counts_only_as_a_plain_file_of_the_jobs_owner(tmp_path):
     spool = make_spool(tmp_path)
     (spool.inbox / "a.jsonl").write_text("{}\n")
