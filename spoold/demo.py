@@ -98,6 +98,7 @@ def _follow(root: Path, daemon: subprocess.Popen, total: int) -> Path | None:
         while time.monotonic() < deadline and daemon.poll() is None:
             done = list((root / "outbox").glob("*/batch.json"))
             if done:
+                bar.set_description("4/4 done", refresh=False)  # a 40-line job may end between two looks
                 bar.update(total - bar.n)
                 return done[0].parent
             beats = list((root / "processing").glob("*/*/heartbeat.json"))

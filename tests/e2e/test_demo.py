@@ -23,6 +23,7 @@ def test_demo_runs_the_main_job_and_says_where_the_results_are(tiny_model, tmp_p
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Done: 40 answered, 2 failed, of 42 lines" in result.stdout
+    assert "4/4 done: 100%" in result.stderr  # the bar ends saying so, not "loading model" at 100%
     output = re.search(r"results: (\S+)", result.stdout).group(1)
     assert os.path.exists(output)
     assert "[engine]" in result.stdout and "model =" in result.stdout
