@@ -114,6 +114,7 @@ def run(batches: int, pages: int) -> dict:
                 started = time.monotonic()
                 listed = client.files.list()
                 files_s.append(time.monotonic() - started)
+            rss_mib = psutil.Process(proc.pid).memory_info().rss / 2**20
         finally:
             proc.terminate()
             proc.wait(30)
@@ -122,7 +123,7 @@ def run(batches: int, pages: int) -> dict:
             "pages": pages + 1, "listed_once_each": len(seen) == len(set(seen)) == 20 * (pages + 1),
             "whole_walk_estimate_s": round(first_s + statistics.median(seconds) * (batches / 20 - 1), 1),
             "files": 3 * batches, "files_list_s": [round(x, 3) for x in files_s],
-            "files_listed": len(listed.data)}
+            "files_listed": len(listed.data), "api_rss_mib_after": round(rss_mib, 1)}
 
 
 def main() -> None:
