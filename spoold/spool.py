@@ -8,6 +8,7 @@ one rename, so a crash leaves each job in exactly one place.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import grp
 import json
@@ -564,6 +565,14 @@ class Spool:
             _unlink_quietly(request)
         return honoured
 
+    def _remove_late_cancel(self, job_id: str) -> None:
+        """Remove a cancel of `job_id` asked for in the inbox too late, as its job is published. Only a plain
+        file: anything else by that name stays, as any stray entry does, and no error here may fail the
+        publish that has just been made."""
+        if self.owner_cancel_asked(job_id):
+            with contextlib.suppress(OSError):
+                os.unlink(self.owner_cancel_request(job_id))
+
     def mark_cancelled(self, marker: Path) -> None:
         """Leave a cancel marker (a job's, a split batch's) for whichever daemon runs it to notice."""
         atomic_write_bytes(marker, f"{time.time():.3f}\n".encode(), self.file_mode, self.gid)
@@ -580,7 +589,7 @@ class Spool:
             self.before_publish(job)
         with self._moves:
             durable_rename(job.path, dest)
-            _unlink_quietly(self.owner_cancel_request(job.id))
+            self._remove_late_cancel(job.id)
         return JobDir(dest)
 
     def move_to_failed(self, job: JobDir) -> JobDir:
@@ -597,7 +606,7 @@ class Spool:
             self.before_publish(job)
         with self._moves:
             durable_rename(job.path, dest)
-            _unlink_quietly(self.owner_cancel_request(job.id))
+            self._remove_late_cancel(job.id)
         return JobDir(dest)
 
 

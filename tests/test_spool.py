@@ -252,6 +252,12 @@ def test_a_cancel_asked_for_a_job_that_ends_first_leaves_the_inbox_with_the_job(
     spool.move_to_failed(failed)
     assert sorted(p.name for p in spool.inbox.iterdir()) == []
 
+    # a directory by that name (a submitter's) is left as any stray entry is, and fails no publish
+    (spool.inbox / "c.jsonl").write_text("{}\n")
+    job = spool.claim_drop("c.jsonl")
+    spool.owner_cancel_request(job.id).mkdir()
+    assert spool.move_to_outbox(job).path.is_dir() and spool.owner_cancel_request(job.id).is_dir()
+
 
 def test_a_cancel_asked_for_in_the_inbox_counts_only_as_a_plain_file_of_the_jobs_owner(tmp_path):
     spool = make_spool(tmp_path)
