@@ -14,6 +14,7 @@ not grow with the file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import openai
@@ -49,17 +51,7 @@ def run(lines: int) -> dict:
             for i in range(lines):
                 f.write(LINE % (i, i))
         size = source.stat().st_size
-        port = free_port()
-        config = tmp / "c.toml"
-        config.write_text(f'[spool]\nroot = "{tmp / "spool"}"\n[api]\nlisten = "127.0.0.1:{port}"\n'
-                          f'keys_file = "{tmp / "none"}"\n')
-        proc = subprocess.Popen([sys.executable, "-m", "spoold", "api", "--config", str(config)], cwd=REPO,
-                                env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.STDOUT)
-        try:
-            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="local", max_retries=0,
-                                   timeout=600)
-            wait_for(lambda: answers(client), 60, "spoold api to listen")
+        with api_process(tmp) as (proc, client):
             idle = peak_rss_mib(proc.pid)
             started = time.monotonic()
             with open(source, "rb") as f:
@@ -72,15 +64,33 @@ def run(lines: int) -> dict:
                     digest.update(chunk)
             download_s = time.monotonic() - started
             peak = peak_rss_mib(proc.pid)
-        finally:
-            proc.terminate()
-            proc.wait(30)
         same = digest.hexdigest() == hashlib.sha256(source.read_bytes()).hexdigest()
     mb = size / 1e6
     return {"lines": lines, "mb": round(mb, 1), "upload_mb_per_s": round(mb / upload_s, 1),
             "download_mb_per_s": round(mb / download_s, 1), "api_peak_rss_mib": round(peak, 1),
             "api_rss_before_mib": round(idle, 1), "api_peak_after_upload_mib": round(after_upload, 1),
             "identical": same}
+
+
+@contextlib.contextmanager
+def api_process(tmp: Path) -> Iterator[tuple[subprocess.Popen, openai.OpenAI]]:
+    """`spoold api` as its own process on a spool under `tmp` (loopback, no keys file: the one tenant
+    `local`), and an SDK client for it once it answers; stopped when the block ends."""
+    port = free_port()
+    config = tmp / "c.toml"
+    config.write_text(f'[spool]\nroot = "{tmp / "spool"}"\n[api]\nlisten = "127.0.0.1:{port}"\n'
+                      f'keys_file = "{tmp / "none"}"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "spoold", "api", "--config", str(config)], cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="local", max_retries=0,
+                               timeout=600)
+        wait_for(lambda: answers(client), 60, "spoold api to listen")
+        yield proc, client
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def answers(client: openai.OpenAI) -> bool:

@@ -19,25 +19,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import openai
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from bench.api_bench import answers  # noqa: E402
+from bench.api_bench import api_process  # noqa: E402
 from spoold.apibatch import ApiBatch, random_id  # noqa: E402
 from spoold.apikeys import LOCAL  # noqa: E402
 from spoold.filestore import StoredFile  # noqa: E402
-from tests.helpers import free_port, wait_for  # noqa: E402
 
 
 def make_records(root: Path, count: int) -> None:
@@ -88,17 +84,7 @@ def run(batches: int, pages: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="spoold-list-bench-") as tmp:
         tmp = Path(tmp)
         make_records(tmp / "spool", batches)
-        port = free_port()
-        config = tmp / "c.toml"
-        config.write_text(f'[spool]\nroot = "{tmp / "spool"}"\n[api]\nlisten = "127.0.0.1:{port}"\n'
-                          f'keys_file = "{tmp / "none"}"\n')
-        proc = subprocess.Popen([sys.executable, "-m", "spoold", "api", "--config", str(config)], cwd=REPO,
-                                env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.STDOUT)
-        try:
-            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="local", max_retries=0,
-                                   timeout=600)
-            wait_for(lambda: answers(client), 60, "spoold api to listen")
+        with api_process(tmp) as (proc, client):
             started = time.monotonic()
             page = client.batches.list(limit=20)
             first_s = time.monotonic() - started
@@ -115,9 +101,6 @@ def run(batches: int, pages: int) -> dict:
                 listed = client.files.list()
                 files_s.append(time.monotonic() - started)
             rss_mib = psutil.Process(proc.pid).memory_info().rss / 2**20
-        finally:
-            proc.terminate()
-            proc.wait(30)
     return {"batches": batches, "first_page_s": round(first_s, 3), "startup_sweep_s": round(settled_s, 1),
             "next_page_median_s": round(statistics.median(seconds), 3), "next_page_max_s": round(max(seconds), 3),
             "pages": pages + 1, "listed_once_each": len(seen) == len(set(seen)) == 20 * (pages + 1),
