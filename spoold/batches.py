@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import threading
 import time
 from calendar import timegm
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from .groups import Groups
 from .jobrecord import JobRecord
 from .lifecycle import ACTIVE, JobStatus
 from .names import is_plain_name
+from .readonce import ReadOnce
 from .spool import JobDir, Spool, cancel_asked_at, subdirs
 
 #: `completion_window`: OpenAI's "24h", or any number of hours or days up to 30 days.
@@ -93,9 +93,8 @@ class BatchStore:
         self.groups = Groups(spool)
         self.dir = spool.batches
         self.on_withdrawn = on_withdrawn
-        #: every record listed so far (listings run in threads, one at a time under the lock)
-        self._listed: dict[str, ListedBatch] = {}
-        self._listing = threading.Lock()
+        #: what listings sort and filter by, of every record listed so far
+        self._listed: ReadOnce[ListedBatch] = ReadOnce(self._listed_batch)
 
     def create(self, owner: str, source: StoredFile, endpoint: str, window: str,
                metadata: dict[str, str] | None, output_expires_after: int | None = None) -> ApiBatch:
@@ -144,14 +143,12 @@ class BatchStore:
             names = {n.removesuffix(".json") for n in os.listdir(self.dir) if n.endswith(".json")}
         except FileNotFoundError:
             names = set()
-        with self._listing:
-            for gone in self._listed.keys() - names:
-                del self._listed[gone]
-            for name in names - self._listed.keys():
-                if (batch := read_api_batch(self.dir, name)) is not None:
-                    self._listed[name] = ListedBatch(batch.id, batch.created_at, batch.owner)
-            mine = [b for b in self._listed.values() if owner is None or b.owner == owner]
+        mine = [b for b in self._listed.of(names) if owner is None or b.owner == owner]
         return sorted(mine, key=lambda b: (b.created_at, b.id), reverse=True)
+
+    def _listed_batch(self, batch_id: str) -> ListedBatch | None:
+        batch = read_api_batch(self.dir, batch_id)
+        return ListedBatch(batch.id, batch.created_at, batch.owner) if batch is not None else None
 
     def full(self, listed: ListedBatch) -> ApiBatch | None:
         """The whole record of a listed batch as it is now; None if it was deleted since."""

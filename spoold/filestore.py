@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -30,6 +29,7 @@ from openai.types import FileObject
 from .apibatch import random_id
 from .jobrecord import JobRecord
 from .durable import atomic_write_json, durable_mkdir, durable_rename, fsync_dir, write_all
+from .readonce import ReadOnce
 
 #: `file-` and 24 random characters, as OpenAI's ids look; nothing else is ever a file id.
 FILE_ID = re.compile(r"file-[A-Za-z0-9]{24}")
@@ -77,10 +77,9 @@ class FileStore:
         #: `[api] file_retention` in seconds; None keeps files until they are deleted
         self.retention = retention
         #: every record listed so far, as written (a record never changes once it is in sight)
-        self._records: dict[str, StoredFile] = {}
+        self._records: ReadOnce[StoredFile] = ReadOnce(self._record)
         #: the batch results among them whose bytes were there at a listing (they stay till deleted)
         self._there: set[str] = set()
-        self._listing = threading.Lock()
 
     def ensure_dir(self) -> None:
         """Create `files/` if it is missing."""
@@ -179,15 +178,9 @@ class FileStore:
             names = {n for n in os.listdir(self.dir) if FILE_ID.fullmatch(n)}
         except FileNotFoundError:
             names = set()
-        with self._listing:
-            for gone in self._records.keys() - names:
-                del self._records[gone]
-                self._there.discard(gone)
-            for name in names - self._records.keys():
-                if (stored := self._record(name)) is not None:
-                    self._records[name] = stored
-            mine = [f for f in self._records.values()
-                    if (owner is None or f.owner == owner) and (purpose is None or f.purpose == purpose)]
+        self._there.intersection_update(names)
+        mine = [f for f in self._records.of(names)
+                if (owner is None or f.owner == owner) and (purpose is None or f.purpose == purpose)]
         found = [f for f in mine if f.result_of is None or self._is_there(f)]
         return sorted(found, key=lambda f: (f.created_at, f.id), reverse=True)
 
