@@ -4,9 +4,10 @@
 jobs they come from. Each running job holds a `Share` and asks it for a slot
 before every request. While slots are free a request goes at once (one
 job alone uses the whole window, as before); when jobs compete, each freed
-slot goes to the tenant with the fewest requests in flight, and within it
-to the job with the fewest per unit of weight (among equals, the one served
-least so far, so slots that do not divide evenly go round). So a 10-line
+slot goes to the tenant granted fewest since it came (or came back from
+idle), and within it to the job with the fewest in flight per unit of
+weight (among equals, the one served least so far, so slots that do not
+divide evenly go round). So a 10-line
 batch dropped behind a 170,000-line one gets half the window at once and
 finishes in about its own work time, and one tenant's many jobs share what
 one job of another tenant gets.
@@ -50,8 +51,8 @@ class FairWindow:
         self._tenants: dict[str, int] = {}
         #: tenant -> how many of its jobs hold a share
         self._tenant_jobs: dict[str, int] = {}
-        #: tenant -> slots granted to it, counted from the least served tenant's count when it came:
-        #: which tenant a slot left over goes to (its jobs' own clocks would favour the tenant with most jobs)
+        #: tenant -> slots granted to it (its clock), counted from the busy tenants' when it came or
+        #: came back from idle: which tenant the next slot goes to (`_next_share`)
         self._tenant_served: dict[str, int] = {}
         self._waiting = 0
         self._closed = False
@@ -69,7 +70,7 @@ class FairWindow:
         self._shares.append(share)
         if tenant not in self._tenant_jobs:
             self._tenants[tenant] = 0
-            self._tenant_served[tenant] = min(self._tenant_served.values(), default=0)
+            self._tenant_served[tenant] = self._tenants_now()
         self._tenant_jobs[tenant] = self._tenant_jobs.get(tenant, 0) + 1
         return share
 
@@ -95,6 +96,8 @@ class FairWindow:
         """Count the slot as `share`'s; returns the request's place in the engine's queue."""
         if share.inflight == 0:  # back from idle: no credit for the time it sent nothing
             share.tag = max(share.tag, self._oldest_tag())
+        if self._tenants[share.tenant] == 0:  # the tenant back from idle: no credit for that time either
+            self._tenant_served[share.tenant] = max(self._tenant_served[share.tenant], self._tenants_now())
         self.inflight += 1
         self._tenants[share.tenant] += 1
         self._tenant_served[share.tenant] += 1
@@ -117,6 +120,13 @@ class FairWindow:
             return min(busy)
         return max([s.tag for s in self._shares] + [self._last_tag])
 
+    def _tenants_now(self) -> int:
+        """Where a tenant that comes (or comes back from idle) starts counting its slots: level with
+        the least served of the tenants with requests in the engine, or with the most served of all
+        when none has any (ahead of nobody, behind nobody who was idle too)."""
+        busy = [n for t, n in self._tenant_served.items() if self._tenants[t]]
+        return min(busy) if busy else max(self._tenant_served.values(), default=0)
+
     def _give_back(self, share: "Share") -> None:
         self.inflight -= 1
         share.places.popleft()  # requests are answered about in the order they were sent
@@ -138,14 +148,24 @@ class FairWindow:
             waiter.set_result(self._take(share))
 
     def _next_share(self) -> "Share | None":
-        """The waiting share of the tenant with the fewest requests in flight, and of its jobs the one
-        with the fewest per unit of weight; among equal tenants or jobs, the one served least so far.
-        Slots that do not divide evenly (64 among 40 jobs) so go round: broken by age instead, the
-        oldest 24 jobs would hold a second slot and run at twice the others' rate."""
+        """The waiting share of the tenant granted fewest slots, and of its jobs the one with the fewest
+        requests in flight per unit of weight; among equal jobs, the one served least so far.
+
+        Tenants take turns by slots granted, not by requests in flight: a
+        tenant whose requests the engine answers sooner (its new jobs' places
+        are at the front of the queue, its old jobs' spaced for fewer jobs)
+        keeps fewer in flight, and counted that way it was given more, seven in
+        ten of the answers for seconds on end. Counted by grants, each tenant's
+        answers follow its grants. Within a tenant jobs share what is in
+        flight, so a small job beside a big one holds half the window at
+        once. Ties go to the job served least: slots that do not divide
+        evenly (64 among 40 jobs) go round; broken by age instead, the oldest
+        24 jobs would hold a second slot and run at twice the others' rate.
+        """
         eligible = [s for s in self._shares if s.waiters and (self._only is None or s is self._only)]
         if not eligible:
             return None
-        return min(eligible, key=lambda s: (self._tenants[s.tenant], self._tenant_served[s.tenant],
+        return min(eligible, key=lambda s: (self._tenant_served[s.tenant], self._tenants[s.tenant],
                                             s.inflight / s.weight, s.tag, s.order))
 
     def _leave(self, share: "Share") -> None:

@@ -1,6 +1,9 @@
 """The shared in-flight window: one job alone uses all of it; jobs that compete get fair shares."""
 
 import asyncio
+import heapq
+import itertools
+import random
 
 import pytest
 
@@ -58,6 +61,71 @@ async def contend(window, shares, rounds, together=False, arriving=(), count_aft
         task.cancel()
     await asyncio.gather(*workers, return_exceptions=True)
     return got
+
+
+class QueueingEngine:
+    """A test double of vLLM's priority scheduling, stepped by the test: `batch` requests run at
+    once, each for 4 to 12 steps (seeded); the rest wait in its queue, lowest place first; a
+    running request is never stopped for one placed before it."""
+
+    def __init__(self, batch, seed=7):
+        self.batch, self.random = batch, random.Random(seed)
+        self.waiting, self.running = [], []
+        #: (step, tenant) of every answer, in order
+        self.answered = []
+        self._sent = itertools.count()
+        self.now = 0
+
+    async def request(self, share):
+        """Send one request of `share`'s job through the window and wait for its answer."""
+        place = await share.acquire()
+        answer = asyncio.get_running_loop().create_future()
+        heapq.heappush(self.waiting, (place, next(self._sent), share.tenant, answer))
+        try:
+            await answer
+        finally:
+            share.release()
+
+    async def step(self):
+        """One decode step: start what fits, advance what runs, answer what is done."""
+        while len(self.running) < self.batch and self.waiting:
+            _, _, tenant, answer = heapq.heappop(self.waiting)
+            self.running.append([self.random.randint(4, 12), tenant, answer])
+        for running in self.running:
+            running[0] -= 1
+        for running in [r for r in self.running if r[0] <= 0]:
+            self.running.remove(running)
+            self.answered.append((self.now, running[1]))
+            running[2].set_result(None)
+        self.now += 1
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    def share_of(self, tenant, start, end, every):
+        """`tenant`'s share of the answers in each `every` steps from `start` to `end`."""
+        shares = []
+        for first in range(start, end - every + 1, every):
+            got = [who for when, who in self.answered if first <= when < first + every]
+            shares.append(round(got.count(tenant) / len(got), 2))
+        return shares
+
+
+async def run_job(engine, share, lines):
+    """A job's runner: as many requests at once as its share allows, until its lines are done."""
+    left = [lines]
+
+    async def worker():
+        while left[0] > 0:
+            left[0] -= 1
+            await engine.request(share)
+    await asyncio.gather(*(worker() for _ in range(min(lines, share.capacity))))
+    share.leave()
+
+
+async def stop(*jobs):
+    for job in jobs:
+        job.cancel()
+    await asyncio.gather(*jobs, return_exceptions=True)
 
 
 def test_one_job_alone_gets_the_whole_window_and_no_more():
@@ -159,6 +227,50 @@ def test_a_tenant_with_many_jobs_gets_no_more_of_a_window_that_does_not_divide_e
             got = await contend(window, [alice, carol, *bob], rounds=300 * capacity, together=True)
             shares = [got["alice-only"], got["carol-only"], sum(got[s.name] for s in bob)]
             assert all(0.85 < share / (sum(shares) / 3) < 1.15 for share in shares), (capacity, shares)
+    asyncio.run(go())
+
+
+def test_a_tenant_whose_jobs_join_one_by_one_gets_half_the_answers_and_no_more():
+    # alice's one big job fills a 512-request window of an engine that runs 64 at once; bob then
+    # creates twenty 100-line batches, one about every request's time. Each of bob's new jobs
+    # starts at the front of the engine's queue, so bob's requests were answered sooner than
+    # alice's: counted by requests in flight, bob was given more slots for it, and got 0.6 of
+    # the answers for as long as his jobs kept coming
+    for seed in (7, 8):
+        async def go():
+            window, engine = FairWindow(512), QueueingEngine(batch=64, seed=seed)
+            alice = asyncio.create_task(run_job(engine, window.join("alice-big", "alice"), 10**6))
+            while engine.now < 60:
+                await engine.step()
+            bob = []
+            while len(bob) < 20 or not all(job.done() for job in bob):
+                if len(bob) < 20 and engine.now % 8 == 4:
+                    share = window.join(f"bob-{len(bob)}", "bob")
+                    bob.append(asyncio.create_task(run_job(engine, share, 100)))
+                await engine.step()
+            await stop(alice)
+            last = max(when for when, who in engine.answered if who == "bob")
+            shares = engine.share_of("bob", 100, last, every=40)  # after the first 40 steps, bob's start
+            assert len(shares) >= 5 and all(0.45 <= share <= 0.55 for share in shares), (seed, shares)
+        asyncio.run(go())
+
+
+def test_a_tenant_back_from_idle_takes_turns_at_once_and_is_owed_nothing():
+    # bob's job holds its share but sends nothing for a while (its lines wait out a retry's
+    # backoff) while alice's uses the whole window: counted from when bob came, bob would be
+    # owed every slot until he had caught up with all that alice was granted meanwhile
+    async def go():
+        window, engine = FairWindow(16), QueueingEngine(batch=4)
+        alice = asyncio.create_task(run_job(engine, window.join("alice-big", "alice"), 10**6))
+        bob_share = window.join("bob-big", "bob")
+        while engine.now < 200:
+            await engine.step()
+        bob = asyncio.create_task(run_job(engine, bob_share, 10**6))
+        while engine.now < 400:
+            await engine.step()
+        await stop(alice, bob)
+        shares = engine.share_of("bob", 220, 400, every=40)
+        assert all(0.35 <= share <= 0.65 for share in shares), shares
     asyncio.run(go())
 
 
