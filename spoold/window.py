@@ -4,10 +4,10 @@
 jobs they come from. Each running job holds a `Share` and asks it for a slot
 before every request. While slots are free a request goes at once (one
 job alone uses the whole window, as before); when jobs compete, each freed
-slot goes to the tenant granted fewest since it came (or came back from
-idle), and within it to the job with the fewest in flight per unit of
-weight (among equals, the one served least so far, so slots that do not
-divide evenly go round). So a 10-line
+slot goes to the tenant granted fewest (brought level with the others
+whenever it asks for less than its share), and within it to the job with
+the fewest in flight per unit of weight (among equals, the one served
+least so far, so slots that do not divide evenly go round). So a 10-line
 batch dropped behind a 170,000-line one gets half the window at once and
 finishes in about its own work time, and one tenant's many jobs share what
 one job of another tenant gets.
@@ -51,9 +51,11 @@ class FairWindow:
         self._tenants: dict[str, int] = {}
         #: tenant -> how many of its jobs hold a share
         self._tenant_jobs: dict[str, int] = {}
-        #: tenant -> slots granted to it (its clock), counted from the busy tenants' when it came or
-        #: came back from idle: which tenant the next slot goes to (`_next_share`)
+        #: tenant -> slots granted to it, brought level with the others' whenever it asks with none
+        #: waiting (`_ask`): which tenant the next slot goes to (`_next_share`)
         self._tenant_served: dict[str, int] = {}
+        #: tenant -> its requests waiting for a slot
+        self._tenant_waiting: dict[str, int] = {}
         self._waiting = 0
         self._closed = False
         #: while set, only this share is granted slots (a job pinning down a poison line)
@@ -69,8 +71,7 @@ class FairWindow:
         share.tag = self._oldest_tag()
         self._shares.append(share)
         if tenant not in self._tenant_jobs:
-            self._tenants[tenant] = 0
-            self._tenant_served[tenant] = self._tenants_now()
+            self._tenants[tenant] = self._tenant_served[tenant] = self._tenant_waiting[tenant] = 0
         self._tenant_jobs[tenant] = self._tenant_jobs.get(tenant, 0) + 1
         return share
 
@@ -96,8 +97,6 @@ class FairWindow:
         """Count the slot as `share`'s; returns the request's place in the engine's queue."""
         if share.inflight == 0:  # back from idle: no credit for the time it sent nothing
             share.tag = max(share.tag, self._oldest_tag())
-        if self._tenants[share.tenant] == 0:  # the tenant back from idle: no credit for that time either
-            self._tenant_served[share.tenant] = max(self._tenant_served[share.tenant], self._tenants_now())
         self.inflight += 1
         self._tenants[share.tenant] += 1
         self._tenant_served[share.tenant] += 1
@@ -120,12 +119,21 @@ class FairWindow:
             return min(busy)
         return max([s.tag for s in self._shares] + [self._last_tag])
 
-    def _tenants_now(self) -> int:
-        """Where a tenant that comes (or comes back from idle) starts counting its slots: level with
-        the least served of the tenants with requests in the engine, or with the most served of all
-        when none has any (ahead of nobody, behind nobody who was idle too)."""
-        busy = [n for t, n in self._tenant_served.items() if self._tenants[t]]
-        return min(busy) if busy else max(self._tenant_served.values(), default=0)
+    def _ask(self, tenant: str) -> None:
+        """A request of `tenant` asks for a slot: if none of the tenant's was waiting, it asked for
+        less than its share until now, and its count of slots granted comes level with the least
+        of the tenants that wait (or, with none waiting, the most of all).
+
+        Without that, a tenant whose jobs sent nothing for a while (a retry's
+        backoff) or sent slowly would be owed the difference, and take every
+        slot until it had caught up with what the others were granted
+        meanwhile; counting from when it came, a tenant that came now would.
+        """
+        if self._tenant_waiting[tenant] or len(self._tenant_served) == 1:
+            return
+        waiting = [n for t, n in self._tenant_served.items() if self._tenant_waiting[t]]
+        level = min(waiting) if waiting else max(self._tenant_served.values())
+        self._tenant_served[tenant] = max(self._tenant_served[tenant], level)
 
     def _give_back(self, share: "Share") -> None:
         self.inflight -= 1
@@ -143,13 +151,14 @@ class FairWindow:
                 return
             waiter = share.waiters.popleft()
             self._waiting -= 1
+            self._tenant_waiting[share.tenant] -= 1
             if waiter.done():  # cancelled while it waited
                 continue
             waiter.set_result(self._take(share))
 
     def _next_share(self) -> "Share | None":
-        """The waiting share of the tenant granted fewest slots, and of its jobs the one with the fewest
-        requests in flight per unit of weight; among equal jobs, the one served least so far.
+        """The waiting share of the tenant granted fewest slots (`_ask`), and of its jobs the one with
+        the fewest requests in flight per unit of weight; among equal jobs, the one served least so far.
 
         Tenants take turns by slots granted, not by requests in flight: a
         tenant whose requests the engine answers sooner (its new jobs' places
@@ -170,6 +179,7 @@ class FairWindow:
 
     def _leave(self, share: "Share") -> None:
         self._waiting -= len(share.waiters)
+        self._tenant_waiting[share.tenant] -= len(share.waiters)
         for waiter in share.waiters:
             waiter.cancel()
         share.waiters.clear()
@@ -180,6 +190,7 @@ class FairWindow:
             del self._tenant_jobs[share.tenant]
             self._tenants.pop(share.tenant, None)
             self._tenant_served.pop(share.tenant, None)
+            self._tenant_waiting.pop(share.tenant, None)
         self._grant()
 
 
@@ -210,11 +221,13 @@ class Share:
         A cancelled wait takes none.
         """
         w = self.window
+        w._ask(self.tenant)
         if not w._waiting and w._may_take(self):
             return w._take(self)
         waiter = asyncio.get_running_loop().create_future()
         self.waiters.append(waiter)
         w._waiting += 1
+        w._tenant_waiting[self.tenant] += 1
         w._grant()
         try:
             return await waiter

@@ -110,15 +110,16 @@ class QueueingEngine:
         return shares
 
 
-async def run_job(engine, share, lines):
-    """A job's runner: as many requests at once as its share allows, until its lines are done."""
+async def run_job(engine, share, lines, at_once=None):
+    """A job's runner: as many requests at once as its share allows (or `at_once`), until its lines
+    are done."""
     left = [lines]
 
     async def worker():
         while left[0] > 0:
             left[0] -= 1
             await engine.request(share)
-    await asyncio.gather(*(worker() for _ in range(min(lines, share.capacity))))
+    await asyncio.gather(*(worker() for _ in range(min(lines, at_once or share.capacity))))
     share.leave()
 
 
@@ -269,6 +270,26 @@ def test_a_tenant_back_from_idle_takes_turns_at_once_and_is_owed_nothing():
         while engine.now < 400:
             await engine.step()
         await stop(alice, bob)
+        shares = engine.share_of("bob", 220, 400, every=40)
+        assert all(0.35 <= share <= 0.65 for share in shares), shares
+    asyncio.run(go())
+
+
+def test_a_tenant_that_asked_for_less_than_its_share_is_owed_nothing_for_it():
+    # bob's first job sends two requests at a time (its lines come slowly) while alice's uses the
+    # rest of the window (and the engine runs all 16 at once); then bob's second job wants all it
+    # can get. Counted from when bob came, bob would be owed every slot until he had caught up
+    # with what alice was granted meanwhile
+    async def go():
+        window, engine = FairWindow(16), QueueingEngine(batch=16)
+        alice = asyncio.create_task(run_job(engine, window.join("alice-big", "alice"), 10**6))
+        trickle = asyncio.create_task(run_job(engine, window.join("bob-trickle", "bob"), 10**6, at_once=2))
+        while engine.now < 200:
+            await engine.step()
+        bob = asyncio.create_task(run_job(engine, window.join("bob-big", "bob"), 10**6))
+        while engine.now < 400:
+            await engine.step()
+        await stop(alice, trickle, bob)
         shares = engine.share_of("bob", 220, 400, every=40)
         assert all(0.35 <= share <= 0.65 for share in shares), shares
     asyncio.run(go())
