@@ -163,9 +163,9 @@ class FairWindow:
         Tenants take turns by slots granted, not by requests in flight: a
         tenant whose requests the engine answers sooner (its new jobs' places
         are at the front of the queue, its old jobs' spaced for fewer jobs)
-        keeps fewer in flight, and counted that way it was given more, seven in
-        ten of the answers for seconds on end. Counted by grants, each tenant's
-        answers follow its grants. Within a tenant jobs share what is in
+        keeps fewer in flight, and counted that way it was given more: 0.6 of
+        the answers for as long as its jobs kept joining, 0.8 in a second with
+        real vLLM. Counted by grants, each tenant's answers follow its grants. Within a tenant jobs share what is in
         flight, so a small job beside a big one holds half the window at
         once. Ties go to the job served least: slots that do not divide
         evenly (64 among 40 jobs) go round; broken by age instead, the oldest
