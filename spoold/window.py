@@ -56,7 +56,6 @@ class FairWindow:
         self._tenant_served: dict[str, int] = {}
         #: tenant -> its requests waiting for a slot
         self._tenant_waiting: dict[str, int] = {}
-        self._waiting = 0
         self._closed = False
         #: while set, only this share is granted slots (a job pinning down a poison line)
         self._only: Share | None = None
@@ -135,6 +134,11 @@ class FairWindow:
         level = min(waiting) if waiting else max(self._tenant_served.values())
         self._tenant_served[tenant] = max(self._tenant_served[tenant], level)
 
+    @property
+    def _waiting(self) -> int:
+        """Requests waiting for a slot, over all tenants."""
+        return sum(self._tenant_waiting.values())
+
     def _give_back(self, share: "Share") -> None:
         self.inflight -= 1
         share.places.popleft()  # requests are answered about in the order they were sent
@@ -150,7 +154,6 @@ class FairWindow:
             if share is None:
                 return
             waiter = share.waiters.popleft()
-            self._waiting -= 1
             self._tenant_waiting[share.tenant] -= 1
             if waiter.done():  # cancelled while it waited
                 continue
@@ -165,11 +168,12 @@ class FairWindow:
         are at the front of the queue, its old jobs' spaced for fewer jobs)
         keeps fewer in flight, and counted that way it was given more: 0.6 of
         the answers for as long as its jobs kept joining, 0.8 in a second with
-        real vLLM. Counted by grants, each tenant's answers follow its grants. Within a tenant jobs share what is in
-        flight, so a small job beside a big one holds half the window at
-        once. Ties go to the job served least: slots that do not divide
-        evenly (64 among 40 jobs) go round; broken by age instead, the oldest
-        24 jobs would hold a second slot and run at twice the others' rate.
+        real vLLM. Counted by grants, each tenant's answers follow its grants.
+        Within a tenant jobs share what is in flight, so a small job beside a
+        big one holds half the window at once. Ties go to the job served
+        least: slots that do not divide evenly (64 among 40 jobs) go round;
+        broken by age instead, the oldest 24 jobs would hold a second slot and
+        run at twice the others' rate.
         """
         eligible = [s for s in self._shares if s.waiters and (self._only is None or s is self._only)]
         if not eligible:
@@ -178,7 +182,6 @@ class FairWindow:
                                             s.inflight / s.weight, s.tag, s.order))
 
     def _leave(self, share: "Share") -> None:
-        self._waiting -= len(share.waiters)
         self._tenant_waiting[share.tenant] -= len(share.waiters)
         for waiter in share.waiters:
             waiter.cancel()
@@ -226,7 +229,6 @@ class Share:
             return w._take(self)
         waiter = asyncio.get_running_loop().create_future()
         self.waiters.append(waiter)
-        w._waiting += 1
         w._tenant_waiting[self.tenant] += 1
         w._grant()
         try:
