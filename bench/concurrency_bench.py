@@ -1,10 +1,10 @@
 """Many batches at once on one daemon and one real engine (vLLM, the tiny model).
 
     .venv/bin/python -m bench.concurrency_bench [--requests 2000] [--rounds 3] [--big 5000] [--tries 10]
-        [--only small_vs_big|head_of_line|fairness|tenants] [--engine-arg max_num_seqs=16 ...]
+        [--only small_vs_big|head_of_line|fairness|users|tenants] [--engine-arg max_num_seqs=16 ...]
         [--spool-arg max_active_jobs=256 ...]
 
-Four measurements, as a user would see them (drop to outbox):
+Five measurements, as a user would see them (drop to outbox):
 - many small against one big: N one-line drops, then one N-line drop, alternating,
   requests/s of each and the median ratio (small / big), and the CPU per request
   of the daemon's process and of vLLM's engine processes in each;
@@ -15,7 +15,10 @@ Four measurements, as a user would see them (drop to outbox):
 - fairness: one `--big`-line job and twenty 100-line jobs dropped together; the
   small jobs' share of the requests completed in each second while both have
   work, against the 20/21 that equal per-job shares give (drops are all one
-  tenant);
+  user's, so one tenant);
+- users (as root only): the same, the big drop one user's and the twenty
+  another's (uids 1001 and 1002); each user is a tenant, so the second's due
+  is half;
 - tenants: the same through `spoold api` and the `openai` SDK, the big batch
   one tenant's and the twenty another's: the second tenant's share each
   second, against the half that per-tenant shares give.
@@ -47,6 +50,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from tests.helpers import free_port, wait_for  # noqa: E402
 
+#: the two users whose drops `--only users` compares (they need not exist: a file's owner is a number)
+USERS = (1001, 1002)
+
 
 class Drops:
     """Stage drops as ignored dotfiles, then rename them in; watch the outbox for them."""
@@ -54,12 +60,16 @@ class Drops:
     def __init__(self, daemon: Spoold, model: str, tmp: Path) -> None:
         self.daemon, self.model, self.tmp, self.count = daemon, model, tmp, 0
 
-    def stage(self, lines: int) -> tuple[str, Path]:
+    def stage(self, lines: int, uid: int | None = None) -> tuple[str, Path]:
+        """A `lines`-line drop, not in the inbox yet; `uid`: the user who owns it (this bench runs as root
+        then), as `spoold submit` run by that user leaves it."""
         self.count += 1
         name = f"d{self.count}"
         rows = [dict(r, custom_id=f"{name}-{i}") for i, r in enumerate(default_rows(lines, self.model))]
         staged = self.daemon.root / "inbox" / f".{name}.jsonl.tmp"
         write_workload(staged, rows)
+        if uid is not None:
+            os.chown(staged, uid, uid)
         return name, staged
 
     def publish(self, staged: list[tuple[str, Path]]) -> float:
@@ -189,16 +199,19 @@ def head_of_line(drops: Drops, big_lines: int, tries: int) -> dict:
     return result
 
 
-def fairness(drops: Drops, big_lines: int) -> dict:
-    big = drops.stage(big_lines)
-    smalls = [drops.stage(100) for _ in range(20)]
+def fairness(drops: Drops, big_lines: int, users: tuple[int, int] | None = None) -> dict:
+    """One `big_lines` drop and twenty 100-line drops, renamed in together; the twenty's share of the
+    answers each second. All one user's (`users` None), they are one tenant and shares are per job: the
+    twenty get 20/21. With `users` (two uids: the big drop the first's, the twenty the second's), each
+    user is a tenant and the twenty get half."""
+    big = drops.stage(big_lines, users and users[0])
+    smalls = [drops.stage(100, users and users[1]) for _ in range(20)]
     drops.publish([big, *smalls])
     small_names = {name for name, _ in smalls}
     samples = _small_shares(drops.daemon.root, [f"{big[0]}-*"], [f"{name}-*" for name in small_names],
                             lambda: drops.finished(small_names) == small_names)
     drops.wait({big[0]})
-    # Drops are all one tenant, so shares are per job: the twenty get 20/21.
-    return _share_report(samples, len(smalls) / (len(smalls) + 1))
+    return _share_report(samples, 0.5 if users else len(smalls) / (len(smalls) + 1))
 
 
 def tenants(drops: Drops, big_lines: int, tmp: Path) -> dict:
@@ -297,7 +310,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--big", type=int, default=5000, help="lines of the running job (head of line, fairness)")
     parser.add_argument("--tries", type=int, default=10)
-    parser.add_argument("--only", choices=("small_vs_big", "head_of_line", "fairness", "tenants"),
+    parser.add_argument("--only", choices=("small_vs_big", "head_of_line", "fairness", "users", "tenants"),
                         help="run this measurement alone")
     parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=JSON",
                         help="an [engine] setting for the daemon under test, e.g. max_num_seqs=16")
@@ -323,6 +336,12 @@ def main() -> None:
                 print("fairness:", flush=True)
                 report["fairness"] = fairness(drops, args.big)
                 print(json.dumps(report["fairness"]), flush=True)
+            if args.only in (None, "users") and os.geteuid() == 0:  # only root can give drops to two users
+                print("fairness between two users' drops:", flush=True)
+                report["users"] = fairness(drops, args.big, users=USERS)
+                print(json.dumps(report["users"]), flush=True)
+            elif args.only == "users":
+                parser.error("--only users gives drops to two users (uids 1001, 1002): run it as root")
             if args.only in (None, "tenants"):
                 print("fairness between two tenants of the API:", flush=True)
                 report["tenants"] = tenants(drops, args.big, Path(tmp))

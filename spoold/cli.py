@@ -107,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="set every line's body.model to NAME (e.g. an alias from [models])")
     p.add_argument("--strict", action="store_true", help="refuse a file that has any bad line")
     p.add_argument("--priority", type=_priority, metavar="N",
-                   help="the batch's weight, 1-100 (default 1): while several batches run, one of "
-                        "priority N gets N times the engine share of a default one")
+                   help="the batch's weight among your own, 1-100 (default 1): while several of yours "
+                        "run, one of priority N gets N times the share of a default one (each user who "
+                        "submits gets an equal share of the engine, as each API key does)")
     p.set_defaults(func=cmd_submit)
 
     p = verbs.add_parser("validate", parents=[common], help="check batch files line by line",

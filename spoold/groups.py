@@ -160,6 +160,7 @@ class Groups:
         for number, part in enumerate(parts, 1):
             part_record = JobRecord(part["id"], record.input_file, record.host, created_at=record.created_at,
                                     endpoint=record.endpoint, metadata=record.metadata, tenant=record.tenant,
+                                    submitter_uid=record.submitter_uid,
                                     completion_window=record.completion_window, expires_at=record.expires_at,
                                     group={"id": record.id, "part": number, "parts": len(parts),
                                            "first_line": part["first_line"]})

@@ -37,6 +37,13 @@ def parse_priority(text: str) -> int | None:
     return None
 
 
+def user_tenant(uid: int) -> str:
+    """The tenant a filesystem drop shares the engine as: its owner's, so on a box shared by several
+    people one person's many drops get what another's one drop gets, as API keys do. `uid:N` is never
+    an API key's name (those have no colon)."""
+    return f"uid:{uid}"
+
+
 def weight_of(metadata: object) -> int:
     """A job's weight from its batch metadata: its `priority` (1-100), else 1.
 
@@ -130,6 +137,8 @@ class JobRecord:
     metadata: dict[str, str] | None = None
     #: who the job belongs to (an API key's name); "" for the filesystem's drops
     tenant: str = ""
+    #: a filesystem drop's owner (its uid when claimed): one person's drops share the engine as one tenant
+    submitter_uid: int | None = None
     #: a batch made through the API: the Batch object's own fields (apibatch.py), None for drops
     input_file_id: str | None = None
     output_file_id: str | None = None
@@ -194,6 +203,7 @@ class JobRecord:
         if kwargs["metadata"] and not all(isinstance(v, str) for v in kwargs["metadata"].values()):
             raise TypeError("`metadata` must map names to strings")
         kwargs["tenant"] = _typed(doc, "tenant", str, "")
+        kwargs["submitter_uid"] = _typed(doc, "submitter_uid", (int, type(None)), None)
         for name in API_FIELDS:
             kwargs[name] = _typed(doc, name, (int, type(None)) if name == "expires_at" else (str, type(None)), None)
         kwargs["engine_crashes"] = {k: v for k, v in _ints(_typed(doc, "engine_crashes", dict, {}),
@@ -220,7 +230,7 @@ class JobRecord:
         for name in ("models", "models_done", "engine_crashes", "retries", "tenant", "retry_of"):
             if not doc[name]:
                 del doc[name]
-        for name in ("metadata", "cancelling_at", "expired_at", "group", "parts", *API_FIELDS):
+        for name in ("metadata", "cancelling_at", "expired_at", "group", "parts", "submitter_uid", *API_FIELDS):
             if doc[name] is None:
                 del doc[name]
         return {**self.extra, **doc}
@@ -228,6 +238,13 @@ class JobRecord:
     def save(self, path: Path, mode: int = 0o640, gid: int = -1) -> None:
         """Replace batch.json atomically and durably."""
         atomic_write_json(path, self.to_doc(), mode, gid)
+
+    def share_tenant(self) -> str:
+        """Whom the job shares the engine as (the window's and the claims' tenant): its API key's name,
+        or for a filesystem drop its submitter (`user_tenant`); "" for a drop claimed before that was kept."""
+        if self.tenant or self.submitter_uid is None:
+            return self.tenant
+        return user_tenant(self.submitter_uid)
 
     def weight(self) -> int:
         """The job's weight in the engine's in-flight window: `priority` in its metadata (1-100), else 1."""

@@ -84,7 +84,8 @@ class RunningJobs:
         """Run one job beside the others, with its own stop and its share of the window."""
         read = claimed.record or claimed.job.read_record()
         record = read[0]
-        share = self.window.join(claimed.job.id, record.tenant if record else "", record.weight() if record else 1)
+        share = self.window.join(claimed.job.id, record.share_tenant() if record else "",
+                                 record.weight() if record else 1)
         runner = JobRunner(self.spool, claimed.job, engine, self.resolver, self.limits, share,
                            asyncio.Event(), on_validated=self.report.validated, record=read, retry=self.retry)
         self.report.job_started(runner)

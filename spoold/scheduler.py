@@ -6,8 +6,9 @@ batches would all be claimed before another tenant's one batch that came a
 second later, whatever the in-flight window then shares (window.py). So
 tenants take turns: the next claim goes to the tenant with the fewest jobs
 running, among those to the one whose last turn is longest ago, and within
-a tenant to its heaviest job (`priority`), then its oldest. Filesystem
-drops are all one tenant, so among them this is age, a priority drop first.
+a tenant to its heaviest job (`priority`), then its oldest. A tenant is an
+API key, or for filesystem drops the user who owns them (jobrecord.user_tenant):
+one person's 500 drops do not hold back another person's one.
 
 Loading a model takes from seconds to minutes, so among the waiting work
 (this host's claimed jobs and the complete drops in the inbox) the work for

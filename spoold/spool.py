@@ -29,7 +29,7 @@ from .config import SpoolSettings
 from .durable import (atomic_write_bytes, atomic_write_json, durable_mkdir, durable_rename, fsync_dir,
                       hidden_temp, write_all)
 from .apibatch import ApiBatch, read_api_batch
-from .jobrecord import API_FIELDS, JobRecord, weight_of
+from .jobrecord import API_FIELDS, JobRecord, user_tenant, weight_of
 from .names import display_name, is_plain_name
 from .readymarker import READY_SUFFIX, may_mark, read_metadata
 from .retries import accept_retry_of
@@ -259,6 +259,8 @@ class Spool:
             record.metadata, record.tenant, record.endpoint = api.metadata, api.owner, api.endpoint
             for key in API_FIELDS:
                 setattr(record, key, getattr(api, key))
+        else:
+            record.submitter_uid = st.st_uid
         self.save(job, record)
         with self._moves:
             try:
@@ -273,8 +275,9 @@ class Spool:
 
     def drop_owner(self, name: str) -> tuple[str, int]:
         """Whose the drop `inbox/NAME` is and its weight, as its claim will record them: (the API key's
-        name, or "" for a filesystem drop; its `priority`, 1-100). For the scheduler, which lets tenants
-        take turns before any claim; a drop it cannot read is ("", 1), and its claim says what is wrong."""
+        name, or for a filesystem drop its owner's `user_tenant`; its `priority`, 1-100). For the
+        scheduler, which lets tenants take turns before any claim; a drop it cannot read is ("", 1), and
+        its claim says what is wrong."""
         try:
             st = os.lstat(self.inbox / name)
         except OSError:
@@ -282,7 +285,8 @@ class Spool:
         api = self._api_batch(name, st)
         if api is not None:
             return api.owner, weight_of(api.metadata)
-        return "", weight_of(read_metadata(self.inbox / (name + READY_SUFFIX), st.st_uid, warn=False))
+        return user_tenant(st.st_uid), weight_of(read_metadata(self.inbox / (name + READY_SUFFIX), st.st_uid,
+                                                               warn=False))
 
     def _api_batch(self, name: str, st: os.stat_result) -> ApiBatch | None:
         """The API's record of the batch whose drop is `inbox/NAME` (stat `st`), or None for a plain drop.

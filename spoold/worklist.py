@@ -261,8 +261,9 @@ class DropOwners:
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
         self._known: dict[str, tuple[str, int]] = {}
-        #: how many known drops are not ("", 1): while none is, the queue's own order is the fair one
-        self._distinct = 0
+        #: how many known drops each (tenant, weight) has: while there is one, at weight 1, the queue's
+        #: own order is the fair one
+        self._owners: Counter[tuple[str, int]] = Counter()
 
     async def learn(self, arrived: list[str], drops: list[str]) -> None:
         """Read whose the drops that `arrived` (complete since the last pass) are; forget the ones
@@ -278,7 +279,7 @@ class DropOwners:
             for name, owner in zip(arrived, found):
                 self.forget(name)  # a drop that changed and settled again: its marker may be new
                 self._known[name] = owner
-                self._distinct += owner != ("", 1)
+                self._owners[owner] += 1
         if len(self._known) > len(drops) + SCHEDULE_WINDOW:  # taken by other daemons, withdrawn, removed
             present = set(drops)
             for name in [name for name in self._known if name not in present]:
@@ -287,13 +288,16 @@ class DropOwners:
     def forget(self, name: str) -> None:
         """Forget a drop: it left the inbox, or is to be read again."""
         owner = self._known.pop(name, None)
-        self._distinct -= owner is not None and owner != ("", 1)
+        if owner is not None:
+            self._owners[owner] -= 1
+            if not self._owners[owner]:
+                del self._owners[owner]
 
     def first(self, drops: list[str], each: int) -> list[tuple[str, str, int]]:
         """(name, tenant, weight) of the first `each` of `drops` (in queue order) of every tenant:
         its heaviest, then the others in queue order. One pass, no sort of the whole backlog."""
-        if not self._distinct:
-            return [(name, "", 1) for name in drops[:each]]
+        if len(self._owners) <= 1 and all(weight == 1 for _, weight in self._owners):
+            return [(name, *self._known.get(name, ("", 1))) for name in drops[:each]]
         light: dict[str, list[str]] = {}
         heavy: dict[str, list[str]] = {}
         for name in drops:
@@ -312,7 +316,7 @@ def _waiting(item: Claimed | Unclaimed, model: str | None, record: JobRecord | N
     batch's); an unreadable record waits from 0, the default tenant's, at weight 1."""
     if record is None:
         return Candidate(item, model, 0.0)
-    return Candidate(item, model, float(record.created_at), record.tenant, record.weight())
+    return Candidate(item, model, float(record.created_at), record.share_tenant(), record.weight())
 
 
 def describe(error: BaseException) -> str:

@@ -1,17 +1,20 @@
-"""Assembling a split batch when two assemblies meet: one publish, one webhook delivery."""
+"""Split batches: assembling when two assemblies meet (one publish, one webhook delivery); whose the parts are."""
 
 import base64
 import dataclasses
 import json
+import os
 import threading
 
 import pytest
 
+from spoold.config import EngineSettings, SpoolSettings
 from spoold.groups import Groups
 from spoold.spool import Spool
 from spoold.webhooks import Deliveries, record_end
 
-from .helpers import chat_line, check_exactly_once
+from .fake_engine import EchoEngine
+from .helpers import chat_line, check_exactly_once, write_jsonl
 from .test_jobrunner import run_job, setup
 
 SECRETS = {"": "whsec_" + base64.b64encode(b"k" * 32).decode()}
@@ -85,3 +88,16 @@ def test_two_assemblies_by_one_daemon_keep_its_one_webhook(ready_group):
     assert [job is None for job in outcome].count(False) == 1, "one of the two publishes"
     assert (settings.root / "outbox" / group_id / "batch.json").exists()
     assert deliveries(settings, "h") == ["batch.completed"]
+
+
+def test_the_parts_of_a_persons_split_batch_share_the_engine_as_that_person(tmp_path):
+    spool = Spool(SpoolSettings(root=tmp_path / "spool", host_id="h", split_lines=2))
+    spool.ensure_dirs()
+    write_jsonl(spool.inbox / "big.jsonl", [chat_line(i) for i in range(LINES)])
+    os.chown(spool.inbox / "big.jsonl", 1001, 1001)
+    job = spool.claim_drop("big.jsonl")
+    run_job(spool, job, EchoEngine(EngineSettings(model="fake-model")))  # split into parts, none run yet
+    parts = list(Groups(spool).claimable(set()))
+    assert parts and parts[0][1].share_tenant() == "uid:1001"  # whose turn among the waiting work
+    claimed = Groups(spool).claim(parts[0][0])
+    assert claimed.read_record()[0].share_tenant() == "uid:1001"  # whose share of the window it runs on

@@ -21,6 +21,16 @@ def test_a_record_round_trips_through_batch_json_keeping_keys_it_does_not_know(t
     assert json.loads(path.read_text())["from_a_newer_spoold"] == {"x": 1}
 
 
+def test_whom_a_job_shares_the_engine_as_its_key_else_its_submitter_else_the_default(tmp_path):
+    path = tmp_path / "batch.json"
+    JobRecord("j-1", "a.jsonl", "h", submitter_uid=1001).save(path)
+    assert json.loads(path.read_text())["submitter_uid"] == 1001
+    assert JobRecord.load(path)[0].share_tenant() == "uid:1001"
+    assert JobRecord("j-2", "b.jsonl", "h", tenant="alice").share_tenant() == "alice"  # an API batch
+    JobRecord("j-3", "c.jsonl", "h").save(path)  # claimed before submitters were kept
+    assert "submitter_uid" not in json.loads(path.read_text()) and JobRecord.load(path)[0].share_tenant() == ""
+
+
 def test_a_record_of_the_wrong_shape_says_which_field_and_never_raises(tmp_path):
     path = tmp_path / "batch.json"
     for doc, field in (({"created_at": "yesterday"}, "created_at"), ({"models": "fake-model"}, "models"),

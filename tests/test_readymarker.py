@@ -17,7 +17,8 @@ def claim_with_marker(tmp_path, marker_bytes):
     (spool.inbox / "b.jsonl.ready").write_bytes(marker_bytes)
     looked = spool.drop_owner("b.jsonl")  # the scheduler's look before the claim
     job = spool.claim_drop("b.jsonl")
-    assert looked == ("", job.read_record()[0].weight())
+    record = job.read_record()[0]
+    assert looked == (record.share_tenant(), record.weight()) == (f"uid:{os.getuid()}", record.weight())
     assert not (spool.inbox / "b.jsonl.ready").exists()
     return job.read_record()[0]
 

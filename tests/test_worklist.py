@@ -1,8 +1,9 @@
-"""The worklist: what is claimed next (tenants take turns, priority first), and a drop that meets a
-bug in spoold is set aside while the others still run."""
+"""The worklist: what is claimed next (tenants take turns, each person's drops one tenant, priority first),
+and a drop that meets a bug in spoold is set aside while the others still run."""
 
 import asyncio
 import json
+import os
 
 from spoold.config import Config, EngineSettings, SpoolSettings
 from spoold.daemon import Daemon
@@ -90,3 +91,20 @@ def test_a_drop_whose_claim_meets_a_bug_is_set_aside_and_the_next_is_claimed(tmp
     assert "cannot claim inbox/bad.jsonl" in caplog.text and "KeyError" in caplog.text
     assert (daemon.spool.inbox / "bad.jsonl").exists()  # untouched, for the next start
     assert "bad.jsonl" not in [getattr(item, "job", item) for item in again]
+
+
+def test_one_persons_hundred_drops_do_not_hold_back_another_persons_one(tmp_path):
+    daemon = make_daemon(tmp_path)
+
+    def drop_as(uid, name):
+        (daemon.spool.inbox / name).write_text(json.dumps(chat_line(0)) + "\n")
+        os.chown(daemon.spool.inbox / name, uid, uid)  # as `spoold submit` run by that user leaves it
+        return mark_ready(daemon, name)
+    alices = [drop_as(1001, f"alice{i}.jsonl") for i in range(SCHEDULE_WINDOW + 36)]
+    bobs = drop_as(1002, "bob.jsonl")
+    # Filesystem drops were one tenant: bob's one drop waited for all 100 of alice's, by age.
+    chosen = choose(daemon, {"job1": "uid:1001", "job2": "uid:1001"}, 2)
+    assert chosen[0] == bobs and chosen[1] in alices
+
+    record, _ = asyncio.run(daemon.work.claim(bobs)).job.read_record()
+    assert (record.submitter_uid, record.share_tenant(), record.tenant) == (1002, "uid:1002", "")

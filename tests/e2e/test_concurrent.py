@@ -14,9 +14,12 @@ def config_for(tmp_path, delay, inflight=16):
                         engine=f"max_inflight = {inflight}\n[engine.args]\ndelay = {delay}")
 
 
-def drop(root, tmp_path, name, n):
-    """Rename an n-line drop into the inbox (complete at once); its custom_ids name the drop."""
+def drop(root, tmp_path, name, n, uid=None):
+    """Rename an n-line drop into the inbox (complete at once); its custom_ids name the drop. `uid`: the
+    user who owns it, as `spoold submit` run by that user leaves it."""
     write_jsonl(tmp_path / name, [dict(chat_line(i), custom_id=f"{name}-{i}") for i in range(n)])
+    if uid is not None:
+        os.chown(tmp_path / name, uid, uid)
     os.rename(tmp_path / name, root / "inbox" / name)
     return {f"{name}-{i}" for i in range(n)}
 
@@ -125,6 +128,29 @@ def test_a_batch_submitted_with_priority_overtakes_one_that_started_first(tmp_pa
     for name, ids in want.items():
         check_exactly_once(jobs[name], ids, set())
     assert json.loads((jobs["urgent.jsonl"] / "batch.json").read_text())["metadata"] == {"priority": "10"}
+
+
+def test_one_persons_one_drop_gets_half_the_engine_beside_another_persons_ten(tmp_path):
+    root = tmp_path / "spool"
+    d = DaemonProcess(config_for(tmp_path, delay=0.02), tmp_path / "daemon.log").start()
+    d.wait_ready(root, timeout=60)
+    sub = Subscriber(f"ipc://{tmp_path}/events.sock")
+    try:
+        want = {f"alice{i}.jsonl": drop(root, tmp_path, f"alice{i}.jsonl", 300, uid=1001) for i in range(10)}
+        wait_for(lambda: len(running(root)) == 10, 20, "alice's ten jobs running")
+        want["bob.jsonl"] = drop(root, tmp_path, "bob.jsonl", 300, uid=1002)
+        completed = wait_for(lambda: len(sub.of("spoold.job.completed")) == 11 and sub.of("spoold.job.completed"),
+                             120, "all eleven jobs completed")
+    finally:
+        d.terminate()
+        sub.close()
+    order = [event["input_file"] for event in completed]
+    # Shared per job, bob's drop got one eleventh of the window and finished after alice's ten had.
+    assert order[0] == "bob.jsonl", order
+    jobs = by_name(root)
+    for name, ids in want.items():
+        check_exactly_once(jobs[name], ids, set())
+    assert json.loads((jobs["bob.jsonl"] / "batch.json").read_text())["submitter_uid"] == 1002
 
 
 def test_with_every_slot_taken_tenants_take_turns_and_a_priority_drop_goes_before_older_ones(tmp_path):
