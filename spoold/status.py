@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -93,8 +94,24 @@ def _processing(root: Path, stall_seconds: float) -> list[dict[str, Any]]:
                 "requests_per_second": beat.get("requests_per_second"),
                 "eta_seconds": beat.get("eta_seconds"),
                 "heartbeat_age_seconds": round(time.time() - stamp, 1) if stamp else None,
+                "owner": _owner(batch),
             })
     return out
+
+
+def _owner(batch: dict[str, Any]) -> str | None:
+    """Whose a running job is, as the engine's shares count it (README, Many jobs at once): `key NAME`
+    for a batch made through the API, else the user who dropped it (by uid where this host has no
+    name for it); None for a record that does not say (a job claimed before owners were kept)."""
+    tenant, uid = batch.get("tenant"), batch.get("submitter_uid")
+    if isinstance(tenant, str) and tenant:
+        return f"key {display_name(tenant)}"
+    if type(uid) is not int:
+        return None
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, OverflowError):
+        return f"uid {uid}"
 
 
 def _recent(root: Path) -> list[dict[str, Any]]:
@@ -145,7 +162,8 @@ def render_status(status: dict[str, Any]) -> str:
         eta = f"  ETA {p['eta_seconds']:.0f}s" if p["eta_seconds"] is not None else ""
         age = (f"  heartbeat {p['heartbeat_age_seconds']:.0f}s ago"
                if p["heartbeat_age_seconds"] is not None else "  no heartbeat")
-        lines.append(f"  {p['id']} [{p['host']}] {p['status']}: {p['done']}/{p['total']}{pct}{rate}{eta}{age}")
+        owner = f"  by {p['owner']}" if p.get("owner") else ""
+        lines.append(f"  {p['id']} [{p['host']}] {p['status']}: {p['done']}/{p['total']}{pct}{rate}{eta}{age}{owner}")
     if not status["processing"]:
         lines.append("  -")
     for g in status.get("split", []):

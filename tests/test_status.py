@@ -109,3 +109,22 @@ def test_a_daemon_that_never_ran_and_a_hostile_beat_are_shown_plainly(tmp_path):
     (daemon,) = spool_status(spool)["daemons"]
     assert daemon["pid"] is None and daemon["model"] is None and daemon["gpus"] == []
     assert "gpu1: working\\x1b[2J, heartbeat" in render_status(spool_status(spool))  # a fresh file, no escape
+
+
+def test_each_running_job_says_whose_it_is_as_the_engine_shares_count_it(tmp_path):
+    spool = Spool(SpoolSettings(root=tmp_path, host_id="gpu1"))
+    spool.ensure_dirs()
+    nobody = 3_999_999  # a uid this host has no name for
+    for name, uid in (("mine.jsonl", 0), ("theirs.jsonl", nobody)):
+        write_jsonl(spool.inbox / name, [chat_line(0)])
+        os.chown(spool.inbox / name, uid, uid)
+        spool.claim_drop(name)
+    api_job = spool.new_job_dir(spool.host_dir, "batch_abc.jsonl")
+    (api_job.path / "batch.json").write_text(json.dumps({"id": api_job.id, "tenant": "alice\x1b[2J"}))
+    old_job = spool.new_job_dir(spool.host_dir, "old.jsonl")  # claimed before owners were kept
+    (old_job.path / "batch.json").write_text(json.dumps({"id": old_job.id}))
+    shown = {p["input_file"] or p["id"]: p["owner"] for p in spool_status(spool)["processing"]}
+    assert shown == {"mine.jsonl": "root", "theirs.jsonl": f"uid {nobody}", api_job.id: "key alice\\x1b[2J",
+                     old_job.id: None}
+    text = render_status(spool_status(spool))
+    assert f"by uid {nobody}" in text and "by root" in text and text.count("  by ") == 3
