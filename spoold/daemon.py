@@ -165,7 +165,7 @@ class Daemon:
             await self.engine_host.load()
         finally:
             extender.cancel()
-        self.jobs.new_window(self._inflight_limit())
+        self.jobs.new_window(self._inflight_limit(), self._engine_runs())
         self.state = DaemonState.IDLE
         await self._write_heartbeat()  # a state change is on disk at once, not a period later
         self.notifier.ready(status_line([], len(self.spool.inbox_entries()), self.gpus.read()))
@@ -196,6 +196,11 @@ class Daemon:
 
     def _inflight_limit(self) -> int:
         return engine_settings_for(self.config, self.engine.model).inflight_limit  # [models.X] may set it
+
+    def _engine_runs(self) -> int:
+        """Requests the engine runs at once (`max_num_seqs` per replica); the rest wait in its queue."""
+        settings = engine_settings_for(self.config, self.engine.model)
+        return settings.max_num_seqs * max(1, settings.data_parallel_size)
 
     async def _reload_loop(self) -> None:
         """SIGHUP, recorded by its handler, acted on here: reload, then a heartbeat that shows it."""

@@ -76,9 +76,10 @@ class RunningJobs:
         """The running jobs' runners, oldest first (their progress is what is shown)."""
         return tuple(r.runner for r in self._running.values())
 
-    def new_window(self, capacity: int) -> None:
-        """A fresh window for a fresh engine: the old one may have been closed on a dead engine."""
-        self.window = FairWindow(capacity)
+    def new_window(self, capacity: int, running: int = 0) -> None:
+        """A fresh window for a fresh engine (the old one may have been closed on a dead engine);
+        `running`: how many requests the engine runs at once."""
+        self.window = FairWindow(capacity, running)
 
     def start(self, claimed: Claimed, engine: Engine) -> None:
         """Run one job beside the others, with its own stop and its share of the window."""

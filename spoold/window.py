@@ -20,7 +20,10 @@ carries a virtual clock that advances by its tenant's job count over its
 weight per request, and a job that joins (or comes back from idle) starts
 at the oldest tag still in the engine. vLLM's priority scheduling
 (`scheduling_policy = "priority"`, lower first) then serves the small job's
-lines next, and two big jobs alternate.
+lines next, and two big jobs alternate. That head start is for taking
+turns: a slot no other tenant asked for, while another tenant's requests
+wait in the engine's queue, is placed no earlier than that queue's front
+(the window is told how many requests the engine runs at once).
 
 Leaf module: asyncio only.
 """
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import itertools
 from collections import deque
 from collections.abc import AsyncIterator
@@ -42,8 +46,10 @@ PLACE_STEP = 100
 class FairWindow:
     """`capacity` request slots, granted by tenant first, then by job weight."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, running: int = 0) -> None:
         self.capacity = max(1, capacity)
+        #: how many requests the engine runs at once (the rest wait in its queue); 0 if not known
+        self.running = max(0, running)
         #: requests in the engine now, over all shares
         self.inflight = 0
         self._shares: list[Share] = []
@@ -96,6 +102,8 @@ class FairWindow:
         """Count the slot as `share`'s; returns the request's place in the engine's queue."""
         if share.inflight == 0:  # back from idle: no credit for the time it sent nothing
             share.tag = max(share.tag, self._oldest_tag())
+        if self._uncontested(share.tenant):  # a slot nobody else asked for: no head start spent on it
+            share.tag = max(share.tag, self._front_of_queue())
         self.inflight += 1
         self._tenants[share.tenant] += 1
         self._tenant_served[share.tenant] += 1
@@ -117,6 +125,29 @@ class FairWindow:
         if busy:
             return min(busy)
         return max([s.tag for s in self._shares] + [self._last_tag])
+
+    def _uncontested(self, tenant: str) -> bool:
+        """Whether a slot for `tenant` is one no other tenant asked for while another tenant's requests
+        wait in the engine's queue (it has handed over all its lines, or sends slowly).
+
+        A job that joins is placed at the oldest place in the engine, about one running batch ahead
+        of the engine's queue: the head start a small job dropped behind a big one needs. While
+        tenants take turns for slots it shows nowhere; spent on slots no other tenant asked for, it
+        put a big job's requests ahead of everything another tenant still had queued (0.2-0.3 of the
+        answers for that tenant, with work left, in the test double; 0.31 in a second with vLLM).
+        """
+        return (any(n for t, n in self._tenants.items() if t != tenant)
+                and not any(n for t, n in self._tenant_waiting.items() if t != tenant))
+
+    def _front_of_queue(self) -> float:
+        """About the place of the oldest request waiting in the engine's queue: the oldest place in
+        flight after the `running` oldest (those the engine runs). The oldest in the engine when
+        `running` is not known or nothing waits."""
+        if self.running and self.inflight > self.running:
+            front = next(itertools.islice(heapq.merge(*(s.places for s in self._shares)), self.running, None), None)
+            if front is not None:
+                return front
+        return self._oldest_tag()
 
     def _ask(self, tenant: str) -> None:
         """A request of `tenant` asks for a slot: if none of the tenant's was waiting, it asked for

@@ -295,6 +295,28 @@ def test_a_tenant_that_asked_for_less_than_its_share_is_owed_nothing_for_it():
     asyncio.run(go())
 
 
+def test_a_tenant_that_has_handed_over_all_its_lines_keeps_its_half_of_the_answers():
+    # bob's twenty 100-line jobs run first (alice's big file is still being validated); then alice's
+    # job joins at the oldest place in the engine, about one running batch ahead of bob's queued
+    # requests: a head start that shows nowhere while the two take turns for slots. Once bob had
+    # handed over all his lines, alice took every free slot and her new requests went ahead of all
+    # of bob's still queued: bob got 0.2-0.3 of the answers for a while, with work left
+    for seed in (7, 8):
+        async def go():
+            window, engine = FairWindow(512, running=64), QueueingEngine(batch=64, seed=seed)
+            bob = [asyncio.create_task(run_job(engine, window.join(f"bob-{i}", "bob"), 100)) for i in range(20)]
+            while engine.now < 30:
+                await engine.step()
+            alice = asyncio.create_task(run_job(engine, window.join("alice-big", "alice"), 10**6))
+            while not all(job.done() for job in bob):
+                await engine.step()
+            await stop(alice)
+            last = max(when for when, who in engine.answered if who == "bob")
+            shares = engine.share_of("bob", 50, last, every=20)  # from 20 steps after alice came
+            assert len(shares) >= 10 and all(0.4 <= share <= 0.6 for share in shares), (seed, shares)
+        asyncio.run(go())
+
+
 def test_an_exclusive_run_waits_for_the_others_and_holds_them_off():
     async def go():
         window = FairWindow(8)
