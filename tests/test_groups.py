@@ -90,6 +90,7 @@ def test_two_assemblies_by_one_daemon_keep_its_one_webhook(ready_group):
     assert deliveries(settings, "h") == ["batch.completed"]
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="files of other owners need root")
 def test_the_parts_of_a_persons_split_batch_share_the_engine_as_that_person(tmp_path):
     spool = Spool(SpoolSettings(root=tmp_path / "spool", host_id="h", split_lines=2))
     spool.ensure_dirs()

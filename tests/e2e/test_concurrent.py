@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from ..helpers import (REPO, DaemonProcess, Subscriber, api_drop, chat_line, check_exactly_once, complete_lines,
                        outbox_jobs, wait_for, write_config, write_jsonl)
 
@@ -130,6 +132,7 @@ def test_a_batch_submitted_with_priority_overtakes_one_that_started_first(tmp_pa
     assert json.loads((jobs["urgent.jsonl"] / "batch.json").read_text())["metadata"] == {"priority": "10"}
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="files of other owners need root")
 def test_one_persons_one_drop_gets_half_the_engine_beside_another_persons_ten(tmp_path):
     root = tmp_path / "spool"
     d = DaemonProcess(config_for(tmp_path, delay=0.02), tmp_path / "daemon.log").start()
