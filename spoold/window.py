@@ -102,7 +102,7 @@ class FairWindow:
         """Count the slot as `share`'s; returns the request's place in the engine's queue."""
         if share.inflight == 0:  # back from idle: no credit for the time it sent nothing
             share.tag = max(share.tag, self._oldest_tag())
-        if self._uncontested(share.tenant):  # a slot nobody else asked for: no head start spent on it
+        if self._queue_in_engine() and self._uncontested(share.tenant):  # no head start spent on it
             share.tag = max(share.tag, self._front_of_queue())
         self.inflight += 1
         self._tenants[share.tenant] += 1
@@ -139,15 +139,15 @@ class FairWindow:
         return (any(n for t, n in self._tenants.items() if t != tenant)
                 and not any(n for t, n in self._tenant_waiting.items() if t != tenant))
 
+    def _queue_in_engine(self) -> bool:
+        """Whether some requests in flight wait in the engine's queue (`running` known, and exceeded).
+        Only then can a place jump anything: a busy share's next place already follows its own oldest."""
+        return bool(self.running) and self.inflight > self.running
+
     def _front_of_queue(self) -> float:
         """About the place of the oldest request waiting in the engine's queue: the oldest place in
-        flight after the `running` oldest (those the engine runs). The oldest in the engine when
-        `running` is not known or nothing waits."""
-        if self.running and self.inflight > self.running:
-            front = next(itertools.islice(heapq.merge(*(s.places for s in self._shares)), self.running, None), None)
-            if front is not None:
-                return front
-        return self._oldest_tag()
+        flight after the `running` oldest (those the engine runs); call when `_queue_in_engine()`."""
+        return next(itertools.islice(heapq.merge(*(s.places for s in self._shares)), self.running, None))
 
     def _ask(self, tenant: str) -> None:
         """A request of `tenant` asks for a slot: if none of the tenant's was waiting, it asked for
