@@ -137,7 +137,8 @@ class JobRecord:
     metadata: dict[str, str] | None = None
     #: who the job belongs to (an API key's name); "" for the filesystem's drops
     tenant: str = ""
-    #: a filesystem drop's owner (its uid when claimed): one person's drops share the engine as one tenant
+    #: a filesystem drop's owner (its uid when claimed; a `spoold retry` drop's, the retried job's): one
+    #: person's drops share the engine as one tenant
     submitter_uid: int | None = None
     #: a batch made through the API: the Batch object's own fields (apibatch.py), None for drops
     input_file_id: str | None = None

@@ -123,10 +123,11 @@ def _priority(job: Path) -> dict[str, str]:
     return {"priority": priority} if isinstance(priority, str) else {}
 
 
-def accept_retry_of(metadata: dict[str, str] | None, drop_uid: int, outbox: Path) -> str | None:
+def accept_retry_of(metadata: dict[str, str] | None, drop_uid: int, outbox: Path, warn: bool = True) -> str | None:
     """The job a claimed drop retries, taken out of its marker's metadata; None when it names none
     or may not: the job must be finished here, and its input the drop owner's (or the drop root's or
-    the daemon's), or anyone could slip answers into another person's merged results.
+    the daemon's), or anyone could slip answers into another person's merged results. Why one is not
+    accepted is logged unless `warn` is False (the scheduler's look before the claim, which warns).
     """
     if not metadata or RETRY_OF not in metadata:
         return None
@@ -134,14 +135,32 @@ def accept_retry_of(metadata: dict[str, str] | None, drop_uid: int, outbox: Path
     try:
         owner = os.lstat(finished_job(outbox, job_id) / "input.jsonl").st_uid
     except (NoSuchJob, OSError) as e:
-        log.warning("a drop names %s %r that is not accepted (%s); it runs as a job of its own", RETRY_OF,
-                    job_id[:80], e)
+        if warn:
+            log.warning("a drop names %s %r that is not accepted (%s); it runs as a job of its own",
+                        RETRY_OF, job_id[:80], e)
         return None
     if drop_uid not in (owner, 0, os.geteuid()):
-        log.warning("a drop of uid %d names %s %s, whose input is uid %d's; it runs as a job of its own",
-                    drop_uid, RETRY_OF, job_id, owner)
+        if warn:
+            log.warning("a drop of uid %d names %s %s, whose input is uid %d's; it runs as a job of its own",
+                        drop_uid, RETRY_OF, job_id, owner)
         return None
     return job_id
+
+
+def submitter_of(outbox: Path, retry_of: str | None, dropper: int) -> int:
+    """Whose share of the engine a drop of uid `dropper` runs in: the dropper's, but a retry (its
+    accepted `retry_of`) runs in the share of the person who submitted the job it retries (that job's
+    `submitter_uid`, else its input's owner), not root's or the daemon user's who ran `spoold retry`
+    for them and would otherwise be one more tenant; the dropper's when neither can be read.
+    """
+    if retry_of is None:
+        return dropper
+    job = outbox / retry_of
+    try:
+        uid = json.loads((job / "batch.json").read_bytes()).get("submitter_uid")
+        return uid if isinstance(uid, int) and not isinstance(uid, bool) else os.lstat(job / "input.jsonl").st_uid
+    except (OSError, ValueError, AttributeError):
+        return dropper
 
 
 def retry_chain(outbox: Path, job_id: str) -> list[Path]:

@@ -32,7 +32,7 @@ from .apibatch import ApiBatch, read_api_batch
 from .jobrecord import API_FIELDS, JobRecord, user_tenant, weight_of
 from .names import display_name, is_plain_name
 from .readymarker import READY_SUFFIX, may_mark, read_metadata
-from .retries import accept_retry_of
+from .retries import accept_retry_of, submitter_of
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ class Spool:
             for key in API_FIELDS:
                 setattr(record, key, getattr(api, key))
         else:
-            record.submitter_uid = st.st_uid
+            record.submitter_uid = submitter_of(self.outbox, record.retry_of, st.st_uid)
         self.save(job, record)
         with self._moves:
             try:
@@ -275,7 +275,8 @@ class Spool:
 
     def drop_owner(self, name: str) -> tuple[str, int]:
         """Whose the drop `inbox/NAME` is and its weight, as its claim will record them: (the API key's
-        name, or for a filesystem drop its owner's `user_tenant`; its `priority`, 1-100). For the
+        name, or for a filesystem drop its submitter's `user_tenant`: its owner, or whose job it
+        retries, `retries.submitter_of`; its `priority`, 1-100). For the
         scheduler, which lets tenants take turns before any claim; a drop it cannot read is ("", 1), and
         its claim says what is wrong."""
         try:
@@ -285,8 +286,9 @@ class Spool:
         api = self._api_batch(name, st)
         if api is not None:
             return api.owner, weight_of(api.metadata)
-        return user_tenant(st.st_uid), weight_of(read_metadata(self.inbox / (name + READY_SUFFIX), st.st_uid,
-                                                               warn=False))
+        metadata = read_metadata(self.inbox / (name + READY_SUFFIX), st.st_uid, warn=False)
+        retry_of = accept_retry_of(dict(metadata or {}), st.st_uid, self.outbox, warn=False)
+        return user_tenant(submitter_of(self.outbox, retry_of, st.st_uid)), weight_of(metadata)
 
     def _api_batch(self, name: str, st: os.stat_result) -> ApiBatch | None:
         """The API's record of the batch whose drop is `inbox/NAME` (stat `st`), or None for a plain drop.

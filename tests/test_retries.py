@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from spoold.backoff import RetryPolicy
 from spoold.config import EngineSettings, LimitsSettings, SpoolSettings
 from spoold.formats import error_line, output_line
@@ -123,6 +125,41 @@ def test_a_drop_may_name_only_a_finished_job_whose_input_its_owner_submitted(tmp
     accept_retry_of(metadata, owner, spool.outbox)
     assert metadata == {"priority": "3"}  # never kept as metadata, accepted or not
 
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="files of other owners need root")
+def test_a_retry_root_runs_for_a_user_shares_the_engine_as_that_user(tmp_path):
+    spool = make_spool(tmp_path)
+    write_jsonl(spool.inbox / "a.jsonl", [chat_line(i) for i in range(3)])
+    os.chown(spool.inbox / "a.jsonl", 1001, 1001)  # alice's
+    first = run_drop(spool, "a.jsonl", server_error_on=["req-1"])
+    retry = write_retry(first, spool.inbox, 1 << 20).path  # root runs `spoold retry` for her
+    assert os.lstat(retry).st_uid == 0
+    assert spool.drop_owner(retry.name) == ("uid:1001", 1)  # the scheduler's look before the claim
+    job = spool.claim_drop(retry.name)
+    record = job.read_record()[0]
+    assert (record.retry_of, record.submitter_uid, record.share_tenant()) == (first.name, 1001, "uid:1001")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="files of other owners need root")
+def test_a_retry_shares_as_the_retried_inputs_owner_when_its_record_has_no_submitter(tmp_path):
+    spool = make_spool(tmp_path)
+    write_jsonl(spool.inbox / "a.jsonl", [chat_line(0)])
+    os.chown(spool.inbox / "a.jsonl", 1001, 1001)
+    first = run_drop(spool, "a.jsonl", server_error_on=["req-0"])
+    doc = json.loads((first / "batch.json").read_text())
+    del doc["submitter_uid"]  # claimed by a spoold from before submitters were recorded
+    (first / "batch.json").write_text(json.dumps(doc))
+    retry = write_retry(first, spool.inbox, 1 << 20).path
+    assert spool.claim_drop(retry.name).read_record()[0].share_tenant() == "uid:1001"
+    outsider = spool.inbox / "b.jsonl"  # another user naming her job: not accepted, so a job of his own
+    write_jsonl(outsider, [chat_line(0)])
+    (spool.inbox / "b.jsonl.ready").write_text(json.dumps({RETRY_OF: first.name}))
+    os.chown(outsider, 1003, 1003)
+    os.chown(spool.inbox / "b.jsonl.ready", 1003, 1003)
+    assert spool.drop_owner("b.jsonl") == ("uid:1003", 1)
+    record = spool.claim_drop("b.jsonl").read_record()[0]
+    assert (record.retry_of, record.share_tenant()) == (None, "uid:1003")
 
 def spoold(*args, config):
     return subprocess.run([sys.executable, "-m", "spoold", *args, "--config", str(config)],
