@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "5xx answer, an engine_crashed or batch_expired error, or none at all (a "
                                      "cancelled job). Bad lines and 4xx answers are final and are not retried. "
                                      "The new job's batch.json names JOB as retry_of; `spoold results JOB` "
-                                     "then merges them.")
+                                     "then merges them. A job may be retried by its submitter, the daemon's "
+                                     "user and root; the retry shares the engine as the job's submitter.")
     p.add_argument("jobs", nargs="+", metavar="JOB", help=JOB_HELP)
     p.set_defaults(func=cmd_retry)
 
@@ -369,10 +370,17 @@ def cmd_retry(args: argparse.Namespace) -> int:
     missing = 0
     for job_id in args.jobs:
         try:
-            drop = write_retry(finished_job(spool.outbox, job_id), spool.inbox, config.limits.max_line_bytes)
+            job = finished_job(spool.outbox, job_id)
+            refusal = _retry_refusal(spool, job)
+            if refusal is None:
+                drop = write_retry(job, spool.inbox, config.limits.max_line_bytes)
         except NoSuchJob as e:
             print(f"spoold: {e}", file=sys.stderr)
             _say_where(spool, job_id)
+            missing += 1
+            continue
+        if refusal is not None:
+            print(f"spoold: {refusal}", file=sys.stderr)
             missing += 1
             continue
         if drop.path is None:
@@ -382,6 +390,18 @@ def cmd_retry(args: argparse.Namespace) -> int:
             print(f"{job_id}: {drop.lines} lines ({why}) dropped as {drop.path}; when it is done, "
                   f"`spoold results {job_id}` merges them")
     return EXIT_BAD_INPUT if missing else EXIT_OK
+
+
+def _retry_refusal(spool: Spool, job: Path) -> str | None:
+    """Why this user may not retry finished `job` (None: they may). Said before any drop is made: the
+    claim would run a drop naming someone else's job as a job of its own, which `results` never merges."""
+    from .access import user_name
+    from .retries import job_submitter, may_retry
+
+    if may_retry(job, os.geteuid(), os.stat(spool.outbox).st_uid):
+        return None
+    return (f"cannot retry {job.name!r}: it is {user_name(job_submitter(job))}'s job; only its submitter, the "
+            f"daemon's user and root may retry it (sudo spoold retry ...)")
 
 
 def cmd_results(args: argparse.Namespace) -> int:

@@ -125,42 +125,64 @@ def _priority(job: Path) -> dict[str, str]:
 
 def accept_retry_of(metadata: dict[str, str] | None, drop_uid: int, outbox: Path, warn: bool = True) -> str | None:
     """The job a claimed drop retries, taken out of its marker's metadata; None when it names none
-    or may not: the job must be finished here, and its input the drop owner's (or the drop root's or
-    the daemon's), or anyone could slip answers into another person's merged results. Why one is not
-    accepted is logged unless `warn` is False (the scheduler's look before the claim, which warns).
+    or may not (`may_retry`, the daemon's user being this process's). Why one is not accepted is
+    logged unless `warn` is False (the scheduler's look before the claim, which warns).
     """
     if not metadata or RETRY_OF not in metadata:
         return None
     job_id = metadata.pop(RETRY_OF)
     try:
-        owner = os.lstat(finished_job(outbox, job_id) / "input.jsonl").st_uid
+        allowed = may_retry(finished_job(outbox, job_id), drop_uid, os.geteuid())
     except (NoSuchJob, OSError) as e:
         if warn:
             log.warning("a drop names %s %r that is not accepted (%s); it runs as a job of its own",
                         RETRY_OF, job_id[:80], e)
         return None
-    if drop_uid not in (owner, 0, os.geteuid()):
+    if not allowed:
         if warn:
-            log.warning("a drop of uid %d names %s %s, whose input is uid %d's; it runs as a job of its own",
-                        drop_uid, RETRY_OF, job_id, owner)
+            log.warning("a drop of uid %d names %s %s, which is not theirs to retry; it runs as a job of its own",
+                        drop_uid, RETRY_OF, job_id)
         return None
     return job_id
 
 
+def may_retry(job: Path, uid: int, daemon_uid: int) -> bool:
+    """Whether a drop of `uid` may name finished `job` as the job it retries: its submitter (its
+    input's owner, or the user its record names, as for a retry root ran for them), root or the
+    daemon's user. Anyone else could slip answers into another person's merged results.
+    OSError when the job cannot be read.
+    """
+    return uid in (0, daemon_uid, os.lstat(job / "input.jsonl").st_uid) or uid == _recorded_submitter(job)
+
+
+def job_submitter(job: Path) -> int:
+    """Whose finished `job` is: the user its record names (`submitter_uid`), else its input's owner.
+    OSError when neither can be read."""
+    uid = _recorded_submitter(job)
+    return uid if uid is not None else os.lstat(job / "input.jsonl").st_uid
+
+
 def submitter_of(outbox: Path, retry_of: str | None, dropper: int) -> int:
     """Whose share of the engine a drop of uid `dropper` runs in: the dropper's, but a retry (its
-    accepted `retry_of`) runs in the share of the person who submitted the job it retries (that job's
-    `submitter_uid`, else its input's owner), not root's or the daemon user's who ran `spoold retry`
-    for them and would otherwise be one more tenant; the dropper's when neither can be read.
+    accepted `retry_of`) runs in the share of the person whose job it retries (`job_submitter`), not
+    root's or the daemon user's who ran `spoold retry` for them and would otherwise be one more
+    tenant; the dropper's when that cannot be read.
     """
     if retry_of is None:
         return dropper
-    job = outbox / retry_of
+    try:
+        return job_submitter(outbox / retry_of)
+    except OSError:
+        return dropper
+
+
+def _recorded_submitter(job: Path) -> int | None:
+    """The `submitter_uid` in a finished job's batch.json (written by the daemon), or None."""
     try:
         uid = json.loads((job / "batch.json").read_bytes()).get("submitter_uid")
-        return uid if isinstance(uid, int) and not isinstance(uid, bool) else os.lstat(job / "input.jsonl").st_uid
     except (OSError, ValueError, AttributeError):
-        return dropper
+        return None
+    return uid if isinstance(uid, int) and not isinstance(uid, bool) else None
 
 
 def retry_chain(outbox: Path, job_id: str) -> list[Path]:

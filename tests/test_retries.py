@@ -13,15 +13,15 @@ from spoold.backoff import RetryPolicy
 from spoold.config import EngineSettings, LimitsSettings, SpoolSettings
 from spoold.formats import error_line, output_line
 from spoold.records import EngineResult, LineError
-from spoold.retries import (RETRY_OF, accept_retry_of, final_lines, finished_job, merge_results, retry_chain,
-                            write_retry)
+from spoold.retries import (RETRY_OF, accept_retry_of, final_lines, finished_job, may_retry, merge_results,
+                            retry_chain, write_retry)
 from spoold.spool import Spool
 from spoold.validation import ModelResolver
 from spoold.window import FairWindow
 from spoold.jobrunner import JobRunner
 
 from .fake_engine import EchoEngine
-from .helpers import REPO, chat_line, read_jsonl, write_config, write_jsonl
+from .helpers import REPO, as_nobody, chat_line, read_jsonl, write_config, write_jsonl
 
 
 def run_drop(spool, name, **engine_args):
@@ -160,6 +160,63 @@ def test_a_retry_shares_as_the_retried_inputs_owner_when_its_record_has_no_submi
     assert spool.drop_owner("b.jsonl") == ("uid:1003", 1)
     record = spool.claim_drop("b.jsonl").read_record()[0]
     assert (record.retry_of, record.share_tenant()) == (None, "uid:1003")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="files of other owners need root")
+def test_a_user_may_retry_the_retry_root_made_of_her_job_and_nobody_else_may(tmp_path):
+    spool = make_spool(tmp_path)
+    write_jsonl(spool.inbox / "a.jsonl", [chat_line(i) for i in range(3)])
+    os.chown(spool.inbox / "a.jsonl", 1001, 1001)  # alice's
+    first = run_drop(spool, "a.jsonl", server_error_on=["req-1", "req-2"])
+    second = run_drop(spool, write_retry(first, spool.inbox, 1 << 20).path.name, server_error_on=["req-2"])
+    assert os.lstat(second / "input.jsonl").st_uid == 0  # root retried it for her: its input is root's
+    third = write_retry(second, spool.inbox, 1 << 20).path
+    for path in (third, spool.inbox / (third.name + ".ready")):
+        os.chown(path, 1001, 1001)  # now she retries that retry herself
+    record = spool.claim_drop(third.name).read_record()[0]
+    assert (record.retry_of, record.share_tenant()) == (second.name, "uid:1001")
+    assert not may_retry(second, 1003, daemon_uid=4242)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another user needs root")
+def test_retry_of_someone_elses_job_is_refused_before_any_drop_is_made():
+    import contextlib
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    # Imported here: the child, as nobody, may not read this interpreter's library.
+    import spoold.access  # noqa: F401
+    import spoold.submit  # noqa: F401
+    import spoold.validation  # noqa: F401
+    from spoold.cli import main
+
+    base, group = Path(tempfile.mkdtemp(prefix="spoold-retry-")), 4242  # a submitters' group nobody is put in
+    try:
+        base.chmod(0o755)
+        spool = make_spool(base)
+        write_jsonl(spool.inbox / "a.jsonl", [chat_line(i) for i in range(2)])
+        os.chown(spool.inbox / "a.jsonl", 1001, 1001)  # alice's
+        job = run_drop(spool, "a.jsonl", server_error_on=["req-1"])
+        for path in (spool.root, spool.inbox, spool.outbox, job, *job.iterdir()):
+            os.chown(path, -1, group)
+            path.chmod(0o770 if path == spool.inbox else 0o750 if path.is_dir() else 0o640)
+        config = write_config(base / "c.toml", spool.root)
+        config.chmod(0o644)
+
+        def retry():
+            err = io.StringIO()
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+                code = main(["retry", job.name, "--config", str(config)])
+            return code, err.getvalue()
+
+        code, said = as_nobody(retry, gid=group)["ok"]
+        assert code == 1 and said == (f"spoold: cannot retry {job.name!r}: it is uid 1001's job; only its submitter, "
+                                      f"the daemon's user and root may retry it (sudo spoold retry ...)\n")
+        assert list(spool.inbox.iterdir()) == []  # nothing dropped that would run unmerged in nobody's share
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
 
 def spoold(*args, config):
     return subprocess.run([sys.executable, "-m", "spoold", *args, "--config", str(config)],
