@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO
 
 from .formats import complete_lines
+from .jobrecord import JobRecord
 
 log = logging.getLogger(__name__)
 
@@ -178,11 +179,8 @@ def submitter_of(outbox: Path, retry_of: str | None, dropper: int) -> int:
 
 def _recorded_submitter(job: Path) -> int | None:
     """The `submitter_uid` in a finished job's batch.json (written by the daemon), or None."""
-    try:
-        uid = json.loads((job / "batch.json").read_bytes()).get("submitter_uid")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return uid if isinstance(uid, int) and not isinstance(uid, bool) else None
+    record, _ = JobRecord.load(job / "batch.json")
+    return record.submitter_uid if record is not None else None
 
 
 def retry_chain(outbox: Path, job_id: str) -> list[Path]:
