@@ -371,18 +371,17 @@ def cmd_retry(args: argparse.Namespace) -> int:
     for job_id in args.jobs:
         try:
             job = finished_job(spool.outbox, job_id)
-            refusal = _retry_refusal(spool, job)
-            if refusal is None:
-                drop = write_retry(job, spool.inbox, config.limits.max_line_bytes)
         except NoSuchJob as e:
             print(f"spoold: {e}", file=sys.stderr)
             _say_where(spool, job_id)
             missing += 1
             continue
+        refusal = _retry_refusal(spool, job)
         if refusal is not None:
             print(f"spoold: {refusal}", file=sys.stderr)
             missing += 1
             continue
+        drop = write_retry(job, spool.inbox, config.limits.max_line_bytes)
         if drop.path is None:
             print(f"{job_id}: every line has its final answer; nothing to retry")
         else:
