@@ -424,6 +424,7 @@ class Spool:
                 continue
             self._remove_stale_drop(job)
             self._remove_copies_under_other_hosts(job)
+            self._record_submitter(job)
             jobs.append(job)
         return sorted(jobs, key=_claimed_at)
 
@@ -496,7 +497,26 @@ class Spool:
         taken = JobDir(dest)
         for path in (taken.output, taken.errors):
             self._replace_with_copy(path)
+        self._record_submitter(taken)
         return taken
+
+    def _record_submitter(self, job: JobDir) -> None:
+        """Record whose a job claimed by a spoold from before `submitter_uid` was kept is, as a claim now
+        does (its input's owner, or whose job it retries), when this host resumes or takes it over: else,
+        across an upgrade, its owner's new drops would share the engine beside it as a second tenant (and
+        `spoold status` would not say whose it is). A batch of an API key and a part of a split batch (its
+        input is the daemon's) say whose they are otherwise."""
+        record, _ = job.read_record()
+        if record is None or record.tenant or record.submitter_uid is not None or record.group is not None:
+            return
+        try:
+            owner = os.lstat(job.input).st_uid
+        except OSError:
+            return  # its run says what is wrong with the input
+        record.submitter_uid = submitter_of(self.outbox, record.retry_of, owner)
+        self.save(job, record)
+        log.info("job %s: recorded its submitter, uid %d (claimed before submitters were kept)",
+                 job.id, record.submitter_uid)
 
     def _replace_with_copy(self, path: Path) -> None:
         try:

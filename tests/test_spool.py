@@ -281,3 +281,40 @@ def test_a_cancel_asked_for_in_the_inbox_counts_only_as_a_plain_file_of_the_jobs
     os.chown(request, 1000, 1000)  # the owner
     assert spool.take_owner_cancel(job)
     assert not request.exists() and job.cancel_request.exists()
+
+
+def _as_claimed_before_submitters_were_kept(job):
+    doc = json.loads(job.batch.read_text())
+    del doc["submitter_uid"]
+    job.batch.write_text(json.dumps(doc))
+
+
+def test_a_job_claimed_before_submitters_were_kept_shares_as_its_owner_once_resumed_or_taken_over(tmp_path):
+    from spoold.jobrecord import user_tenant
+
+    spool, other = make_spool(tmp_path), make_spool(tmp_path, "h2")
+    for name in ("resumed.jsonl", "taken.jsonl"):
+        (spool.inbox / name).write_text("{}\n")
+    resumed, old = spool.claim_drop("resumed.jsonl"), other.claim_drop("taken.jsonl")
+    for job in (resumed, old):
+        _as_claimed_before_submitters_were_kept(job)
+        assert job.read_record()[0].share_tenant() == ""  # a tenant of its own beside its owner's new drops
+    spool.recover()
+    taken = spool.take_over(old)
+    for job in (resumed, taken):
+        record = job.read_record()[0]
+        assert (record.submitter_uid, record.share_tenant()) == (os.getuid(), user_tenant(os.getuid()))
+
+
+def test_an_api_batch_and_a_part_of_a_split_batch_keep_whose_they_are_when_resumed(tmp_path):
+    spool = make_spool(tmp_path)
+    batch = spool.claim_drop(f"{_api_batch(spool)}.jsonl")
+    (spool.inbox / "part.jsonl").write_text("{}\n")
+    part = spool.claim_drop("part.jsonl")
+    record = part.read_record()[0]
+    record.submitter_uid, record.group = None, {"id": "big-20261201T000000-0123456789abcdef", "part": 1,
+                                                "parts": 2, "first_line": 1}
+    spool.save(part, record)  # a part claimed before: its input is the daemon's, not its submitter's
+    before = {job.id: job.batch.read_bytes() for job in (batch, part)}
+    spool.recover()
+    assert {job.id: job.batch.read_bytes() for job in (batch, part)} == before
