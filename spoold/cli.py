@@ -152,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "job goes to the outbox with status \"cancelled\". A job may be "
                                      "cancelled by its owner (who submitted it), the daemon's user or root; a "
                                      "submitter's cancel is asked for in the inbox and taken by the daemon "
-                                     "within a second or so. A drop not yet claimed is withdrawn by deleting "
-                                     "it from the inbox.")
+                                     "within a second or so. A split batch is cancelled whole, by its id, "
+                                     "on every daemon running its parts. A drop not yet claimed is withdrawn "
+                                     "by deleting it from the inbox.")
     p.add_argument("jobs", nargs="+", metavar="JOB", help=JOB_HELP)
     p.set_defaults(func=cmd_cancel)
 

@@ -245,15 +245,31 @@ class Groups:
         if not is_plain_name(group_id) or not group.path.is_dir():
             return None
         self.spool.mark_cancelled(group.cancel_request)
-        prefix = f"{group_id}{PART_INFIX}"
-        for parent in (group.parts, *subdirs(self.spool.processing)):
-            for path in subdirs(parent):
-                if path.name.startswith(prefix):
-                    try:
-                        self.spool.mark_cancelled(JobDir(path).cancel_request)
-                    except FileNotFoundError:
-                        continue  # it moved on (claimed, or finished) meanwhile: looked at again below
+        for part in [*self._parts_in(group.parts, group_id), *self.running_parts(group_id)]:
+            try:
+                self.spool.mark_cancelled(part.cancel_request)
+            except FileNotFoundError:
+                continue  # it moved on meanwhile: listed again on its host, or claimed after the group's
+                # mark, which the claim passes on (`claim`), or finished
         return group
+
+    def take_owner_cancel(self, group_id: str) -> bool:
+        """Cancel split batch `group_id` (`request_cancel`) when its owner asked for it in the inbox, as
+        `Spool.take_owner_cancel` does for one job; True when it did. Its owner is the group's submitter
+        (the original's record, or its input, which the split moves into the group); a part's own input
+        is the daemon's. For the runners of its parts: a submitter may not mark the group, and its parts
+        run on many hosts."""
+        return self.spool.take_owner_request(self.group(group_id), lambda: self.request_cancel(group_id))
+
+    def running_parts(self, group_id: str) -> list[JobDir]:
+        """The parts of split batch `group_id` that daemons have claimed, on every host. Members of the
+        spool's group may look here (not into groups/): `spoold cancel` by a submitter does."""
+        return [part for host in subdirs(self.spool.processing) for part in self._parts_in(host, group_id)]
+
+    @staticmethod
+    def _parts_in(directory: Path, group_id: str) -> list[JobDir]:
+        prefix = f"{group_id}{PART_INFIX}"
+        return [JobDir(path) for path in subdirs(directory) if path.name.startswith(prefix)]
 
     def progress(self, group_id: str, running: Mapping[str, dict[str, Any]] | None = None) -> dict[str, Any] | None:
         """A split batch's combined progress, as one batch: its parts' durable counts (finished parts'
@@ -350,6 +366,7 @@ class Groups:
                 rename_noreplace(staging.path, dest)
                 fsync_dir(self.spool.outbox)
                 fsync_dir(staging.path.parent)
+                self.spool.remove_late_cancel(group.id)  # its owner's, asked for too late to be taken
         except OSError:
             if not dest.is_dir():
                 raise

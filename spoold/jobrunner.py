@@ -24,7 +24,7 @@ from .dispatch import Dispatch, EngineLost
 from .duplicates import DuplicateFinder
 from .durable import finish_in_thread
 from .engine import Engine, EngineDead
-from .groups import Groups
+from .groups import Groups, group_of
 from .jobinput import InputRejected, check_unchanged, no_request_lines, open_input
 from .jobrecord import JobRecord
 from .lifecycle import JobStatus, Outcome
@@ -128,9 +128,12 @@ class JobRunner:
         return outcome
 
     async def _watch_for_cancel(self) -> None:
+        split_batch = group_of(self.job.id)
         while not self.job.cancel_request.exists() and not self._expiry_due():
             if self.spool.owner_cancel_asked(self.job.id):  # from the inbox: made the job's own if its owner's
                 await finish_in_thread(self.spool.take_owner_cancel, self.job)
+            if split_batch and self.spool.owner_cancel_asked(split_batch):  # the whole batch's, this part's too
+                await finish_in_thread(self.groups.take_owner_cancel, split_batch)
             await asyncio.sleep(CANCEL_POLL_SECONDS)
         self.stop.set()  # this run's stop: what is in flight settles, then run() cancels or expires the job
 

@@ -3,10 +3,13 @@
 A running job's directory is the daemon's to change: a member of the spool's
 group may look into it, not leave a cancel marker there. So its owner asks in
 the inbox, which they may write (`inbox/<job-id>.cancel`), and the daemon
-running the job takes the request if whoever made it owns the job's input
-(`Spool.take_owner_cancel`); a request from anyone else is removed unheeded.
+running the job takes the request if whoever made it is the job's owner
+(`spool.job_owner`, `Spool.take_owner_cancel`); a request from anyone else is
+removed unheeded.
 This side checks the owner first, so that nobody asks in vain, then waits for
-the daemon to take the request, to say what became of it.
+the daemon to take the request, to say what became of it. A split batch
+(groups.py) is asked for the same way, by its id: the runner of any of its
+parts takes the request and cancels every part, wherever it runs.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import time
 from dataclasses import dataclass
 
 from .access import user_name
-from .spool import JobDir, Spool
+from .groups import Groups, group_of
+from .spool import JobDir, Spool, job_owner
 
 #: How long to wait for the daemon to take the request: each running job looks for one every 0.2 s.
 TAKE_WAIT_SECONDS = 10.0
@@ -35,16 +39,19 @@ class OwnCancel:
 
 
 def cancel_own_job(spool: Spool, job_id: str) -> OwnCancel | None:
-    """Ask for the cancel of running job `job_id` as its owner; None when no such job runs (a split batch's
-    id included: its parts run on many hosts, and its cancel is root's). PermissionError when this user
-    may not look into processing/ at all."""
+    """Ask for the cancel of running job `job_id` (or split batch: `cancel_own_split_batch`) as its owner;
+    None when no such job runs. PermissionError when this user may not look into processing/ at all."""
     job = spool.running_job(job_id)
+    if job is None:
+        return cancel_own_split_batch(spool, job_id)
     try:
-        owner = os.lstat(job.input).st_uid if job else None
+        owner = job_owner(job)
     except FileNotFoundError:  # no input: not a job a drop became (a failed drop on its way to failed/)
-        owner = None
-    if job is None or owner is None:
         return None
+    split_batch = group_of(job_id)
+    if owner != os.geteuid() and split_batch:
+        return OwnCancel(False, f"cannot cancel {job_id!r} alone: it is a part of split batch {split_batch}, "
+                                f"which its owner cancels whole (spoold cancel {split_batch})")
     if owner != os.geteuid() and job.read_batch().get("input_file_id"):
         return OwnCancel(False, f"cannot cancel {job_id!r} here: it is a batch made through `spoold api`, which its "
                                 f"owner cancels through the API (client.batches.cancel)")
@@ -66,6 +73,30 @@ def cancel_own_job(spool: Spool, job_id: str) -> OwnCancel | None:
         return OwnCancel(True, f"asked for the cancel of {job_id} in {spool.inbox}/; its daemon has not taken "
                                f"the request yet, and will once it runs the job again (`spoold status`)")
     return OwnCancel(False, f"the daemon running {job_id} did not take the cancel as this user's")
+
+
+def cancel_own_split_batch(spool: Spool, group_id: str) -> OwnCancel | None:
+    """Ask for the cancel of split batch `group_id` as its owner; None when none of its parts runs now
+    (groups/, where the others wait, is the daemon's alone: nothing there says whose the batch is)."""
+    parts = Groups(spool).running_parts(group_id)
+    record = parts[0].read_record()[0] if parts else None  # a part carries its batch's submitter and tenant
+    if record is None or (record.submitter_uid is None and not record.tenant):
+        return None
+    if record.tenant:
+        return OwnCancel(False, f"cannot cancel {group_id!r} here: it is a batch made through `spoold api`, which "
+                                f"its owner cancels through the API (client.batches.cancel)")
+    if record.submitter_uid != os.geteuid():
+        return OwnCancel(False, f"cannot cancel {group_id!r}: it is {user_name(record.submitter_uid)}'s batch; "
+                                f"only its owner, the daemon's user and root may cancel it")
+    request = spool.ask_owner_cancel(group_id)
+    deadline = time.monotonic() + TAKE_WAIT_SECONDS
+    while request.exists() and time.monotonic() < deadline:
+        time.sleep(LOOK_SECONDS)
+    if not request.exists():
+        said = f"cancelling {group_id} (a split batch) on every daemon running its parts: its results so far go to "
+        return OwnCancel(True, said + f"{spool.outbox / group_id} once every part has stopped")
+    return OwnCancel(True, f"asked for the cancel of {group_id} in {spool.inbox}/; no daemon has taken the request "
+                           f"yet, and the next one to run one of its parts will (`spoold status`)")
 
 
 def _cancelled(spool: Spool, job: JobDir) -> bool:

@@ -568,22 +568,27 @@ class Spool:
     def take_owner_cancel(self, job: JobDir) -> bool:
         """Make the cancel `job`'s owner asked for in the inbox the job's own; True when it did.
 
-        Its owner is whoever owns its input (the drop's owner, kept by the
-        claim's rename), as for a `.ready` marker: anyone may write the
-        inbox, but nobody may cancel another's job. A request from anyone
-        else is removed with a warning; an entry by that name that is not a
-        plain file is never followed, and left where it is.
+        Its owner is `job_owner`'s (the drop's owner, kept by the claim's
+        rename), as for a `.ready` marker: anyone may write the inbox, but
+        nobody may cancel another's job.
         """
+        return self.take_owner_request(job, lambda: self.mark_cancelled(job.cancel_request))
+
+    def take_owner_request(self, job: JobDir, cancel: Callable[[], object]) -> bool:
+        """`cancel()` when the cancel of `job` asked for in the inbox is by its submitter (or root, or the
+        daemon's user); True when it was. A request from anyone else is removed with a warning; an entry by
+        that name that is not a plain file is never followed, and left where it is; with no input to judge
+        by yet, the request waits."""
         request = self.owner_cancel_request(job.id)
         try:
-            st, owner = os.lstat(request), os.lstat(job.input).st_uid
+            st, owner = os.lstat(request), job_owner(job)
         except FileNotFoundError:
             return False
         if not stat.S_ISREG(st.st_mode):
             return False
         honoured = may_mark(st.st_uid, owner)
         if honoured:
-            self.mark_cancelled(job.cancel_request)
+            cancel()  # before the request goes: `spoold cancel` waits for that, then looks for the cancel
         else:
             log.warning("a cancel request for job %s by uid %d is not its owner's (uid %d); removed", job.id,
                         st.st_uid, owner)
@@ -591,7 +596,7 @@ class Spool:
             _unlink_quietly(request)
         return honoured
 
-    def _remove_late_cancel(self, job_id: str) -> None:
+    def remove_late_cancel(self, job_id: str) -> None:
         """Remove a cancel of `job_id` asked for in the inbox too late, as its job is published. Only a plain
         file: anything else by that name stays, as any stray entry does, and no error here may fail the
         publish that has just been made."""
@@ -615,7 +620,7 @@ class Spool:
             self.before_publish(job)
         with self._moves:
             durable_rename(job.path, dest)
-            self._remove_late_cancel(job.id)
+            self.remove_late_cancel(job.id)
         return JobDir(dest)
 
     def move_to_failed(self, job: JobDir) -> JobDir:
@@ -632,7 +637,7 @@ class Spool:
             self.before_publish(job)
         with self._moves:
             durable_rename(job.path, dest)
-            self._remove_late_cancel(job.id)
+            self.remove_late_cancel(job.id)
         return JobDir(dest)
 
 
@@ -690,6 +695,17 @@ def subdirs(root: Path) -> list[Path]:
                       if e.is_dir(follow_symlinks=False) and not e.name.startswith("."))
     except FileNotFoundError:
         return []
+
+
+def job_owner(job: JobDir) -> int:
+    """Who may cancel `job` besides root and the daemon's user: its submitter as its claim recorded it (a
+    `spoold retry` root ran for alice is hers, as she may retry it), else its input's owner; a part of a
+    split batch is the daemon's, its owner cancels the whole batch. FileNotFoundError without an input."""
+    uid = os.lstat(job.input).st_uid
+    record, _ = job.read_record()
+    if record is None or record.submitter_uid is None or record.group is not None:
+        return uid
+    return record.submitter_uid
 
 
 def _claimed_at(job: JobDir) -> float:

@@ -248,8 +248,10 @@ def test_cancel_retry_and_results_by_file_name_say_which_job_it_became_and_touch
     assert not (root / "inbox").exists() or not list((root / "inbox").iterdir())  # no retry dropped
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another user needs root")
-def test_cancel_by_a_user_who_may_not_write_the_job_asks_the_daemon_if_the_job_is_theirs(monkeypatch):
+@pytest.fixture
+def cancel_as_nobody(monkeypatch):
+    """(a spool root with an open inbox and no daemon, `cancel(JOB)`: `spoold cancel JOB` run as nobody, its
+    [exit code, stdout, stderr]). The spool is not under pytest's tmp_path, which is root's alone."""
     import contextlib
     import io
     import shutil
@@ -261,55 +263,96 @@ def test_cancel_by_a_user_who_may_not_write_the_job_asks_the_daemon_if_the_job_i
     from spoold.cli import main
 
     monkeypatch.setattr(owncancel, "TAKE_WAIT_SECONDS", 0.3)  # no daemon here: how long it waits to be taken
-    base = Path(tempfile.mkdtemp(prefix="spoold-cancel-"))  # not under pytest's tmp_path, which is root's alone
-    try:
-        base.chmod(0o755)
-        root = base / "spool"
-        running = root / "processing" / "gpu1" / "scores-20261202T090000-fedcba9876543210"
-        running.mkdir(parents=True)
-        (running / "input.jsonl").write_text("{}\n")  # root's: as another submitter's drop is to nobody
-        inbox = root / "inbox"
-        inbox.mkdir(mode=0o1777)
-        inbox.chmod(0o1777)  # sticky and open, as the packaged inbox is to its group
-        request = inbox / f"{running.name}.cancel"
-        config = write_config(base / "c.toml", root)
-        config.chmod(0o644)
+    base = Path(tempfile.mkdtemp(prefix="spoold-cancel-"))
+    base.chmod(0o755)
+    root = base / "spool"
+    (root / "inbox").mkdir(parents=True)
+    (root / "inbox").chmod(0o1777)  # sticky and open, as the packaged inbox is to its group
+    config = write_config(base / "c.toml", root)
+    config.chmod(0o644)
 
-        def cancel():
+    def cancel(job_id):
+        def run():
             out, err = io.StringIO(), io.StringIO()
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                return main(["cancel", running.name, "--config", str(config)]), out.getvalue(), err.getvalue()
-
-        # a member of the group may look into the running job, not write there; it is not theirs
-        for d in (root / "processing", root / "processing" / "gpu1", running):
-            d.chmod(0o755)
-        assert as_nobody(cancel) == {"ok": [1, "", f"spoold: cannot cancel '{running.name}': it is root's job; only "
-                                                   "its owner, the daemon's user and root may cancel it\n"]}
-        assert not request.exists() and not (running / "cancel.requested").exists()
-        (running / "batch.json").write_text(json.dumps({"input_file_id": "file-abc"}))  # made through the API
-        assert as_nobody(cancel) == {"ok": [1, "", f"spoold: cannot cancel '{running.name}' here: it is a batch made "
-                                                   "through `spoold api`, which its owner cancels through the API "
-                                                   "(client.batches.cancel)\n"]}
-        (running / "batch.json").unlink()
-
-        # their own: asked for in the inbox, for the daemon to take (none runs here, so it waits there)
-        os.chown(running / "input.jsonl", NOBODY, NOBODY)
-        code, out, err = as_nobody(cancel)["ok"]
-        assert (code, err) == (0, "") and out == (f"asked for the cancel of {running.name} in {inbox}/; its daemon "
-                                                  "has not taken the request yet, and will once it runs the job "
-                                                  "again (`spoold status`)\n")
-        assert os.stat(request).st_uid == NOBODY
-        request.unlink()
-
-        # a user outside the group sees no running job at all
-        for d in (root / "processing", root / "processing" / "gpu1", running):
-            d.chmod(0o750)
-        assert as_nobody(cancel) == {"ok": [1, "", f"spoold: cannot cancel '{running.name}': a running job in "
-                                                   f"{root / 'processing'}/ is changed by its owner, the daemon's "
-                                                   "user and root only; run it as root (sudo spoold cancel ...)\n"]}
-        assert not request.exists()
+                return main(["cancel", job_id, "--config", str(config)]), out.getvalue(), err.getvalue()
+        return as_nobody(run)["ok"]
+    try:
+        yield root, cancel
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another user needs root")
+def test_cancel_by_a_user_who_may_not_write_the_job_asks_the_daemon_if_the_job_is_theirs(cancel_as_nobody):
+    root, cancel = cancel_as_nobody
+    running = root / "processing" / "gpu1" / "scores-20261202T090000-fedcba9876543210"
+    running.mkdir(parents=True)
+    (running / "input.jsonl").write_text("{}\n")  # root's: as another submitter's drop is to nobody
+    inbox = root / "inbox"
+    request = inbox / f"{running.name}.cancel"
+
+    # a member of the group may look into the running job, not write there; it is not theirs
+    for d in (root / "processing", root / "processing" / "gpu1", running):
+        d.chmod(0o755)
+    assert cancel(running.name) == [1, "", f"spoold: cannot cancel '{running.name}': it is root's job; only its "
+                                           "owner, the daemon's user and root may cancel it\n"]
+    assert not request.exists() and not (running / "cancel.requested").exists()
+    (running / "batch.json").write_text(json.dumps({"input_file_id": "file-abc"}))  # made through the API
+    assert cancel(running.name) == [1, "", f"spoold: cannot cancel '{running.name}' here: it is a batch made "
+                                           "through `spoold api`, which its owner cancels through the API "
+                                           "(client.batches.cancel)\n"]
+    (running / "batch.json").unlink()
+
+    # their own: asked for in the inbox, for the daemon to take (none runs here, so it waits there)
+    os.chown(running / "input.jsonl", NOBODY, NOBODY)
+    code, out, err = cancel(running.name)
+    assert (code, err) == (0, "") and out == (f"asked for the cancel of {running.name} in {inbox}/; its daemon "
+                                              "has not taken the request yet, and will once it runs the job "
+                                              "again (`spoold status`)\n")
+    assert os.stat(request).st_uid == NOBODY
+    request.unlink()
+
+    # a user outside the group sees no running job at all
+    for d in (root / "processing", root / "processing" / "gpu1", running):
+        d.chmod(0o750)
+    assert cancel(running.name) == [1, "", f"spoold: cannot cancel '{running.name}': a running job in "
+                                           f"{root / 'processing'}/ is changed by its owner, the daemon's "
+                                           "user and root only; run it as root (sudo spoold cancel ...)\n"]
+    assert not request.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another user needs root")
+def test_a_split_batch_is_cancelled_whole_by_its_owner_who_may_not_look_into_groups(cancel_as_nobody):
+    root, cancel = cancel_as_nobody
+    group_id = "big-20261202T090000-fedcba9876543210"
+    part = root / "processing" / "gpu1" / f"{group_id}-part0002"  # one part runs; the rest wait in groups/
+    part.mkdir(parents=True)
+    for d in (root / "processing", root / "processing" / "gpu1", part):
+        d.chmod(0o755)  # a member of the spool's group may look in, as packaged
+    (root / "groups" / group_id).mkdir(parents=True)
+    (root / "groups").chmod(0o750)  # the daemon's alone
+    (part / "input.jsonl").write_text("{}\n")  # written by the daemon's split
+    inbox = root / "inbox"
+    request = inbox / f"{group_id}.cancel"
+
+    def record(submitter):
+        group = {"id": group_id, "part": 2, "parts": 9, "first_line": 20001}
+        (part / "batch.json").write_text(json.dumps({"id": part.name, "submitter_uid": submitter, "group": group}))
+
+    record(0)  # root's batch
+    assert cancel(group_id) == [1, "", f"spoold: cannot cancel '{group_id}': it is root's batch; only its owner, "
+                                       "the daemon's user and root may cancel it\n"]
+    assert not request.exists()
+    record(NOBODY)  # theirs: asked for in the inbox, for the runner of any part to take (none runs here)
+    assert cancel(group_id) == [0, f"asked for the cancel of {group_id} in {inbox}/; no daemon has taken the "
+                                   "request yet, and the next one to run one of its parts will (`spoold status`)\n", ""]
+    assert os.stat(request).st_uid == NOBODY
+    request.unlink()
+    # a part is not cancelled alone: its lines are the batch's
+    assert cancel(part.name) == [1, "", f"spoold: cannot cancel '{part.name}' alone: it is a part of split batch "
+                                        f"{group_id}, which its owner cancels whole (spoold cancel {group_id})\n"]
+    assert not list(inbox.iterdir())
 
 
 def test_a_user_kept_out_of_the_spool_is_told_whose_it_is_and_how_to_get_in():

@@ -1,5 +1,7 @@
-"""Split batches: assembling when two assemblies meet (one publish, one webhook delivery); whose the parts are."""
+"""Split batches: assembling when two assemblies meet (one publish, one webhook delivery); whose the parts are;
+its owner's cancel."""
 
+import asyncio
 import base64
 import dataclasses
 import json
@@ -8,10 +10,14 @@ import threading
 
 import pytest
 
-from spoold.config import EngineSettings, SpoolSettings
+from spoold.config import EngineSettings, LimitsSettings, SpoolSettings
 from spoold.groups import Groups
+from spoold.jobrunner import JobRunner
+from spoold.lifecycle import Outcome
 from spoold.spool import Spool
+from spoold.validation import ModelResolver
 from spoold.webhooks import Deliveries, record_end
+from spoold.window import FairWindow
 
 from .fake_engine import EchoEngine
 from .helpers import chat_line, check_exactly_once, write_jsonl
@@ -102,3 +108,41 @@ def test_the_parts_of_a_persons_split_batch_share_the_engine_as_that_person(tmp_
     assert parts and parts[0][1].share_tenant() == "uid:1001"  # whose turn among the waiting work
     claimed = Groups(spool).claim(parts[0][0])
     assert claimed.read_record()[0].share_tenant() == "uid:1001"  # whose share of the window it runs on
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="files of other owners need root")
+def test_a_split_batchs_owner_cancels_it_whole_by_asking_in_the_inbox_and_nobody_else_can(tmp_path):
+    spool, job, engine = setup(tmp_path, [chat_line(i) for i in range(2000)], delay=0.01)
+    spool.settings = dataclasses.replace(spool.settings, split_lines=500)
+    os.chown(job.input, 1001, 1001)  # alice's drop...
+    record = job.read_record()[0]
+    record.submitter_uid = 1001  # ...as its claim records it
+    spool.save(job, record)
+    run_job(spool, job, engine)  # split into four parts, none run yet
+    groups, request = Groups(spool), spool.owner_cancel_request(job.id)
+    first = groups.claim(next(groups.claimable(set()))[0])
+
+    def ask_as(uid):  # made whole, then renamed in, as `spoold cancel GROUP` by a submitter leaves it
+        made = spool.inbox / ".request.tmp"
+        made.write_text("")
+        os.chown(made, uid, uid)
+        os.rename(made, request)
+
+    async def go():
+        runner = JobRunner(spool, first, engine, ModelResolver({}, "fake-model"), LimitsSettings(),
+                           FairWindow(4).join(first.id), asyncio.Event())
+        task = asyncio.create_task(runner.run())
+        while runner.refresh().done < 10:
+            await asyncio.sleep(0.01)
+        ask_as(1002)  # bob's request for alice's batch: removed, and her part runs on
+        while request.exists() and not task.done():
+            await asyncio.sleep(0.01)
+        assert not request.exists() and not task.done() and not first.cancel_request.exists()
+        ask_as(1001)  # alice's, taken by the runner of a part: the whole batch is cancelled
+        return await task
+    assert asyncio.run(go()) == Outcome.CANCELLED
+    assert not request.exists() and groups.group(job.id).cancel_request.exists()
+    while claimable := list(groups.claimable(set())):  # the parts left run cancelled, and it is assembled
+        run_job(spool, groups.claim(claimable[0][0]), engine)
+    assembled = json.loads((spool.outbox / job.id / "batch.json").read_text())
+    assert assembled["status"] == "cancelled" and assembled["request_counts"]["completed"] < 500

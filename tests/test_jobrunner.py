@@ -122,7 +122,10 @@ def test_a_cancel_stops_the_job_and_publishes_what_is_done_without_the_daemon(tm
 def test_a_cancel_its_owner_asks_for_in_the_inbox_stops_the_job_and_anyone_elses_is_removed_unheeded(tmp_path):
     rows = [chat_line(i) for i in range(2000)]  # some 5 s of work: the cancel lands long before the end
     spool, job, engine = setup(tmp_path, rows, delay=0.01)
-    os.chown(job.input, 1000, 1000)  # a submitter's drop
+    os.chown(job.input, 1000, 1000)  # a submitter's drop...
+    record = job.read_record()[0]
+    record.submitter_uid = 1000  # ...as its claim records it
+    spool.save(job, record)
     request = spool.owner_cancel_request(job.id)
 
     def ask_as(uid):  # made whole, then renamed in: the runner never sees it as root's

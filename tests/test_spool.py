@@ -283,6 +283,31 @@ def test_a_cancel_asked_for_in_the_inbox_counts_only_as_a_plain_file_of_the_jobs
     assert not request.exists() and job.cancel_request.exists()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="files of other owners need root")
+def test_the_person_a_retry_was_made_for_may_cancel_it_but_not_one_part_of_a_split_batch(tmp_path):
+    spool = make_spool(tmp_path)
+
+    def asked_by(uid, job):
+        request = spool.owner_cancel_request(job.id)
+        request.write_text("")
+        os.chown(request, uid, uid)
+        return spool.take_owner_cancel(job)
+
+    (spool.inbox / "a-retry.jsonl").write_text("{}\n")  # root's drop, as `sudo spoold retry` leaves it
+    retry = spool.claim_drop("a-retry.jsonl")
+    record = retry.read_record()[0]
+    record.submitter_uid = 1000  # the claim found it retries alice's job: hers, as she may retry it again
+    spool.save(retry, record)
+    assert not asked_by(1001, retry) and asked_by(1000, retry) and retry.cancel_request.exists()
+
+    (spool.inbox / "big.jsonl").write_text("{}\n")
+    part = spool.claim_drop("big.jsonl")  # as a part's input is, the daemon's
+    record = part.read_record()[0]
+    record.submitter_uid, record.group = 1000, {"id": "big", "part": 1, "parts": 2, "first_line": 1}
+    spool.save(part, record)
+    assert not asked_by(1000, part) and not part.cancel_request.exists()  # her batch is cancelled whole
+
+
 def _as_claimed_before_submitters_were_kept(job):
     doc = json.loads(job.batch.read_text())
     del doc["submitter_uid"]

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from spoold.spool import JobDir
+
 from ..helpers import REPO, DaemonProcess, as_user, chat_line, wait_for, write_config, write_jsonl
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="making users needs root")
@@ -184,3 +186,32 @@ def test_the_group_sees_what_runs_and_how_far_it_is_and_only_its_owner_may_cance
     cancelled = wait_for(lambda: job_of(root / "outbox", "big.jsonl"), 30, "the cancelled job in the outbox")
     assert json.loads((cancelled / "batch.json").read_text())["status"] == "cancelled"
     assert not request.exists()
+
+
+def test_a_split_batch_is_cancelled_whole_by_its_owner_who_may_not_look_into_groups(spool):
+    root, home, lines, daemon = spool
+    daemon.terminate()  # this one splits big batches: parts of 2,000 lines, some 2.5 s each here
+    config = root.parent / "c.toml"
+    config.write_text(config.read_text().replace("[spool]\n", "[spool]\nsplit_lines = 2000\n", 1))
+    splitting = DaemonProcess(config, root.parent / "splitting.log").start()
+    try:
+        splitting.wait_ready(root, timeout=60)
+        inbox, host = root / "inbox", root / "processing" / "testhost"
+        big = write_jsonl(home[ALICE].parent / "big.jsonl", [chat_line(i) for i in range(20_000)])
+        big.chmod(0o644)
+        ok(as_(ALICE, f"cp {big} {inbox}/.big.tmp && mv {inbox}/.big.tmp {inbox}/big.jsonl"))
+        part = wait_for(lambda: next(host.glob("big-*-part*"), None), 30, "a part of the split batch running")
+        group_id = part.name.rpartition("-part")[0]
+        refused(as_(ALICE, f"ls {root}/groups"))  # where its other parts wait, and its input: the daemon's
+        # bob's request for alice's batch is removed unheeded, and it runs on...
+        request = inbox / f"{group_id}.cancel"
+        ok(as_(BOB, f"touch {request}"))
+        wait_for(lambda: not request.exists(), 20, "bob's request removed")
+        assert not (root / "groups" / group_id / "cancel.requested").exists()
+        # ...and alice's, its owner's, stops every part: the batch is assembled as cancelled
+        ok(as_(ALICE, f"touch {request}"))
+        batch = wait_for(lambda: JobDir(root / "outbox" / group_id).read_batch(), 60, "the cancelled batch")
+        assert batch["status"] == "cancelled" and batch["request_counts"]["completed"] < 20_000
+        assert not request.exists() and splitting.proc.poll() is None
+    finally:
+        splitting.terminate()
