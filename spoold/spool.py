@@ -510,11 +510,11 @@ class Spool:
         if record is None or record.tenant or record.submitter_uid is not None or record.group is not None:
             return
         try:
-            owner = os.lstat(job.input).st_uid
-        except OSError:
-            return  # its run says what is wrong with the input
-        record.submitter_uid = submitter_of(self.outbox, record.retry_of, owner)
-        self.save(job, record)
+            record.submitter_uid = submitter_of(self.outbox, record.retry_of, os.lstat(job.input).st_uid)
+            self.save(job, record)
+        except OSError as e:  # no input (its run says so), or a full disk: it shares as before, and runs
+            log.warning("job %s: cannot record its submitter (%s); it shares the engine as before", job.id, e)
+            return
         log.info("job %s: recorded its submitter, uid %d (claimed before submitters were kept)",
                  job.id, record.submitter_uid)
 
