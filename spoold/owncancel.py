@@ -52,12 +52,9 @@ def cancel_own_job(spool: Spool, job_id: str) -> OwnCancel | None:
     if owner != os.geteuid() and split_batch:
         return OwnCancel(False, f"cannot cancel {job_id!r} alone: it is a part of split batch {split_batch}, "
                                 f"which its owner cancels whole (spoold cancel {split_batch})")
-    if owner != os.geteuid() and job.read_batch().get("input_file_id"):
-        return OwnCancel(False, f"cannot cancel {job_id!r} here: it is a batch made through `spoold api`, which its "
-                                f"owner cancels through the API (client.batches.cancel)")
-    if owner != os.geteuid():
-        return OwnCancel(False, f"cannot cancel {job_id!r}: it is {user_name(owner)}'s job; only its owner, the "
-                                f"daemon's user and root may cancel it")
+    refusal = _refusal(job_id, owner, "job", bool(job.read_batch().get("input_file_id")))
+    if refusal is not None:
+        return refusal
     request = spool.ask_owner_cancel(job_id)
     deadline = time.monotonic() + TAKE_WAIT_SECONDS
     while request.exists() and job.path.is_dir() and time.monotonic() < deadline:
@@ -82,12 +79,9 @@ def cancel_own_split_batch(spool: Spool, group_id: str) -> OwnCancel | None:
     record = parts[0].read_record()[0] if parts else None  # a part carries its batch's submitter and tenant
     if record is None or (record.submitter_uid is None and not record.tenant):
         return None
-    if record.tenant:
-        return OwnCancel(False, f"cannot cancel {group_id!r} here: it is a batch made through `spoold api`, which "
-                                f"its owner cancels through the API (client.batches.cancel)")
-    if record.submitter_uid != os.geteuid():
-        return OwnCancel(False, f"cannot cancel {group_id!r}: it is {user_name(record.submitter_uid)}'s batch; "
-                                f"only its owner, the daemon's user and root may cancel it")
+    refusal = _refusal(group_id, record.submitter_uid, "batch", bool(record.tenant))
+    if refusal is not None:
+        return refusal
     request = spool.ask_owner_cancel(group_id)
     deadline = time.monotonic() + TAKE_WAIT_SECONDS
     while request.exists() and time.monotonic() < deadline:
@@ -97,6 +91,18 @@ def cancel_own_split_batch(spool: Spool, group_id: str) -> OwnCancel | None:
         return OwnCancel(True, said + f"{spool.outbox / group_id} once every part has stopped")
     return OwnCancel(True, f"asked for the cancel of {group_id} in {spool.inbox}/; no daemon has taken the request "
                            f"yet, and the next one to run one of its parts will (`spoold status`)")
+
+
+def _refusal(job_id: str, owner: int | None, noun: str, made_through_api: bool) -> OwnCancel | None:
+    """Why this user may not ask for the cancel of `job_id` (a "job" or a "batch"), whose owner is `owner`
+    (None: nobody's here); None when they may. A batch made through `spoold api` is its key's, not a user's."""
+    if owner == os.geteuid():
+        return None
+    if made_through_api:
+        return OwnCancel(False, f"cannot cancel {job_id!r} here: it is a batch made through `spoold api`, which its "
+                                f"owner cancels through the API (client.batches.cancel)")
+    return OwnCancel(False, f"cannot cancel {job_id!r}: it is {user_name(owner)}'s {noun}; only its owner, the "
+                            f"daemon's user and root may cancel it")
 
 
 def _cancelled(spool: Spool, job: JobDir) -> bool:

@@ -157,10 +157,13 @@ def may_retry(job: Path, uid: int, daemon_uid: int) -> bool:
 
 
 def job_submitter(job: Path) -> int:
-    """Whose finished `job` is: the user its record names (`submitter_uid`), else its input's owner.
-    OSError when neither can be read."""
-    uid = _recorded_submitter(job)
-    return uid if uid is not None else os.lstat(job / "input.jsonl").st_uid
+    """Whose `job` (a job's directory, running or finished) is: the user its record names
+    (`submitter_uid`), else its input's owner; a running part of a split batch is the daemon's, whose
+    input it is (its batch's owner acts on the whole batch). OSError when neither can be read."""
+    record, _ = JobRecord.load(job / "batch.json")
+    if record is not None and record.submitter_uid is not None and record.group is None:
+        return record.submitter_uid
+    return os.lstat(job / "input.jsonl").st_uid
 
 
 def submitter_of(outbox: Path, retry_of: str | None, dropper: int) -> int:

@@ -32,7 +32,7 @@ from .apibatch import ApiBatch, read_api_batch
 from .jobrecord import API_FIELDS, JobRecord, user_tenant, weight_of
 from .names import display_name, is_plain_name
 from .readymarker import READY_SUFFIX, may_mark, read_metadata
-from .retries import accept_retry_of, submitter_of
+from .retries import accept_retry_of, job_submitter, submitter_of
 
 log = logging.getLogger(__name__)
 
@@ -422,9 +422,10 @@ class Spool:
                 shutil.rmtree(job.path)
                 fsync_dir(job.path.parent)
                 continue
-            self._remove_stale_drop(job)
+            record, _ = job.read_record()
+            self._remove_stale_drop(job, record)
             self._remove_copies_under_other_hosts(job)
-            self._record_submitter(job)
+            self._record_submitter(job, record)
             jobs.append(job)
         return sorted(jobs, key=_claimed_at)
 
@@ -437,14 +438,13 @@ class Spool:
                 shutil.rmtree(stale)
                 fsync_dir(host_dir)
 
-    def _remove_stale_drop(self, job: JobDir) -> None:
+    def _remove_stale_drop(self, job: JobDir, record: JobRecord | None) -> None:
         """Remove the inbox entry a power cut left of the drop this job claimed.
 
         It is that drop only if it is the very file the job holds (the same
         inode): a resubmission with `rsync -a` or `cp -p` has the same name,
         size and mtime, never the same inode, and stays.
         """
-        record, _ = job.read_record()
         seen = record.drop if record is not None else None
         name = seen.get("name", record.input_file) if isinstance(seen, dict) else None
         if not isinstance(name, str) or "/" in name or not is_drop_name(name):
@@ -497,16 +497,15 @@ class Spool:
         taken = JobDir(dest)
         for path in (taken.output, taken.errors):
             self._replace_with_copy(path)
-        self._record_submitter(taken)
+        self._record_submitter(taken, taken.read_record()[0])
         return taken
 
-    def _record_submitter(self, job: JobDir) -> None:
+    def _record_submitter(self, job: JobDir, record: JobRecord | None) -> None:
         """Record whose a job claimed by a spoold from before `submitter_uid` was kept is, as a claim now
         does (its input's owner, or whose job it retries), when this host resumes or takes it over: else,
         across an upgrade, its owner's new drops would share the engine beside it as a second tenant (and
         `spoold status` would not say whose it is). A batch of an API key and a part of a split batch (its
-        input is the daemon's) say whose they are otherwise."""
-        record, _ = job.read_record()
+        input is the daemon's) say whose they are otherwise. `record`: the job's, as read."""
         if record is None or record.tenant or record.submitter_uid is not None or record.group is not None:
             return
         try:
@@ -698,14 +697,11 @@ def subdirs(root: Path) -> list[Path]:
 
 
 def job_owner(job: JobDir) -> int:
-    """Who may cancel `job` besides root and the daemon's user: its submitter as its claim recorded it (a
-    `spoold retry` root ran for alice is hers, as she may retry it), else its input's owner; a part of a
-    split batch is the daemon's, its owner cancels the whole batch. FileNotFoundError without an input."""
-    uid = os.lstat(job.input).st_uid
-    record, _ = job.read_record()
-    if record is None or record.submitter_uid is None or record.group is not None:
-        return uid
-    return record.submitter_uid
+    """Who may cancel `job` besides root and the daemon's user: its submitter (`retries.job_submitter`: a
+    `spoold retry` root ran for alice is hers, as she may retry it; a part of a split batch is the
+    daemon's, its owner cancels the whole batch). FileNotFoundError without an input: nothing to judge by."""
+    os.lstat(job.input)
+    return job_submitter(job.path)
 
 
 def _claimed_at(job: JobDir) -> float:
