@@ -192,6 +192,8 @@ class Daemon:
             if swap_to is not None and not self.jobs:
                 await self._swap_engine(swap_to)
                 continue
+            if swap_to is not None:
+                self._pause_for_swap(swap_to)  # each pause ends its job's run, which wakes this loop
             await self.inbox.wait()
 
     def _inflight_limit(self) -> int:
@@ -253,8 +255,19 @@ class Daemon:
         self.jobs.start(claimed, self.engine)
         self.state = DaemonState.WORKING
 
+    def _pause_for_swap(self, model: str) -> None:
+        """A job has waited `[models] max_wait_seconds` for `model`: the running jobs pause now rather
+        than keep it waiting until they end (hours, for a big batch). What they have done stays done and
+        what is in flight settles, as in a warm stop; they stay claimed, and resume when their model
+        is loaded again, under the same bound."""
+        paused = self.jobs.pause_all()
+        if paused:
+            log.info("a job has waited over %.0fs for model %s: pausing %d running job(s) of %s for the swap",
+                     self.config.models.max_wait_seconds, model, paused, self.engine.model)
+
     def _job_ended(self, end: JobEnd) -> None:
         """A job's run is over: act on what its end asks, then look for more work (a slot is free)."""
+        self.work.job_ended(end.job_id, end.outcome, end.waits_from_now)
         if end.trouble is Trouble.DISK:
             self._pause_for(end.reason, end.job_id)
         elif end.trouble is Trouble.ENGINE:

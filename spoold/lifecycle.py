@@ -37,6 +37,7 @@ class Outcome(StrEnum):
     EXPIRED = "expired"  # `expires_at` passed first: in outbox/, every unfinished line a `batch_expired` error
     INTERRUPTED = "interrupted"  # stopped (a stop, a hung engine): it resumes later
     WAITING = "waiting"  # this model's lines are done; it waits for its next model
+    PAUSED = "paused"  # stopped for a swap another model's job waited for: it resumes when its model is back
     SPLIT = "split"  # it became a group (groups.py): its parts are jobs of their own, for any daemon
 
 

@@ -74,6 +74,8 @@ class Reporter:
         #: the last GPU readings (taken once per heartbeat, reused by progress events)
         self.readings: list[dict] = []
         self._jobs: dict[str, _Told] = {}
+        #: the heartbeats of jobs that stopped running but stay claimed (waiting for a model), for the next beat
+        self._parked: dict[str, tuple[Path, dict[str, Any]]] = {}
         self._heartbeat_failures: list[str] = []
         self._last_log = 0.0
         self._writing = asyncio.Lock()
@@ -134,6 +136,8 @@ class Reporter:
         told.stalled = False
         self.progress(runner, force=True)
         del self._jobs[runner.job.id]
+        if outcome in (Outcome.WAITING, Outcome.PAUSED):
+            self._park(runner, outcome)
         self._set_stalled_gauge()
         fields = {"job": runner.job.id, "input_file": runner.progress.input_file}
         if runner.progress.group:
@@ -155,6 +159,14 @@ class Reporter:
             self._group_assembled(runner.assembled)
         if outcome in FINAL and not runner.progress.group:  # a part is counted with its batch, once assembled
             self.job_finished(outcome)
+
+    def _park(self, runner: "JobRunner", outcome: Outcome) -> None:
+        """A job that waits claimed for its model: its heartbeat says so (`paused`/`waiting`, nothing in
+        flight) rather than keep its last running beat, which `spoold status` would call stalled."""
+        summary = {**runner.progress.summary(), "state": outcome.value, "inflight": 0,
+                   "requests_per_second": 0.0, "eta_seconds": None}
+        doc = heartbeat_document(self.config.spool.host_id, outcome.value, [], self.readings)
+        self._parked[runner.job.id] = (runner.job.heartbeat, {**doc, "job": summary, "jobs": [summary]})
 
     def _group_assembled(self, job: JobDir) -> None:
         """A split batch is whole again, in outbox/: its end on the feed and in the metrics, as a job's."""
@@ -289,6 +301,9 @@ class Reporter:
         state_dir = self.config.spool.state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0]
         if state_dir:
             beats.append((Path(state_dir) / "heartbeat.json", doc))
+        for job_id in [job_id for job_id in self._parked if job_id not in self._jobs]:  # a job run again beats anew
+            beats.append(self._parked.pop(job_id))
+        self._parked.clear()
         for runner, progress in zip(shown.runners, progresses):
             if progress.state != JobStatus.COMPLETED:  # each job's own, naming only itself
                 job_doc = heartbeat_document(self.config.spool.host_id, state, [progress], self.readings)

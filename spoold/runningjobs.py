@@ -47,6 +47,9 @@ class JobEnd:
     outcome: Outcome
     trouble: Trouble | None = None
     reason: str = ""
+    #: it stays claimed and begins waiting for a model now (paused for a swap, or done with one
+    #: model's lines), rather than from when it came: the scheduler's starvation bound counts from here
+    waits_from_now: bool = False
 
 
 class RunningJobs:
@@ -64,6 +67,8 @@ class RunningJobs:
         #: the engine's in-flight window (a fresh one per engine: `new_window`)
         self.window = FairWindow(capacity)
         self._running: dict[str, Running] = {}
+        #: running jobs asked to stop for a model swap (`pause_all`): they end PAUSED, not INTERRUPTED
+        self._paused: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._running)
@@ -98,6 +103,15 @@ class RunningJobs:
         for running in self._running.values():
             running.runner.stop.set()
 
+    def pause_all(self) -> int:
+        """Stop every running job as `stop_all` does, for a model swap: each ends PAUSED, still claimed,
+        to resume when its model is loaded again. Returns how many were running and not yet stopping."""
+        asked = [running.runner for running in self._running.values() if not running.runner.stop.is_set()]
+        for runner in asked:
+            self._paused.add(runner.job.id)
+            runner.stop.set()
+        return len(asked)
+
     async def settle(self) -> None:
         """Wait until every running job has stopped."""
         await asyncio.gather(*(r.task for r in list(self._running.values())), return_exceptions=True)
@@ -110,6 +124,7 @@ class RunningJobs:
             runner.share.leave()
             self.report.job_ended(runner, end.outcome)
             del self._running[runner.job.id]
+            self._paused.discard(runner.job.id)
             self.on_end(end)
 
     async def _ending(self, runner: JobRunner) -> JobEnd:
@@ -135,7 +150,13 @@ class RunningJobs:
         if outcome is Outcome.WAITING:
             log.info("job %s: the lines for %s are done; next model: %s", job.id, runner.engine.model,
                      runner.record.next_model(), **fields)
-        elif outcome is Outcome.INTERRUPTED and not self.window.closed:  # a closed window: the engine's news
+            # A job claimed on this model only to be validated has not been served yet: it waits from its drop.
+            return JobEnd(job.id, outcome, waits_from_now=runner.engine.model in runner.record.models)
+        if outcome is Outcome.INTERRUPTED and job.id in self._paused:
+            log.info("job %s paused at %d/%d for a model swap; it resumes when %s is loaded again",
+                     job.id, runner.progress.done, runner.progress.total, runner.engine.model, **fields)
+            return JobEnd(job.id, Outcome.PAUSED, waits_from_now=True)
+        if outcome is Outcome.INTERRUPTED and not self.window.closed:  # a closed window: the engine's news
             log.info("job %s interrupted at %d/%d; it resumes on the next start",
                      job.id, runner.progress.done, runner.progress.total, **fields)
         return JobEnd(job.id, outcome)

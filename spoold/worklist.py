@@ -22,7 +22,7 @@ from .durable import finish_in_thread
 from .groups import Groups
 from .jobrecord import JobRecord
 from .jobrunner import job_fields
-from .lifecycle import JobStatus, Outcome
+from .lifecycle import FINAL, JobStatus, Outcome
 from .names import display_name
 from .inbox import InboxTracker
 from .reporter import Reporter
@@ -72,6 +72,11 @@ class WorkList:
         self.owners = DropOwners(spool)
         #: each tenant's last turn (scheduler.fair_order): a count that grows with every job chosen
         self.turns: dict[str, int] = {}
+        #: when a claimed job began waiting for the model it needs next, where that is not when it was
+        #: claimed: a drop waits from its arrival, a job paused for a swap (or done with one model's
+        #: lines) from then. The scheduler's `max_wait_seconds` counts from here (kept in memory only:
+        #: after a restart a job waits from its claim)
+        self.waiting_since: dict[str, float] = {}
 
     def recover(self) -> None:
         """Before READY: clean half-made claims, finish the assemblies a crash cut short (of any host:
@@ -148,7 +153,17 @@ class WorkList:
             model = first_model(job.input, self.resolver)
         else:
             model = self.known(record.next_model())
-        return _waiting(Claimed(job, read), model, record)
+        candidate = _waiting(Claimed(job, read), model, record)
+        since = self.waiting_since.get(job.id)
+        return candidate if since is None else dataclasses.replace(candidate, since=since)
+
+    def job_ended(self, job_id: str, outcome: Outcome, waits_from_now: bool) -> None:
+        """A run of a job ended: one that stays claimed for another model waits from now (or, not yet
+        served, from when it came); one that has left the host is forgotten."""
+        if waits_from_now:
+            self.waiting_since[job_id] = time.time()
+        elif outcome in FINAL or outcome is Outcome.SPLIT:
+            self.waiting_since.pop(job_id, None)
 
     @staticmethod
     def validated(candidate: Candidate) -> bool:
@@ -229,6 +244,7 @@ class WorkList:
         file can neither stop the daemon nor make it retry in a loop.
         """
         shown = display_name(name)
+        arrived = self.inbox.seen_at(name)
         try:
             job = await finish_in_thread(self.spool.claim_drop, name)
         except DropRefused as refused:
@@ -249,6 +265,7 @@ class WorkList:
         self.owners.forget(name)
         if job is None:
             return None
+        self.waiting_since[job.id] = arrived  # validated on whatever model is loaded, it waits on for its own
         log.info("claimed '%s' as job %s", shown, job.id, **job_fields(job.id))
         self.report.publish("spoold.job.claimed", {"job": job.id, "input_file": shown})
         return Claimed(job, None)

@@ -111,3 +111,35 @@ def test_one_persons_hundred_drops_do_not_hold_back_another_persons_one(tmp_path
 
     record, _ = asyncio.run(daemon.work.claim(bobs)).job.read_record()
     assert (record.submitter_uid, record.share_tenant(), record.tenant) == (1002, "uid:1002", "")
+
+
+def test_a_drop_for_another_model_waits_from_its_arrival_not_from_its_claim(tmp_path, monkeypatch):
+    """A drop for another model is claimed on the loaded one to be validated; the wait `max_wait_seconds`
+    bounds began when it came, so its swap is due then, not another `max_wait_seconds` after the claim."""
+    import time
+
+    from spoold.config import parse_config
+
+    config = parse_config({"spool": {"root": str(tmp_path / "spool"), "host_id": "h"},
+                           "engine": {"adapter": "tests.fake_engine:EchoEngine", "model": "a"},
+                           "models": {"a": "org/a", "b": "org/b", "max_wait_seconds": 600}})
+    daemon = Daemon(config, EchoEngine(config.engine))
+    daemon.spool.ensure_dirs()
+    daemon.inbox.poll_seconds = 0  # each look rescans the inbox
+    (daemon.spool.inbox / "for_b.jsonl").write_text(json.dumps(chat_line(0, model="b")) + "\n")
+    for_b = mark_ready(daemon, "for_b.jsonl")
+
+    async def claimed_when_its_turn_came():
+        (name,), swap_to = await daemon.work.next_round("org/a", {}, 1)  # first seen now; nothing else waits
+        assert (name, swap_to) == (for_b, None)  # claimed, to be validated on the loaded model
+        now = time.time() + 700
+        monkeypatch.setattr(time, "time", lambda: now)  # its claim came 700 s after it did
+        claimed = await daemon.work.claim(name)
+        record = claimed.job.read_record()[0]
+        record.validated(1, "/v1/chat/completions", "org/b", {"org/b": 1}, os.stat(claimed.job.input))
+        daemon.spool.save(claimed.job, record)  # validated on org/a, which none of its lines needs
+        (daemon.spool.inbox / "for_a.jsonl").write_text(json.dumps(chat_line(0, model="a")) + "\n")
+        mark_ready(daemon, "for_a.jsonl")  # later work for the loaded model
+        return await daemon.work.next_round("org/a", {}, 1)
+    chosen, swap_to = asyncio.run(claimed_when_its_turn_came())
+    assert (chosen, swap_to) == ([], "org/b")  # before: the later drop for org/a, and org/b 600 s more away

@@ -10,10 +10,10 @@ from ..helpers import DaemonProcess, Subscriber, chat_line, outbox_jobs, read_js
 MODELS = '[models]\n"a:1b" = "org/model-a"\n"b:3b" = "org/model-b"\n[models.broken]\nmodel = "org/broken"\n'
 
 
-def start(tmp_path, engine_args=""):
+def start(tmp_path, engine_args="", models=MODELS, delay=0.001, engine=""):
     root = tmp_path / "spool"
     config = write_config(tmp_path / "c.toml", root, model="a:1b",
-                          engine=f"[engine.args]\ndelay = 0.001\n{engine_args}", extra=MODELS)
+                          engine=f"{engine}[engine.args]\ndelay = {delay}\n{engine_args}", extra=models)
     d = DaemonProcess(config, tmp_path / "daemon.log").start()
     d.wait_ready(root, timeout=60)
     return root, d
@@ -81,3 +81,46 @@ def test_a_model_that_fails_to_load_fails_its_lines_and_the_daemon_serves_others
     statuses = {o["custom_id"]: o["response"]["status_code"] for o in read_jsonl(job / "output.jsonl")}
     assert statuses == {r["custom_id"]: 503 if r["body"]["model"] == "broken" else 200 for r in rows}
     assert len(read_jsonl(later / "output.jsonl")) == len(after)
+
+
+def test_a_job_for_another_model_waits_at_most_max_wait_seconds_not_until_a_big_job_ends(tmp_path):
+    """`max_wait_seconds` bounds the wait for a swap even behind a running job: the big job pauses at a
+    line boundary, the other model's job runs, and the big job resumes and ends with every line once."""
+    models = MODELS.replace("[models]\n", "[models]\nmax_wait_seconds = 1\n", 1)
+    # 4 requests in flight, 0.02 s each: the big job alone takes at least 10 s
+    root, d = start(tmp_path, "load_delay = 0.5", models, delay=0.02, engine="max_inflight = 4\n")
+    sub = Subscriber(f"ipc://{tmp_path}/events.sock")
+    try:
+        big = drop(root, tmp_path, "big_a.jsonl", ["a:1b"] * 2000)
+        wait_for(lambda: any(t == "spoold.job.progress" and p["done"] for t, p in sub.events), 30, "the big job running")
+        small = drop(root, tmp_path, "small_b.jsonl", ["b:3b"] * 5)
+        (big_dir,) = [job for job in root.glob("processing/testhost/*/")
+                      if json.loads((job / "batch.json").read_text())["input_file"] == "big_a.jsonl"]
+        paused = []
+
+        def small_done():
+            beat = _job_beat(big_dir)
+            paused.extend([beat] if beat.get("state") == "paused" else [])
+            return job_named(root, "small_b.jsonl")
+        small_job = wait_for(small_done, 30, "the small job")
+        assert job_named(root, "big_a.jsonl") is None  # before: it waited for all 2,000 lines
+        big_job = wait_for(lambda: job_named(root, "big_a.jsonl"), 60, "the big job, resumed")
+    finally:
+        d.terminate()
+        sub.close()
+    assert paused and 0 < paused[0]["done"] < 2000 and paused[0]["inflight"] == 0  # status: paused, not stalled
+    for job, rows, model in ((big_job, big, "org/model-a"), (small_job, small, "org/model-b")):
+        out = read_jsonl(job / "output.jsonl")
+        assert sorted(o["custom_id"] for o in out) == sorted(r["custom_id"] for r in rows)  # each line once
+        assert {o["response"]["body"]["model"] for o in out} == {model}
+    unloaded = [p["model"] for t, p in sub.events if t == "spoold.engine.unloaded"]
+    assert unloaded == ["org/model-a", "org/model-b"], unloaded  # a -> b for the small job, b -> a to resume
+    log = d.log.read_text()
+    assert "paused at" in log and "for a model swap" in log
+
+
+def _job_beat(job_dir):
+    try:
+        return json.loads((job_dir / "heartbeat.json").read_text())["job"] or {}
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
