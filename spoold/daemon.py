@@ -42,7 +42,7 @@ from .spool import Spool
 from .supervise import run_event_loop, supervise
 from .validation import ModelResolver
 from .webhooks import Deliveries, WebhookSender, job_published, record_end
-from .worklist import Claimed, Unclaimed, WorkList, describe
+from .worklist import Claimed, Swap, Unclaimed, WorkList, describe
 
 log = logging.getLogger(__name__)
 
@@ -185,15 +185,15 @@ class Daemon:
                 await self._wait_out_pause()
                 continue
             try:
-                swap_to = await self._fill()
+                swap = await self._fill()
             except OSError as e:  # EIO or ESTALE from the spool: pause and look again, never exit
                 self._pause_for(f"cannot read the spool: {describe(e)}")
                 continue
-            if swap_to is not None and not self.jobs:
-                await self._swap_engine(swap_to)
+            if swap is not None and not self.jobs:
+                await self._swap_engine(swap.model)
                 continue
-            if swap_to is not None:
-                self._pause_for_swap(swap_to)  # each pause ends its job's run, which wakes this loop
+            if swap is not None and swap.overdue:
+                self._pause_for_swap(swap.model)  # each pause ends its job's run, which wakes this loop
             await self.inbox.wait()
 
     def _inflight_limit(self) -> int:
@@ -224,20 +224,20 @@ class Daemon:
 
     # -- the jobs that run at once --------------------------------------------
 
-    async def _fill(self) -> str | None:
-        """Start what may run now beside the running jobs; returns the model to swap to once they end."""
+    async def _fill(self) -> Swap | None:
+        """Start what may run now beside the running jobs; returns the swap that is due, if one is."""
         await self.work.finish_groups_now_and_then()
         for claimed in self.work.take_over_orphans():
             self._start(claimed)
-        chosen, swap_to = await self.work.next_round(self.engine.model, self.jobs.tenants(),
-                                                    self.config.spool.max_active_jobs - len(self.jobs))
+        chosen, swap = await self.work.next_round(self.engine.model, self.jobs.tenants(),
+                                                 self.config.spool.max_active_jobs - len(self.jobs))
         if self.pause.reason:
             return None
         # Drops are claimed together: each claim's fsyncs wait on the disk, not on the others.
         for claimed in await asyncio.gather(*(self._claim(item) for item in chosen)):
             if claimed is not None:
                 self._start(claimed)
-        return swap_to
+        return swap
 
     async def _claim(self, item: Claimed | Unclaimed | str) -> Claimed | None:
         if isinstance(item, Claimed):

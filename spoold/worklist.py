@@ -53,6 +53,15 @@ class Claimed:
     record: tuple[JobRecord | None, str | None] | None
 
 
+@dataclass(frozen=True)
+class Swap:
+    """The model the job whose turn it is needs: loaded once the running jobs are done."""
+
+    model: str
+    #: that job has waited past `[models] max_wait_seconds`: the running jobs pause for it now
+    overdue: bool = False
+
+
 class WorkList:
     """This host's jobs and the complete drops, as scheduler candidates; claims and takeovers."""
 
@@ -89,14 +98,14 @@ class WorkList:
                      len(pending), ", ".join(job.id for job in pending))
 
     async def next_round(self, loaded: str, running: Mapping[str, str],
-                         free: int) -> tuple[list[Claimed | Unclaimed | str], str | None]:
+                         free: int) -> tuple[list[Claimed | Unclaimed | str], Swap | None]:
         """What may start now beside the running jobs (`running`: their ids, each with its tenant), at
-        most `free`, in the scheduler's order, and the model to swap to once they are done (None: no
-        swap is due).
+        most `free`, in the scheduler's order, and the swap that is due (None: none is).
 
         Only jobs of the loaded model run together. When the job whose turn
         it is needs another model, nothing after it starts: its model is
-        returned instead. One not validated yet runs on the loaded model first
+        returned instead, overdue if that job has waited past `[models]
+        max_wait_seconds`. One not validated yet runs on the loaded model first
         (validation needs none, and its lines for this model run before a swap).
         """
         chosen: list[Claimed | Unclaimed | str] = []
@@ -107,7 +116,8 @@ class WorkList:
                 if rank > 0:
                     continue  # not its turn yet: the scheduler's starvation bound says when
                 if self.validated(choice):
-                    return chosen, choice.model
+                    overdue = time.time() - choice.since > self.config.models.max_wait_seconds
+                    return chosen, Swap(choice.model, overdue)
             chosen.append(choice.item)
             self.turns[choice.tenant] = max(self.turns.values(), default=0) + 1
         return chosen, None

@@ -9,7 +9,7 @@ import pytest
 
 from spoold.config import Config, EngineSettings, SpoolSettings
 from spoold.daemon import Daemon
-from spoold.worklist import SCHEDULE_WINDOW
+from spoold.worklist import SCHEDULE_WINDOW, Swap
 
 from .fake_engine import EchoEngine
 from .helpers import api_drop, chat_line
@@ -142,4 +142,4 @@ def test_a_drop_for_another_model_waits_from_its_arrival_not_from_its_claim(tmp_
         mark_ready(daemon, "for_a.jsonl")  # later work for the loaded model
         return await daemon.work.next_round("org/a", {}, 1)
     chosen, swap_to = asyncio.run(claimed_when_its_turn_came())
-    assert (chosen, swap_to) == ([], "org/b")  # before: the later drop for org/a, and org/b 600 s more away
+    assert (chosen, swap_to) == ([], Swap("org/b", overdue=True))  # before: the later drop for org/a
