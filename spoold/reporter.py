@@ -74,7 +74,7 @@ class Reporter:
         #: the last GPU readings (taken once per heartbeat, reused by progress events)
         self.readings: list[dict] = []
         self._jobs: dict[str, _Told] = {}
-        #: the heartbeats of jobs that stopped running but stay claimed (waiting for a model), for the next beat
+        #: jobs that stopped running but stay claimed (waiting for a model): heartbeat and progress, for the next beat
         self._parked: dict[str, tuple[Path, dict[str, Any]]] = {}
         self._heartbeat_failures: list[str] = []
         self._last_log = 0.0
@@ -165,8 +165,7 @@ class Reporter:
         flight) rather than keep its last running beat, which `spoold status` would call stalled."""
         summary = {**runner.progress.summary(), "state": outcome.value, "inflight": 0,
                    "requests_per_second": 0.0, "eta_seconds": None}
-        doc = heartbeat_document(self.config.spool.host_id, outcome.value, [], self.readings)
-        self._parked[runner.job.id] = (runner.job.heartbeat, {**doc, "job": summary, "jobs": [summary]})
+        self._parked[runner.job.id] = (runner.job.heartbeat, summary)
 
     def _group_assembled(self, job: JobDir) -> None:
         """A split batch is whole again, in outbox/: its end on the feed and in the metrics, as a job's."""
@@ -301,8 +300,10 @@ class Reporter:
         state_dir = self.config.spool.state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0]
         if state_dir:
             beats.append((Path(state_dir) / "heartbeat.json", doc))
-        for job_id in [job_id for job_id in self._parked if job_id not in self._jobs]:  # a job run again beats anew
-            beats.append(self._parked.pop(job_id))
+        for job_id, (path, summary) in self._parked.items():
+            if job_id not in self._jobs:  # a job run again since beats anew
+                beats.append((path, {**heartbeat_document(self.config.spool.host_id, state, [], self.readings),
+                                     "job": summary, "jobs": [summary], "model": shown.model}))
         self._parked.clear()
         for runner, progress in zip(shown.runners, progresses):
             if progress.state != JobStatus.COMPLETED:  # each job's own, naming only itself
