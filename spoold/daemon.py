@@ -230,7 +230,8 @@ class Daemon:
         for claimed in self.work.take_over_orphans():
             self._start(claimed)
         chosen, swap = await self.work.next_round(self.engine.model, self.jobs.tenants(),
-                                                 self.config.spool.max_active_jobs - len(self.jobs))
+                                                 self.config.spool.max_active_jobs - len(self.jobs),
+                                                 self.engine_host.loaded_at)
         if self.pause.reason:
             return None
         # Drops are claimed together: each claim's fsyncs wait on the disk, not on the others.

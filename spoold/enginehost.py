@@ -49,6 +49,10 @@ class EngineHost:
         self.cpus = cpus or CpuPlacement()
         self._restarts: list[float] = []
         self._memory_before_load = 0.0
+        #: when the model loaded now was loaded (epoch seconds; a restart of the same model keeps it):
+        #: another model's jobs wait `[models] max_wait_seconds` from here at most (scheduler.overdue)
+        self.loaded_at = 0.0
+        self._loaded_model: str | None = None
 
     @property
     def model(self) -> str:
@@ -63,6 +67,8 @@ class EngineHost:
         self.cpus.release()  # the engine picks its cores from our mask: give it all of them
         await self.engine.start()
         seconds = time.monotonic() - started
+        if self.model != self._loaded_model:
+            self.loaded_at, self._loaded_model = time.time(), self.model
         self.cpus.keep_off_engine()
         log.info("model loaded in %.1fs", seconds)
         self.publish("spoold.engine.ready", {"model": self.model, "load_seconds": round(seconds, 2)})

@@ -12,8 +12,11 @@ one person's 500 drops do not hold back another person's one.
 
 Loading a model takes from seconds to minutes, so among the waiting work
 (this host's claimed jobs and the complete drops in the inbox) the work for
-the model already loaded goes first; but never past an older job that has
-waited longer than `[models] max_wait_seconds`.
+the model already loaded goes first; but a job for another model waits at
+most `[models] max_wait_seconds`, counted from when it came or from when
+the loaded model was loaded, whichever is later. So each model keeps the
+engine for at least that long while another's work waits (swaps stay few),
+and no longer (nobody starves behind a model with endless work).
 """
 
 from __future__ import annotations
@@ -71,20 +74,27 @@ def fair_order(candidates: list[Candidate], running: Mapping[str, int],
     return ordered
 
 
+def overdue(candidate: Candidate, loaded: str, loaded_at: float, max_wait: float, now: float) -> bool:
+    """Whether `candidate` needs another model than `loaded` (loaded at `loaded_at`) and has waited for
+    it past `max_wait`: from when it came, or from the load, whichever is later."""
+    return candidate.model not in (None, loaded) and now - max(candidate.since, loaded_at) > max_wait
+
+
 def in_order(candidates: list[Candidate], loaded: str, max_wait: float, now: float,
-             running: Mapping[str, int] | None = None, turns: Mapping[str, int] | None = None) -> list[Candidate]:
+             running: Mapping[str, int] | None = None, turns: Mapping[str, int] | None = None,
+             loaded_at: float = 0.0) -> list[Candidate]:
     """The candidates in the order to try them: first the one to run next, then in `fair_order`.
 
     The one to run next is the first that needs the loaded model (or any),
-    unless the oldest candidate needs another model and has waited past
-    `max_wait`: then it is, and its model is swapped to.
+    unless one needs another model and is `overdue`: then the one of those
+    that came first is, and its model is swapped to.
     """
     if not candidates:
         return []
     fair = fair_order(candidates, running or {}, turns)
-    oldest = min(candidates, key=lambda c: c.since)
-    if oldest.model not in (None, loaded) and now - oldest.since > max_wait:
-        first = oldest
+    late = [c for c in candidates if overdue(c, loaded, loaded_at, max_wait, now)]
+    if late:
+        first = min(late, key=lambda c: c.since)
     else:
         first = next((c for c in fair if c.model in (None, loaded)), fair[0])
     return [first] + [c for c in fair if c is not first]

@@ -26,7 +26,7 @@ from .lifecycle import FINAL, JobStatus, Outcome
 from .names import display_name
 from .inbox import InboxTracker
 from .reporter import Reporter
-from .scheduler import Candidate, fair_order, in_order
+from .scheduler import Candidate, fair_order, in_order, overdue
 from .spool import DropRefused, JobDir, PeerClocks, Spool
 from .validation import ModelResolver, first_model
 
@@ -97,32 +97,35 @@ class WorkList:
             log.info("%d unfinished job(s) of this host will be resumed first: %s",
                      len(pending), ", ".join(job.id for job in pending))
 
-    async def next_round(self, loaded: str, running: Mapping[str, str],
-                         free: int) -> tuple[list[Claimed | Unclaimed | str], Swap | None]:
+    async def next_round(self, loaded: str, running: Mapping[str, str], free: int,
+                         loaded_at: float = 0.0) -> tuple[list[Claimed | Unclaimed | str], Swap | None]:
         """What may start now beside the running jobs (`running`: their ids, each with its tenant), at
         most `free`, in the scheduler's order, and the swap that is due (None: none is).
 
         Only jobs of the loaded model run together. When the job whose turn
         it is needs another model, nothing after it starts: its model is
         returned instead, overdue if that job has waited past `[models]
-        max_wait_seconds`. One not validated yet runs on the loaded model first
+        max_wait_seconds` (scheduler.overdue; `loaded_at`: when the loaded
+        model was). One not validated yet runs on the loaded model first
         (validation needs none, and its lines for this model run before a swap).
         """
         chosen: list[Claimed | Unclaimed | str] = []
-        for rank, choice in enumerate(await self.in_order(loaded, running)):
+        now = time.time()
+        for rank, choice in enumerate(await self.in_order(loaded, running, loaded_at, now)):
             if len(chosen) >= free:
                 break
             if choice.model not in (None, loaded):
                 if rank > 0:
                     continue  # not its turn yet: the scheduler's starvation bound says when
                 if self.validated(choice):
-                    overdue = time.time() - choice.since > self.config.models.max_wait_seconds
-                    return chosen, Swap(choice.model, overdue)
+                    late = overdue(choice, loaded, loaded_at, self.config.models.max_wait_seconds, now)
+                    return chosen, Swap(choice.model, late)
             chosen.append(choice.item)
             self.turns[choice.tenant] = max(self.turns.values(), default=0) + 1
         return chosen, None
 
-    async def in_order(self, loaded: str, running: Mapping[str, str]) -> list[Candidate]:
+    async def in_order(self, loaded: str, running: Mapping[str, str], loaded_at: float = 0.0,
+                       now: float | None = None) -> list[Candidate]:
         """Every job of this host not running now, the first unclaimed parts of split batches and the first
         complete drops of each tenant, in the order to try them (scheduler.py; `running`: the running
         jobs' ids, each with its tenant).
@@ -146,8 +149,8 @@ class WorkList:
         fresh = fair_order(parts + drops_first, load, self.turns)[:SCHEDULE_WINDOW]
         if len(self.resolver.known) > 1:  # only then is a peek at what they need worth it
             fresh = [dataclasses.replace(c, model=first_model(self._input(c.item), self.resolver)) for c in fresh]
-        return in_order(own + fresh, loaded, self.config.models.max_wait_seconds, time.time(), load,
-                        self.turns)
+        return in_order(own + fresh, loaded, self.config.models.max_wait_seconds, now or time.time(), load,
+                        self.turns, loaded_at)
 
     def _input(self, item: Unclaimed | str) -> Path:
         return item.part.input if isinstance(item, Unclaimed) else self.spool.inbox / item

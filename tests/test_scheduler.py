@@ -42,3 +42,17 @@ def test_the_loaded_models_work_still_goes_first_whoever_it_is_for():
     waiting = [Candidate("a0", "B", 1.0, "alice"), Candidate("b0", "A", 5.0, "bob"), Candidate("a1", "A", 6.0, "alice")]
     assert names(in_order(waiting, "A", 600, 20.0, running={"bob": 2}))[0] == "a1"
     assert names(in_order(waiting, "A", 600, 20.0, running={"alice": 2}))[0] == "b0"
+
+
+def test_a_job_for_another_model_goes_first_once_overdue_even_before_older_work_for_the_loaded_one():
+    # A backlog of the loaded model's drops (older) must not hold another model's job past max_wait.
+    waiting = [Candidate("a-old", "A", 50.0), Candidate("b", "B", 100.0)]
+    assert names(in_order(waiting, "A", max_wait=600, now=701.0)) == ["b", "a-old"]
+    assert names(in_order(waiting, "A", max_wait=600, now=699.0)) == ["a-old", "b"]
+
+
+def test_after_a_swap_the_model_swapped_out_waits_max_wait_from_the_load_however_old_its_jobs():
+    # Without it the old job is overdue at once and the engine swaps back and forth with every look.
+    waiting = [Candidate("a-old", "A", 50.0), Candidate("b-new", "B", 900.0)]
+    assert names(in_order(waiting, "B", max_wait=600, now=1000.0, loaded_at=800.0)) == ["b-new", "a-old"]
+    assert names(in_order(waiting, "B", max_wait=600, now=1401.0, loaded_at=800.0)) == ["a-old", "b-new"]
