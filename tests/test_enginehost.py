@@ -68,3 +68,23 @@ def test_a_model_whose_load_fails_once_is_loaded_on_the_next_try():
                       lambda topic, payload: None, GpuReader(), retry=RetryPolicy(3, first_backoff_seconds=0.01))
     load_other(host, "flaky")
     assert isinstance(host.engine, EchoEngine) and host.engine.started
+
+
+def test_a_models_turn_counts_from_its_load_and_a_restart_of_it_keeps_it(monkeypatch):
+    """`loaded_at` is when the scheduler's bound starts for other models' jobs (scheduler.overdue): a
+    swap starts it anew, a fresh engine for the same model does not lengthen the model's turn."""
+    import dataclasses
+    import time
+
+    settings = EngineSettings(adapter="tests.fake_engine:EchoEngine", model="a")
+    host = EngineHost(EchoEngine(settings), lambda model: EchoEngine(dataclasses.replace(settings, model=model)),
+                      lambda topic, payload: None, GpuReader())
+    clock = [1000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    asyncio.run(host.load())
+    clock[0] = 2000.0
+    assert asyncio.run(host.restart("the engine died", host.load)) is True
+    assert (host.model, host.loaded_at) == ("a", 1000.0)
+    clock[0] = 3000.0
+    asyncio.run(host.swap("b", host.load))
+    assert (host.model, host.loaded_at) == ("b", 3000.0)
