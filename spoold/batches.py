@@ -47,6 +47,10 @@ DROP_JOB_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,79}-([0-9]{8}T[0-9]{6})
 UNCOUNTED = {"total": 0, "completed": 0, "failed": 0}
 #: Statuses a batch never leaves.
 FINISHED = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED})
+#: how a job whose end is saved but which is still in processing/ shows, until its move to outbox/ (or
+#: until a reader that read its record there looks again): not ended, as its result files are not there yet
+PUBLISHING = {JobStatus.COMPLETED: JobStatus.FINALIZING, JobStatus.CANCELLED: JobStatus.CANCELLING,
+              JobStatus.EXPIRED: JobStatus.FINALIZING}
 
 
 @dataclass(frozen=True)
@@ -187,7 +191,7 @@ class BatchStore:
                 fields.update(status=JobStatus.FAILED, failed_at=batch.created_at, errors={"object": "list", "data": [
                     {"code": "not_queued", "message": "the API stopped before the batch's input reached the inbox; "
                                                       "create the batch again", "line": None, "param": None}]})
-        record = JobRecord.load(job.batch)[0] if job is not None else None
+        job, where, record = self._read_record(batch.id, job, where)
         if record is not None:
             fields.update(_from_record(record, job, where, self.groups))
         return Batch(**fields)
@@ -197,8 +201,7 @@ class BatchStore:
         fields: dict[str, Any] = {"id": drop.id, "object": "batch", "endpoint": "", "input_file_id": "",
                                   "completion_window": "", "created_at": drop.created_at,
                                   "request_counts": dict(UNCOUNTED), "status": JobStatus.VALIDATING}
-        job, where = self._locate(drop.id)
-        record = JobRecord.load(job.batch)[0] if job is not None else None
+        job, where, record = self._read_record(drop.id, *self._locate(drop.id))
         if record is not None:
             fields.update(_from_record(record, job, where, self.groups), endpoint=record.endpoint or "",
                           created_at=record.created_at, metadata=record.metadata)
@@ -268,6 +271,17 @@ class BatchStore:
         """Where a batch's drop is while it is being withdrawn (hidden: no daemon looks at it)."""
         return self.spool.inbox / f".{drop_name(batch.id)}.withdrawn.tmp"
 
+    def _read_record(self, batch_id: str, job: JobDir | None,
+                     where: str) -> tuple[JobDir | None, str, JobRecord | None]:
+        """The record of the job `_locate` found, with where it is: looked for again if the job moved on
+        (processing/ to outbox/, one rename) between the look and the read, so that a batch being
+        published never shows as one no daemon has claimed."""
+        record = JobRecord.load(job.batch)[0] if job is not None else None
+        if record is None and job is not None and not job.path.is_dir():
+            job, where = self._locate(batch_id)
+            record = JobRecord.load(job.batch)[0] if job is not None else None
+        return job, where, record
+
     def _locate(self, batch_id: str) -> tuple[JobDir | None, str]:
         """The batch's job directory and which part of the spool holds it; (None, "") before its claim."""
         for _ in range(2):  # a job moves from processing/ to outbox/ by one rename: look twice
@@ -310,10 +324,10 @@ def _from_record(record: JobRecord, job: JobDir, where: str, groups: Groups) -> 
         if record.errors else None}
     if where == "processing":
         fields["request_counts"] = _live_counts(job, groups) or fields["request_counts"]
-        if record.status == JobStatus.COMPLETED:  # its move to outbox/ is the last step: results not there yet
-            fields["status"] = JobStatus.FINALIZING
+        if record.status in PUBLISHING:  # its move to outbox/ is the last step: results not there yet
+            fields.update(status=PUBLISHING[record.status], completed_at=None, cancelled_at=None, expired_at=None)
         asked_at = cancel_asked_at(job.cancel_request)
-        if asked_at is not None and record.status in (*ACTIVE, JobStatus.CANCELLED):
+        if asked_at is not None and record.status in ACTIVE:
             fields["status"], fields["cancelling_at"] = JobStatus.CANCELLING, int(asked_at)
     if where in ("outbox", "failed"):
         fields["usage"] = _batch_usage(record.usage)

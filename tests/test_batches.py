@@ -1,6 +1,7 @@
 """The Batches API with no daemon running: queued batches, paging, cancel before a claim, bad requests."""
 
 import json
+import time
 
 import httpx
 import openai
@@ -11,6 +12,7 @@ from spoold.apikeys import ApiKeys, Tenant
 from spoold.batches import BatchStore, window_seconds
 from spoold.config import Config, SpoolSettings
 from spoold.filestore import FileStore
+from spoold.jobrecord import JobRecord
 from spoold.spool import Spool
 
 from .helpers import ApiServer, chat_line
@@ -154,3 +156,53 @@ def test_an_endpoint_the_daemon_does_not_serve_is_400_naming_the_ones_it_does(ap
         create(api.client(KEY), endpoint="/v1/moderations")
     error = refused.value.body
     assert refused.value.status_code == 400 and error["param"] == "endpoint" and "/v1/responses" in error["message"]
+
+
+
+def ended_in_processing(api, end):
+    """A batch whose job has saved its end (`end`: "cancel", "complete", "expire") in batch.json and is
+    still in processing/, as the daemon leaves it just before its one rename into outbox/."""
+    made = create(api.client(KEY))
+    spool = Spool(SpoolSettings(root=api.root, host_id="h"))
+    spool.ensure_dirs()
+    job = spool.claim_drop(f"{made.id}.jsonl")
+    record = JobRecord.load(job.batch)[0]
+    record.validated(1, "/v1/chat/completions", "m", {"m": 1}, job.input.stat())
+    counts = (1, 0, {"input_tokens": 1, "output_tokens": 1, "total_tokens": 2})
+    {"cancel": lambda: record.cancel(*counts, asked_at=time.time()), "complete": lambda: record.complete(*counts, {}),
+     "expire": lambda: record.expire(*counts)}[end]()
+    job.output.write_text(json.dumps({"custom_id": "req-0"}) + "\n")
+    spool.save(job, record)
+    return made, spool, job, record
+
+
+@pytest.mark.parametrize("end, shown_as", [("cancel", "cancelling"), ("complete", "finalizing"),
+                                           ("expire", "finalizing")])
+def test_a_job_that_has_ended_but_is_not_yet_in_the_outbox_is_not_shown_ended(api, end, shown_as):
+    # A reader that found the job in processing/ may read its ended record and then find the job gone
+    # (its cancel marker with it): an ended status there would be a batch "cancelled" with no output
+    # file, and a client would stop waiting.
+    client = api.client(KEY)
+    made, spool, job, record = ended_in_processing(api, end)
+    shown = client.batches.retrieve(made.id)
+    assert shown.status == shown_as and shown.output_file_id is None
+    assert (shown.completed_at, shown.cancelled_at, shown.expired_at) == (None, None, None)  # not ended yet
+    spool.move_to_outbox(job)
+    shown = client.batches.retrieve(made.id)
+    assert shown.status == record.status and shown.output_file_id is not None
+
+
+def test_a_job_that_moves_to_the_outbox_while_it_is_read_is_shown_as_it_is_there(api, monkeypatch):
+    made, spool, job, record = ended_in_processing(api, "complete")
+    store = BatchStore(spool, FileStore(api.root))
+    looked = store._locate
+
+    def moved_just_after_the_look(batch_id):
+        found = looked(batch_id)
+        if found[1] == "processing":
+            spool.move_to_outbox(job)
+        return found
+
+    monkeypatch.setattr(store, "_locate", moved_just_after_the_look)
+    shown = store.batch_object(read_api_batch(api.root / "batches", made.id))
+    assert shown.status == "completed" and shown.output_file_id is not None  # not "validating" with no counts
