@@ -3,10 +3,13 @@ and a pooling model (a cross-encoder) serves score and rerank lines beside a gen
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -45,7 +48,8 @@ def test_two_models_swap_with_memory_freed_and_a_mixed_file_split(tmp_path, tiny
                           engine='dtype = "float32"\nmax_model_len = 512\nmax_num_seqs = 16\nenforce_eager = true',
                           extra=f'[models]\ntiny = "{tiny_model}"\n[models.rank]\nmodel = "{tiny_scorer}"\n'
                                 f'max_model_len = 256\n')
-    d = DaemonProcess(config, tmp_path / "daemon.log").start()
+    rpc = Path(tempfile.mkdtemp(prefix="rpc-"))  # where vLLM makes its engines' sockets (short: /tmp unless set)
+    d = DaemonProcess(config, tmp_path / "daemon.log", env={"VLLM_RPC_BASE_PATH": str(rpc)}).start()
     sub = Subscriber(f"ipc://{tmp_path}/events.sock")
     try:
         d.wait_ready(root, timeout=300)
@@ -85,6 +89,10 @@ def test_two_models_swap_with_memory_freed_and_a_mixed_file_split(tmp_path, tiny
     # Back to where it was before loading; the first load also imported vLLM
     # and torch into the daemon (~600 MiB, once), so compare a later one.
     assert abs(unloaded[1]["memory_mib_after_unload"] - unloaded[1]["memory_mib_before_load"]) < 100, unloaded[1]
+    # vLLM made seven sockets there for each engine (tiny, rank, tiny again): none is left behind.
+    left = list(rpc.iterdir())
+    shutil.rmtree(rpc)
+    assert left == []
 
 
 def test_bench_models_on_the_tiny_models(tmp_path, tiny_model, tiny_model_b):
