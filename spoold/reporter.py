@@ -161,11 +161,14 @@ class Reporter:
             self.job_finished(outcome)
 
     def _park(self, runner: "JobRunner", outcome: Outcome) -> None:
-        """A job that waits claimed for its model: its heartbeat says so (`paused`/`waiting`, nothing in
-        flight) rather than keep its last running beat, which `spoold status` would call stalled."""
+        """A job that waits claimed for its model: its heartbeat and its last progress event say so
+        (`paused`/`waiting`, nothing in flight) rather than keep its last running beat, which `spoold
+        status` would call stalled and `spoold watch` would show still running at its last rate."""
         summary = {**runner.progress.summary(), "state": outcome.value, "inflight": 0,
                    "requests_per_second": 0.0, "eta_seconds": None}
         self._parked[runner.job.id] = (runner.job.heartbeat, summary)
+        for event in self._progress_events(summary):
+            self.publish(*event)
 
     def _group_assembled(self, job: JobDir) -> None:
         """A split batch is whole again, in outbox/: its end on the feed and in the metrics, as a job's."""

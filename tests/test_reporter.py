@@ -144,3 +144,22 @@ def test_a_split_batchs_progress_counts_the_part_this_daemon_runs_as_it_stands_n
                                             completed=done, group=job.id)))
     whole = [p for t, p in report.events.sent if t == "spoold.job.progress" and p["job"] == job.id]
     assert [(p["done"], p["parts"], p["total"]) for p in whole] == [(2, 3, 6), (3, 3, 6)]
+
+
+def test_a_job_paused_for_a_swap_says_so_on_the_feed_not_running_at_its_last_rate(tmp_path):
+    """`spoold watch` shows each job as its last progress event says: a job paused for another model's
+    turn (or waiting for its next model) must not look as if it were still running, with an ETA."""
+    from spoold.jobrecord import JobRecord
+    from spoold.lifecycle import Outcome
+    from spoold.spool import JobDir
+
+    report = make(tmp_path)
+    for outcome in (Outcome.PAUSED, Outcome.WAITING):
+        running = JobProgress("big-1", "big.jsonl", JobStatus.IN_PROGRESS, total=6000, done=1789, inflight=64)
+        running.started, running.done_at_start = time.monotonic() - 10, 0  # 178.9 req/s so far
+        runner = Ended(JobDir(tmp_path / "big-1"), JobRecord("big-1", "big.jsonl", "h"), running)
+        report.job_started(runner)
+        report.job_ended(runner, outcome)
+        last = [p for t, p in report.events.sent if t == "spoold.job.progress"][-1]
+        assert (last["job"], last["state"], last["done"], last["inflight"]) == ("big-1", outcome.value, 1789, 0)
+        assert last["requests_per_second"] == 0 and last["eta_seconds"] is None
