@@ -109,6 +109,8 @@ def test_a_job_for_another_model_waits_at_most_max_wait_seconds_not_until_a_big_
         d.terminate()
         sub.close()
     assert paused and 0 < paused[0]["done"] < 2000 and paused[0]["inflight"] == 0  # status: paused, not stalled
+    told = [p["state"] for t, p in sub.events if t == "spoold.job.progress" and p["job"] == big_job.name]
+    assert "paused" in told and "in_progress" in told[told.index("paused"):]  # watch: paused, then running again
     for job, rows, model in ((big_job, big, "org/model-a"), (small_job, small, "org/model-b")):
         out = read_jsonl(job / "output.jsonl")
         assert sorted(o["custom_id"] for o in out) == sorted(r["custom_id"] for r in rows)  # each line once
