@@ -191,9 +191,9 @@ class BatchStore:
                 fields.update(status=JobStatus.FAILED, failed_at=batch.created_at, errors={"object": "list", "data": [
                     {"code": "not_queued", "message": "the API stopped before the batch's input reached the inbox; "
                                                       "create the batch again", "line": None, "param": None}]})
-        job, where, record = self._read_record(batch.id, job, where)
+        record, shown = self._read_job(batch.id, job, where)
         if record is not None:
-            fields.update(_from_record(record, job, where, self.groups))
+            fields.update(shown)
         return Batch(**fields)
 
     def _drop_object(self, drop: DropJob) -> Batch:
@@ -201,10 +201,10 @@ class BatchStore:
         fields: dict[str, Any] = {"id": drop.id, "object": "batch", "endpoint": "", "input_file_id": "",
                                   "completion_window": "", "created_at": drop.created_at,
                                   "request_counts": dict(UNCOUNTED), "status": JobStatus.VALIDATING}
-        job, where, record = self._read_record(drop.id, *self._locate(drop.id))
+        record, shown = self._read_job(drop.id, *self._locate(drop.id))
         if record is not None:
-            fields.update(_from_record(record, job, where, self.groups), endpoint=record.endpoint or "",
-                          created_at=record.created_at, metadata=record.metadata)
+            fields.update(shown, endpoint=record.endpoint or "", created_at=record.created_at,
+                          metadata=record.metadata)
         return Batch(**fields)
 
     def cancel(self, batch: ApiBatch | DropJob) -> None:
@@ -271,16 +271,24 @@ class BatchStore:
         """Where a batch's drop is while it is being withdrawn (hidden: no daemon looks at it)."""
         return self.spool.inbox / f".{drop_name(batch.id)}.withdrawn.tmp"
 
-    def _read_record(self, batch_id: str, job: JobDir | None,
-                     where: str) -> tuple[JobDir | None, str, JobRecord | None]:
-        """The record of the job `_locate` found, with where it is: looked for again if the job moved on
-        (processing/ to outbox/, one rename) between the look and the read, so that a batch being
-        published never shows as one no daemon has claimed."""
-        record = JobRecord.load(job.batch)[0] if job is not None else None
-        if record is None and job is not None and not job.path.is_dir():
-            job, where = self._locate(batch_id)
+    def _read_job(self, batch_id: str, job: JobDir | None,
+                  where: str) -> tuple[JobRecord | None, dict[str, Any]]:
+        """The record of the job `_locate` found and the Batch fields it and the job's files say.
+
+        A running job is read in several steps (its record, then its
+        heartbeat, its cancel marker, its result files); if it moved on
+        meanwhile (processing/ to outbox/, one rename), all of it is read
+        again where it is now, so that a batch being published never shows
+        a state it was not in: unclaimed, its counts back at zero, or ended
+        without its result files.
+        """
+        for _ in range(2):
             record = JobRecord.load(job.batch)[0] if job is not None else None
-        return job, where, record
+            shown = _from_record(record, job, where, self.groups) if record is not None else {}
+            if job is None or where != "processing" or job.path.is_dir():
+                break
+            job, where = self._locate(batch_id)
+        return record, shown
 
     def _locate(self, batch_id: str) -> tuple[JobDir | None, str]:
         """The batch's job directory and which part of the spool holds it; (None, "") before its claim."""

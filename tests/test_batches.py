@@ -13,6 +13,7 @@ from spoold.batches import BatchStore, window_seconds
 from spoold.config import Config, SpoolSettings
 from spoold.filestore import FileStore
 from spoold.jobrecord import JobRecord
+from spoold.lifecycle import JobStatus
 from spoold.spool import Spool
 
 from .helpers import ApiServer, chat_line
@@ -206,3 +207,28 @@ def test_a_job_that_moves_to_the_outbox_while_it_is_read_is_shown_as_it_is_there
     monkeypatch.setattr(store, "_locate", moved_just_after_the_look)
     shown = store.batch_object(read_api_batch(api.root / "batches", made.id))
     assert shown.status == "completed" and shown.output_file_id is not None  # not "validating" with no counts
+
+
+def test_a_running_job_that_moves_to_the_outbox_during_the_read_never_shows_its_counts_back_at_zero(api, monkeypatch):
+    # Its counts come from the heartbeat while it runs: a job read as running, then published before its
+    # heartbeat was read, showed `in_progress` with nothing done (a client's progress bar back at 0).
+    import spoold.batches
+
+    made, spool, job, record = ended_in_processing(api, "complete")
+    running = JobRecord.load(job.batch)[0]
+    running.status, running.request_counts.completed = JobStatus.IN_PROGRESS, 0  # counted only at the end
+    spool.save(job, running)
+    job.heartbeat.write_text(json.dumps({"job": {"total": 1, "completed": 1, "failed": 0}}))  # its last beat
+    store = BatchStore(spool, FileStore(api.root))
+    load = JobRecord.load
+
+    def published_just_after_the_read(path):
+        loaded = load(path)
+        if job.path.is_dir():  # the daemon's end: its record, then its one rename into outbox/
+            spool.save(job, record)
+            spool.move_to_outbox(job)
+        return loaded
+
+    monkeypatch.setattr(spoold.batches.JobRecord, "load", published_just_after_the_read)
+    shown = store.batch_object(read_api_batch(api.root / "batches", made.id))
+    assert (shown.status, shown.request_counts.completed, shown.output_file_id is not None) == ("completed", 1, True)
