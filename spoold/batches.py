@@ -47,8 +47,8 @@ DROP_JOB_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,79}-([0-9]{8}T[0-9]{6})
 UNCOUNTED = {"total": 0, "completed": 0, "failed": 0}
 #: Statuses a batch never leaves.
 FINISHED = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED})
-#: how a job whose end is saved but which is still in processing/ shows, until its move to outbox/ (or
-#: until a reader that read its record there looks again): not ended, as its result files are not there yet
+#: how a job whose end is saved but which is still in processing/ shows until its move to outbox/: not
+#: ended, as its result files are not there yet
 PUBLISHING = {JobStatus.COMPLETED: JobStatus.FINALIZING, JobStatus.CANCELLED: JobStatus.CANCELLING,
               JobStatus.EXPIRED: JobStatus.FINALIZING}
 
