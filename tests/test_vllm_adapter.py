@@ -64,7 +64,6 @@ def test_data_parallelism_reaches_vllm_as_vllm_serve_takes_it():
     assert config.engine.inflight_limit == 8 * 16 * 2 and big.inflight_limit == 8 * 16 * 4
 
 
-
 @pytest.fixture
 def short_dir():
     """A directory with a short path, as /tmp is: a unix socket's whole path must fit in 107 bytes."""
