@@ -81,6 +81,8 @@ def _processing(root: Path, stall_seconds: float) -> list[dict[str, Any]]:
             job = JobDir(job_dir)
             batch = job.read_batch()
             heartbeat = _read_json(job.heartbeat)
+            if not job_dir.is_dir():  # it went to outbox/ or failed/ mid-read: listed there, read after this
+                continue
             beat, stamp = heartbeat.get("job") or {}, heartbeat.get("ts")
             last = beat.get("last_progress_at")
             stalled = bool(beat.get("inflight")) and last is not None and time.time() - last >= stall_seconds

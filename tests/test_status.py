@@ -11,7 +11,7 @@ import pytest
 
 from spoold.config import SpoolSettings
 from spoold.heartbeat import host_beats
-from spoold.spool import DropRefused, Spool
+from spoold.spool import DropRefused, JobDir, Spool
 from spoold.status import render_status, spool_status
 
 from .helpers import as_nobody, chat_line, write_jsonl
@@ -129,3 +129,26 @@ def test_each_running_job_says_whose_it_is_as_the_engine_shares_count_it(tmp_pat
                      old_job.id: None}
     text = render_status(spool_status(spool))
     assert f"by uid {nobody}" in text and "by root" in text and text.count("  by ") == 3
+
+
+def test_a_job_that_moves_to_the_outbox_while_status_reads_it_is_shown_there_not_running_at_zero(
+        tmp_path, monkeypatch):
+    spool = Spool(SpoolSettings(root=tmp_path, host_id="gpu1"))
+    spool.ensure_dirs()
+    write_jsonl(spool.inbox / "done.jsonl", [chat_line(i) for i in range(40)])
+    job = spool.claim_drop("done.jsonl")
+    record = json.loads(job.batch.read_text())
+    job.batch.write_text(json.dumps({**record, "status": "completed", "completed_at": int(time.time())}))
+    job.heartbeat.write_text(json.dumps({"ts": time.time(), "job": {"state": "in_progress", "done": 40,
+                                                                     "total": 40}}))
+    read_batch = JobDir.read_batch
+
+    def then_published(self):  # the daemon's rename to outbox/ lands between the record's and the beat's read
+        batch = read_batch(self)
+        if self.path.parent.parent == spool.processing:
+            self.path.rename(spool.outbox / self.id)
+        return batch
+    monkeypatch.setattr(JobDir, "read_batch", then_published)
+    shown = spool_status(spool)
+    assert [(j["id"], j["status"]) for j in shown["finished"]] == [(job.id, "completed")]
+    assert shown["processing"] == []  # before: shown running as well, with 0 of its 40 lines done
