@@ -18,16 +18,13 @@ import contextlib
 import gc
 import json
 import logging
-import os
-import shutil
-import tempfile
 from argparse import Namespace
-from collections.abc import Iterator
 from typing import Any
 
 from .config import EngineSettings
 from .engine import EngineDead
 from .records import EngineRequest, EngineResult, usage_tokens
+from .rpcdir import private_rpc_dir
 
 log = logging.getLogger(__name__)
 
@@ -183,41 +180,6 @@ class VllmEngine:
         # The serving objects hold the AsyncLLM; collect it now, while vLLM's
         # modules are alive, not in __del__ during interpreter teardown.
         gc.collect()
-
-
-#: the longest path a unix socket may have (`sun_path`, less its NUL), as ZeroMQ checks it
-SOCKET_PATH_MAX = 107
-#: what a socket's path adds to VLLM_RPC_BASE_PATH: our directory ("/spoold-" and mkdtemp's eight
-#: characters), then vLLM's "/" and uuid4
-ADDED_TO_BASE = len("/spoold-12345678/") + 36
-
-
-@contextlib.contextmanager
-def private_rpc_dir() -> Iterator[str]:
-    """A directory of this engine's own for vLLM's unix sockets, removed with everything in it after.
-
-    vLLM makes each engine's ZeroMQ sockets in VLLM_RPC_BASE_PATH (the
-    system's temp directory unless set) and leaves them there: seven per
-    engine start, clean shutdown or not, so a daemon that swaps models or
-    replaces a dead engine core littered /tmp with them. The directory is
-    made inside that base, so a VLLM_RPC_BASE_PATH an operator set still
-    says where the sockets go; it is set back as it was after.
-    """
-    before = os.environ.get("VLLM_RPC_BASE_PATH")
-    base = before or tempfile.gettempdir()
-    if len(base) + ADDED_TO_BASE > SOCKET_PATH_MAX:
-        yield base  # room for vLLM's own names only: a directory of ours would make them too long to bind
-        return
-    path = tempfile.mkdtemp(prefix="spoold-", dir=base)
-    os.environ["VLLM_RPC_BASE_PATH"] = path
-    try:
-        yield path
-    finally:
-        if before is None:
-            os.environ.pop("VLLM_RPC_BASE_PATH", None)
-        else:
-            os.environ["VLLM_RPC_BASE_PATH"] = before
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _handlers_from_state(state: Any) -> dict[str, tuple[Any, Any]]:

@@ -1,16 +1,10 @@
 import asyncio
-import os
-import shutil
-import socket
-import tempfile
-import uuid
-from pathlib import Path
 
 import pytest
 
 from spoold.config import EngineSettings
 from spoold.records import EngineRequest
-from spoold.vllm_adapter import VllmEngine, private_rpc_dir
+from spoold.vllm_adapter import VllmEngine
 
 
 class Body:
@@ -62,49 +56,3 @@ def test_data_parallelism_reaches_vllm_as_vllm_serve_takes_it():
     big = engine_settings_for(config, "/models/big")
     assert build_vllm_args(big).data_parallel_size == 4
     assert config.engine.inflight_limit == 8 * 16 * 2 and big.inflight_limit == 8 * 16 * 4
-
-
-@pytest.fixture
-def short_dir():
-    """A directory with a short path, as /tmp is: a unix socket's whole path must fit in 107 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="rpc-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def bind_as_vllm_does(base: str) -> None:
-    """Leave a unix socket where vLLM makes its ZeroMQ ipc sockets (and leaves them)."""
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(f"{base}/{uuid.uuid4()}")
-    listener.close()
-
-
-@pytest.mark.parametrize("operator_set", [False, True])
-def test_an_engine_keeps_its_sockets_in_a_directory_of_its_own_removed_after(short_dir, monkeypatch, operator_set):
-    """vLLM leaves seven unix sockets in VLLM_RPC_BASE_PATH per engine start; a daemon swapping models
-    for weeks must not fill /tmp (or the directory an operator named) with them."""
-    from vllm import envs
-
-    if operator_set:
-        monkeypatch.setenv("VLLM_RPC_BASE_PATH", str(short_dir))
-    else:
-        monkeypatch.delenv("VLLM_RPC_BASE_PATH", raising=False)
-        monkeypatch.setenv("TMPDIR", str(short_dir))
-        monkeypatch.setattr("tempfile.tempdir", None)  # gettempdir() reads TMPDIR again
-    with private_rpc_dir() as path:
-        assert envs.VLLM_RPC_BASE_PATH == path and os.path.dirname(path) == str(short_dir)
-        bind_as_vllm_does(envs.VLLM_RPC_BASE_PATH)
-    assert list(short_dir.iterdir()) == []
-    assert os.environ.get("VLLM_RPC_BASE_PATH") == (str(short_dir) if operator_set else None)
-
-
-def test_a_base_too_long_for_a_directory_of_our_own_is_used_as_it_is(short_dir, monkeypatch):
-    from vllm import envs
-
-    base = short_dir / ("b" * (106 - 37 - len(str(short_dir))))  # vLLM's own names just fit
-    base.mkdir()
-    monkeypatch.setenv("VLLM_RPC_BASE_PATH", str(base))
-    with private_rpc_dir() as path:
-        assert path == envs.VLLM_RPC_BASE_PATH == str(base)
-        bind_as_vllm_does(path)  # binds: the engine starts, as it would without spoold
-    assert os.environ["VLLM_RPC_BASE_PATH"] == str(base)

@@ -6,9 +6,11 @@ the crash test kills it and starts another on the same spool.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -34,12 +36,15 @@ def spool(tmp_path_factory, tiny_model):
                           engine='dtype = "float32"\nmax_model_len = 512\nmax_num_seqs = 64\nenforce_eager = true',
                           extra=f'[models]\ntiny = "{tiny_model}"\n', metrics_listen=f"127.0.0.1:{port}")
     state = {"root": root, "config": config, "log": tmp / "daemon.log", "served": str(tiny_model),
-             "events": f"ipc://{tmp}/events.sock", "metrics": f"http://127.0.0.1:{port}/metrics"}
-    state["daemon"] = DaemonProcess(config, state["log"]).start()
+             "events": f"ipc://{tmp}/events.sock", "metrics": f"http://127.0.0.1:{port}/metrics",
+             "rpc": Path(tempfile.mkdtemp(prefix="rpc-"))}  # vLLM's sockets' base: short, as /tmp is
+    state["env"] = {"VLLM_RPC_BASE_PATH": str(state["rpc"])}
+    state["daemon"] = DaemonProcess(config, state["log"], env=state["env"]).start()
     state["daemon"].wait_ready(root, timeout=300)
     yield state
     if state["daemon"].proc.poll() is None:
         state["daemon"].terminate()
+    shutil.rmtree(state["rpc"], ignore_errors=True)
 
 
 def chat(i, **body):
@@ -407,19 +412,19 @@ def test_three_kill9s_on_real_vllm_then_exactly_once(spool, tmp_path):
     partial = complete_lines(output)
     assert partial < 3000, "the job finished before the kill; make it longer"
 
-    spool["daemon"] = DaemonProcess(spool["config"], spool["log"]).start()
+    spool["daemon"] = DaemonProcess(spool["config"], spool["log"], env=spool["env"]).start()
     beat = spool["root"] / "processing" / "testhost" / "heartbeat.json"
     wait_for(lambda: _beat(beat).get("pid") == spool["daemon"].proc.pid and _beat(beat).get("state") == "loading",
              60, "the restarted daemon loading its model")
     spool["daemon"].kill9()  # 2: during recovery and model loading (its own heartbeat said so)
     assert complete_lines(output) == partial
 
-    spool["daemon"] = DaemonProcess(spool["config"], spool["log"]).start()
+    spool["daemon"] = DaemonProcess(spool["config"], spool["log"], env=spool["env"]).start()
     wait_for(lambda: complete_lines(output) >= partial + 300, 180, "300 more results")
     spool["daemon"].kill9()  # 3: mid-job again, after a resume
     assert complete_lines(output) < 3000, "the job finished before the third kill"
 
-    spool["daemon"] = DaemonProcess(spool["config"], spool["log"]).start()
+    spool["daemon"] = DaemonProcess(spool["config"], spool["log"], env=spool["env"]).start()
     job = finished(spool["root"], "crash.jsonl", timeout=300)
     v = Verdict()
     check_job(job, Drop("crash.jsonl", {r["custom_id"] for r in rows}, set()), v)
@@ -428,3 +433,6 @@ def test_three_kill9s_on_real_vllm_then_exactly_once(spool, tmp_path):
     check_exactly_once(job, {r["custom_id"] for r in rows}, set())
     batch = json.loads((job / "batch.json").read_text())
     assert batch["timings"]["resumed"] is True
+    # each killed daemon left its engine's sockets (kill -9 runs no clean-up); the last one's engine start
+    # removed them all: what is left is its own engine's directory
+    assert len(list(spool["rpc"].iterdir())) == 1, sorted(os.listdir(spool["rpc"]))
