@@ -120,7 +120,7 @@ class Daemon:
         finally:
             self.state = DaemonState.STOPPING
             self.notifier.stopping()
-            self.jobs.stop_all()
+            self.jobs.stop_all(daemon_stops=True)
             await self.jobs.settle()
             self.inbox.stop()
             for task in loops:
@@ -146,7 +146,7 @@ class Daemon:
         if self._signals == 1:
             log.info("%s: warm stop (finishing writes; send again to stop at once)", signal.Signals(sig).name)
             self._stop.set()
-            self.jobs.stop_all()
+            self.jobs.stop_all(daemon_stops=True)
             self.inbox.wake()
         elif self._main_task is not None:
             self._main_task.cancel()

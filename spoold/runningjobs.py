@@ -98,8 +98,11 @@ class RunningJobs:
         task = asyncio.create_task(self._run(runner), name=f"job:{claimed.job.id}")
         self._running[claimed.job.id] = Running(runner, task)
 
-    def stop_all(self) -> None:
-        """Tell every running job to stop: what is in flight settles, what is durable stays."""
+    def stop_all(self, daemon_stops: bool = False) -> None:
+        """Tell every running job to stop: what is in flight settles, what is durable stays. When the
+        daemon stops, a job paused for a swap is stopped too: it resumes on the next start."""
+        if daemon_stops:
+            self._paused.clear()
         for running in self._running.values():
             running.runner.stop.set()
 

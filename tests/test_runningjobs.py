@@ -2,6 +2,7 @@
 
 import asyncio
 import errno
+import signal
 from pathlib import Path
 
 from spoold.config import Config, EngineSettings, SpoolSettings
@@ -99,3 +100,23 @@ def test_the_daemon_acts_on_each_verdict(tmp_path):
     assert "j1" in daemon.work.stuck and daemon.pause.reason is None
     daemon._job_ended(JobEnd("j2", Outcome.INTERRUPTED, Trouble.DISK, "job j2: No space left on device"))
     assert daemon.pause.reason == "job j2: No space left on device" and daemon._trouble is None
+
+
+def test_a_job_paused_for_a_swap_as_the_daemon_is_told_to_stop_is_told_it_resumes_on_the_next_start(
+        tmp_path, caplog):
+    daemon = make_daemon(tmp_path, delay=0.05)
+    ends, act = [], daemon.jobs.on_end
+    daemon.jobs.on_end = lambda end: (ends.append(end), act(end))
+    (daemon.spool.inbox / "d.jsonl").write_text("".join(LINE % i for i in range(1000)))
+
+    async def go():
+        daemon._stop = asyncio.Event()
+        daemon._start(await daemon.work.claim("d.jsonl"))
+        assert daemon.jobs.pause_all() == 1  # a swap is due; then SIGTERM, before the job has settled
+        daemon._on_signal(signal.SIGTERM)
+        await daemon.jobs.settle()
+    with caplog.at_level("INFO", logger="spoold"):
+        asyncio.run(go())
+    (end,) = ends
+    assert end.outcome is Outcome.INTERRUPTED and not end.waits_from_now  # before: PAUSED, waiting for a swap back
+    assert "resumes on the next start" in caplog.text and "loaded again" not in caplog.text
