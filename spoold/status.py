@@ -81,7 +81,9 @@ def _processing(root: Path, stall_seconds: float) -> list[dict[str, Any]]:
             job = JobDir(job_dir)
             batch = job.read_batch()
             heartbeat = _read_json(job.heartbeat)
-            if not job_dir.is_dir():  # it went to outbox/ or failed/ mid-read: listed there, read after this
+            # A job that moved on mid-read is left out: outbox/ and failed/ are read after this (one that
+            # another host took over may be missed by this one look)
+            if not job_dir.is_dir():
                 continue
             beat, stamp = heartbeat.get("job") or {}, heartbeat.get("ts")
             last = beat.get("last_progress_at")
