@@ -67,7 +67,7 @@ def test_a_base_too_long_for_a_directory_of_our_own_is_used_as_it_is(short_dir, 
 
 def test_a_daemon_killed_with_kill_9_leaves_its_sockets_and_the_next_engine_start_removes_them(short_dir, monkeypatch):
     """kill -9 runs no clean-up: without the sweep each killed daemon left seven sockets for good."""
-    engine = ("import socket, sys, time, uuid\n"
+    engine = ("import socket, time, uuid\n"
               "from spoold.rpcdir import private_rpc_dir\n"
               "with private_rpc_dir() as path:\n"
               "    listener = socket.socket(socket.AF_UNIX)\n"
@@ -79,6 +79,7 @@ def test_a_daemon_killed_with_kill_9_leaves_its_sockets_and_the_next_engine_star
     daemon = subprocess.Popen([sys.executable, "-c", engine], env=env, stdout=subprocess.PIPE, text=True)
     try:
         theirs = daemon.stdout.readline().strip()
+        assert theirs, "the stand-in daemon did not start"
         assert remove_dead_rpc_dirs(str(short_dir)) == 0 and os.listdir(theirs)  # alive: its sockets stay
     finally:
         daemon.send_signal(signal.SIGKILL)
