@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.concurrency_bench [--requests 2000] [--rounds 3] [--big 5000] [--tries 10]
         [--only small_vs_big|head_of_line|fairness|users|tenants] [--engine-arg max_num_seqs=16 ...]
-        [--spool-arg max_active_jobs=256 ...]
+        [--spool-arg max_active_jobs=256 ...] [--model HF_ID_OR_PATH] [--out FILE]
 
 Five measurements, as a user would see them (drop to outbox):
 - many small against one big: N one-line drops, then one N-line drop, alternating,
@@ -22,7 +22,13 @@ Five measurements, as a user would see them (drop to outbox):
 - tenants: the same through `spoold api` and the `openai` SDK, the big batch
   one tenant's and the twenty another's: the second tenant's share each
   second, against the half that per-tenant shares give.
-Writes bench/concurrency_results.json (`--only`: concurrency_<name>_results.json).
+Writes bench/concurrency_results.json (`--only`: concurrency_<name>_results.json), or `--out`.
+
+On a GPU box, `--model` names a real model (a Hugging Face id, fetched when
+HF_HUB_OFFLINE=0, or a local path) and `--engine-arg` replaces the CPU
+settings, e.g. `--engine-arg dtype='"auto"' --engine-arg enforce_eager=false
+--engine-arg max_num_seqs=256`; the result records the GPUs, the model and
+the settings it ran with (README, "Many batches at once").
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from spoold.tinymodel import build_tiny_model
 
 from .api_bench import answers
 from .cpu import cpu_seconds
-from .run import ENV, Spoold, machine
+from .run import ENV, TINY_MODEL, Spoold, machine
 from .workloads import default_rows, write_workload
 
 REPO = Path(__file__).resolve().parent.parent
@@ -316,16 +322,21 @@ def main() -> None:
                         help="an [engine] setting for the daemon under test, e.g. max_num_seqs=16")
     parser.add_argument("--spool-arg", action="append", default=[], metavar="KEY=JSON",
                         help="a [spool] setting for the daemon under test, e.g. max_active_jobs=256")
+    parser.add_argument("--model", help="a Hugging Face id or local path to serve instead of the tiny model the "
+                                        "tests build (a real one, on a GPU box)")
+    parser.add_argument("--out", type=Path, help="where to write the results (default: bench/concurrency_"
+                                                 "results.json, or concurrency_<only>_results.json)")
     args = parser.parse_args()
     if args.only == "users" and os.geteuid() != 0:
         parser.error("--only users gives drops to two users (uids 1001 and 1002): run it as root")
     engine = {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.engine_arg)}
     spool = {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.spool_arg)}
     with tempfile.TemporaryDirectory(prefix="spoold-bench-") as tmp:
-        model = build_tiny_model(REPO / ".cache" / "tiny-llama")
+        model = args.model or str(build_tiny_model(REPO / ".cache" / "tiny-llama"))
         daemon = Spoold(model, Path(tmp), engine_settings=engine, spool_settings=spool)
-        drops = Drops(daemon, str(model), Path(tmp))
-        report = {"machine": machine(), "engine_settings": engine, "spool_settings": spool}
+        drops = Drops(daemon, model, Path(tmp))
+        report = {"machine": machine(args.model or TINY_MODEL, engine),
+                  "engine_settings": engine, "spool_settings": spool}
         try:
             if args.only in (None, "small_vs_big"):
                 print("many small drops against one big one:", flush=True)
@@ -352,7 +363,7 @@ def main() -> None:
         finally:
             daemon.close()
     name = "concurrency_results.json" if not args.only else f"concurrency_{args.only}_results.json"
-    (REPO / "bench" / name).write_text(json.dumps(report, indent=1) + "\n")
+    (args.out or REPO / "bench" / name).write_text(json.dumps(report, indent=1) + "\n")
     if "small_vs_big" in report:
         print(f"median ratio (big / small drop time): {report['small_vs_big']['median_ratio']:.2f}")
 

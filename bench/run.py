@@ -1,6 +1,7 @@
 """spoold against raw vLLM and `vllm run-batch`, side by side, in one run.
 
     .venv/bin/python -m bench.run [--requests 2000] [--rounds 5] [--workloads default,mixed]
+        [--model HF_ID_OR_PATH] [--engine-arg dtype='"auto"' ...] [--out FILE]
 
 Same input file, same engine arguments, contenders alternated each round
 (the machine is shared and noisy). Raw vLLM and both spoold daemons load
@@ -8,6 +9,10 @@ their model once and stay loaded, so a round's contenders run seconds apart
 and the machine's slow drifts hit them alike; run-batch loads afresh each
 time (that is how it runs). Model loading is timed separately and excluded
 from throughput. Prints a table and writes bench/results.json.
+
+The tiny model and CPU settings (`ENGINE`) unless `--model` names another
+and `--engine-arg` changes a setting for all four contenders alike: on a
+GPU box, e.g. `--engine-arg dtype='"auto"' --engine-arg enforce_eager=false`.
 """
 
 import argparse
@@ -28,8 +33,8 @@ from .workloads import default_rows, mixed_rows, write_workload
 
 REPO = Path(__file__).resolve().parent.parent
 ENGINE = {"dtype": "float32", "max_model_len": 512, "max_num_seqs": 64, "enforce_eager": True}
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-           PYTHONPATH=str(REPO))
+#: Offline, and a small CPU KV cache, unless the environment says otherwise (a GPU box fetching its model).
+ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", **os.environ, "PYTHONPATH": str(REPO)}
 CONTENDERS = ("raw", "run_batch", "spoold", "spoold_default")
 #: Raw `LLM` turns vLLM's stats logging off by default; the others get the same
 #: (spoold_default shows spoold's shipped config, which keeps it on for metrics).
@@ -39,11 +44,11 @@ SAME_ARGS = {"disable_log_stats": True}
 class RawVllm:
     """`LLM.chat` in a process of its own (bench.raw_vllm), loaded once, run per workload."""
 
-    def __init__(self, model: Path, tmp: Path) -> None:
+    def __init__(self, model: str | Path, tmp: Path, engine: dict) -> None:
         self.log = open(tmp / "raw.log", "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.raw_vllm", "--model", str(model),
-             "--engine", json.dumps({**ENGINE, **SAME_ARGS})],
+             "--engine", json.dumps({**engine, **SAME_ARGS})],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=ENV, cwd=REPO)
         self.load_s = json.loads(self._reply("READY "))["load_s"]
 
@@ -63,13 +68,11 @@ class RawVllm:
         self.proc.wait(timeout=120)
 
 
-def run_run_batch(model: Path, workload: Path, tmp: Path) -> dict:
+def run_run_batch(model: str | Path, workload: Path, tmp: Path, engine: dict) -> dict:
     """`vllm run-batch`: engine phase = from its "Reading batch" log line to its output file's mtime."""
     output = tmp / "run_batch_out.jsonl"
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(workload), "-o", str(output),
-           "--model", str(model), "--served-model-name", str(model), "--dtype", ENGINE["dtype"],
-           "--max-model-len", str(ENGINE["max_model_len"]), "--max-num-seqs", str(ENGINE["max_num_seqs"]),
-           "--enforce-eager", "--disable-log-stats"]
+           "--model", str(model), "--served-model-name", str(model), *cli_flags({**engine, **SAME_ARGS})]
     started = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=REPO)
     reading_at = None
@@ -96,7 +99,7 @@ class Spoold:
     `[engine.args]`, for trying variants.
     """
 
-    def __init__(self, model: Path, tmp: Path, engine_args: dict | None = None,
+    def __init__(self, model: str | Path, tmp: Path, engine_args: dict | None = None,
                  engine_settings: dict | None = None, spool_settings: dict | None = None) -> None:
         self.root = tmp / "spool"
         (self.root / "inbox").mkdir(parents=True)
@@ -148,8 +151,22 @@ class Spoold:
         self.proc.wait(timeout=120)
 
 
-def bench_workloads(workloads: dict[str, list[dict]], model: Path, rounds: int) -> dict:
-    """Every workload, `rounds` rounds each, with the warm contenders loaded once for all."""
+def cli_flags(engine: dict) -> list[str]:
+    """Engine arguments as vLLM's command line takes them: `--max-num-seqs 64`, `--enforce-eager` for
+    True; False is left out (every flag of ENGINE's is off unless given)."""
+    flags = []
+    for key, value in engine.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is not False:
+            flags += [flag, str(value)]
+    return flags
+
+
+def bench_workloads(workloads: dict[str, list[dict]], model: str | Path, rounds: int, engine: dict) -> dict:
+    """Every workload, `rounds` rounds each, with the warm contenders loaded once for all; `engine`: the
+    engine arguments every contender gets."""
     report = {}
     with tempfile.TemporaryDirectory(prefix="spoold-bench-") as tmpdir:
         tmp = Path(tmpdir)
@@ -158,9 +175,9 @@ def bench_workloads(workloads: dict[str, list[dict]], model: Path, rounds: int) 
         warm: dict = {}
         try:
             # One at a time: loads compete for the CPU, and their times are reported.
-            warm["raw"] = RawVllm(model, tmp / "raw")
-            warm["spoold"] = Spoold(model, tmp / "spoold", SAME_ARGS)
-            warm["spoold_default"] = Spoold(model, tmp / "spoold_default")
+            warm["raw"] = RawVllm(model, tmp / "raw", engine)
+            warm["spoold"] = Spoold(model, tmp / "spoold", SAME_ARGS, engine_settings=engine)
+            warm["spoold_default"] = Spoold(model, tmp / "spoold_default", engine_settings=engine)
             print("loaded: " + ", ".join(f"{c} {w.load_s:.1f}s" for c, w in warm.items()), flush=True)
             # One untimed small run each, so no timed run pays a warm contender's first-use costs.
             warmup = write_workload(tmp / "warmup.jsonl", next(iter(workloads.values()))[:64])
@@ -168,15 +185,15 @@ def bench_workloads(workloads: dict[str, list[dict]], model: Path, rounds: int) 
                 contender.run(warmup)
             for name, rows in workloads.items():
                 workload = write_workload(tmp / f"{name}.jsonl", rows)
-                report[name] = bench_workload(name, workload, len(rows), model, rounds, warm, tmp)
+                report[name] = bench_workload(name, workload, len(rows), model, rounds, warm, tmp, engine)
         finally:
             for contender in warm.values():
                 contender.close()
     return report
 
 
-def bench_workload(name: str, workload: Path, requests: int, model: Path, rounds: int,
-                   warm: dict, tmp: Path) -> dict:
+def bench_workload(name: str, workload: Path, requests: int, model: str | Path, rounds: int,
+                   warm: dict, tmp: Path, engine: dict) -> dict:
     """`rounds` rounds of every contender on one workload, who goes first rotating."""
     results: dict[str, list[dict]] = {c: [] for c in CONTENDERS}
     print(f"workload {name}: {requests} requests, {rounds} rounds", flush=True)
@@ -187,7 +204,7 @@ def bench_workload(name: str, workload: Path, requests: int, model: Path, rounds
                 res = warm[contender].run(workload)
             else:
                 with tempfile.TemporaryDirectory(dir=tmp) as run_tmp:
-                    res = run_run_batch(model, workload, Path(run_tmp))
+                    res = run_run_batch(model, workload, Path(run_tmp), engine)
             res["rps"] = res["requests"] / res["engine_s"]
             res["tps"] = res["output_tokens"] / res["engine_s"]
             results[contender].append(res)
@@ -204,13 +221,21 @@ def bench_workload(name: str, workload: Path, requests: int, model: Path, rounds
     return {"requests": requests, "rounds": results, "median": summary, "median_pairwise_ratio": ratios}
 
 
-def machine() -> dict:
+#: How a result names the model the tests build, which the benches run unless `--model` names another.
+TINY_MODEL = "tiny local Llama (2 layers, hidden 128; spoold.tinymodel)"
+
+
+def machine(model: str = TINY_MODEL, engine: dict | None = None) -> dict:
+    """What a result was measured on: CPU, cores, GPUs (NVML's names; none on a CPU box), versions,
+    the model and the `[engine]` settings in effect, so numbers from two boxes are never confused."""
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     import vllm
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "vllm": vllm.__version__,
-            "engine_args": ENGINE, "model": "tiny local Llama (2 layers, hidden 128; spoold.tinymodel)",
-            "date": time.strftime("%Y-%m-%d")}
+    from spoold.gpu import GpuReader
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpus": [g["name"] for g in GpuReader().read()],
+            "python": platform.python_version(), "vllm": vllm.__version__,
+            "engine_args": {**ENGINE, **(engine or {})}, "model": model, "date": time.strftime("%Y-%m-%d")}
 
 
 def table(report: dict) -> str:
@@ -235,12 +260,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--workloads", default="default,mixed")
     parser.add_argument("--out", default=str(REPO / "bench" / "results.json"))
+    parser.add_argument("--model", help="a Hugging Face id or local path to serve instead of the tiny model the "
+                                        "tests build (a real one, on a GPU box)")
+    parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=JSON",
+                        help="an engine argument for every contender, over ENGINE's, e.g. enforce_eager=false")
     args = parser.parse_args()
-    model = build_tiny_model(REPO / ".cache" / "tiny-llama")
+    model = args.model or str(build_tiny_model(REPO / ".cache" / "tiny-llama"))
+    engine = {**ENGINE, **{k: json.loads(v) for k, v in (a.split("=", 1) for a in args.engine_arg)}}
     makers = {"default": default_rows, "mixed": mixed_rows}
-    workloads = {name: makers[name](args.requests, str(model)) for name in args.workloads.split(",")}
-    report = {"machine": machine(), "rounds": args.rounds,
-              "workloads": bench_workloads(workloads, model, args.rounds)}
+    workloads = {name: makers[name](args.requests, model) for name in args.workloads.split(",")}
+    report = {"machine": machine(args.model or TINY_MODEL, engine), "rounds": args.rounds,
+              "workloads": bench_workloads(workloads, model, args.rounds, engine)}
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(table(report))
     print(f"\nwritten to {args.out}")
