@@ -169,7 +169,7 @@ def create_app(config: Config, keys: ApiKeys | None) -> FastAPI:
             found = files.index(who.name, purpose)
             if order == "asc":
                 found.reverse()
-            listed, more = page_of(found, after, limit)
+            listed, more = page_of(found, after, limit, ahead_of(files.gone(after or ""), who.name, order))
             shown = [stored for stored in map(files.now, listed) if stored is not None]
             return list_object([_shown(f.file_object()) for f in shown], more)
         return await asyncio.to_thread(page)
@@ -235,7 +235,7 @@ def create_app(config: Config, keys: ApiKeys | None) -> FastAPI:
             visible: list[ListedBatch | DropJob] = [*batches.index(who.name),
                                                     *(batches.drops() if who.admin else [])]
             visible.sort(key=lambda b: (b.created_at, b.id), reverse=True)
-            found, more = page_of(visible, after, limit)
+            found, more = page_of(visible, after, limit, ahead_of(batches.gone(after or ""), who.name))
             shown = [batches.full(b) if isinstance(b, ListedBatch) else b for b in found]
             return list_object([_shown(batches.batch_object(b)) for b in shown if b is not None], more)
         return await asyncio.to_thread(page)
@@ -259,15 +259,37 @@ def create_app(config: Config, keys: ApiKeys | None) -> FastAPI:
     return app
 
 
-def page_of(items: list[T], after: str | None, limit: int) -> tuple[list[T], bool]:
+def page_of(items: list[T], after: str | None, limit: int,
+            ahead: Callable[[T], bool] | None = None) -> tuple[list[T], bool]:
     """The `limit` items after the one whose id is `after`, and whether more follow (OpenAI's cursor pages).
 
-    An `after` that names no item (deleted meanwhile, or another tenant's)
+    An `after` that is no longer among them (deleted since the page that
+    ended with it: the SDK's walk through every page, a clean-up loop
+    deleting what it walks) goes on from where it was: `ahead(item)` says
+    whether an item comes before that place (`ahead_of`). Started again
+    from the top, the walk would meet every item before it once more. One
+    this process never listed (another tenant's, or from before a restart)
     starts from the beginning rather than leaking whether it exists.
     """
     ids = [item.id for item in items]
-    start = ids.index(after) + 1 if after in ids else 0
+    if after in ids:
+        start = ids.index(after) + 1
+    else:
+        start = sum(1 for item in items if ahead(item)) if ahead is not None else 0
     return items[start:start + limit], start + limit < len(items)
+
+
+def ahead_of(gone: StoredFile | ListedBatch | None, tenant: str,
+             order: str = "desc") -> Callable[[Any], bool] | None:
+    """For `page_of`: whether an item is listed before where `gone` (a listed record since deleted) was,
+    in a listing newest first (`order` "desc") or oldest first; None when there is no such record of
+    `tenant`'s."""
+    if gone is None or gone.owner != tenant:
+        return None
+    place = (gone.created_at, gone.id)
+    if order == "asc":
+        return lambda item: (item.created_at, item.id) < place
+    return lambda item: (item.created_at, item.id) > place
 
 
 def _upload_expiry(fields: dict[str, str]) -> int | None:

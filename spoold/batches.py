@@ -150,6 +150,12 @@ class BatchStore:
         mine = [b for b in self._listed.of(names) if owner is None or b.owner == owner]
         return sorted(mine, key=lambda b: (b.created_at, b.id), reverse=True)
 
+    def gone(self, batch_id: str) -> ListedBatch | None:
+        """A batch a listing saw whose record has since been removed (its retention passed); None if it
+        is there or this process never listed it: where a walk through the pages goes on when the
+        batch it names as its cursor is gone."""
+        return self._listed.gone(batch_id)
+
     def _listed_batch(self, batch_id: str) -> ListedBatch | None:
         batch = read_api_batch(self.dir, batch_id)
         return ListedBatch(batch.id, batch.created_at, batch.owner) if batch is not None else None

@@ -184,6 +184,12 @@ class FileStore:
         found = [f for f in mine if f.result_of is None or self._is_there(f)]
         return sorted(found, key=lambda f: (f.created_at, f.id), reverse=True)
 
+    def gone(self, file_id: str) -> StoredFile | None:
+        """The record of a file a listing saw that has since been deleted (expired, or deleted by its
+        owner); None if it is there or this process never listed it: where a walk through the pages
+        goes on when the file it names as its cursor is gone."""
+        return self._records.gone(file_id)
+
     def _is_there(self, stored: StoredFile) -> bool:
         """Whether a batch's result file exists (from its batch's end until it is deleted)."""
         if stored.id not in self._there and os.path.exists(self.content_path(stored)):

@@ -14,6 +14,8 @@ from spoold.config import ApiSettings, Config, ConfigError, EngineSettings, Limi
 from .helpers import ApiServer, chat_line, wait_for
 
 ALICE, BOB = "alice-key-0123456789abcdef", "bob-key-0123456789abcdef00"
+#: a tenant of its own for each order of a walk through the pages
+WALKERS = {"desc": "dave-key-0123456789abcdef0", "asc": "erin-key-0123456789abcdef0"}
 BATCH = "".join(json.dumps(chat_line(i)) + "\n" for i in range(3)).encode()
 
 
@@ -23,7 +25,8 @@ def api(tmp_path_factory):
     config = Config(spool=SpoolSettings(root=root, host_id="h"),
                     engine=EngineSettings(model="Qwen/Qwen3-4B-Instruct-2507"),
                     api=ApiSettings(max_upload_bytes=64 * 1024))
-    keys = ApiKeys({ALICE: Tenant("alice"), BOB: Tenant("bob")})
+    keys = ApiKeys({ALICE: Tenant("alice"), BOB: Tenant("bob"), **{key: Tenant(f"walker-{order}")
+                                                                  for order, key in WALKERS.items()}})
     server = ApiServer(config, keys)
     server.root = root
     yield server
@@ -61,6 +64,29 @@ def test_the_sdk_pages_through_every_file_once_newest_first(api):
     created = [bob.files.retrieve(i).created_at for i in walked]
     assert created == sorted(created, reverse=True)
     assert [f.id for f in bob.files.list(order="asc")] == walked[::-1]
+
+
+@pytest.mark.parametrize("order", ["desc", "asc"])
+def test_a_walk_through_the_pages_that_deletes_as_it_goes_meets_every_file_once(api, order):
+    client = api.client(WALKERS[order])
+    made = [client.files.create(file=(f"f{i}.jsonl", BATCH), purpose="batch").id for i in range(7)]
+    walked = []
+    for stored in client.files.list(limit=2, order=order):  # the SDK asks for each page after the last file seen
+        walked.append(stored.id)
+        if len(walked) % 2 == 0:  # the last of its page: the cursor of the next page is gone
+            client.files.delete(stored.id)
+    assert len(walked) == len(set(walked)), "a file met twice: the walk started again from the top"
+    assert sorted(walked) == sorted(made)
+
+
+def test_a_cursor_naming_another_tenants_deleted_file_pages_from_the_top_as_an_unknown_one_does(api):
+    alice, bob = api.client(ALICE), api.client(BOB)
+    theirs = alice.files.create(file=("gone.jsonl", BATCH), purpose="batch")
+    bob.files.create(file=("mine.jsonl", BATCH), purpose="batch")
+    assert theirs.id in [f.id for f in alice.files.list()]  # listed here, then deleted: the server knows its place
+    alice.files.delete(theirs.id)
+    top = [f.id for f in bob.files.list(limit=3).data]
+    assert [f.id for f in bob.files.list(limit=3, after=theirs.id).data] == top  # nothing said of alice's file
 
 
 def test_another_tenants_file_is_not_found_and_a_wrong_or_missing_key_is_refused(api):

@@ -76,6 +76,21 @@ def test_a_listing_shows_each_batch_as_it_is_now_and_none_that_was_deleted(api):
     assert listed[kept.id] == "cancelled" and doomed.id not in listed
 
 
+def test_a_walk_through_the_pages_meets_every_batch_once_though_retention_deletes_its_cursor(api):
+    client = api.client(KEY)
+    made = [create(client).id for _ in range(7)]
+    for batch_id in made:
+        client.batches.cancel(batch_id)  # ended, so retention may delete it
+    sweep = BatchStore(Spool(SpoolSettings(root=api.root, host_id="h")), FileStore(api.root))  # as retention's
+    walked = []
+    for batch in client.batches.list(limit=2):  # the newest first: these seven, then the other tests' batches
+        walked.append(batch.id)
+        if batch.id in made and len(walked) % 2 == 0:  # the last of its page: the next page's cursor is gone
+            sweep.delete(read_api_batch(api.root / "batches", batch.id))
+    assert len(walked) == len(set(walked)), "a batch met twice: the walk started again from the top"
+    assert set(made) <= set(walked)
+
+
 def test_a_batch_cancelled_before_any_claim_is_withdrawn_from_the_inbox(api):
     client = api.client(KEY)
     made = create(client)
