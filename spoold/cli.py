@@ -269,6 +269,7 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """`spoold run`: the daemon in the foreground until SIGTERM (systemd's ExecStart); the exit status says why."""
     from .daemon import Daemon
     from .engine import EngineLoadError, load_engine
     from .spool import check_results_group, results_gid
@@ -316,6 +317,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
+    """`spoold api`: the OpenAI Files and Batches API over the spool, until SIGTERM; jobs still run in the daemon."""
     from .apiserver import serve
 
     setup_logging(args.verbose)
@@ -326,6 +328,8 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    """`spoold cancel`: stop jobs (a split batch on every daemon running a part), keeping their results so far;
+    a submitter's own running job is asked for through the inbox."""
     from .groups import Groups
 
     spool = _spool(args, _config(args))
@@ -364,6 +368,7 @@ def _cancel_own(spool: Spool, job_id: str) -> OwnCancel:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
+    """`spoold retry`: drop a new job of a finished job's retryable failures, linked to it by `retry_of`."""
     from .retries import NoSuchJob, finished_job, write_retry
 
     config = _config(args)
@@ -405,6 +410,7 @@ def _retry_refusal(spool: Spool, job: Path) -> str | None:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
+    """`spoold results`: one result per custom_id over a job and its retries, the latest success winning."""
     from .retries import NoSuchJob, merge_results, retry_chain
 
     spool = _spool(args, _config(args))
@@ -436,6 +442,7 @@ def _say_where(spool: Spool, typed: str) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    """`spoold models`: the configured models, their aliases, and which one a daemon has loaded now."""
     import json
 
     from .catalog import model_rows, render
@@ -446,6 +453,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_models(args: argparse.Namespace) -> int:
+    """`spoold bench-models`: the same lines through each named model, to pick one on speed and answers."""
     import asyncio
     import time
 
@@ -516,6 +524,7 @@ def _print_report(report, out=sys.stdout) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """`spoold validate`: every line checked as the daemon checks it, nothing submitted; fails if any line is bad."""
     from .submit import validate_file
 
     config = _config(args)
@@ -559,6 +568,7 @@ def _priority(text: str) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    """`spoold submit`: validate, then put each file in the inbox atomically, so the daemon never claims half a file."""
     from .heartbeat import START_A_DAEMON
     from .submit import submit_file, validate_file
 
@@ -627,6 +637,7 @@ def _warn_if_no_daemon(spool: Spool, beat_seconds: float, so: str) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """`spoold status`: queued, running and finished jobs, read from the spool (no daemon needed)."""
     from .status import render_status, spool_status, status_json
 
     config = _config(args)
@@ -636,6 +647,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    """`spoold doctor`: every check of the setup, each failure with what to do about it."""
     from .doctor import as_json, passed, render, run_checks
 
     checks = run_checks(config_path(args.config), args.unit, args.user)
@@ -644,6 +656,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
+    """`spoold watch`: live progress bars from the daemon's ZeroMQ feed."""
     from .spool import Spool
     from .viewer import watch_bars, watch_json
 
@@ -658,6 +671,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """`spoold demo`: a sample batch through a tiny model built locally, to see the whole path work on a new box."""
     from .demo import run_demo
 
     return run_demo(lines=args.lines)

@@ -57,14 +57,17 @@ class UnavailableEngine:
         self.load_error = reason
 
     async def start(self) -> None:
+        """Nothing to start: the model failed to load."""
         return None
 
     async def handle(self, request: EngineRequest) -> EngineResult:
+        """A 503 result naming the load error: each line is answered, none lost, and a retry can run it."""
         error = {"error": {"message": f"model {self.model} could not be loaded: {self.load_error}",
                            "type": "ModelLoadError", "param": "model", "code": 503}}
         return EngineResult(503, json.dumps(error))
 
     async def close(self) -> None:
+        """Nothing to close."""
         return None
 
 

@@ -56,6 +56,7 @@ class EngineHost:
 
     @property
     def model(self) -> str:
+        """The model the current engine serves (loaded or about to be)."""
         return self.engine.model
 
     async def load(self) -> float:

@@ -64,6 +64,7 @@ class Tally:
 
     @property
     def done(self) -> int:
+        """Lines with a durable answer, success or not."""
         return self.completed + self.failed
 
     def add(self, status_code: int, prompt_tokens: int, completion_tokens: int) -> None:
@@ -76,9 +77,11 @@ class Tally:
         self.output_tokens += completion_tokens
 
     def add_result(self, result: EngineResult) -> None:
+        """Count one engine result whose line is durable."""
         self.add(result.status_code, result.prompt_tokens, result.completion_tokens)
 
     def usage(self) -> dict[str, int]:
+        """The tokens so far, shaped as the Batch object's `usage`."""
         return {
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,

@@ -97,6 +97,7 @@ class Groups:
         self.root = spool.root / "groups"
 
     def group(self, group_id: str) -> GroupDir:
+        """The directory of one group's record (it may not exist)."""
         return GroupDir(self.root / group_id)
 
     def was_split(self, job: JobDir) -> bool:

@@ -96,26 +96,32 @@ class JobDir:
 
     @property
     def id(self) -> str:
+        """The job's id: its directory's name."""
         return self.path.name
 
     @property
     def input(self) -> Path:
+        """The claimed drop, as it was validated."""
         return self.path / "input.jsonl"
 
     @property
     def output(self) -> Path:
+        """Results, one line per answered request, each fsynced before it counts."""
         return self.path / "output.jsonl"
 
     @property
     def errors(self) -> Path:
+        """Error records, with line numbers, for lines no engine answered (bad, expired, the engine gone)."""
         return self.path / "errors.jsonl"
 
     @property
     def batch(self) -> Path:
+        """The job's record: the OpenAI Batch object and spoold's own fields."""
         return self.path / "batch.json"
 
     @property
     def heartbeat(self) -> Path:
+        """Progress, rewritten while the job runs; its age tells a stalled job."""
         return self.path / "heartbeat.json"
 
     @property

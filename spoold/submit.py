@@ -36,6 +36,7 @@ class Report:
 
     @property
     def valid(self) -> int:
+        """Lines that would run."""
         return self.lines - len(self.errors)
 
 
