@@ -93,7 +93,10 @@ def _follow(root: Path, daemon: subprocess.Popen, total: int) -> Path | None:
     from tqdm import tqdm
 
     deadline = time.monotonic() + DEMO_TIMEOUT_SECONDS
-    bar = tqdm(total=total, unit="line", desc="4/4 loading model")
+    # No rate on the bar: tqdm counts from the bar's start, so the model's load (most of a demo's
+    # wall time on a CPU) would show as seconds per line; the summary gives the job's own rate.
+    bar = tqdm(total=total, unit="line", desc="4/4 loading model",
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}]")
     try:
         while time.monotonic() < deadline and daemon.poll() is None:
             done = list((root / "outbox").glob("*/batch.json"))
