@@ -70,6 +70,8 @@ def read_metadata(marker: Path, owner_uid: int, warn: bool = True) -> dict[str, 
         return check_metadata(json.loads(data.decode()))
     except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         return _ignored(marker, str(e), warn)
+    except RecursionError:  # `[[[[...` fits in the size limit: not a ValueError, and it must not end the daemon
+        return _ignored(marker, "its JSON is nested too deeply", warn)
 
 
 def _ignored(marker: Path, why: str, warn: bool) -> None:

@@ -101,7 +101,7 @@ def rewrite_models(f: IO[bytes], model: str, max_line_bytes: int) -> Iterator[by
 def _with_model(raw: bytes, model: str) -> bytes:
     try:
         obj = json.loads(raw) if raw.strip() else None
-    except ValueError:
+    except (ValueError, RecursionError):  # a bad line goes in as it is, and gets its error from the daemon
         return raw
     if isinstance(obj, dict) and isinstance(obj.get("body"), dict):
         obj["body"]["model"] = model

@@ -40,6 +40,7 @@ def test_an_empty_marker_only_says_the_drop_is_whole(tmp_path):
     (b'{"priority": 5}', "must be a string"),
     (b"\xff\xfe", "codec can't decode"),
     (b'{"k": "' + b"v" * MAX_MARKER_BYTES + b'"}', f"larger than {MAX_MARKER_BYTES} bytes"),
+    (b"[" * 8000 + b"]" * 8000, "nested too deeply"),  # within the size limit; a RecursionError, not a ValueError
 ])
 def test_a_bad_marker_is_reported_by_name_and_the_drop_still_runs_at_the_default_weight(tmp_path, caplog,
                                                                                        content, why):

@@ -19,6 +19,14 @@ def test_a_model_rewrite_keeps_every_line_where_it_was():
     assert json.loads(out[4])["body"]["model"] == "b" and out[4].endswith(b"\r")
 
 
+def test_a_model_rewrite_passes_a_line_nested_too_deeply_as_it_is():
+    """`spoold submit --model` over a line the daemon will report as nested too deeply: no traceback."""
+    deep = b"[" * 5000 + b"]" * 5000 + b"\n"
+    src = deep + json.dumps(chat_line(0, model="a")).encode() + b"\n"
+    out = b"".join(rewrite_models(io.BytesIO(src), "b", max_line_bytes=1 << 20)).split(b"\n")
+    assert out[0] == deep[:-1] and json.loads(out[1])["body"]["model"] == "b"
+
+
 def test_a_rename_that_would_replace_a_drop_is_refused(tmp_path):
     (tmp_path / "new").write_text("mine")
     (tmp_path / "drop.jsonl").write_text("someone else's, just arrived")

@@ -142,6 +142,22 @@ def test_unreadable_files_fail_with_the_reason_and_nothing_is_followed(daemon):
     assert (jobs["shadow.jsonl"] / "input.jsonl").is_symlink()  # moved as a link, never read
 
 
+def test_a_marker_nested_too_deeply_is_ignored_and_the_daemon_stays_up(daemon):
+    """A `.ready` marker of 8,000 nested brackets fits its 16 KiB limit; reading it once ended the daemon
+    (a RecursionError is not a ValueError), and under systemd again on every restart, the drop still there."""
+    root, proc, log = daemon
+    (root / "inbox" / "deep-marker.jsonl.ready").write_bytes(b"[" * 8000 + b"]" * 8000)
+    tmp = root / "inbox" / ".deep-marker.tmp"
+    tmp.write_bytes(lines(line("a")))
+    os.rename(tmp, root / "inbox" / "deep-marker.jsonl")
+    job = wait_for(lambda: job_of(root, "outbox", "deep-marker.jsonl") or proc.poll() is not None, 30,
+                   "the drop done, or the daemon gone")
+    assert proc.poll() is None, tail(log)
+    assert [o["custom_id"] for o in read_jsonl(job / "output.jsonl")] == ["a"]
+    assert json.loads((job / "batch.json").read_text()).get("metadata") is None
+    assert "inbox/deep-marker.jsonl.ready: its metadata is ignored (its JSON is nested too deeply)" in tail(log)
+
+
 def test_a_file_that_keeps_growing_is_claimed_only_once_it_stops(tmp_path):
     """Written in place (scp, NFS) for 2.5 s: claimed whole, after `settle_seconds` of quiet."""
     root = tmp_path / "spool"
