@@ -42,11 +42,14 @@ class UploadForm:
         self.filename: str | None = None
         #: whether the file part reached its closing boundary (a body cut short never does)
         self.file_complete = False
-        self._parser = MultipartParser(params[b"boundary"], {
-            "on_part_begin": self._part_begin, "on_header_field": self._header_field,
-            "on_header_value": self._header_value, "on_header_end": self._header_end,
-            "on_headers_finished": self._headers_finished, "on_part_data": self._part_data,
-            "on_part_end": self._part_end})
+        try:
+            self._parser = MultipartParser(params[b"boundary"], {
+                "on_part_begin": self._part_begin, "on_header_field": self._header_field,
+                "on_header_value": self._header_value, "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished, "on_part_data": self._part_data,
+                "on_part_end": self._part_end})
+        except Exception as e:  # the parser refuses the boundary itself (over 256 bytes, say)
+            raise FormError(f"The multipart body is malformed: {e}.") from None
         self._pending: list[bytes] = []
         self._header: list[bytes] = [b"", b""]
         self._disposition = b""

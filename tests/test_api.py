@@ -143,6 +143,12 @@ def test_a_wrong_purpose_or_a_form_without_a_file_is_400_and_leaves_nothing(api)
     assert unfinished.status_code == 400 and unfinished.json()["error"]["param"] == "file"
     not_a_form = httpx.post(f"{api.url}/files", content=BATCH, headers={"Authorization": f"Bearer {ALICE}"})
     assert not_a_form.status_code == 400
+    long_boundary = "b" * 300  # python-multipart refuses it when the parser is made: was a 500
+    refused_boundary = httpx.post(f"{api.url}/files", content=_multipart({"purpose": "batch"}, b"{}\n").replace(
+        b"b0undary", long_boundary.encode()), headers={"Authorization": f"Bearer {ALICE}",
+                                                        "Content-Type": f"multipart/form-data; boundary={long_boundary}"})
+    assert refused_boundary.status_code == 400, refused_boundary.text
+    assert "boundary" in refused_boundary.json()["error"]["message"].lower()
     assert {f.id for f in alice.files.list()} == before and leftovers(api.root) == []
 
 
