@@ -101,7 +101,7 @@ class JobDir:
 
     @property
     def input(self) -> Path:
-        """The claimed drop, as it was validated."""
+        """The drop, moved here by the claim."""
         return self.path / "input.jsonl"
 
     @property
@@ -121,7 +121,7 @@ class JobDir:
 
     @property
     def heartbeat(self) -> Path:
-        """Progress, rewritten while the job runs; its age tells a stalled job."""
+        """Progress, replaced while the job runs; other daemons take it as a sign the job is alive."""
         return self.path / "heartbeat.json"
 
     @property
