@@ -45,11 +45,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from spoold.tinymodel import build_tiny_model
 
 from .api_bench import answers
 from .cpu import cpu_seconds
-from .run import ENV, TINY_MODEL, Spoold, machine
+from .run import ENV, TINY_MODEL, Spoold, machine, model_to_serve, settings
 from .workloads import default_rows, write_workload
 
 REPO = Path(__file__).resolve().parent.parent
@@ -329,10 +328,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.only == "users" and os.geteuid() != 0:
         parser.error("--only users gives drops to two users (uids 1001 and 1002): run it as root")
-    engine = {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.engine_arg)}
-    spool = {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.spool_arg)}
+    engine, spool = settings(args.engine_arg), settings(args.spool_arg)
     with tempfile.TemporaryDirectory(prefix="spoold-bench-") as tmp:
-        model = args.model or str(build_tiny_model(REPO / ".cache" / "tiny-llama"))
+        model = model_to_serve(args.model)
         daemon = Spoold(model, Path(tmp), engine_settings=engine, spool_settings=spool)
         drops = Drops(daemon, model, Path(tmp))
         report = {"machine": machine(args.model or TINY_MODEL, engine),

@@ -225,6 +225,16 @@ def bench_workload(name: str, workload: Path, requests: int, model: str | Path, 
 TINY_MODEL = "tiny local Llama (2 layers, hidden 128; spoold.tinymodel)"
 
 
+def model_to_serve(named: str | None) -> str:
+    """`--model`'s Hugging Face id or path, else the tiny model the tests build (built here once)."""
+    return named or str(build_tiny_model(REPO / ".cache" / "tiny-llama"))
+
+
+def settings(pairs: list[str]) -> dict:
+    """`--engine-arg`/`--spool-arg` pairs (`KEY=JSON`, e.g. `max_num_seqs=16`) as settings."""
+    return {key: json.loads(value) for key, value in (pair.split("=", 1) for pair in pairs)}
+
+
 def machine(model: str = TINY_MODEL, engine: dict | None = None) -> dict:
     """What a result was measured on: CPU, cores, GPUs (NVML's names; none on a CPU box), versions,
     the model and the `[engine]` settings in effect, so numbers from two boxes are never confused."""
@@ -265,8 +275,8 @@ def main() -> None:
     parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=JSON",
                         help="an engine argument for every contender, over ENGINE's, e.g. enforce_eager=false")
     args = parser.parse_args()
-    model = args.model or str(build_tiny_model(REPO / ".cache" / "tiny-llama"))
-    engine = {**ENGINE, **{k: json.loads(v) for k, v in (a.split("=", 1) for a in args.engine_arg)}}
+    model = model_to_serve(args.model)
+    engine = {**ENGINE, **settings(args.engine_arg)}
     makers = {"default": default_rows, "mixed": mixed_rows}
     workloads = {name: makers[name](args.requests, model) for name in args.workloads.split(",")}
     report = {"machine": machine(args.model or TINY_MODEL, engine), "rounds": args.rounds,
