@@ -8,7 +8,7 @@ loop: run-batch reads the whole file and writes only at the end, while the
 daemon streams lines in and results out.
 
 All vLLM-version-specific glue (written against vllm 0.32) lives in this
-module and nowhere else.
+module, and in `vllmlog`, which keeps the requests' words out of vLLM's log.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from .config import EngineSettings
 from .engine import EngineDead
 from .records import EngineRequest, EngineResult, usage_tokens
 from .rpcdir import private_rpc_dir
+from .vllmlog import config_file_for_vllm
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,11 @@ def build_vllm_args(settings: EngineSettings) -> Namespace:
     }
     if settings.max_model_len:
         ours["max_model_len"] = settings.max_model_len
+    log_config = config_file_for_vllm()
+    if log_config is not None:  # every process vLLM starts logs through it: the lines of people's files stay out
+        from vllm.config.logging import LoggingConfig
+
+        ours["logging_config"] = LoggingConfig(pylogging_config_file=str(log_config))
     for key, value in settings.args.items():
         name = key.replace("-", "_")
         if not hasattr(args, name):

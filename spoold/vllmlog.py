@@ -1,0 +1,96 @@
+"""vLLM's log lines, with the words of the requests taken out.
+
+vLLM logs some oddities of a request while it serves it, and passes parts
+of the request as the line's arguments: "Tool call %r has arguments that
+are not valid JSON" names the tool call of a message, a grammar that fails
+to compile is logged with the compiler's error, which quotes the grammar.
+Under spoold those requests are lines of people's files, and nothing of
+them may reach the journal. So the daemon gives vLLM a logging config of
+its own (`vllm_logging.json`, beside this module: vLLM's own layout, at
+INFO), whose one addition is `RequestWordsFilter` on vLLM's handler. vLLM
+applies it in every process it starts (the engine core, its workers), as
+it would `vllm serve --logging-config`.
+
+The filter keeps a line and its place, and takes out what came from the
+request: in a line logged by one of vLLM's request-path modules
+(`REQUEST_LOGGERS`), every argument that is not a number becomes
+`<redacted>`, and an exception keeps its type and traceback but not its
+message. Lines about the engine itself (the model, memory, start and stop)
+are vLLM's own words and stay as they are.
+
+An administrator who names a logging config of their own
+(`VLLM_LOGGING_CONFIG_PATH`) or turns vLLM's off
+(`VLLM_CONFIGURE_LOGGING=0`) keeps it, and the filter is theirs to add.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import os
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+#: What stands where a request's words were.
+REDACTED = "<redacted>"
+
+#: The logging config the daemon gives vLLM: vLLM's default layout, plus the filter.
+CONFIG_FILE = Path(__file__).with_name("vllm_logging.json")
+
+#: vLLM's loggers that log while serving a request, with parts of it among their arguments
+#: (written against vLLM 0.32: its serving layer, chat rendering, parsers, media, grammars, detokenizer).
+REQUEST_LOGGERS = ("vllm.entrypoints", "vllm.renderers", "vllm.tool_parsers", "vllm.reasoning", "vllm.parser",
+                   "vllm.multimodal", "vllm.inputs", "vllm.tokenizers", "vllm.sampling_params",
+                   "vllm.v1.structured_output", "vllm.v1.engine.input_processor", "vllm.v1.engine.detokenizer")
+
+
+class RequestWordsFilter(logging.Filter):
+    """Takes the request's words out of every line a request-path logger of vLLM writes; lets all lines through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if is_request_logger(record.name):
+            redact(record)
+        return True
+
+
+def is_request_logger(name: str) -> bool:
+    """Whether logger `name` is one of vLLM's request-path loggers (or below one)."""
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in REQUEST_LOGGERS)
+
+
+def redact(record: logging.LogRecord) -> None:
+    """`record` with every argument that is not a number, and its exception's message, replaced by REDACTED.
+
+    The message itself is vLLM's format string and stays, unless it is not a
+    string (an exception or object logged as it is).
+    """
+    if not isinstance(record.msg, str):
+        record.msg, record.args = REDACTED, ()
+    elif isinstance(record.args, Mapping):  # `%(name)s` takes its values; a `%s` prints the keys too
+        record.args = {key: _kept(value) for key, value in record.args.items()} if "%(" in record.msg else (REDACTED,)
+    elif record.args:
+        record.args = tuple(_kept(value) for value in record.args)
+    if record.exc_info and record.exc_info[1] is not None:
+        record.exc_text = _traceback_without_message(record.exc_info[1])
+        record.exc_info = None
+
+
+def _kept(value: Any) -> Any:
+    """A number (a count, a length, a size) says nothing of what a request said; anything else might."""
+    return value if value is None or isinstance(value, numbers.Number) else REDACTED
+
+
+def _traceback_without_message(error: BaseException) -> str:
+    """Where the exception was raised, and its type: enough to report a bug, with nothing of the request."""
+    frames = "".join(traceback.format_tb(error.__traceback__))
+    kind = type(error)
+    return f"Traceback (most recent call last):\n{frames}{kind.__module__}.{kind.__qualname__}: {REDACTED}"
+
+
+def config_file_for_vllm() -> Path | None:
+    """The logging config file to give vLLM's engine; None where the administrator chose vLLM's logging."""
+    if os.environ.get("VLLM_LOGGING_CONFIG_PATH") or os.environ.get("VLLM_CONFIGURE_LOGGING", "1") == "0":
+        return None
+    return CONFIG_FILE

@@ -1,0 +1,97 @@
+import io
+import logging
+
+import pytest
+
+from spoold.vllmlog import CONFIG_FILE, REDACTED, RequestWordsFilter, config_file_for_vllm
+
+SECRET = "Zanzibar-Quokka-4471"  # stands for a word of someone's prompt
+
+
+def _record(name, msg, *args, exc_info=None):
+    return logging.LogRecord(name, logging.WARNING, "chat_utils.py", 2201, msg, args, exc_info)
+
+
+def _formatted(record):
+    RequestWordsFilter().filter(record)
+    return logging.Formatter("%(message)s").format(record)
+
+
+def test_a_request_path_line_keeps_its_words_and_numbers_but_not_the_requests_words():
+    """vLLM 0.32 logs the name of a message's tool call whose arguments are not JSON: the case found."""
+    line = _formatted(_record("vllm.renderers.chat_utils", "Tool call %r has arguments that are not valid "
+                              "JSON (%d chars); coercing to an empty object.", SECRET, 20))
+    assert line == f"Tool call {REDACTED!r} has arguments that are not valid JSON (20 chars); coercing to an empty object."
+    mapped = _formatted(_record("vllm.entrypoints.openai.chat_completion.serving", "%(name)s: %(n).1f",
+                                {"name": [SECRET], "n": 2.5}))
+    assert mapped == f"{REDACTED}: 2.5"
+    whole = _formatted(_record("vllm.entrypoints.utils", "Request parameters: %s", {SECRET: 1}))
+    assert whole == f"Request parameters: {REDACTED}"  # the keys of a request's table are its words too
+    assert _formatted(_record("vllm.tool_parsers.utils", ValueError(SECRET))) == REDACTED
+
+
+def test_an_exception_keeps_its_type_and_where_it_was_raised_but_not_its_message():
+    try:
+        raise RuntimeError(f"invalid regex ({SECRET}")
+    except RuntimeError as e:
+        error = (type(e), e, e.__traceback__)
+    line = _formatted(_record("vllm.v1.structured_output", "Failed to compile grammar for request %s",
+                              SECRET, exc_info=error))
+    assert SECRET not in line
+    assert line.startswith(f"Failed to compile grammar for request {REDACTED}\nTraceback (most recent call last):")
+    assert "test_vllmlog.py" in line and line.endswith(f"builtins.RuntimeError: {REDACTED}")
+
+
+@pytest.mark.parametrize("name", ["vllm.v1.engine.core", "vllm.config.model", "vllm.parsers", "spoold.daemon"])
+def test_lines_about_the_engine_itself_are_left_as_vllm_wrote_them(name):
+    """The model, memory and start-up lines are vLLM's own words, and an administrator needs them."""
+    assert _formatted(_record(name, "Resolved architecture: %s", "LlamaForCausalLM")) == \
+        "Resolved architecture: LlamaForCausalLM"
+
+
+@pytest.fixture
+def vllm_logging_restored():
+    """vLLM's logger and the record factory as they were: configuring vLLM's logging is process-wide."""
+    logger, factory = logging.getLogger("vllm"), logging.getLogRecordFactory()
+    saved = logger.handlers[:], logger.level, logger.propagate
+    yield logger
+    logger.handlers[:], logger.propagate = saved[0], saved[2]
+    logger.setLevel(saved[1])
+    logging.setLogRecordFactory(factory)
+
+
+def test_vllm_configured_with_the_packaged_file_logs_in_its_own_layout_without_the_requests_words(
+        vllm_logging_restored, monkeypatch):
+    """The file as vLLM applies it in each of its processes (`configure_logging`, as the engine core does)."""
+    from vllm.config.logging import LoggingConfig
+    from vllm.logger import configure_logging
+
+    monkeypatch.delenv("VLLM_LOGGING_CONFIG_PATH", raising=False)
+    configure_logging(LoggingConfig(pylogging_config_file=str(config_file_for_vllm())))
+    (handler,) = vllm_logging_restored.handlers
+    out = io.StringIO()
+    handler.setStream(out)
+    logging.getLogger("vllm.renderers.chat_utils").warning("Tool call %r has arguments that are not valid JSON "
+                                                           "(%d chars)", SECRET, 20)
+    logging.getLogger("vllm.v1.engine.core").info("Initializing a V1 LLM engine with config: model=%r", "tiny")
+    lines = out.getvalue().splitlines()
+    assert SECRET not in out.getvalue() and len(lines) == 2
+    assert "WARNING" in lines[0] and lines[0].endswith(f"Tool call {REDACTED!r} has arguments that are not valid "
+                                                       "JSON (20 chars)")
+    assert "INFO" in lines[1] and lines[1].endswith("model='tiny'")  # INFO, as vLLM logs by default
+
+
+def test_the_daemon_gives_vllm_the_file_unless_the_administrator_chose_vllms_logging(monkeypatch):
+    from spoold.config import EngineSettings
+    from spoold.vllm_adapter import build_vllm_args
+
+    monkeypatch.delenv("VLLM_LOGGING_CONFIG_PATH", raising=False)
+    monkeypatch.delenv("VLLM_CONFIGURE_LOGGING", raising=False)
+    assert build_vllm_args(EngineSettings(model="m")).logging_config.pylogging_config_file == str(CONFIG_FILE)
+    assert CONFIG_FILE.is_file()
+    monkeypatch.setenv("VLLM_LOGGING_CONFIG_PATH", "/etc/vllm-logging.json")
+    assert config_file_for_vllm() is None
+    assert not hasattr(build_vllm_args(EngineSettings(model="m")), "logging_config")
+    monkeypatch.delenv("VLLM_LOGGING_CONFIG_PATH")
+    monkeypatch.setenv("VLLM_CONFIGURE_LOGGING", "0")
+    assert config_file_for_vllm() is None
