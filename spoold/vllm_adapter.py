@@ -141,7 +141,7 @@ class VllmEngine:
         else:
             request_type, handler = entry
             try:
-                parsed = request_type.model_validate(request.body)
+                parsed = request_type.model_validate(_without_request_id(request.body))
                 if self._by_priority:
                     parsed.priority = request.priority  # a submitter's `priority` never jumps the queue
                 response = await handler(parsed)
@@ -233,6 +233,18 @@ class _AdapterType:
 
     def model_validate(self, value: Any) -> Any:
         return self._adapter.validate_python(value)
+
+
+def _without_request_id(body: dict[str, Any]) -> dict[str, Any]:
+    """`body` without vLLM's `request_id` extension, so the request's id is vLLM's own random one.
+
+    vLLM's log lines name a request by its id; one a submitter chose would
+    put their words in the journal (and, with a newline, lines of their own).
+    OpenAI's API takes no such field: a response's id is the server's.
+    """
+    if "request_id" not in body:
+        return body
+    return {key: value for key, value in body.items() if key != "request_id"}
 
 
 def _raise_if_cancelled() -> None:

@@ -76,7 +76,8 @@ def test_chat_batch_with_bad_lines_ends_in_the_outbox(spool, tmp_path):
              chat(307, max_tokens=100000),  # the engine answers 400: an output line, not an error
              chat(308, messages=[{"role": "user", "content": "Look her up"},  # vLLM logs the tool call's name
                                  {"role": "assistant", "tool_calls": [{"id": "t1", "type": "function", "function": {
-                                     "name": SECRET, "arguments": "{not json"}}]}])]
+                                     "name": SECRET, "arguments": "{not json"}}]}]),
+             chat(309, request_id=SECRET)]  # vLLM's extension: its log lines would name the request by it
     bad = ["{truncated", "[]", json.dumps({**chat(0)}), json.dumps({**chat(400), "method": "GET"}),
            json.dumps(chat(401, model="llama3.2:1b")), json.dumps({**chat(402), "url": "/v1/images"})]
     subscriber = Subscriber(spool["events"])
@@ -98,6 +99,7 @@ def test_chat_batch_with_bad_lines_ends_in_the_outbox(spool, tmp_path):
     assert body("c-302")["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
     assert body("c-303")["usage"]["completion_tokens"] == 1
     assert out["c-307"]["response"]["status_code"] == 400
+    assert SECRET not in json.dumps(out["c-309"])  # answered, under an id of vLLM's own
     batch = json.loads((job / "batch.json").read_text())
     assert batch["status"] == "completed" and batch["model"] == spool["served"]
     assert batch["request_counts"] == {"total": len(rows) + len(bad), "completed": len(rows) - 1,
