@@ -1,5 +1,8 @@
-import io
 import logging
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -49,36 +52,30 @@ def test_lines_about_the_engine_itself_are_left_as_vllm_wrote_them(name):
         "Resolved architecture: LlamaForCausalLM"
 
 
-@pytest.fixture
-def vllm_logging_restored():
-    """vLLM's logger and the record factory as they were: configuring vLLM's logging is process-wide."""
-    logger, factory = logging.getLogger("vllm"), logging.getLogRecordFactory()
-    saved = logger.handlers[:], logger.level, logger.propagate
-    yield logger
-    logger.handlers[:], logger.propagate = saved[0], saved[2]
-    logger.setLevel(saved[1])
-    logging.setLogRecordFactory(factory)
+#: vLLM configures its logging from the file as each of its processes does (`configure_logging`, as the
+#: engine core does at start), in a process of its own: configuring logging is process-wide.
+VLLM_PROCESS = """
+import logging, sys
+from vllm.config.logging import LoggingConfig
+from vllm.logger import configure_logging
+configure_logging(LoggingConfig(pylogging_config_file=sys.argv[1]))
+logging.getLogger("vllm.renderers.chat_utils").warning(
+    "Tool call %r has arguments that are not valid JSON (%d chars)", sys.argv[2], 20)
+logging.getLogger("vllm.v1.engine.core").info("Initializing a V1 LLM engine with config: model=%r", "tiny")
+"""
 
 
-def test_vllm_configured_with_the_packaged_file_logs_in_its_own_layout_without_the_requests_words(
-        vllm_logging_restored, monkeypatch):
-    """The file as vLLM applies it in each of its processes (`configure_logging`, as the engine core does)."""
-    from vllm.config.logging import LoggingConfig
-    from vllm.logger import configure_logging
-
-    monkeypatch.delenv("VLLM_LOGGING_CONFIG_PATH", raising=False)
-    configure_logging(LoggingConfig(pylogging_config_file=str(config_file_for_vllm())))
-    (handler,) = vllm_logging_restored.handlers
-    out = io.StringIO()
-    handler.setStream(out)
-    logging.getLogger("vllm.renderers.chat_utils").warning("Tool call %r has arguments that are not valid JSON "
-                                                           "(%d chars)", SECRET, 20)
-    logging.getLogger("vllm.v1.engine.core").info("Initializing a V1 LLM engine with config: model=%r", "tiny")
-    lines = out.getvalue().splitlines()
-    assert SECRET not in out.getvalue() and len(lines) == 2
-    assert "WARNING" in lines[0] and lines[0].endswith(f"Tool call {REDACTED!r} has arguments that are not valid "
-                                                       "JSON (20 chars)")
-    assert "INFO" in lines[1] and lines[1].endswith("model='tiny'")  # INFO, as vLLM logs by default
+def test_vllm_configured_with_the_packaged_file_logs_in_its_own_layout_without_the_requests_words():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_LOGGING")}
+    done = subprocess.run([sys.executable, "-c", VLLM_PROCESS, str(CONFIG_FILE), SECRET],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert SECRET not in done.stdout + done.stderr
+    lines = [line for line in done.stdout.splitlines() if "Tool call" in line or "Initializing" in line]
+    assert len(lines) == 2, done.stdout
+    assert re.match(r"\(MainProcess pid=\d+\) WARNING \d\d-\d\d ", lines[0])  # vLLM's own layout
+    assert lines[0].endswith(f"Tool call {REDACTED!r} has arguments that are not valid JSON (20 chars)")
+    assert " INFO " in lines[1] and lines[1].endswith("model='tiny'")  # INFO, as vLLM logs by default
 
 
 def test_the_daemon_gives_vllm_the_file_unless_the_administrator_chose_vllms_logging(monkeypatch):
