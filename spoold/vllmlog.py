@@ -18,6 +18,12 @@ request: in a line logged by one of vLLM's request-path modules
 message. Lines about the engine itself (the model, memory, start and stop)
 are vLLM's own words and stay as they are.
 
+It also keeps a file from flooding the journal: a file whose every line
+makes vLLM warn would write a journal line per line, and past journald's
+rate limit the journal drops lines, the daemon's own among them. So each
+kind of request-path line (its logger and format) is logged at most once
+in `REPEAT_SECONDS`; the next one that is logged says how many were not.
+
 An administrator who names a logging config of their own
 (`VLLM_LOGGING_CONFIG_PATH`) or turns vLLM's off
 (`VLLM_CONFIGURE_LOGGING=0`) keeps it, and the filter is theirs to add.
@@ -28,10 +34,12 @@ from __future__ import annotations
 import logging
 import numbers
 import os
+import threading
+import time
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 #: What stands where a request's words were.
 REDACTED = "<redacted>"
@@ -46,12 +54,39 @@ REQUEST_LOGGERS = ("vllm.entrypoints", "vllm.renderers", "vllm.tool_parsers", "v
                    "vllm.v1.structured_output", "vllm.v1.engine.input_processor", "vllm.v1.engine.detokenizer")
 
 
+#: Each kind of request-path line is logged at most once in this many seconds.
+REPEAT_SECONDS = 60.0
+
+
 class RequestWordsFilter(logging.Filter):
-    """Takes the request's words out of every line a request-path logger of vLLM writes; lets all lines through."""
+    """Takes the request's words out of every line a request-path logger of vLLM writes, and lets
+    one line of each kind through in `repeat_seconds`; lines about the engine pass as they are."""
+
+    def __init__(self, name: str = "", repeat_seconds: float = REPEAT_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(name)
+        self._repeat_seconds, self._clock = repeat_seconds, clock
+        self._kinds: dict[tuple[str, int, str], tuple[float, int]] = {}  # kind -> (last logged, not logged since)
+        self._lock = threading.Lock()  # filters run before the handler's lock, in any thread
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if is_request_logger(record.name):
-            redact(record)
+        if not is_request_logger(record.name):
+            return True
+        redact(record)
+        return self._due(record)
+
+    def _due(self, record: logging.LogRecord) -> bool:
+        """Whether this line's kind was last logged `repeat_seconds` ago or more; if so, with the count of
+        those held back since (the kinds are vLLM's format strings, so their number is bounded)."""
+        kind, now = (record.name, record.levelno, record.msg), self._clock()
+        with self._lock:
+            last, held = self._kinds.get(kind, (None, 0))
+            if last is not None and now - last < self._repeat_seconds:
+                self._kinds[kind] = (last, held + 1)
+                return False
+            self._kinds[kind] = (now, 0)
+        if held:
+            record.msg = f"{record.msg} ({held} more like this in the last {now - last:.0f} s, not logged)"
         return True
 
 

@@ -52,6 +52,30 @@ def test_lines_about_the_engine_itself_are_left_as_vllm_wrote_them(name):
         "Resolved architecture: LlamaForCausalLM"
 
 
+def test_a_file_whose_every_line_makes_vllm_warn_writes_one_line_a_minute_of_each_kind_with_a_count():
+    """Past journald's rate limit the journal drops lines, the daemon's own among them."""
+    now = [0.0]
+    keeper = RequestWordsFilter(repeat_seconds=60, clock=lambda: now[0])
+    tool_call = lambda: _record("vllm.renderers.chat_utils", "Tool call %r has arguments that are not valid JSON "
+                                "(%d chars)", SECRET, 20)
+    passed = []
+    for i in range(1000):  # 100 lines a second for 10 s
+        now[0] = i / 100
+        record = tool_call()
+        if keeper.filter(record):
+            passed.append(record.getMessage())
+    assert passed == [f"Tool call {REDACTED!r} has arguments that are not valid JSON (20 chars)"]
+    assert keeper.filter(_record("vllm.renderers.chat_utils", "Skipping multimodal part %r", SECRET))  # another kind
+    assert all(keeper.filter(_record("vllm.v1.engine.core", "engine step %d", i)) for i in range(100))  # not a request's
+    now[0] = 61.0
+    record = tool_call()
+    assert keeper.filter(record) and record.getMessage() == (
+        f"Tool call {REDACTED!r} has arguments that are not valid JSON (20 chars) "
+        "(999 more like this in the last 61 s, not logged)")
+    now[0] = 62.0
+    assert not keeper.filter(tool_call())
+
+
 #: vLLM configures its logging from the file as each of its processes does (`configure_logging`, as the
 #: engine core does at start), in a process of its own: configuring logging is process-wide.
 VLLM_PROCESS = """
