@@ -53,9 +53,12 @@ REQUEST_LOGGERS = ("vllm.entrypoints", "vllm.renderers", "vllm.tool_parsers", "v
                    "vllm.multimodal", "vllm.inputs", "vllm.tokenizers", "vllm.sampling_params",
                    "vllm.v1.structured_output", "vllm.v1.engine.input_processor", "vllm.v1.engine.detokenizer")
 
-
 #: Each kind of request-path line is logged at most once in this many seconds.
 REPEAT_SECONDS = 60.0
+
+#: How many kinds are remembered: vLLM's format strings are far fewer, but a message vLLM formats
+#: itself before logging is a kind of its own each time, and must not grow the table without end.
+MAX_KINDS = 1000
 
 
 class RequestWordsFilter(logging.Filter):
@@ -77,13 +80,15 @@ class RequestWordsFilter(logging.Filter):
 
     def _due(self, record: logging.LogRecord) -> bool:
         """Whether this line's kind was last logged `repeat_seconds` ago or more; if so, with the count of
-        those held back since (the kinds are vLLM's format strings, so their number is bounded)."""
+        those held back since."""
         kind, now = (record.name, record.levelno, record.msg), self._clock()
         with self._lock:
             last, held = self._kinds.get(kind, (None, 0))
             if last is not None and now - last < self._repeat_seconds:
                 self._kinds[kind] = (last, held + 1)
                 return False
+            if len(self._kinds) >= MAX_KINDS:
+                self._kinds.clear()
             self._kinds[kind] = (now, 0)
         if held:
             record.msg = f"{record.msg} ({held} more like this in the last {now - last:.0f} s, not logged)"

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from spoold.vllmlog import CONFIG_FILE, REDACTED, RequestWordsFilter, config_file_for_vllm
+from spoold.vllmlog import CONFIG_FILE, MAX_KINDS, REDACTED, RequestWordsFilter, config_file_for_vllm
 
 SECRET = "Zanzibar-Quokka-4471"  # stands for a word of someone's prompt
 
@@ -74,6 +74,13 @@ def test_a_file_whose_every_line_makes_vllm_warn_writes_one_line_a_minute_of_eac
         "(999 more like this in the last 61 s, not logged)")
     now[0] = 62.0
     assert not keeper.filter(tool_call())
+
+
+def test_messages_vllm_formats_itself_are_each_a_kind_and_the_table_of_kinds_stays_bounded():
+    keeper = RequestWordsFilter(repeat_seconds=60, clock=lambda: 0.0)
+    assert all(keeper.filter(_record("vllm.tool_parsers.utils", f"Tool call arguments '{i}' do not end"))
+               for i in range(5000))
+    assert len(keeper._kinds) <= MAX_KINDS
 
 
 #: vLLM configures its logging from the file as each of its processes does (`configure_logging`, as the
