@@ -60,8 +60,9 @@ def test_jobs_for_two_models_run_with_one_swap_and_a_mixed_file_with_one_more(tm
     unloaded = [p["model"] for t, p in sub.events if t == "spoold.engine.unloaded"]
     # a (loaded) -> for_a, swap to b -> for_b and mixed's b lines, swap to a -> mixed's a lines
     assert unloaded == ["org/model-a", "org/model-b"], unloaded
-    # for_a was done before the first swap. Which of the two was claimed first is a race between their
-    # two rename hints (a fresh clone's run here claimed for_b first), and does not matter: a claimed job waits for its model.
+    # for_a was done before the first swap. Which of the two was claimed first is a race between
+    # their two rename hints (a fresh clone's run here claimed for_b first), and does not matter:
+    # a claimed job waits for its model.
     timeline = [p["input_file"] if t == "spoold.job.completed" else f"unloaded {p['model']}"
                 for t, p in sub.events if t in ("spoold.job.completed", "spoold.engine.unloaded")]
     assert timeline[:3] == ["for_a.jsonl", "unloaded org/model-a", "for_b.jsonl"], timeline
