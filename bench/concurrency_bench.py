@@ -45,7 +45,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from .api_bench import answers
 from .cpu import cpu_seconds
 from .run import ENV, TINY_MODEL, Spoold, machine, model_to_serve, settings
