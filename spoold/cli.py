@@ -503,6 +503,12 @@ def _resolver(config: Config):
     return ModelResolver(config.models.aliases, config.engine.model)
 
 
+def _context_tokens(config: Config) -> Callable[[str], int]:
+    """model → its configured `max_model_len` (0 where vLLM takes it from the model): what `validate` and
+    `submit` hold a line that sets no output limit to, as the daemon does with the loaded model's own."""
+    return lambda model: engine_settings_for(config, model).max_model_len
+
+
 #: Line errors that say a line is not one JSON object at all (rather than a request with a wrong field).
 NOT_JSONL_CODES = frozenset({"invalid_json", "not_an_object"})
 
@@ -532,7 +538,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for path in args.files:
         try:
             with _file_bar(path, "checking") as progress:
-                report = validate_file(path, _resolver(config), config.limits, progress=progress)
+                report = validate_file(path, _resolver(config), config.limits, progress=progress,
+                                       context_tokens=_context_tokens(config))
         except OSError as e:
             print(f"{path}: cannot read: {e.strerror or e}", file=sys.stderr)
             bad = True
@@ -589,7 +596,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     for path in args.files:
         try:
             with _file_bar(path, "checking") as progress:
-                report = validate_file(path, resolver, config.limits, args.model, progress)
+                report = validate_file(path, resolver, config.limits, args.model, progress,
+                                       _context_tokens(config))
             if report.refused is not None:  # it would fail unrun: never submit it
                 _print_report(report, sys.stderr)
                 status = EXIT_BAD_INPUT

@@ -113,7 +113,7 @@ class LimitsSettings:
     max_line_bytes: int = 4 * 1024 * 1024
     #: a sparse or endless drop fails at once instead of holding the engine
     max_file_bytes: int = 50 * 1024 ** 3
-    #: what one line may ask the engine to produce: n x max_tokens x (1 + logprobs per token)
+    #: what one line may ask the engine to produce: n x max_tokens (none set: the context) x (1 + logprobs per token)
     max_output_tokens_per_line: int = 1024 * 1024
     #: hosts a line's image_url (video, audio, file) may be fetched from; none by default: only data: URLs
     allowed_media_domains: tuple[str, ...] = ()

@@ -33,6 +33,11 @@ class Engine(Protocol):
     # Optional: `dead_reason() -> str | None`, why the engine can run nothing
     # more (its process died) or None while it can. An engine that has it is
     # replaced as soon as it dies, even with no request in flight.
+    #
+    # Optional: `max_model_len: int`, the tokens the loaded model's context
+    # holds (prompt and output together; 0 while not known). A line that sets
+    # no output limit may ask for that many per choice, and is held to
+    # `[limits] max_output_tokens_per_line` by it.
 
 
 class EngineDead(Exception):

@@ -189,7 +189,15 @@ class JobRunner:
         endpoint = self.record.endpoint if self.record.input_file_id is not None else None
         return LineValidator(self.resolver, duplicates=duplicates, endpoint=endpoint,
                              max_output_tokens=self.limits.max_output_tokens_per_line,
-                             allowed_media=self.limits.allowed_media_domains)
+                             allowed_media=self.limits.allowed_media_domains, context_tokens=self._context_tokens)
+
+    def _context_tokens(self, model: str) -> int:
+        """The tokens `model`'s context holds, where the loaded engine is that model's (0 otherwise).
+
+        A line for another model of a mixed file is checked again, against
+        its own engine's context, when that model is loaded and it runs.
+        """
+        return getattr(self.engine, "max_model_len", 0) if model == self.engine.model else 0
 
     def _open_input(self) -> IO[bytes]:
         """input.jsonl, opened as jobinput.open_input allows; its stat at opening is kept for the checks after."""
@@ -405,8 +413,10 @@ class JobRunner:
                                  "not run again (check its parameters: n, max_tokens, logprobs)")
             if isinstance(item, LineError):
                 # Its error line was lost (only a failing disk can do that),
-                # or the line kills the engine: write an error rather than
-                # leave the line without a result.
+                # the line kills the engine, or it sets no output limit and
+                # its model's context, known once that model is loaded, puts
+                # it over [limits]: write an error rather than leave the line
+                # without a result.
                 writer.add_error(item)
                 recovered.error_lines.add(number)
             else:

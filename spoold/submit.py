@@ -48,14 +48,17 @@ Progress = Callable[[int], None]
 
 
 def validate_file(path: str, resolver: ModelResolver, limits: LimitsSettings,
-                  force_model: str | None = None, progress: Progress | None = None) -> Report:
+                  force_model: str | None = None, progress: Progress | None = None,
+                  context_tokens: Callable[[str], int] | None = None) -> Report:
     """Check a file as the daemon would (after a `--model` rewrite): the whole file first (`refused`:
     too big, compressed, no request lines), then every line. `progress` is told how far the check has
-    read, now and then, so a large file is not minutes of silence."""
+    read, now and then, so a large file is not minutes of silence. `context_tokens`: model → its
+    context where configured (the daemon knows each once loaded), for lines that set no output limit."""
     report = Report(path)
     max_line_bytes, max_tokens = limits.max_line_bytes, limits.max_output_tokens_per_line
     def validator(finder: DuplicateFinder | None) -> LineValidator:
-        return LineValidator(resolver, force_model, finder, max_tokens, allowed_media=limits.allowed_media_domains)
+        return LineValidator(resolver, force_model, finder, max_tokens, allowed_media=limits.allowed_media_domains,
+                             context_tokens=context_tokens)
 
     with open(path, "rb") as f:
         if not f.seekable():

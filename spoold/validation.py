@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from .duplicates import DuplicateFinder
 from .media import may_name_media, refused_media
 from .records import EngineRequest, LineError
@@ -91,8 +93,11 @@ class LineValidator:
 
     def __init__(self, resolver: ModelResolver, force_model: str | None = None,
                  duplicates: DuplicateFinder | None = None, max_output_tokens: int = 0,
-                 endpoint: str | None = None, allowed_media: Iterable[str] = ()) -> None:
+                 endpoint: str | None = None, allowed_media: Iterable[str] = (),
+                 context_tokens: Callable[[str], int] | None = None) -> None:
         self.resolver = resolver
+        #: model → the tokens its context holds (0: not known), what a line that sets no output limit may ask
+        self.context_tokens = context_tokens or (lambda model: 0)
         #: hosts media may be fetched from ([limits] allowed_media_domains); none: only data: URLs (media.py)
         self.allowed_media = frozenset(allowed_media)
         self.force_model = force_model  # what `spoold submit --model` will write
@@ -145,35 +150,84 @@ class LineValidator:
             return LineError(line, custom_id, "invalid_body", "`body` must be a JSON object")
         if body.get("stream"):
             return LineError(line, custom_id, "stream_not_supported", "`stream` must be false in a batch")
-        asked = output_tokens_asked(body)
-        if self.max_output_tokens and asked > self.max_output_tokens:
-            return LineError(line, custom_id, "too_many_output_tokens",
-                             f"`n` x `max_tokens` x (1 + logprobs per token) is {asked} tokens, over [limits] "
-                             f"max_output_tokens_per_line ({self.max_output_tokens})")
         model, why = self.resolver.resolve(self.force_model or body.get("model"))
         if model is None:
             return LineError(line, custom_id, "unknown_model", why)
         body["model"] = model
+        context = self.context_tokens(model)
+        asked = output_tokens_asked(body, url, context)
+        if self.max_output_tokens and asked > self.max_output_tokens:
+            return LineError(line, custom_id, "too_many_output_tokens", _too_many(body, url, context, asked,
+                                                                                  self.max_output_tokens))
         return EngineRequest(line, custom_id, url, body)
 
 
-def output_tokens_asked(body: dict[str, Any]) -> int:
+#: What bounds each generating endpoint's output per choice, as vLLM's serving layer reads it: the first
+#: of these fields that is not null; none: the endpoint's default where it has one (completions: 16, as
+#: OpenAI's), else the model's whole context (prompt and output share it).
+OUTPUT_LIMITS: dict[str, tuple[tuple[str, ...], int | None]] = {
+    "/v1/chat/completions": (("max_completion_tokens", "max_tokens"), None),
+    "/v1/completions": (("max_tokens",), 16),
+    "/v1/responses": (("max_output_tokens",), None),
+}
+
+
+def output_limit(body: dict[str, Any], url: str) -> int | None:
+    """The most tokens one choice of this request may have, as the line sets it; None: it sets none."""
+    fields, default = OUTPUT_LIMITS.get(url, ((), None))
+    for key in fields:
+        if body.get(key) is not None:
+            return max(1, whole_number(body[key], 1))  # one vLLM refuses: its 400 follows
+    if default is not None and not any(key in body for key in fields):
+        return default
+    return None
+
+
+def output_tokens_asked(body: dict[str, Any], url: str, context_tokens: int = 0) -> int:
     """How many tokens (and logprob entries) a request may make the engine produce and hold.
 
-    `n` choices of `max_tokens` (or `max_completion_tokens`, or the Responses
-    API's `max_output_tokens`) each, each token
+    `n` choices of `output_limit` tokens each (with no limit set, each may
+    fill the model's context: `context_tokens`, where known), each token
     with its `top_logprobs` (chat) or `logprobs` (completions) alternatives.
-    A value that is not a whole number counts as 1: the serving layer
-    rejects it with its own 400.
+    An embedding or a score makes none. Numbers count as vLLM reads them
+    ("8" and 8.0 are 8 there); one it refuses counts as 1, and the line
+    gets vLLM's own 400.
     """
-    def whole(value: Any) -> int:
-        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
+    if url not in OUTPUT_LIMITS:
+        return 0
     per_token = 1
     for key in ("top_logprobs", "logprobs"):
-        if isinstance(body.get(key), int) and not isinstance(body.get(key), bool):
-            per_token += max(0, body[key])
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", body.get("max_output_tokens")))
-    return whole(body.get("n")) * whole(max_tokens) * per_token
+        if not isinstance(body.get(key), bool):  # chat's `logprobs` is a switch; its count is `top_logprobs`
+            per_token += max(0, whole_number(body.get(key), 0))
+    per_choice = output_limit(body, url) or context_tokens or 1
+    return max(1, whole_number(body.get("n"), 1)) * per_choice * per_token
+
+
+def _too_many(body: dict[str, Any], url: str, context_tokens: int, asked: int, limit: int) -> str:
+    """The `too_many_output_tokens` message: the product, and what to set when the line set no limit."""
+    field = OUTPUT_LIMITS[url][0][0]
+    message = f"`n` x `{field}` x (1 + logprobs per token) is {asked} tokens, over [limits] " \
+              f"max_output_tokens_per_line ({limit})"
+    if output_limit(body, url) is None and context_tokens:
+        message += f"; with no `{field}` set, each choice may fill the model's context of {context_tokens} " \
+                   f"tokens: set `{field}`"
+    return message
+
+
+#: vLLM's request models read their integers leniently (pydantic's lax mode): the same reading here.
+_INTEGER = TypeAdapter(int)
+
+
+def whole_number(value: Any, missing: int = 0) -> int:
+    """`value` as vLLM's request models read an integer; `missing` where it is none or not one."""
+    if type(value) is int:
+        return value
+    if value is None:
+        return missing
+    try:
+        return _INTEGER.validate_python(value)
+    except ValidationError:
+        return missing
 
 
 UTF8_BOM = b"\xef\xbb\xbf"

@@ -94,6 +94,8 @@ class VllmEngine:
         self._handlers: dict[str, Any] = {}
         self._client: Any = None
         self._by_priority = False
+        #: the loaded model's context in tokens (vLLM's, from `max_model_len` or the model's own config)
+        self.max_model_len = 0
 
     async def start(self) -> None:
         """Load the model and build vLLM's serving objects, as run-batch does."""
@@ -112,6 +114,7 @@ class VllmEngine:
             build_async_engine_client(args, usage_context=UsageContext.OPENAI_BATCH_RUNNER)
         )
         self._client = client
+        self.max_model_len = client.model_config.max_model_len
         state = State()
         tasks = await client.get_supported_tasks()
         await init_app_state(client, state, args, tasks)
@@ -125,7 +128,8 @@ class VllmEngine:
         # (several per request in the serving layer) until told they are
         # final, as its engine core does for itself once started.
         envs.enable_envs_cache()
-        log.info("engine ready: model %s, endpoints %s", self.model, sorted(self._handlers))
+        log.info("engine ready: model %s, context %d tokens, endpoints %s", self.model, self.max_model_len,
+                 sorted(self._handlers))
 
     async def handle(self, request: EngineRequest) -> EngineResult:
         """Run one request through the serving layer; errors become 4xx/5xx results."""

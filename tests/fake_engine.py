@@ -44,6 +44,7 @@ class EchoEngine:
         EchoEngine.instances += 1
         faulty = EchoEngine.instances <= int(settings.args.get("faulty_engines", 1 << 30))
         self.model = settings.model or "fake-model"
+        self.max_model_len = settings.max_model_len  # `[engine] max_model_len`, as vLLM reports it
         self.delay = float(settings.args.get("delay", 0))
         fail_on = settings.args.get("fail_on")
         if isinstance(fail_on, list):

@@ -35,6 +35,20 @@ def test_validate_reports_file_line_and_reason_and_exits_1(tmp_path):
     assert "3 lines, 1 valid, 2 bad" in result.stdout
 
 
+def test_validate_holds_a_line_without_max_tokens_to_the_configured_context(tmp_path):
+    # [models] gives model b a context of 8,192 tokens: 200 choices that may each fill it are 1,638,400
+    # tokens, over [limits] max_output_tokens_per_line (1 MiB by default), as the daemon would find.
+    config = write_config(tmp_path / "c.toml", tmp_path / "spool",
+                          extra='[models]\nb = { model = "org/b", max_model_len = 8192 }\n')
+    lines = [dict(chat_line(1), body={"model": "b", "messages": [], "n": 200}),
+             dict(chat_line(2), body={"model": "b", "messages": [], "n": 200, "max_tokens": 16})]
+    path = write_jsonl(tmp_path / "in.jsonl", lines)
+    result = spoold("validate", str(path), config=config)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"{path}:1: too_many_output_tokens:" in result.stdout and "context of 8192 tokens" in result.stdout
+    assert "2 lines, 1 valid, 1 bad" in result.stdout
+
+
 def test_validate_clean_file_exits_0(tmp_path):
     config = write_config(tmp_path / "c.toml", tmp_path / "spool")
     good = write_jsonl(tmp_path / "in.jsonl", [chat_line(1), chat_line(2)])

@@ -523,3 +523,36 @@ def test_an_expired_batch_whose_move_a_crash_cut_short_is_published_expired_not_
     status, _ = run_job(spool, job, engine)
     assert status == "expired" and engine.handled == 0
     assert json.loads((spool.outbox / job.id / "batch.json").read_text())["status"] == "expired"
+
+
+def test_a_line_that_sets_no_output_limit_is_held_to_the_limit_by_the_loaded_models_context(tmp_path):
+    # 300 choices that may each fill a 4,096-token context: 1,228,800 tokens, over the 1 MiB default.
+    rows = [chat_line(0), dict(chat_line(1), body={"messages": [], "n": 300}),
+            dict(chat_line(2), body={"messages": [], "n": 200})]
+    spool, job, _ = setup(tmp_path, rows)
+    engine = EchoEngine(EngineSettings(model="fake-model", max_model_len=4096))
+    status, _ = run_job(spool, job, engine)
+    assert status == "completed" and engine.handled == 2
+    (error,) = read_jsonl(spool.outbox / job.id / "errors.jsonl")
+    assert (error["custom_id"], error["error"]["code"]) == ("req-1", "too_many_output_tokens")
+    assert "context of 4096 tokens" in error["error"]["message"]
+
+
+def test_a_mixed_files_line_is_held_to_its_own_models_context_when_that_model_runs(tmp_path):
+    rows = [chat_line(0, model="a"), dict(chat_line(1), body={"model": "b", "messages": [], "n": 300}),
+            chat_line(2, model="b")]
+    spool, job, _ = setup(tmp_path, rows)
+    resolver = ModelResolver({"a": "model-a", "b": "model-b"}, "a")
+
+    async def run_with(model):  # the daemon loads each model in turn and runs the job again
+        engine = EchoEngine(EngineSettings(model=model, max_model_len=4096 if model == "model-b" else 0))
+        runner = JobRunner(spool, job, engine, resolver, LimitsSettings(), FairWindow(8).join(job.id),
+                           asyncio.Event(), retry=RETRY)
+        return await runner.run(), engine.handled
+
+    assert asyncio.run(run_with("model-a")) == (Outcome.WAITING, 1)  # b's context is not known yet
+    assert asyncio.run(run_with("model-b")) == (Outcome.COMPLETED, 1)
+    (error,) = read_jsonl(spool.outbox / job.id / "errors.jsonl")
+    assert (error["custom_id"], error["error"]["code"]) == ("req-1", "too_many_output_tokens")
+    batch = json.loads((spool.outbox / job.id / "batch.json").read_text())
+    assert batch["request_counts"] == {"total": 3, "completed": 2, "failed": 1}

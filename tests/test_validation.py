@@ -245,3 +245,60 @@ def test_allowed_media_domains_is_a_list_of_hosts_in_the_config():
     assert config.limits.allowed_media_domains == ("images.example.com",)
     with pytest.raises(ConfigError, match=r"\[limits\] allowed_media_domains: expected a list of strings"):
         parse_config({"limits": {"allowed_media_domains": "images.example.com"}})
+
+
+def chat_body(**body):
+    return dict(chat_line(0, model=None), body={"messages": [], **body})
+
+
+def test_numbers_written_as_text_or_decimals_count_as_vllm_reads_them():
+    # vLLM's request models read "128" and 128.0 as 128 (pydantic's lax mode): a line must not slip
+    # past the limit by writing its numbers that way.
+    validator = LineValidator(ModelResolver({}, "m"), max_output_tokens=1 << 20)
+    for body in ({"n": "128", "max_tokens": "32768"}, {"n": 128.0, "max_tokens": 32768.0},
+                 {"n": " 128 ", "max_completion_tokens": "32_768"},
+                 {"max_tokens": 50000.0, "logprobs": True, "top_logprobs": 20.0}):
+        item = validator.check(1, json.dumps(chat_body(**body)).encode())
+        assert isinstance(item, LineError) and item.code == "too_many_output_tokens", body
+    # A number vLLM refuses counts as 1: the line reaches vLLM, which answers it with its own 400.
+    assert isinstance(validator.check(2, json.dumps(chat_body(n=7.5, max_tokens="many")).encode()), EngineRequest)
+
+
+def test_the_output_limit_is_the_field_vllm_reads_for_the_lines_endpoint():
+    validator = LineValidator(ModelResolver({}, "m"), max_output_tokens=1 << 20)
+    # chat: `max_completion_tokens` when it is not null, else `max_tokens`
+    item = validator.check(1, json.dumps(chat_body(n=128, max_completion_tokens=None, max_tokens=32768)).encode())
+    assert isinstance(item, LineError) and item.code == "too_many_output_tokens"
+    assert isinstance(validator.check(2, json.dumps(chat_body(n=128, max_completion_tokens=8,
+                                                              max_tokens=32768)).encode()), EngineRequest)
+    # completions: `max_tokens` only (vLLM ignores `max_completion_tokens` there)
+    completion = {"custom_id": "c", "method": "POST", "url": "/v1/completions",
+                  "body": {"prompt": "x", "n": 128, "max_completion_tokens": 8, "max_tokens": 32768}}
+    item = validator.check(3, json.dumps(completion).encode())
+    assert isinstance(item, LineError) and item.code == "too_many_output_tokens"
+    assert "`n` x `max_tokens`" in item.message
+    # the Responses API: `max_output_tokens`
+    response = {"custom_id": "r", "method": "POST", "url": "/v1/responses",
+                "body": {"input": "x", "max_output_tokens": 1 << 20, "top_logprobs": 1}}
+    assert validator.check(4, json.dumps(response).encode()).code == "too_many_output_tokens"
+
+
+def test_a_line_that_sets_no_output_limit_may_fill_the_models_context():
+    contexts = {"m": 8192}
+    validator = LineValidator(ModelResolver({}, "m"), max_output_tokens=1 << 20, context_tokens=contexts.get)
+    item = validator.check(1, json.dumps(chat_body(n=200)).encode())  # 200 x 8,192 = 1,638,400
+    assert isinstance(item, LineError) and item.code == "too_many_output_tokens"
+    assert "1638400 tokens" in item.message
+    assert "context of 8192 tokens: set `max_completion_tokens`" in item.message
+    assert isinstance(validator.check(2, json.dumps(chat_body(n=100)).encode()), EngineRequest)
+    # completions default to 16 tokens when `max_tokens` is left out, and fill the context when it is null
+    completion = {"custom_id": "c", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "n": 200}}
+    assert isinstance(validator.check(3, json.dumps(completion).encode()), EngineRequest)
+    completion["body"]["max_tokens"] = None
+    assert validator.check(4, json.dumps(completion).encode()).code == "too_many_output_tokens"
+    # an embedding makes no tokens, whatever else its body says
+    embedding = {"custom_id": "e", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x", "n": 10 ** 9}}
+    assert isinstance(validator.check(5, json.dumps(embedding).encode()), EngineRequest)
+    # a model whose context is not known yet (the daemon checks again once it is loaded)
+    contexts["m"] = 0
+    assert isinstance(validator.check(6, json.dumps(chat_body(n=200)).encode()), EngineRequest)

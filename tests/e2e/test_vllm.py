@@ -79,7 +79,10 @@ def test_chat_batch_with_bad_lines_ends_in_the_outbox(spool, tmp_path):
                                      "name": SECRET, "arguments": "{not json"}}]}]) for i in (308, 310, 311)],
              chat(309, request_id=SECRET)]  # vLLM's extension: its log lines would name the request by it
     bad = ["{truncated", "[]", json.dumps({**chat(0)}), json.dumps({**chat(400), "method": "GET"}),
-           json.dumps(chat(401, model="llama3.2:1b")), json.dumps({**chat(402), "url": "/v1/images"})]
+           json.dumps(chat(401, model="llama3.2:1b")), json.dumps({**chat(402), "url": "/v1/images"}),
+           # over [limits] max_output_tokens_per_line (1 MiB): 2,100 choices that may each fill vLLM's 512-token
+           # context (no max_tokens), and numbers written as text, which vLLM reads as numbers
+           json.dumps(chat(403, n=2100, max_tokens=None)), json.dumps(chat(404, n="2100", max_tokens="500"))]
     subscriber = Subscriber(spool["events"])
     wait_for(lambda: subscriber.events, 5, "the snapshot a new subscriber gets")
     drop(spool["root"], tmp_path, "mixed.jsonl", rows + bad)
@@ -100,6 +103,9 @@ def test_chat_batch_with_bad_lines_ends_in_the_outbox(spool, tmp_path):
     assert body("c-303")["usage"]["completion_tokens"] == 1
     assert out["c-307"]["response"]["status_code"] == 400
     assert SECRET not in json.dumps(out["c-309"])  # answered, under an id of vLLM's own
+    errors = {e["custom_id"]: e["error"] for e in read_jsonl(job / "errors.jsonl")}
+    assert errors["c-403"]["code"] == errors["c-404"]["code"] == "too_many_output_tokens"
+    assert "context of 512 tokens" in errors["c-403"]["message"]  # as vLLM reports it (max_model_len = 512)
     batch = json.loads((job / "batch.json").read_text())
     assert batch["status"] == "completed" and batch["model"] == spool["served"]
     assert batch["request_counts"] == {"total": len(rows) + len(bad), "completed": len(rows) - 1,
@@ -110,8 +116,9 @@ def test_chat_batch_with_bad_lines_ends_in_the_outbox(spool, tmp_path):
     log = spool["log"].read_text(errors="replace")
     assert SECRET not in log
     assert log.count("Tool call '<redacted>' has arguments that are not valid JSON") == 1  # once a minute, no words
+    assert f"engine ready: model {spool['served']}, context 512 tokens" in log
     assert re.search(r"\(EngineCore pid=\d+\) INFO .*\[core\.py", log)  # vLLM's other processes log as before
-    check_event_stream(subscriber, job.name, batch)
+    check_event_stream(subscriber, job.name, batch, len(bad))
     for o in out.values():
         if o["response"]["status_code"] == 200:
             text = o["response"]["body"]["choices"][0]["message"]["content"]
@@ -239,7 +246,7 @@ def test_fifty_one_line_drops_finish_while_a_long_drop_runs_on_one_engine(spool,
     assert batch["request_counts"] == {"total": 20000, "completed": len(ids), "failed": 0}
 
 
-def check_event_stream(subscriber, job_id, batch):
+def check_event_stream(subscriber, job_id, batch, bad):
     """A real SUB followed the job from claimed to completed, in order, with no gaps."""
     seqs = [p["seq"] for _, p in subscriber.events]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "the feed has gaps"
@@ -247,7 +254,7 @@ def check_event_stream(subscriber, job_id, batch):
     assert topics[0] == "spoold.job.claimed" and topics[-1] == "spoold.job.completed"
     assert topics.index("spoold.job.validated") < topics.index("spoold.job.progress")
     (validated,) = subscriber.of("spoold.job.validated", job=job_id)
-    assert validated["total"] == batch["request_counts"]["total"] and validated["bad"] == 6
+    assert validated["total"] == batch["request_counts"]["total"] and validated["bad"] == bad
     done = [p["done"] for p in subscriber.of("spoold.job.progress", job=job_id)]
     assert done == sorted(done) and done[-1] == batch["request_counts"]["total"]
     (completed,) = subscriber.of("spoold.job.completed", job=job_id)
