@@ -146,6 +146,7 @@ class VllmEngine:
             request_type, handler = entry
             try:
                 parsed = request_type.model_validate(_without_request_id(request.body))
+                _check_integers(parsed)
                 if self._by_priority:
                     parsed.priority = request.priority  # a submitter's `priority` never jumps the queue
                 response = await handler(parsed)
@@ -237,6 +238,73 @@ class _AdapterType:
 
     def model_validate(self, value: Any) -> Any:
         return self._adapter.validate_python(value)
+
+
+#: The integers a request can carry to vLLM's engine core: it is sent there as MessagePack, 64 bits at most.
+ENGINE_INTEGERS = range(-2 ** 63, 2 ** 64)
+
+
+def _check_integers(parsed: Any) -> None:
+    """Refuse a request holding an integer the engine core cannot be sent, as vLLM refuses a bad parameter (400).
+
+    vLLM checks this range for `vllm_xargs` only. Elsewhere (`top_k`, even
+    written as a string) the request fails in the transport as a 500 with
+    no message, which spoold would retry, and stays registered in vLLM's
+    output processor for the engine's life: a file of such lines is a leak.
+    """
+    from vllm.exceptions import VLLMValidationError
+
+    field = _field_beyond_the_engine(parsed)
+    if field is not None:
+        raise VLLMValidationError(f"`{field}` holds an integer outside {ENGINE_INTEGERS.start}.."
+                                  f"{ENGINE_INTEGERS.stop - 1}, more than vLLM can send to its engine",
+                                  parameter=field)
+
+
+def _field_beyond_the_engine(parsed: Any) -> str | None:
+    """The field of a parsed request that holds an integer outside ENGINE_INTEGERS, or None.
+
+    It runs for every line, so it is written for speed: the fields that are
+    None, text or a plain number are passed over at once (7 us a request).
+    """
+    from pydantic import BaseModel
+
+    if not isinstance(parsed, BaseModel):
+        return None
+    for name, value in parsed.__dict__.items():
+        kind = type(value)
+        if kind is int:
+            if value not in ENGINE_INTEGERS:
+                return name
+        elif value and kind not in _PLAIN and _holds_integer_beyond_the_engine(value):
+            return name
+    return None
+
+
+#: Values that hold no integer to look for (bool is an int, but a small one).
+_PLAIN = frozenset({str, float, bool, type(None)})
+
+
+def _holds_integer_beyond_the_engine(value: Any) -> bool:
+    """Whether a list, table or model holds, at any depth, an integer outside ENGINE_INTEGERS."""
+    from pydantic import BaseModel
+
+    items = [value]
+    while items:
+        item = items.pop()
+        kind = type(item)
+        if kind in _PLAIN:
+            continue
+        if kind is int:
+            if item not in ENGINE_INTEGERS:
+                return True
+        elif kind is list or kind is tuple:
+            items.extend(item)
+        elif kind is dict:
+            items.extend(item.values())
+        elif isinstance(item, BaseModel):
+            items.extend(item.__dict__.values())
+    return False
 
 
 def _without_request_id(body: dict[str, Any]) -> dict[str, Any]:

@@ -56,3 +56,23 @@ def test_data_parallelism_reaches_vllm_as_vllm_serve_takes_it():
     big = engine_settings_for(config, "/models/big")
     assert build_vllm_args(big).data_parallel_size == 4
     assert config.engine.inflight_limit == 8 * 16 * 2 and big.inflight_limit == 8 * 16 * 4
+
+
+def test_an_integer_vllm_cannot_send_to_its_engine_is_found_in_whichever_field_holds_it():
+    """Its requests reach the engine core as MessagePack (64-bit integers): anything beyond fails there."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    from spoold.vllm_adapter import _field_beyond_the_engine
+
+    chat = {"model": "m", "messages": [{"role": "user", "content": "18446744073709551616"}], "max_tokens": 8}
+    schema = {"type": "object", "properties": {"a": {"type": "integer", "maximum": 2 ** 70}}}
+    found = {name: _field_beyond_the_engine(ChatCompletionRequest.model_validate({**chat, **extra})) for name, extra in {
+        "plain": {}, "edges": {"seed": -2 ** 63, "top_k": 2 ** 64 - 1},
+        "top_k": {"top_k": 2 ** 64}, "as text": {"top_k": "18446744073709551616"},
+        "deep": {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}},
+        "table": {"kv_transfer_params": {"a": [1, -2 ** 63 - 1]}}}.items()}
+    assert found == {"plain": None, "edges": None, "top_k": "top_k", "as text": "top_k",
+                     "deep": "response_format", "table": "kv_transfer_params"}
+    assert _field_beyond_the_engine(CompletionRequest.model_validate({"model": "m", "prompt": [2 ** 64]})) == "prompt"
+    assert _field_beyond_the_engine(CompletionRequest.model_validate({"model": "m", "prompt": str(2 ** 64)})) is None

@@ -77,7 +77,12 @@ def test_chat_batch_with_bad_lines_ends_in_the_outbox(spool, tmp_path):
              *[chat(i, messages=[{"role": "user", "content": "Look her up"},  # vLLM logs the tool call's name
                                  {"role": "assistant", "tool_calls": [{"id": "t1", "type": "function", "function": {
                                      "name": SECRET, "arguments": "{not json"}}]}]) for i in (308, 310, 311)],
-             chat(309, request_id=SECRET)]  # vLLM's extension: its log lines would name the request by it
+             chat(309, request_id=SECRET),  # vLLM's extension: its log lines would name the request by it
+             # integers vLLM cannot send to its engine (MessagePack: 64 bits): a 400 naming the field, not an
+             # empty 500 that is retried and leaves the request registered in vLLM for the engine's life
+             chat(312, top_k=str(2 ** 64), temperature=1.0),
+             chat(313, response_format={"type": "json_schema", "json_schema": {"name": "score", "schema": {
+                 "type": "object", "properties": {"score": {"type": "integer", "maximum": 2 ** 70}}}}})]
     bad = ["{truncated", "[]", json.dumps({**chat(0)}), json.dumps({**chat(400), "method": "GET"}),
            json.dumps(chat(401, model="llama3.2:1b")), json.dumps({**chat(402), "url": "/v1/images"}),
            # over [limits] max_output_tokens_per_line (1 MiB): 2,100 choices that may each fill vLLM's 512-token
@@ -103,13 +108,17 @@ def test_chat_batch_with_bad_lines_ends_in_the_outbox(spool, tmp_path):
     assert body("c-303")["usage"]["completion_tokens"] == 1
     assert out["c-307"]["response"]["status_code"] == 400
     assert SECRET not in json.dumps(out["c-309"])  # answered, under an id of vLLM's own
+    for cid, field in (("c-312", "top_k"), ("c-313", "response_format")):
+        assert out[cid]["response"]["status_code"] == 400, out[cid]
+        assert body(cid)["error"]["message"].startswith(f"`{field}` holds an integer outside")
     errors = {e["custom_id"]: e["error"] for e in read_jsonl(job / "errors.jsonl")}
     assert errors["c-403"]["code"] == errors["c-404"]["code"] == "too_many_output_tokens"
     assert "context of 512 tokens" in errors["c-403"]["message"]  # as vLLM reports it (max_model_len = 512)
     batch = json.loads((job / "batch.json").read_text())
     assert batch["status"] == "completed" and batch["model"] == spool["served"]
-    assert batch["request_counts"] == {"total": len(rows) + len(bad), "completed": len(rows) - 1,
-                                       "failed": len(bad) + 1}
+    assert batch["request_counts"] == {"total": len(rows) + len(bad), "completed": len(rows) - 3,
+                                       "failed": len(bad) + 3}
+    assert batch.get("retries", {}) == {}  # no line was an engine's 500
     assert batch["usage"]["output_tokens"] == sum(
         o["response"]["body"]["usage"]["completion_tokens"] for o in out.values() if o["response"]["status_code"] == 200)
     assert oct(os.stat(job / "output.jsonl").st_mode & 0o777) == "0o640"
